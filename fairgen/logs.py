@@ -1,0 +1,99 @@
+"""Run logs on process 0: ``metrics.jsonl``, TensorBoard events, progress lines, PNG grids.
+
+TensorBoard events are written with tensorboardX (clu's writers import TensorFlow).
+After a crash, steps between the last checkpoint and the crash are logged again on resume;
+readers take the last entry of each step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger:
+  """Writes scalars to ``WORKDIR/metrics.jsonl`` and TensorBoard; prints progress."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int):
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0
+    self.total_steps = total_steps
+    self._last_time = time.perf_counter()
+    self._last_step = start_step
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # Only process 0 writes events.
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends one JSON line and the TensorBoard scalars for ``step``."""
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def progress(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
+    """Logs a progress line; returns the throughput scalars it computed."""
+    now = time.perf_counter()
+    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+    losses = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+    if self.enabled:
+      logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self.total_steps, losses,
+                   steps_per_sec, _format_seconds(eta))
+    return {"steps_per_sec": steps_per_sec}
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h}:{m:02d}:{s:02d}"
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+  """Tiles NHWC images in [-1, 1] into one uint8 HxWxC grid."""
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  pixels = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  for i in range(n):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = pixels[i]
+  return grid
+
+
+def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None,
+                    scale: int = 1) -> None:
+  """Writes a PNG grid of NHWC images in [-1, 1] (``scale`` enlarges small images)."""
+  grid = image_grid(images, ncols)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  image = Image.fromarray(grid)
+  if scale > 1:
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  image.save(path)

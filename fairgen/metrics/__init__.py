@@ -1,0 +1,1 @@
+"""Evaluation metrics for fairgen generative models."""

@@ -1,0 +1,143 @@
+"""A VAE with MLP or convolutional encoder/decoder and a Bernoulli or Gaussian likelihood.
+
+Images are in [-1, 1]. The Bernoulli likelihood models the binarized image
+(pixel > 0, i.e. intensity > 0.5), so its negative log-likelihood is a proper discrete NLL
+in nats. The Gaussian likelihood has a learned per-channel log-scale and models the image
+in [-1, 1] as continuous.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fairgen.models import layers
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+ARCHITECTURES = ("mlp", "conv")
+
+
+class Encoder(nn.Module):
+  """Images -> (mean, log-variance) of the diagonal Gaussian posterior."""
+
+  latent_dim: int
+  arch: str = "mlp"
+  hidden: Sequence[int] = (512, 256)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if self.arch == "conv":
+      for feat in self.hidden:
+        x = nn.relu(layers.conv(feat, 4, 2, fast=False, dtype=self.dtype)(x))
+      x = x.reshape(x.shape[0], -1)
+    else:
+      x = x.reshape(x.shape[0], -1)
+      for feat in self.hidden:
+        x = nn.relu(nn.Dense(feat, dtype=self.dtype)(x))
+    stats = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x).astype(jnp.float32)
+    mean, logvar = jnp.split(stats, 2, axis=-1)
+    return mean, logvar
+
+
+class Decoder(nn.Module):
+  """Latents -> per-pixel likelihood parameters (Bernoulli logits or Gaussian means)."""
+
+  image_shape: tuple[int, int, int]
+  arch: str = "mlp"
+  hidden: Sequence[int] = (256, 512)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    h, w, c = self.image_shape
+    if self.arch == "conv":
+      n_up = len(self.hidden)
+      if h % 2**n_up or w % 2**n_up:
+        raise ValueError(f"conv decoder needs sides divisible by {2**n_up}, got {h}x{w}.")
+      sh, sw = h // 2**n_up, w // 2**n_up
+      x = nn.relu(nn.Dense(sh * sw * self.hidden[0], dtype=self.dtype)(z))
+      x = x.reshape(z.shape[0], sh, sw, self.hidden[0])
+      for feat in self.hidden[1:]:
+        x = nn.relu(layers.conv_transpose(feat, 4, 2, fast=False, dtype=self.dtype)(x))
+      x = layers.conv_transpose(c, 4, 2, fast=False, dtype=self.dtype)(x)
+    else:
+      x = z
+      for feat in self.hidden:
+        x = nn.relu(nn.Dense(feat, dtype=self.dtype)(x))
+      x = nn.Dense(h * w * c, dtype=self.dtype)(x).reshape(z.shape[0], h, w, c)
+    return x.astype(jnp.float32)
+
+
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, I)) per example, summed over latent dims."""
+  return 0.5 * jnp.sum(jnp.exp(logvar) + mean**2 - 1.0 - logvar, axis=-1)
+
+
+class VAE(nn.Module):
+  """A VAE over images in [-1, 1].
+
+  Attributes:
+    image_shape: (H, W, C).
+    latent_dim: size of z.
+    arch: 'mlp' or 'conv'.
+    hidden: encoder widths (the decoder mirrors them).
+    likelihood: 'bernoulli' (binarized pixels) or 'gaussian' (learned per-channel scale).
+    dtype: computation dtype.
+  """
+
+  image_shape: tuple[int, int, int]
+  latent_dim: int = 32
+  arch: str = "mlp"
+  hidden: Sequence[int] = (512, 256)
+  likelihood: str = "bernoulli"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    if self.likelihood not in LIKELIHOODS:
+      raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
+    if self.arch not in ARCHITECTURES:
+      raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+    self.encoder = Encoder(self.latent_dim, self.arch, tuple(self.hidden), self.dtype)
+    self.decoder = Decoder(self.image_shape, self.arch, tuple(reversed(self.hidden)), self.dtype)
+    if self.likelihood == "gaussian":
+      self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.image_shape[-1],))
+
+  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posterior mean and log-variance."""
+    return self.encoder(x)
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """Likelihood parameters (logits or means) for latents ``z``."""
+    return self.decoder(z)
+
+  def log_likelihood(self, x: jax.Array, params: jax.Array) -> jax.Array:
+    """log p(x | z) per example, summed over pixels, from decoder outputs ``params``."""
+    axes = tuple(range(1, x.ndim))
+    if self.likelihood == "bernoulli":
+      target = (x > 0).astype(jnp.float32)
+      return -jnp.sum(optax.sigmoid_binary_cross_entropy(params, target), axis=axes)
+    log_scale = self.log_scale
+    z = (x - params) * jnp.exp(-log_scale)
+    return jnp.sum(-0.5 * z**2 - log_scale - 0.5 * math.log(2 * math.pi), axis=axes)
+
+  def mean_image(self, params: jax.Array) -> jax.Array:
+    """The decoder's mean image, in [-1, 1]."""
+    if self.likelihood == "bernoulli":
+      return 2.0 * jax.nn.sigmoid(params) - 1.0
+    return jnp.clip(params, -1.0, 1.0)
+
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    """One-sample ELBO terms per example; needs the 'latent' RNG stream."""
+    mean, logvar = self.encode(x)
+    eps = jax.random.normal(self.make_rng("latent"), mean.shape)
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    params = self.decode(z)
+    return {"log_likelihood": self.log_likelihood(x, params),
+            "kl": gaussian_kl(mean, logvar)}
+

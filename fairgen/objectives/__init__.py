@@ -1,0 +1,38 @@
+"""Objectives: pure ``train_step(state, batch, rng) -> (state, metrics)`` per family.
+
+``OBJECTIVES`` maps a name to ``build(modules, image_shape, objective_cfg, optim_cfg)``.
+``build_objective`` wires a whole config: dataset spec -> model -> objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+
+from fairgen.data.base import DataSpec
+from fairgen.models import MODELS
+from fairgen.objectives import gan
+from fairgen.objectives import vae
+from fairgen.objectives.base import Objective
+from fairgen.registry import Registry
+
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
+OBJECTIVES.register("gan")(gan.build)
+OBJECTIVES.register("vae")(vae.build)
+
+
+def build_model(config: ml_collections.ConfigDict, spec: DataSpec) -> Any:
+  """The model modules named by ``config.model``, built from its hyperparameters."""
+  hparams = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  return MODELS.get(config.model.name)(spec, **hparams)
+
+
+def build_objective(config: ml_collections.ConfigDict, spec: DataSpec) -> Objective:
+  """The objective of ``config`` for data of ``spec``."""
+  modules = build_model(config, spec)
+  return OBJECTIVES.get(config.objective.name)(
+      modules, spec.image_shape, config.objective.to_dict(), config.optim.to_dict())
+
+
+__all__ = ["OBJECTIVES", "Objective", "build_model", "build_objective"]

@@ -1,0 +1,77 @@
+"""The contract every objective fulfils, and the pieces objectives share.
+
+An objective bundles pure functions over an explicit state pytree:
+- ``init(rng) -> state``: the initial state (``state['step']`` is an int32 scalar);
+- ``train_step(state, batch, rng) -> (state, metrics)``: one update. ``rng`` is the run's
+  base key; the step folds in ``state['step']`` itself, so the randomness of every step is
+  fixed by (seed, step) and resumption is exact;
+- ``generate(state, rng, labels) -> images``: samples in [-1, 1] for grids and evaluation.
+
+Losses are computed per example and reduced at the end by ``weighted_mean``, so importance
+weights (``batch['weight']``) enter as one multiplication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+State = dict[str, Any]
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Pure functions of one training objective (see the module docstring).
+
+  Attributes:
+    init: ``rng -> state``.
+    train_step: ``(state, batch, rng) -> (state, metrics)``.
+    generate: ``(state, rng, labels) -> images``; ``labels`` is an int32 vector whose length
+      is the number of samples (ignored by unconditional models).
+    examples_per_step: how many examples one step consumes per unit of ``train.batch_size``
+      (a GAN with ``n_disc`` discriminator steps takes ``n_disc`` real batches).
+    num_classes: > 0 when ``generate`` uses its labels.
+  """
+
+  init: Callable[[jax.Array], State]
+  train_step: Callable[[State, Batch, jax.Array], tuple[State, Metrics]]
+  generate: Callable[[State, jax.Array, jax.Array], jax.Array]
+  examples_per_step: int = 1
+  num_classes: int = 0
+
+
+def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Adam (or AdamW) from an optimizer config section: name, lr, b1, b2, weight_decay."""
+  name = cfg.get("name", "adam")
+  if name == "adam":
+    return optax.adam(cfg["lr"], b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
+  if name == "adamw":
+    return optax.adamw(cfg["lr"], b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                       weight_decay=cfg.get("weight_decay", 1e-4))
+  raise ValueError(f"Unknown optimizer {name!r}; valid names: adam, adamw.")
+
+
+def weighted_mean(per_example: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+  """The mean of per-example losses, weighted by ``weight`` (self-normalised) if given."""
+  if weight is None:
+    return jnp.mean(per_example)
+  weight = weight.astype(per_example.dtype)
+  return jnp.sum(per_example * weight) / jnp.sum(weight)
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+  """Exponential moving average with warm-up: ``min(decay, (1 + t) / (10 + t))``."""
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of all leaves of a gradient tree."""
+  return optax.global_norm(tree)

@@ -1,0 +1,72 @@
+"""VAE objective: the negative ELBO, reconstruction + beta * KL, per example."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fairgen.models.vae import VAE
+from fairgen.objectives import base
+
+
+def init(model: VAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.State:
+  """The initial VAE state: step, params, opt."""
+  p_rng, z_rng = jax.random.split(rng)
+  x = jnp.zeros((1,) + tuple(model.image_shape))
+  params = model.init({"params": p_rng, "latent": z_rng}, x)["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
+
+
+def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
+                     beta: float) -> dict[str, jax.Array]:
+  """Per-example negative ELBO terms (one posterior sample)."""
+  out = model.apply({"params": params}, x, rngs={"latent": rng})
+  recon = -out["log_likelihood"]
+  return {"loss": recon + beta * out["kl"], "recon": recon, "kl": out["kl"]}
+
+
+def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
+               tx: optax.GradientTransformation, beta: float
+               ) -> tuple[base.State, base.Metrics]:
+  """One update of the (beta-)ELBO."""
+  rng = jax.random.fold_in(rng, state["step"])
+  weight = batch.get("weight")
+
+  def loss_fn(params):
+    terms = per_example_loss(model, params, batch["image"], rng, beta)
+    return base.weighted_mean(terms["loss"], weight), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": loss, "recon": jnp.mean(terms["recon"]), "kl": jnp.mean(terms["kl"]),
+             "grad_norm": base.global_norm(grads)}
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+
+def generate(state: base.State, rng: jax.Array, labels: jax.Array, *, model: VAE,
+             truncation: float = 0.0) -> jax.Array:
+  """Decoder mean images for ``len(labels)`` prior samples."""
+  z = jax.random.normal(rng, (labels.shape[0], model.latent_dim))
+  if truncation > 0:
+    z = jnp.clip(z, -truncation, truncation)
+  params = model.apply({"params": state["params"]}, z, method=VAE.decode)
+  return model.apply({"params": state["params"]}, params, method=VAE.mean_image)
+
+
+def build(model: VAE, image_shape: tuple[int, int, int], objective: Mapping[str, Any],
+          optim: Mapping[str, Any]) -> base.Objective:
+  """The VAE objective from the config's objective and optim sections."""
+  del image_shape  # The model carries it.
+  if not isinstance(model, VAE):
+    raise ValueError("The 'vae' objective needs a VAE model (model.name='vae').")
+  tx = base.make_optimizer(optim)
+  return base.Objective(
+      init=functools.partial(init, model, tx),
+      train_step=functools.partial(train_step, model=model, tx=tx,
+                                   beta=float(objective["beta"])),
+      generate=functools.partial(generate, model=model))
