@@ -135,3 +135,16 @@ def check_variant(arg: str | None, variants: tuple[str, ...]) -> str:
   if variant and variant not in variants:
     raise ConfigError(f"Unknown config variant {variant!r}; valid: {', '.join(variants)}.")
   return variant
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads ``get_config(arg)`` from an experiment file, as ``--config=path:arg`` does."""
+  import importlib.util
+  import os
+  if not os.path.exists(path):
+    raise ConfigError(f"Config file {path} does not exist.")
+  name = "fairgen_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

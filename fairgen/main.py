@@ -30,8 +30,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:  # ml_collections: an override names an unknown field.
-    overrides = [a for a in argv if a.startswith("--config.")]
-    _fail(f"unknown config key {e} in {' '.join(overrides)}; see the config file for the "
+    key = str(e.args[0]).strip("'\"") if e.args else str(e)
+    culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and
+                key in a.split("=")[0].split(".")] or ["--config"]
+    _fail(f"unknown config key '{key}' ({', '.join(culprits)}); see the config file for the "
           f"valid keys.")
   except flags.Error as e:
     _fail(f"{e}")
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> None:
     _fail(f"cannot load --config: {e}")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import checkpoint, config as config_lib, data, parallel, train
+  from fairgen import checkpoint, config as config_lib, data, parallel, registry, train
 
   if config.mesh.distributed:
     jax.distributed.initialize()
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> None:
       summary = train.train_and_evaluate(config, _WORKDIR.value)
       logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,
-          parallel.MeshError, train.NonFiniteError) as e:
+          parallel.MeshError, registry.UnknownNameError, train.NonFiniteError) as e:
     _fail(str(e))
 
 

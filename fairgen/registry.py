@@ -13,6 +13,13 @@ from typing import Callable, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError):
+  """A name that is not registered; the message lists the valid names."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
 class Registry(Generic[T]):
   """A named mapping from string keys to builders of one family."""
 
@@ -40,7 +47,7 @@ class Registry(Generic[T]):
     try:
       return self._entries[name]
     except KeyError:
-      raise KeyError(
+      raise UnknownNameError(
           f"Unknown {self.family} {name!r}; valid names: {', '.join(sorted(self._entries))}."
       ) from None
 

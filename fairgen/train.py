@@ -125,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     A summary: the final step, the last logged scalars, and how often the step was traced.
   """
+  config_lib.validate(config)
   source = data.load(config.data, config.data.split)
   exp = setup(config, source)
   checkpoint.check_and_write_config(workdir, config)

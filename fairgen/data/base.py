@@ -91,10 +91,7 @@ class MappedSource:
     return len(self._records)
 
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    getitems = getattr(self._records, "__getitems__", None)
-    records = getitems(list(map(int, indices))) if getitems else [
-        self._records[int(i)] for i in indices]
-    examples = [self._decode(r) for r in records]
+    examples = [self._decode(self._records[int(i)]) for i in indices]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 

@@ -70,13 +70,15 @@ class Generator(nn.Module):
     x = nn.Dense(h // 4 * w // 4 * _channels(256, self.width), use_bias=False,
                  dtype=self.dtype)(z)
     x = bn_act(x).reshape(z.shape[0], h // 4, w // 4, _channels(256, self.width))
+    # Explicit names keep the fast and naive parameter trees interchangeable.
     x = layers.conv_transpose(_channels(128, self.width), 5, 1, fast=False, use_bias=False,
-                              dtype=self.dtype)(x)
+                              dtype=self.dtype, name="deconv_0")(x)
     x = bn_act(x)
     x = layers.conv_transpose(_channels(64, self.width), 5, 2, fast=self.fast_conv,
-                              use_bias=False, dtype=self.dtype)(x)
+                              use_bias=False, dtype=self.dtype, name="deconv_1")(x)
     x = bn_act(x)
-    x = layers.conv_transpose(c, 5, 2, fast=self.fast_conv, use_bias=False, dtype=self.dtype)(x)
+    x = layers.conv_transpose(c, 5, 2, fast=self.fast_conv, use_bias=False, dtype=self.dtype,
+                              name="deconv_2")(x)
     return jnp.tanh(x).astype(jnp.float32)
 
 

@@ -74,4 +74,4 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
 
 def global_norm(tree: Any) -> jax.Array:
   """The L2 norm of all leaves of a gradient tree."""
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)

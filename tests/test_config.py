@@ -1,0 +1,68 @@
+"""Every experiment config and variant validates; impossible values are named."""
+
+import glob
+import os
+
+import pytest
+
+from conftest import EXPERIMENTS, load_config
+from fairgen import checkpoint, config as config_lib, parallel
+
+VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
+            "vae_mnist": [None, "smoke", "conv", "digits"]}
+
+
+def test_every_experiment_file_is_covered():
+  files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(EXPERIMENTS, "*.py"))}
+  assert files == set(VARIANTS)
+
+
+@pytest.mark.parametrize("name,variant",
+                         [(n, v) for n, vs in VARIANTS.items() for v in vs])
+def test_variants_validate(name, variant):
+  config = load_config(name, variant)
+  config_lib.validate(config)
+  for section in config_lib.REQUIRED_SECTIONS:
+    assert section in config
+
+
+def test_unknown_variant_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="smoke"):
+    load_config("dcgan_mnist", "smok")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.num_steps", 0, "train.num_steps must be >= 1"),
+    ("optim.disc.lr", 0.0, "optim.disc.lr must be > 0"),
+    ("objective.n_disc", 0, "objective.n_disc must be >= 1"),
+    ("objective.ema_decay", 1.0, "objective.ema_decay"),
+    ("model.name", "stylegan9", "valid names: dcgan, vae"),
+    ("objective.name", "diffusion", "valid names: gan, vae"),
+])
+def test_impossible_values_name_the_key(key, value, message):
+  config = load_config("dcgan_mnist", "smoke", **{key: value})
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_unknown_model_hyperparameter_is_named():
+  config = load_config("vae_mnist", "smoke")
+  with config.unlocked():
+    config.model.depth = 3
+  with pytest.raises(config_lib.ConfigError, match="model.depth"):
+    config_lib.validate(config)
+
+
+def test_mesh_larger_than_the_devices_is_refused():
+  with pytest.raises(parallel.MeshError, match="16.*8 device"):
+    parallel.make_mesh(16)
+
+
+def test_fingerprint_ignores_run_length_but_not_the_model(tmp_path):
+  config = load_config("dcgan_mnist", "smoke")
+  checkpoint.check_and_write_config(str(tmp_path), config)
+  config.train.num_steps = 100  # a longer run of the same experiment is fine
+  checkpoint.check_and_write_config(str(tmp_path), config)
+  config.model.latent_dim = 7
+  with pytest.raises(checkpoint.WorkdirError, match="model.latent_dim: 16 -> 7"):
+    checkpoint.check_and_write_config(str(tmp_path), config)
