@@ -9,6 +9,7 @@ latest step: it is removed before the manager opens the directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from typing import Any
@@ -22,6 +23,7 @@ from fairgen import config as config_lib
 
 COMMIT_MARKER = "commit_success.txt"
 CONFIG_FILE = "config.json"
+BEST_FILE = "best.json"
 
 
 class WorkdirError(RuntimeError):
@@ -56,26 +58,45 @@ def remove_uncommitted(directory: str) -> list[str]:
 class Checkpointer:
   """Saves and restores the train state of one workdir."""
 
-  def __init__(self, workdir: str, max_to_keep: int, save_every_steps: int,
-               async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    remove_uncommitted(self.directory)
+  def __init__(self, workdir: str, max_to_keep: int = 1, save_every_steps: int = 1,
+               async_save: bool = True, read_only: bool = False, subdir: str = "checkpoints"):
+    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    if read_only:
+      if not os.path.isdir(self.directory):
+        raise WorkdirError(f"{self.directory} does not exist: train this workdir first.")
+    else:
+      remove_uncommitted(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every_steps,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+        create=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None."""
-    return self._manager.latest_step()
+    steps = [s for s in self._manager.all_steps()
+             if _is_committed(os.path.join(self.directory, str(s)))]
+    return max(steps) if steps else None
 
   def all_steps(self) -> list[int]:
     """All committed steps, oldest first."""
     return sorted(self._manager.all_steps())
 
   def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``."""
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """Restores ``step`` into the shapes, dtypes and shardings of ``abstract_state``.
+
+    Raises:
+      WorkdirError: if the saved tree does not match ``abstract_state`` (the model code
+        changed since the checkpoint was written).
+    """
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except ValueError as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise WorkdirError(
+          f"The checkpoint {self.directory}/{step} does not fit the current model's state "
+          f"({first} ...). It was written by different model code; use a new --workdir or "
+          f"the code that wrote it.") from None
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Saves (asynchronously) if ``step`` is due or ``force``; returns whether it saved."""
@@ -91,6 +112,72 @@ class Checkpointer:
     self._manager.close()
 
 
+class BestCheckpoint:
+  """Keeps the best state by one evaluation metric in ``WORKDIR/best/``, beside the latest.
+
+  ``WORKDIR/best.json`` records {step, metric, mode, value}; it is written only after the
+  checkpoint it describes is committed.
+  """
+
+  def __init__(self, workdir: str, metric: str, mode: str):
+    if mode not in ("min", "max"):
+      raise ValueError(f"eval.best_mode must be 'min' or 'max', got {mode!r}.")
+    self.metric, self.mode = metric, mode
+    self.path = os.path.join(workdir, BEST_FILE)
+    self.workdir = workdir
+    self._checkpointer: Checkpointer | None = None
+    self.record = read_best(workdir)
+    if self.record and (self.record["metric"], self.record["mode"]) != (metric, mode):
+      logging.warning("best.json tracks %s (%s); now tracking %s (%s) from scratch.",
+                      self.record["metric"], self.record["mode"], metric, mode)
+      self.record = None
+
+  def is_better(self, value: float) -> bool:
+    if not math.isfinite(value):
+      return False
+    if self.record is None:
+      return True
+    best = self.record["value"]
+    return value < best if self.mode == "min" else value > best
+
+  def update(self, step: int, results: dict[str, float], state: Any) -> bool:
+    """Saves ``state`` as the best if ``results[metric]`` improves on the record."""
+    if self.metric not in results:
+      raise ValueError(f"eval.best_metric={self.metric!r} is not among the evaluation "
+                       f"results ({', '.join(sorted(results))}).")
+    value = float(results[self.metric])
+    if not self.is_better(value):
+      return False
+    if self._checkpointer is None:
+      self._checkpointer = Checkpointer(self.workdir, max_to_keep=1, subdir="best")
+    self._checkpointer.save(step, state, force=True)
+    self._checkpointer.wait()
+    self.record = {"step": int(step), "metric": self.metric, "mode": self.mode, "value": value}
+    if jax.process_index() == 0:
+      _write_json(self.path, self.record)
+    return True
+
+  def close(self) -> None:
+    if self._checkpointer is not None:
+      self._checkpointer.close()
+
+
+def read_best(workdir: str) -> dict[str, Any] | None:
+  """The ``best.json`` record of a workdir, or None."""
+  path = os.path.join(workdir, BEST_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   """``jax.ShapeDtypeStruct``s carrying the target shardings, for restoring."""
   return jax.tree.map(
@@ -98,7 +185,18 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
 
 
 def check_and_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir made by another experiment, then writes the resolved config.
+  """Refuses a workdir made by another experiment, then writes the resolved config."""
+  check_config(workdir, config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir made by another experiment (read-only).
 
   Raises:
     WorkdirError: if ``WORKDIR/config.json`` exists and its data/model/objective sections
@@ -117,9 +215,3 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict) -> N
           f"--workdir={workdir} holds a run of a different experiment; these keys differ "
           f"from its {CONFIG_FILE}: {'; '.join(changes)}. Use a new --workdir (nothing in "
           f"this one was changed).")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)

@@ -67,6 +67,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config[section].get(field)
     _require(value is None or value >= 1, f"{key} must be >= 1, got {value}.")
   _require(train.max_to_keep >= 1, f"train.max_to_keep must be >= 1, got {train.max_to_keep}.")
+  if "eval" in config:
+    _validate_eval(config.eval)
+  if "sample" in config:
+    _require(config.sample.num >= 1, f"sample.num must be >= 1, got {config.sample.num}.")
+    _require(config.sample.truncation >= 0, "sample.truncation must be >= 0.")
 
   objective = config.objective
   if objective.name == "gan":
@@ -79,6 +84,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   elif objective.name == "vae":
     _require(objective.beta >= 0, f"objective.beta must be >= 0, got {objective.beta}.")
     _check_optimizer(config.optim, "optim")
+
+
+def _validate_eval(cfg: Any) -> None:
+  from fairgen.evaluate import EVALUATORS, GENERATORS
+  from fairgen.metrics.backbones import BACKBONES
+  for name in cfg.metrics:
+    _require(name in EVALUATORS,
+             f"Unknown evaluator {name!r} in eval.metrics; valid: {', '.join(EVALUATORS.names())}.")
+  _require(cfg.backbone in BACKBONES,
+           f"Unknown eval.backbone={cfg.backbone!r}; valid: {', '.join(BACKBONES.names())}.")
+  _require(cfg.generator in GENERATORS, f"eval.generator must be one of {GENERATORS}.")
+  _require(cfg.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.every_steps}.")
+  _require(cfg.num_samples >= 2, f"eval.num_samples must be >= 2, got {cfg.num_samples}.")
+  _require(cfg.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.batch_size}.")
+  _require(cfg.best_mode in ("min", "max"), f"eval.best_mode must be 'min' or 'max'.")
+  _require(cfg.iwae_k >= 1, f"eval.iwae_k must be >= 1, got {cfg.iwae_k}.")
+  which = str(cfg.checkpoint)
+  _require(which in ("latest", "best") or which.isdigit(),
+           f"eval.checkpoint must be 'latest', 'best' or a step number, got {which!r}.")
 
 
 def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +150,34 @@ def base_config() -> ml_collections.ConfigDict:
   # jax.distributed.initialize() first (multi-host; arguments from the environment).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
+  # Evaluation (fairgen/evaluate.py). metrics: evaluator names. every_steps: periodic
+  # evaluation during training (0: never). backbone_dir: the feature/attribute classifier
+  # (default: ~/.cache/fairgen/classifier_<dataset>_label, made by tools/train_classifier.py).
+  # checkpoint: which one --mode=evaluate/sample loads: 'latest', 'best' or a step number.
+  # generator: 'model', or 'train_data' for the copy-of-the-training-data reference.
+  c.eval = ml_collections.ConfigDict(dict(
+      metrics=("fid", "kid", "prdc", "is"),
+      every_steps=0,
+      num_samples=1000,
+      batch_size=250,
+      seed=0,
+      truncation=0.0,
+      generator="model",
+      backbone="classifier",
+      backbone_dir=ml_collections.config_dict.placeholder(str),
+      checkpoint="latest",
+      best_metric="fid",
+      best_mode="min",
+      kid_subsets=100,
+      kid_subset_size=1000,
+      is_splits=10,
+      prdc_k=5,
+      iwae_k=1000,
+      likelihood_examples=0,  # 0: the whole eval split.
+  ))
+  # --mode=sample: num images, a fixed seed, truncation (> 0: truncated normal latents).
+  c.sample = ml_collections.ConfigDict(dict(num=64, seed=0, truncation=0.0,
+                                            interpolation_steps=8, checkpoint="latest"))
   return c
 
 

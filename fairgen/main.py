@@ -17,7 +17,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do with the workdir.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"],
+                          "train (resumes), evaluate (eval.checkpoint: latest/best/step) or "
+                          "sample (writes grids and .npz under WORKDIR/sample/).")
 
 
 def _fail(message: str) -> None:
@@ -61,7 +63,9 @@ def main(argv: list[str]) -> None:
     _fail(f"cannot load --config: {e}")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import checkpoint, config as config_lib, data, parallel, registry, train
+  from fairgen import checkpoint, config as config_lib, data, evaluate, modes, parallel
+  from fairgen import registry, train
+  from fairgen.metrics import backbones
 
   if config.mesh.distributed:
     jax.distributed.initialize()
@@ -71,8 +75,13 @@ def main(argv: list[str]) -> None:
     if _MODE.value == "train":
       summary = train.train_and_evaluate(config, _WORKDIR.value)
       logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
+    elif _MODE.value == "evaluate":
+      modes.evaluate(config, _WORKDIR.value)
+    else:
+      modes.sample(config, _WORKDIR.value)
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,
-          parallel.MeshError, registry.UnknownNameError, train.NonFiniteError) as e:
+          parallel.MeshError, registry.UnknownNameError, train.NonFiniteError,
+          evaluate.EvalError, backbones.BackboneNotFoundError) as e:
     _fail(str(e))
 
 

@@ -8,6 +8,7 @@ shared.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -21,9 +22,11 @@ from absl import logging
 from fairgen import checkpoint
 from fairgen import config as config_lib
 from fairgen import data
+from fairgen import evaluate
 from fairgen import logs
 from fairgen import objectives
 from fairgen import parallel
+from fairgen import sampling
 
 
 class NonFiniteError(FloatingPointError):
@@ -43,6 +46,13 @@ class Experiment:
   init_rng: jax.Array
   step_rng: jax.Array
   sample_rng: jax.Array
+
+  @functools.cached_property
+  def sharded_decode(self):
+    """``objective.decode`` jitted with latents and labels split over the data axis."""
+    data = parallel.data_sharding(self.mesh)
+    return jax.jit(self.objective.decode, in_shardings=(self.state_shardings, data, data),
+                   out_shardings=data)
 
   @property
   def global_batch(self) -> int:
@@ -85,6 +95,31 @@ def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer) -> tuple[Any
   return state, int(step)
 
 
+def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> tuple[Any, int]:
+  """Loads a checkpoint read-only: 'latest', 'best' (by eval.best_metric) or a step number.
+
+  Raises:
+    checkpoint.WorkdirError: if the workdir has no such checkpoint.
+  """
+  which = str(which)
+  subdir = "best" if which == "best" else "checkpoints"
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True, subdir=subdir)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise checkpoint.WorkdirError(f"{ckpt.directory} holds no checkpoint: train first.")
+    if which in ("latest", "best"):
+      step = ckpt.latest_step()
+    else:
+      step = int(which)
+      if step not in steps:
+        raise checkpoint.WorkdirError(f"No checkpoint for step {step}; available: {steps}.")
+    target = checkpoint.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    return ckpt.restore(step, target), int(step)
+  finally:
+    ckpt.close()
+
+
 def make_train_step(exp: Experiment, trace_counter: list[int] | None = None):
   """The objective's step, jitted once with explicit shardings and state donation."""
 
@@ -96,19 +131,6 @@ def make_train_step(exp: Experiment, trace_counter: list[int] | None = None):
   repl = parallel.replicated(exp.mesh)
   return jax.jit(step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl),
                  out_shardings=(exp.state_shardings, repl), donate_argnums=0)
-
-
-def make_generate(exp: Experiment, **kwargs: Any):
-  """Jitted ``generate(state, rng, labels) -> images`` (replicated output)."""
-  import functools
-  fn = functools.partial(exp.objective.generate, **kwargs) if kwargs else exp.objective.generate
-  return jax.jit(fn, out_shardings=parallel.replicated(exp.mesh))
-
-
-def sample_labels(exp: Experiment, num: int) -> jax.Array:
-  """Labels for a sample grid: classes in order, repeated (zeros if unconditional)."""
-  classes = max(exp.objective.num_classes, 1)
-  return jnp.asarray(np.arange(num) % classes, jnp.int32)
 
 
 def _check_finite(step: int, scalars: dict[str, float]) -> None:
@@ -141,9 +163,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     return {**summary, "train_step_traces": 0}
 
+  evaluator = best = None
+  if config.eval.every_steps:
+    evaluator = evaluate.Evaluator(exp)
+    evaluator.check()  # A missing backbone fails now, not after hours of training.
+    best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode)
   train_step = make_train_step(exp, traces)
-  generate = make_generate(exp)
-  grid_labels = sample_labels(exp, config.log.num_samples)
+  grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
+  grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes)
   rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
   logger = logs.MetricLogger(workdir, num_steps, start_step)
   loader = data.Loader(source, exp.global_batch, config.seed,
@@ -174,16 +201,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary.update(final_step=done, scalars=scalars)
         acc, n_acc = None, 0
       if final or done % config.log.sample_every_steps == 0:
-        images = parallel.to_host(generate(state, exp.sample_rng, grid_labels))
+        images = sampling.decode_images(exp, state, grid_latents, grid_labels)
         if jax.process_index() == 0:
           logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
                                scale=max(1, 56 // exp.spec.image_shape[0]))
+      if evaluator is not None and (final or done % config.eval.every_steps == 0):
+        results = evaluator(state, done)
+        logger.write(done, {f"eval/{k}": v for k, v in results.items()})
+        if best.update(done, results, state):
+          logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
+        summary["eval"] = results
       if save_due:
         ckpt.save(done, state, force=True)
   finally:
     loader.close()
     ckpt.close()
     logger.close()
+    if best is not None:
+      best.close()
   summary["train_step_traces"] = traces[0]
   summary["compile_seconds"] = compile_seconds
   return summary

@@ -5,7 +5,8 @@ An objective bundles pure functions over an explicit state pytree:
 - ``train_step(state, batch, rng) -> (state, metrics)``: one update. ``rng`` is the run's
   base key; the step folds in ``state['step']`` itself, so the randomness of every step is
   fixed by (seed, step) and resumption is exact;
-- ``generate(state, rng, labels) -> images``: samples in [-1, 1] for grids and evaluation.
+- ``decode(state, latents, labels) -> images``: samples in [-1, 1] from given latents (EMA
+  weights where the objective keeps them); ``generate`` below draws the latents.
 
 Losses are computed per example and reduced at the end by ``weighted_mean``, so importance
 weights (``batch['weight']``) enter as one multiplication.
@@ -32,8 +33,9 @@ class Objective:
   Attributes:
     init: ``rng -> state``.
     train_step: ``(state, batch, rng) -> (state, metrics)``.
-    generate: ``(state, rng, labels) -> images``; ``labels`` is an int32 vector whose length
-      is the number of samples (ignored by unconditional models).
+    decode: ``(state, latents, labels) -> images``; ``labels`` is an int32 vector with one
+      entry per latent (ignored by unconditional models).
+    latent_dim: size of the latent vectors ``decode`` takes.
     examples_per_step: how many examples one step consumes per unit of ``train.batch_size``
       (a GAN with ``n_disc`` discriminator steps takes ``n_disc`` real batches).
     num_classes: > 0 when ``generate`` uses its labels.
@@ -41,9 +43,21 @@ class Objective:
 
   init: Callable[[jax.Array], State]
   train_step: Callable[[State, Batch, jax.Array], tuple[State, Metrics]]
-  generate: Callable[[State, jax.Array, jax.Array], jax.Array]
+  decode: Callable[[State, jax.Array, jax.Array], jax.Array]
+  latent_dim: int
   examples_per_step: int = 1
   num_classes: int = 0
+
+  def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
+    """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""
+    if truncation > 0:
+      return jax.random.truncated_normal(rng, -truncation, truncation, (num, self.latent_dim))
+    return jax.random.normal(rng, (num, self.latent_dim))
+
+  def generate(self, state: State, rng: jax.Array, labels: jax.Array,
+               truncation: float = 0.0) -> jax.Array:
+    """``len(labels)`` samples from latents drawn with ``rng``."""
+    return self.decode(state, self.sample_latents(rng, labels.shape[0], truncation), labels)
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:

@@ -119,12 +119,9 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: Ga
   return new_state, metrics
 
 
-def generate(state: base.State, rng: jax.Array, labels: jax.Array, *, nets: GanModules,
-             use_ema: bool, truncation: float = 0.0) -> jax.Array:
-  """Samples ``len(labels)`` images; ``truncation`` > 0 clips latents to [-t, t]."""
-  z = jax.random.normal(rng, (labels.shape[0], nets.latent_dim))
-  if truncation > 0:
-    z = jnp.clip(z, -truncation, truncation)
+def decode(state: base.State, z: jax.Array, labels: jax.Array, *, nets: GanModules,
+           use_ema: bool) -> jax.Array:
+  """Generator images for latents ``z`` (EMA weights if kept, BN running statistics)."""
   params = state["ema"] if use_ema else state["gen"]["params"]
   variables = {"params": params}
   if "batch_stats" in state["gen"]:
@@ -144,7 +141,7 @@ def build(nets: GanModules, image_shape: tuple[int, int, int], objective: Mappin
       init=functools.partial(init, nets, gen_tx, disc_tx, image_shape),
       train_step=functools.partial(train_step, nets=nets, gen_tx=gen_tx, disc_tx=disc_tx,
                                    n_disc=n_disc, ema_decay=float(objective["ema_decay"])),
-      generate=functools.partial(generate, nets=nets,
-                                 use_ema=float(objective["ema_decay"]) > 0),
+      decode=functools.partial(decode, nets=nets, use_ema=float(objective["ema_decay"]) > 0),
+      latent_dim=nets.latent_dim,
       examples_per_step=n_disc,
       num_classes=nets.num_classes)

@@ -48,12 +48,9 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
-def generate(state: base.State, rng: jax.Array, labels: jax.Array, *, model: VAE,
-             truncation: float = 0.0) -> jax.Array:
-  """Decoder mean images for ``len(labels)`` prior samples."""
-  z = jax.random.normal(rng, (labels.shape[0], model.latent_dim))
-  if truncation > 0:
-    z = jnp.clip(z, -truncation, truncation)
+def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) -> jax.Array:
+  """Decoder mean images for latents ``z`` (``labels`` unused: the VAE is unconditional)."""
+  del labels
   params = model.apply({"params": state["params"]}, z, method=VAE.decode)
   return model.apply({"params": state["params"]}, params, method=VAE.mean_image)
 
@@ -69,4 +66,5 @@ def build(model: VAE, image_shape: tuple[int, int, int], objective: Mapping[str,
       init=functools.partial(init, model, tx),
       train_step=functools.partial(train_step, model=model, tx=tx,
                                    beta=float(objective["beta"])),
-      generate=functools.partial(generate, model=model))
+      decode=functools.partial(decode, model=model),
+      latent_dim=model.latent_dim)

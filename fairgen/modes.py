@@ -1,0 +1,56 @@
+"""``--mode=evaluate`` and ``--mode=sample``: read a workdir's checkpoint, never write to it.
+
+Both refuse a workdir whose config.json belongs to another experiment, and write only under
+``WORKDIR/eval/`` and ``WORKDIR/sample/``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from fairgen import checkpoint
+from fairgen import evaluate as evaluate_lib
+from fairgen import sampling
+from fairgen import train
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates ``eval.checkpoint`` of ``workdir`` with every evaluator in ``eval.metrics``.
+
+  Writes ``WORKDIR/eval/step_NNNNNN.json`` (``reference_train_data.json`` when
+  ``eval.generator='train_data'``, which needs no checkpoint) and prints a table.
+  """
+  exp = train.setup(config)
+  checkpoint.check_config(workdir, config)
+  evaluator = evaluate_lib.Evaluator(exp)
+  if config.eval.generator == "train_data":
+    state, step, which, name = None, 0, "none", "reference_train_data.json"
+  else:
+    which = str(config.eval.checkpoint)
+    state, step = train.restore_checkpoint(exp, workdir, which)
+    name = f"step_{step:06d}.json" if which != "best" else f"best_step_{step:06d}.json"
+  results = evaluator(state, step)
+  path = os.path.join(workdir, "eval", name)
+  evaluate_lib.write_report(path, step, which, results, evaluator.provenance())
+  print(f"Evaluation of {workdir} ({which} checkpoint, step {step}):")
+  print(evaluate_lib.format_table(results))
+  print(f"Provenance: {evaluator.provenance()}")
+  logging.info("Wrote %s.", path)
+  return {"step": step, "metrics": results, "path": path}
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Writes sample, interpolation and (conditional) per-class grids as PNG and .npz."""
+  exp = train.setup(config)
+  checkpoint.check_config(workdir, config)
+  cfg = config.sample
+  state, step = train.restore_checkpoint(exp, workdir, str(cfg.checkpoint))
+  out_dir = os.path.join(workdir, "sample", f"step_{step:06d}")
+  files = sampling.write_samples(exp, state, step, out_dir, cfg.num, cfg.seed, cfg.truncation,
+                                 cfg.interpolation_steps)
+  print("\n".join(files))
+  return files

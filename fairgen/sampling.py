@@ -1,0 +1,112 @@
+"""Generation from a train state: batched and sharded, and the ``--mode=sample`` outputs.
+
+``sample`` mode writes, under ``WORKDIR/sample/step_NNNNNN/``: ``grid.png``, an interpolation
+grid (``interpolation.png``: each row walks a straight line between two latents), and for
+conditional models ``per_class.png`` (one row per class). Each image set is also saved as an
+``.npz`` (``images`` in [-1, 1], plus ``latents`` and ``labels``) for further use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from fairgen import logs
+from fairgen import parallel
+
+
+def decode_images(exp: Any, state: Any, latents: np.ndarray | jax.Array,
+                  labels: np.ndarray | jax.Array, batch_size: int = 256) -> np.ndarray:
+  """Decodes latents to images on the mesh, in batches split over the data axis.
+
+  Batches are padded to a multiple of the data-axis size, so one shape is compiled.
+  """
+  n_dev = exp.mesh.shape[parallel.DATA_AXIS]
+  batch = max(n_dev, (batch_size // n_dev) * n_dev)
+  latents, labels = np.asarray(latents, np.float32), np.asarray(labels, np.int32)
+  decode = exp.sharded_decode
+  sharding = parallel.data_sharding(exp.mesh)
+  out = []
+  for start in range(0, len(latents), batch):
+    z, y = latents[start:start + batch], labels[start:start + batch]
+    pad = batch - len(z) if len(latents) > batch else (-len(z)) % n_dev
+    z = np.concatenate([z, np.zeros((pad,) + z.shape[1:], z.dtype)])
+    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+    images = decode(state, jax.device_put(z, sharding), jax.device_put(y, sharding))
+    out.append(parallel.to_host(images)[:len(z) - pad])
+  return np.concatenate(out)
+
+
+def prior_labels(num: int, num_classes: int, rng: np.random.Generator | None = None,
+                 probs: np.ndarray | None = None) -> np.ndarray:
+  """Labels for samples: classes in turn, or drawn from ``probs`` with ``rng``."""
+  if num_classes <= 0:
+    return np.zeros(num, np.int32)
+  if probs is None:
+    return (np.arange(num) % num_classes).astype(np.int32)
+  return rng.choice(num_classes, size=num, p=probs).astype(np.int32)
+
+
+def generate_images(exp: Any, state: Any, rng: jax.Array, num: int,
+                    labels: np.ndarray | None = None, truncation: float = 0.0,
+                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """``num`` samples (and their latents) from prior latents drawn with ``rng``."""
+  latents = np.asarray(exp.objective.sample_latents(rng, num, truncation))
+  if labels is None:
+    labels = prior_labels(num, exp.objective.num_classes)
+  return decode_images(exp, state, latents, labels, batch_size), latents
+
+
+def interpolation_latents(rng: jax.Array, rows: int, steps: int, dim: int,
+                          truncation: float = 0.0) -> np.ndarray:
+  """``rows`` straight-line walks of ``steps`` points between pairs of prior latents."""
+  k1, k2 = jax.random.split(rng)
+  draw = (functools.partial(jax.random.truncated_normal, lower=-truncation, upper=truncation)
+          if truncation > 0 else jax.random.normal)
+  a, b = np.asarray(draw(k1, shape=(rows, 1, dim))), np.asarray(draw(k2, shape=(rows, 1, dim)))
+  t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
+  return ((1 - t) * a + t * b).reshape(rows * steps, dim).astype(np.float32)
+
+
+def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
+          labels: np.ndarray, ncols: int, scale: int) -> None:
+  logs.save_image_grid(images, os.path.join(out_dir, f"{name}.png"), ncols=ncols, scale=scale)
+  np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), images=images, latents=latents,
+                      labels=labels)
+
+
+def write_samples(exp: Any, state: Any, step: int, out_dir: str, num: int, seed: int,
+                  truncation: float = 0.0, interpolation_steps: int = 8) -> list[str]:
+  """Writes the sample, interpolation and per-class grids; returns the files written."""
+  os.makedirs(out_dir, exist_ok=True)
+  rng = jax.random.key(seed)
+  k_grid, k_interp, k_class = jax.random.split(rng, 3)
+  scale = max(1, 56 // exp.spec.image_shape[0])
+  ncols = int(np.ceil(np.sqrt(num)))
+
+  images, latents = generate_images(exp, state, k_grid, num, truncation=truncation)
+  labels = prior_labels(num, exp.objective.num_classes)
+  _save(out_dir, "grid", images, latents, labels, ncols, scale)
+
+  rows = max(1, min(8, num // interpolation_steps))
+  z = interpolation_latents(k_interp, rows, interpolation_steps, exp.objective.latent_dim,
+                            truncation)
+  y = np.repeat(prior_labels(rows, exp.objective.num_classes), interpolation_steps)
+  _save(out_dir, "interpolation", decode_images(exp, state, z, y), z, y, interpolation_steps,
+        scale)
+
+  if exp.objective.num_classes:
+    c, per = exp.objective.num_classes, max(1, min(10, num // exp.objective.num_classes))
+    y = np.repeat(np.arange(c, dtype=np.int32), per)
+    images, z = generate_images(exp, state, k_class, len(y), labels=y, truncation=truncation)
+    _save(out_dir, "per_class", images, z, y, per, scale)
+  files = sorted(os.listdir(out_dir))
+  if jax.process_index() == 0:
+    logging.info("Step %d samples in %s: %s", step, out_dir, ", ".join(files))
+  return [os.path.join(out_dir, f) for f in files]

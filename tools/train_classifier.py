@@ -1,0 +1,81 @@
+"""Trains the small classifier backbone that FID, Inception Score and class proportions use.
+
+Loads the dataset's train and test splits, trains ``fairgen.models.classifier.Classifier``
+(see ``fairgen.metrics.backbones.train_classifier``), saves it as an Orbax checkpoint plus
+``backbone.json`` and prints the held-out accuracy, the output path and a final JSON line.
+The defaults reach about 98.5% test accuracy on mnist_5k in about a minute on two CPU cores.
+
+Usage (from the repository root):
+  python tools/train_classifier.py --dataset=mnist_5k
+  python tools/train_classifier.py --dataset=digits --out=/tmp/classifier_digits --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# Allow `python tools/train_classifier.py` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fairgen import data  # pylint: disable=g-import-not-at-top
+from fairgen.metrics import backbones  # pylint: disable=g-import-not-at-top
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """Parses the command line."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  parser.add_argument("--dataset", required=True,
+                      help=f"A fairgen dataset: {', '.join(data.DATASETS.names())}.")
+  parser.add_argument("--out", default=None,
+                      help="Output directory (default: $FAIRGEN_CACHE/classifier_<dataset>_"
+                           "<label>, the cache defaulting to ~/.cache/fairgen).")
+  parser.add_argument("--label", default="label",
+                      help="The key to predict: label, or attr where the dataset has one.")
+  parser.add_argument("--num_classes", type=int, default=None,
+                      help="Classes of --label (default: the dataset's, for --label=label).")
+  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--lr", type=float, default=2e-3, help="Peak Adam learning rate.")
+  parser.add_argument("--width", type=int, default=32)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_augment", dest="augment", action="store_false",
+                      help="Disable random translations of the training images.")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="Replace a classifier already saved in --out.")
+  parser.add_argument("--log_every", type=int, default=200)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Trains, saves and reports; returns the JSON summary."""
+  args = parse_args(argv)
+  out = args.out or backbones.default_classifier_dir(args.dataset, args.label)
+  out = os.path.abspath(os.path.expanduser(out))
+  # Fail before training, not after, when the result could not be saved.
+  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+    sys.exit(f"{out} is not empty; pass --overwrite to replace it.")
+  train = data.load({"name": args.dataset}, "train")
+  test = data.load({"name": args.dataset}, "test")
+  print(f"Training a classifier on {args.dataset} ({len(train)} train / {len(test)} test, "
+        f"label {args.label!r}) for {args.steps} steps.", flush=True)
+  start = time.perf_counter()
+  params, info = backbones.train_classifier(
+      train, test, label_key=args.label, num_classes=args.num_classes, steps=args.steps,
+      batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
+      augment=args.augment, log_every=args.log_every)
+  seconds = time.perf_counter() - start
+  backbones.save_classifier(out, params, info, overwrite=args.overwrite)
+  print(f"Held-out accuracy on {args.dataset} test: {info['test_accuracy']:.4f}")
+  print(f"Saved the classifier backbone to {out}")
+  summary = {"dataset": args.dataset, "label": args.label, "out": out,
+             "test_accuracy": info["test_accuracy"], "steps": args.steps,
+             "train_seconds": info["train_seconds"], "total_seconds": round(seconds, 2)}
+  print(json.dumps(summary, sort_keys=True))
+  return summary
+
+
+if __name__ == "__main__":
+  main()
