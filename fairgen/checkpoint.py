@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -92,11 +93,23 @@ class Checkpointer:
     try:
       return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except ValueError as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      if "do not match" not in str(e):
+        raise  # Damaged files, not a different model: the caller may fall back.
+      first = str(e).strip().splitlines()[0]
       raise WorkdirError(
           f"The checkpoint {self.directory}/{step} does not fit the current model's state "
           f"({first} ...). It was written by different model code; use a new --workdir or "
           f"the code that wrote it.") from None
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unreadable step to ``WORKDIR/checkpoints_damaged/`` (kept, not deleted)."""
+    target_dir = self.directory + "_damaged"
+    target = os.path.join(target_dir, f"{step}.{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(target_dir, exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Saves (asynchronously) if ``step`` is due or ``force``; returns whether it saved."""
@@ -184,9 +197,24 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings)
 
 
-def check_and_write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir made by another experiment, then writes the resolved config."""
-  check_config(workdir, config)
+def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
+                           force: bool = False) -> None:
+  """Refuses a workdir made by another experiment, then writes the resolved config.
+
+  With ``force``, a differing config.json is kept as ``config.<unix time>.json`` (nothing
+  is deleted) and the new one is written.
+  """
+  try:
+    check_config(workdir, config)
+  except WorkdirError:
+    if not force:
+      raise
+    old = os.path.join(workdir, CONFIG_FILE)
+    kept = os.path.join(workdir, f"config.{int(time.time())}.json")
+    logging.warning("Resuming with a different experiment as forced; the old config is kept "
+                    "as %s.", kept)
+    if jax.process_index() == 0:
+      os.replace(old, kept)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
@@ -214,4 +242,4 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise WorkdirError(
           f"--workdir={workdir} holds a run of a different experiment; these keys differ "
           f"from its {CONFIG_FILE}: {'; '.join(changes)}. Use a new --workdir (nothing in "
-          f"this one was changed).")
+          f"this one was changed), or pass --allow_new_experiment to resume anyway.")

@@ -67,6 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = config[section].get(field)
     _require(value is None or value >= 1, f"{key} must be >= 1, got {value}.")
   _require(train.max_to_keep >= 1, f"train.max_to_keep must be >= 1, got {train.max_to_keep}.")
+  _require(train.nan_policy in ("halt", "skip"),
+           f"train.nan_policy must be 'halt' or 'skip', got {train.nan_policy!r}.")
+  _require(train.max_nan_skips >= 1, f"train.max_nan_skips must be >= 1.")
   if "eval" in config:
     _validate_eval(config.eval)
   if "sample" in config:
@@ -145,6 +148,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128,
       checkpoint_every_steps=500,
       max_to_keep=3,
+      # Non-finite loss or gradient norm: 'halt' at the first, or 'skip' the update and
+      # halt after max_nan_skips in a row (fairgen/robust.py).
+      nan_policy="halt",
+      max_nan_skips=10,
   ))
   # mesh.data: devices on the data axis (-1: all). distributed: call
   # jax.distributed.initialize() first (multi-host; arguments from the environment).

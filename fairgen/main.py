@@ -17,6 +17,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs).")
+_ALLOW_NEW = flags.DEFINE_bool(
+    "allow_new_experiment", False,
+    "Resume a workdir even if its config.json has different data/model/objective sections "
+    "(the old config is kept as config.<time>.json).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"],
                           "train (resumes), evaluate (eval.checkpoint: latest/best/step) or "
                           "sample (writes grids and .npz under WORKDIR/sample/).")
@@ -64,7 +68,7 @@ def main(argv: list[str]) -> None:
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
   from fairgen import checkpoint, config as config_lib, data, evaluate, modes, parallel
-  from fairgen import registry, train
+  from fairgen import registry, robust, train
   from fairgen.metrics import backbones
 
   if config.mesh.distributed:
@@ -73,14 +77,19 @@ def main(argv: list[str]) -> None:
                jax.device_count(), jax.devices()[0].platform)
   try:
     if _MODE.value == "train":
-      summary = train.train_and_evaluate(config, _WORKDIR.value)
-      logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
+      summary = train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_NEW.value)
+      if summary["preempted"]:
+        print(f"fairgen: stopped by a signal at step {summary['final_step']}; the checkpoint "
+              f"is committed. Run the same command to resume.", file=sys.stderr)
+      else:
+        logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
     elif _MODE.value == "evaluate":
       modes.evaluate(config, _WORKDIR.value)
     else:
       modes.sample(config, _WORKDIR.value)
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,
-          parallel.MeshError, registry.UnknownNameError, train.NonFiniteError,
+          parallel.MeshError, registry.UnknownNameError, robust.NonFiniteError,
+          robust.WorkdirLockedError,
           evaluate.EvalError, backbones.BackboneNotFoundError) as e:
     _fail(str(e))
 

@@ -26,11 +26,11 @@ from fairgen import evaluate
 from fairgen import logs
 from fairgen import objectives
 from fairgen import parallel
+from fairgen import robust
 from fairgen import sampling
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss or gradient norm became NaN or infinite."""
+NonFiniteError = robust.NonFiniteError
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def setup(config: ml_collections.ConfigDict, source: data.Source | None = None) 
   objective = objectives.build_objective(config, source.spec)
   root = jax.random.key(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
-  abstract_state = jax.eval_shape(objective.init, init_rng)
+  abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
   exp = Experiment(
       config=config, mesh=mesh, spec=source.spec, objective=objective,
       abstract_state=abstract_state,
@@ -79,20 +79,44 @@ def setup(config: ml_collections.ConfigDict, source: data.Source | None = None) 
   return exp
 
 
+def full_init(objective: objectives.Objective, rng: jax.Array) -> Any:
+  """The objective's initial state plus the loop's non-finite guard counters."""
+  return {**objective.init(rng), robust.GUARD_KEY: robust.init_guard()}
+
+
 def init_state(exp: Experiment) -> Any:
   """The initial state, created directly in its shardings (no host copy, no aliasing)."""
-  return jax.jit(exp.objective.init, out_shardings=exp.state_shardings)(exp.init_rng)
+  return jax.jit(functools.partial(full_init, exp.objective),
+                 out_shardings=exp.state_shardings)(exp.init_rng)
 
 
 def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer) -> tuple[Any, int]:
-  """Resumes from the newest checkpoint of the workdir, else starts from scratch."""
-  step = ckpt.latest_step()
-  if step is None:
-    return init_state(exp), 0
+  """Resumes from the newest readable checkpoint of the workdir, else starts from scratch.
+
+  A checkpoint that fails to restore (corrupted or truncated files) is reported, moved to
+  ``WORKDIR/checkpoints_damaged/`` for inspection, and the previous one is tried.
+  """
   target = checkpoint.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-  state = ckpt.restore(step, target)
-  logging.info("Resumed from %s/%d.", ckpt.directory, step)
-  return state, int(step)
+  errors = []
+  for step in reversed(ckpt.all_steps()):
+    try:
+      state = ckpt.restore(step, target)
+    except checkpoint.WorkdirError:
+      raise  # The model code changed: every checkpoint would fail the same way.
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
+      moved = ckpt.quarantine(step)
+      logging.error("Checkpoint %s/%d cannot be read (%s: %s); moved it to %s and trying the "
+                    "previous one.", ckpt.directory, step, type(e).__name__,
+                    (str(e).splitlines() or [""])[0][:200], moved)
+      errors.append(step)
+      continue
+    logging.info("Resumed from %s/%d.", ckpt.directory, step)
+    return state, int(step)
+  if errors:
+    raise checkpoint.WorkdirError(
+        f"No checkpoint in {ckpt.directory} can be read: steps {errors} are damaged and were "
+        f"moved to {ckpt.directory}_damaged/. The next launch starts from scratch.")
+  return init_state(exp), 0
 
 
 def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> tuple[Any, int]:
@@ -121,53 +145,86 @@ def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> 
 
 
 def make_train_step(exp: Experiment, trace_counter: list[int] | None = None):
-  """The objective's step, jitted once with explicit shardings and state donation."""
+  """The objective's guarded step, jitted once with explicit shardings and state donation."""
+  guarded = robust.guard_step(exp.objective.train_step)
 
   def step(state, batch, rng):
     if trace_counter is not None:
       trace_counter[0] += 1  # Runs only while tracing.
-    return exp.objective.train_step(state, batch, rng)
+    return guarded(state, batch, rng)
 
   repl = parallel.replicated(exp.mesh)
   return jax.jit(step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl),
                  out_shardings=(exp.state_shardings, repl), donate_argnums=0)
 
 
-def _check_finite(step: int, scalars: dict[str, float]) -> None:
-  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
-  if bad:
-    raise NonFiniteError(
-        f"Non-finite values by step {step}: {bad}. Training stopped; the last checkpoint "
-        f"before it is intact. Lower the learning rate or check the data.")
+class _Accumulator:
+  """Sums step metrics on device; averages over the finite steps when read."""
+
+  def __init__(self):
+    self.total, self.steps = None, 0
+
+  def add(self, metrics: dict[str, jax.Array]) -> None:
+    self.total = metrics if self.total is None else jax.tree.map(jnp.add, self.total, metrics)
+    self.steps += 1
+
+  def read(self) -> tuple[dict[str, float], list[str]]:
+    """(averages over finite steps, names of quantities that were ever non-finite)."""
+    host = {k: float(v) for k, v in parallel.to_host(self.total).items()}
+    finite = host.pop("finite")
+    bad = sorted(k[len(robust.NONFINITE_PREFIX):] for k, v in host.items()
+                 if k.startswith(robust.NONFINITE_PREFIX) and v > 0)
+    averages = {k: v / max(finite, 1.0) for k, v in host.items()
+                if not k.startswith(robust.NONFINITE_PREFIX)}
+    self.total, self.steps = None, 0
+    return averages, bad
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_new_experiment: bool = False) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir``, resuming if it holds a checkpoint.
+
+  Args:
+    config: the experiment config.
+    workdir: the run directory (see README: the workdir contract).
+    allow_new_experiment: resume even if the workdir's config.json has different
+      data/model/objective sections (the old config is kept as config.<time>.json).
 
   Returns:
-    A summary: the final step, the last logged scalars, and how often the step was traced.
+    A summary: start and final step, the last logged scalars, the last evaluation, how
+    often the step was traced, and whether the run stopped for a preemption signal.
   """
   config_lib.validate(config)
   source = data.load(config.data, config.data.split)
   exp = setup(config, source)
-  checkpoint.check_and_write_config(workdir, config)
-  ckpt = checkpoint.Checkpointer(workdir, config.train.max_to_keep,
-                                 config.train.checkpoint_every_steps)
-  state, start_step = restore_or_init(exp, ckpt)
-  num_steps = config.train.num_steps
-  traces = [0]
-  summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step, "scalars": {}}
-  if start_step >= num_steps:
-    logging.info("The workdir is already at step %d >= train.num_steps=%d.", start_step,
-                 num_steps)
-    ckpt.close()
-    return {**summary, "train_step_traces": 0}
+  with robust.WorkdirLock(workdir):
+    checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment)
+    ckpt = checkpoint.Checkpointer(workdir, config.train.max_to_keep,
+                                   config.train.checkpoint_every_steps)
+    try:
+      state, start_step = restore_or_init(exp, ckpt)
+      if start_step >= config.train.num_steps:
+        logging.info("The workdir is already at step %d >= train.num_steps=%d.", start_step,
+                     config.train.num_steps)
+        return {"start_step": start_step, "final_step": start_step, "scalars": {},
+                "train_step_traces": 0, "preempted": False}
+      return _train_loop(exp, source, state, start_step, ckpt, workdir)
+    finally:
+      ckpt.close()
 
+
+def _train_loop(exp: Experiment, source: data.Source, state: Any, start_step: int,
+                ckpt: checkpoint.Checkpointer, workdir: str) -> dict[str, Any]:
+  config = exp.config
+  num_steps = config.train.num_steps
+  summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step,
+                             "scalars": {}, "preempted": False}
   evaluator = best = None
   if config.eval.every_steps:
     evaluator = evaluate.Evaluator(exp)
     evaluator.check()  # A missing backbone fails now, not after hours of training.
     best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode)
+  traces = [0]
   train_step = make_train_step(exp, traces)
   grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
   grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes)
@@ -176,49 +233,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
                        prefetch=config.data.prefetch)
-  acc, n_acc, wait_mark, compile_seconds = None, 0, 0.0, None
+  acc, wait_mark = _Accumulator(), 0.0
   try:
-    for step, batch in loader:
-      t0 = time.perf_counter()
-      state, metrics = train_step(state, batch, rng)
-      if compile_seconds is None:
-        jax.block_until_ready(metrics)
-        compile_seconds = time.perf_counter() - t0
-        logging.info("First step (compilation included) took %.1f s.", compile_seconds)
-      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-      n_acc += 1
-      done = step + 1
-      final = done == num_steps
-      save_due = final or done % config.train.checkpoint_every_steps == 0
-      if save_due or final or done % config.log.every_steps == 0:
-        scalars = {k: float(v) / n_acc for k, v in parallel.to_host(acc).items()}
-        _check_finite(done, scalars)
-        wait = loader.wait_seconds - wait_mark
-        wait_mark = loader.wait_seconds
-        speed = logger.progress(done, scalars)
-        scalars.update(speed, input_wait_seconds=wait)
-        logger.write(done, scalars)
-        summary.update(final_step=done, scalars=scalars)
-        acc, n_acc = None, 0
-      if final or done % config.log.sample_every_steps == 0:
-        images = sampling.decode_images(exp, state, grid_latents, grid_labels)
-        if jax.process_index() == 0:
-          logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
-                               scale=max(1, 56 // exp.spec.image_shape[0]))
-      if evaluator is not None and (final or done % config.eval.every_steps == 0):
-        results = evaluator(state, done)
-        logger.write(done, {f"eval/{k}": v for k, v in results.items()})
-        if best.update(done, results, state):
-          logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
-        summary["eval"] = results
-      if save_due:
-        ckpt.save(done, state, force=True)
+    with robust.Preemption() as preemption:
+      for step, batch in loader:
+        t0 = time.perf_counter()
+        state, metrics = train_step(state, batch, rng)
+        if "compile_seconds" not in summary:
+          jax.block_until_ready(metrics)
+          summary["compile_seconds"] = time.perf_counter() - t0
+          logging.info("First step (compilation included) took %.1f s.", time.perf_counter() - t0)
+        acc.add(metrics)
+        done = step + 1
+        stop = preemption.should_stop(done)
+        final = done == num_steps or stop
+        save_due = final or done % config.train.checkpoint_every_steps == 0
+        if save_due or done % config.log.every_steps == 0:
+          guard = parallel.to_host(state[robust.GUARD_KEY])
+          scalars, bad = acc.read()
+          robust.check_guard(guard, config.train.nan_policy, config.train.max_nan_skips, bad)
+          wait, wait_mark = loader.wait_seconds - wait_mark, loader.wait_seconds
+          scalars.update(logger.progress(done, scalars), input_wait_seconds=wait,
+                         nan_skipped=float(guard["skipped"]))
+          logger.write(done, scalars)
+          summary.update(final_step=done, scalars=scalars)
+        if final or done % config.log.sample_every_steps == 0:
+          images = sampling.decode_images(exp, state, grid_latents, grid_labels)
+          if jax.process_index() == 0:
+            logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
+                                 scale=max(1, 56 // exp.spec.image_shape[0]))
+        if evaluator is not None and (final or done % config.eval.every_steps == 0):
+          results = evaluator(state, done)
+          logger.write(done, {f"eval/{k}": v for k, v in results.items()})
+          if best.update(done, results, state):
+            logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
+          summary["eval"] = results
+        if save_due:
+          ckpt.save(done, state, force=True)
+        if stop:
+          ckpt.wait()
+          summary["preempted"] = True
+          logging.warning("Preempted: checkpoint of step %d committed; exiting.", done)
+          break
   finally:
     loader.close()
-    ckpt.close()
     logger.close()
     if best is not None:
       best.close()
   summary["train_step_traces"] = traces[0]
-  summary["compile_seconds"] = compile_seconds
   return summary

@@ -78,7 +78,8 @@ class Backbone:
     self.feature_dim = int(feature_dim)
     self.num_classes = int(num_classes)
     self.chunk_size = int(chunk_size)
-    self.variables = variables
+    # On device once, not transferred again by every chunk's call.
+    self.variables = jax.device_put(variables)
     self._apply = jax.jit(apply_fn)
 
   def _check(self, images: Any) -> np.ndarray:
@@ -224,6 +225,30 @@ def evaluate_accuracy(backbone: Backbone, source: Any, label_key: str = "label")
   return correct / len(source)
 
 
+def _fit(step_fn: Callable[..., Any], state: dict[str, Any], rng: jax.Array, source: Any,
+         label_key: str, num_classes: int, steps: int, batch_size: int, seed: int,
+         log_every: int) -> dict[str, Any]:
+  """Runs ``steps`` train steps on batches drawn from per-epoch permutations of ``source``."""
+  n = len(source)
+  order_rng = np.random.default_rng(seed)
+  order, position = order_rng.permutation(n), 0
+  for step in range(steps):
+    if position + batch_size > n:  # Drop the remainder: one batch shape, one compile.
+      order, position = order_rng.permutation(n), 0
+    # Sorted indices read a lazily decoded source in order; the batch's loss is a mean.
+    batch = source.get(np.sort(order[position:position + batch_size]))
+    position += batch_size
+    labels = _labels(batch, label_key)
+    if labels.min() < 0 or labels.max() >= num_classes:
+      raise ValueError(f"{label_key!r} values must be in [0, {num_classes}), got "
+                       f"[{labels.min()}, {labels.max()}]; check num_classes.")
+    state, metrics = step_fn(state, np.asarray(batch["image"], np.float32), labels, rng)
+    if log_every and (step + 1) % log_every == 0:
+      print(f"step {step + 1}/{steps}: loss {float(metrics['loss']):.4f} "
+            f"train acc {float(metrics['accuracy']):.3f}", flush=True)
+  return state
+
+
 def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "label",
                      num_classes: int | None = None, steps: int = 1000,
                      batch_size: int = 64, lr: float = 2e-3, width: int = 32,
@@ -267,6 +292,7 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   spec = getattr(train_source, "spec", None)
   probe = train_source.get(np.arange(1))
   image_shape = tuple(int(s) for s in probe["image"].shape[1:])
+  batch_size = min(batch_size, len(train_source))
   if max_shift is None:
     max_shift = 2 if min(image_shape[:2]) >= 16 else 1
   max_shift = max_shift if augment else 0
@@ -282,21 +308,9 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
                         max_shift=max_shift),
       donate_argnums=0)
 
-  n = len(train_source)
-  batch_size = min(batch_size, n)
-  order_rng = np.random.default_rng(seed)
-  order, position = order_rng.permutation(n), 0
   start_time = time.perf_counter()
-  for step in range(steps):
-    if position + batch_size > n:  # Drop the remainder: one batch shape, one compile.
-      order, position = order_rng.permutation(n), 0
-    batch = train_source.get(np.sort(order[position:position + batch_size]))
-    position += batch_size
-    labels = _labels(batch, label_key)
-    state, metrics = step_fn(state, np.asarray(batch["image"], np.float32), labels, base)
-    if log_every and (step + 1) % log_every == 0:
-      print(f"step {step + 1}/{steps}: loss {float(metrics['loss']):.4f} "
-            f"train acc {float(metrics['accuracy']):.3f}", flush=True)
+  state = _fit(step_fn, state, base, train_source, label_key, int(num_classes), steps,
+               batch_size, seed, log_every)
   params = jax.device_get(state["params"])
   train_seconds = time.perf_counter() - start_time
 
@@ -307,7 +321,7 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
       "num_classes": int(num_classes),
       "image_shape": list(image_shape),
       "test_accuracy": None,
-      "num_train": n,
+      "num_train": len(train_source),
       "num_test": len(test_source),
       "train_steps": int(steps),
       "train_seconds": round(train_seconds, 2),

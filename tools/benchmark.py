@@ -1,0 +1,416 @@
+"""Benchmarks one experiment's train step: compile time, speed, FLOP/s, input wait, overhead.
+
+Usage (from the repository root):
+  python tools/benchmark.py --config=experiments/dcgan_mnist.py:full
+  python tools/benchmark.py --config=experiments/vae_mnist.py --repeats 7 --steps 50
+  python tools/benchmark.py --config=experiments/vae_mnist.py:smoke --devices 2
+  python tools/benchmark.py --config=experiments/vae_mnist.py --scaling 1,2,4,8
+  python tools/benchmark.py --config=experiments/dcgan_mnist.py --set model.width=0.5 \
+      --set train.batch_size=64 --compute_dtype bfloat16
+
+The step is the one ``fairgen.train`` trains with: ``setup`` -> ``init_state`` ->
+``make_train_step`` on the config's own dataset. Timed repeats of the bare step and of the
+fairgen loop alternate, so that load from other processes hits both alike. On a shared
+machine, compare variants from interleaved runs and look at min/max, not the median alone.
+
+Output: one JSON object on stdout (progress goes to stderr). Its fields:
+  config, overrides: the config file[:variant] and the ``--set`` overrides applied.
+  devices: devices on the mesh's data axis (``--devices N`` fakes N CPU devices).
+  global_batch: examples per step (train.batch_size x the objective's examples_per_step).
+  steps, repeats: each repeat times ``steps`` consecutive steps; statistics are over repeats.
+  compute_dtype: the models' computation dtype (parameters always stay float32).
+  backend, jax_version, xla_flags, cpu_count, loadavg_start, loadavg_end: the conditions
+    (a 1-minute load average above ``cpu_count`` means other processes competed for the CPU).
+  compile: seconds to build the train step.
+    lower_s: ``jax.jit(step).lower(...)`` (tracing and lowering to StableHLO);
+    compile_s: ``.compile()`` of that (XLA optimisation and code generation);
+    first_call_s: the first call of a fresh ``make_train_step`` jit (trace + compile + run);
+    first_call_minus_step_s: ``first_call_s`` less the median steady-state step time.
+  cost: XLA's cost analysis of the compiled step (``compiled.cost_analysis()``).
+    gflop_per_step: 'flops' / 1e9 (multiply-adds count as 2; all the step's HLO ops);
+    gbytes_accessed_per_step: 'bytes accessed' / 1e9.
+  step: the bare compiled step on one fixed device-resident batch (no input, no metrics
+    fetch), per repeat ``steps`` calls then ``block_until_ready``.
+    steps_per_s, examples_per_s, achieved_gflop_per_s: {median, min, max} over repeats;
+    ms_per_step: median milliseconds per step.
+  peak: this machine's fp32 matmul peak right now (best of several 2048x2048 products).
+    jax_matmul_gflop_per_s: jitted ``a @ b`` in JAX; numpy_matmul_gflop_per_s: NumPy's;
+    achieved_over_peak: median achieved GFLOP/s of the step / the larger of the two;
+    achieved_over_jax_peak: the same over the JAX peak.
+  loop: the same number of steps through a loop equivalent to the inner loop of
+    ``fairgen.train.train_and_evaluate``: ``fairgen.data.Loader`` (prefetch thread, host ->
+    device), the jitted step of ``make_train_step``, metric accumulation with ``jnp.add``,
+    and a host fetch of the accumulated metrics every ``log.every_steps`` and at the end.
+    Checkpoints, sample grids and evaluation are left out.
+    steps_per_s: {median, min, max}; seconds_per_repeat / bare_seconds_per_repeat: the
+    medians of the loop's and of the bare step's repeat times; overhead_pct: 100 x (loop /
+    bare - 1), from the medians; input_wait_share: {median, min, max} of the fraction of a
+    repeat the loop spent blocked on the Loader (its ``wait_seconds``).
+  first_step_metrics: the metrics of step 0 from the initial state (these must not depend
+    on the device count).
+
+``--scaling 1,2,4,8`` runs this script in one subprocess per device count (fake CPU
+devices, same global batch, same other flags), prints a table to stderr and one JSON object
+{"scaling": [per-run summaries], "first_step_metrics_agree": bool, "max_rel_diff": float,
+"runs": [full per-run results]} to stdout. On one CPU the devices share the same cores, so
+the table checks correctness and overhead, not speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# First-step metrics of different device counts agree to this relative tolerance.
+SCALING_RTOL = 1e-4
+SCALING_ATOL = 1e-6
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """Parses the command line (see the module docstring)."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="experiments/FILE.py[:variant]")
+  p.add_argument("--devices", type=int, default=0,
+                 help="N > 0: N fake CPU devices and mesh.data=N (default: the config's mesh)")
+  p.add_argument("--repeats", type=int, default=5, help="timed repeats (>= 5 for reports)")
+  p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+  p.add_argument("--batch_size", type=int, default=0, help="override train.batch_size")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. --set model.width=0.5 (repeatable)")
+  p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="the models' computation dtype (parameters stay float32)")
+  p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
+  p.add_argument("--scaling", default="", help="comma-separated device counts, e.g. 1,2,4,8")
+  args = p.parse_args(argv)
+  if args.repeats < 1 or args.steps < 1:
+    p.error("--repeats and --steps must be >= 1")
+  return args
+
+
+def _parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # A bare string, e.g. --set data.name=digits.
+
+
+def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0, devices: int = 0):
+  """Loads ``FILE.py[:variant]`` and applies ``KEY=VALUE`` overrides, batch size and mesh."""
+  from fairgen import config as config_lib  # pylint: disable=g-import-not-at-top
+  path, _, variant = spec.partition(":")
+  config = config_lib.load_config_file(path, variant or None)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise config_lib.ConfigError(f"--set wants KEY=VALUE, got {item!r}.")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = _parse_value(value)
+  if batch_size:
+    config.train.batch_size = batch_size
+  if devices:
+    config.mesh.data = devices
+  return config
+
+
+def _stats(values: Sequence[float], digits: int = 4) -> dict[str, float]:
+  return {"median": round(statistics.median(values), digits),
+          "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def _loadavg() -> float:
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return -1.0
+
+
+def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """Best-of-``repeats`` fp32 GFLOP/s of an n x n matmul in JAX (jitted) and NumPy."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((n, n), dtype=np.float32)
+  b = rng.standard_normal((n, n), dtype=np.float32)
+  flop = 2.0 * n**3
+  mm = jax.jit(lambda x, y: x @ y)
+  ja, jb = jax.device_put(a, jax.devices()[0]), jax.device_put(b, jax.devices()[0])
+  out = {}
+  for name, fn in (("jax", lambda: mm(ja, jb).block_until_ready()), ("numpy", lambda: a @ b)):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - start)
+    out[f"{name}_matmul_gflop_per_s"] = round(flop / best / 1e9, 1)
+  return out
+
+
+def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
+  """``exp`` with its models computing in ``dtype_name`` (float32 parameters unchanged).
+
+  The model builders do not take a dtype yet, so the modules are cloned here; the abstract
+  state (float32 parameters, optimizer state) is the same as the float32 one.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fairgen import objectives  # pylint: disable=g-import-not-at-top
+  from fairgen.models import GanModules  # pylint: disable=g-import-not-at-top
+  if dtype_name == "float32":
+    return exp
+  dtype = jnp.dtype(dtype_name)
+  config = exp.config
+  modules = objectives.build_model(config, exp.spec)
+  if isinstance(modules, GanModules):
+    modules = dataclasses.replace(modules, generator=modules.generator.clone(dtype=dtype),
+                                  discriminator=modules.discriminator.clone(dtype=dtype))
+  else:
+    modules = modules.clone(dtype=dtype)
+  objective = objectives.OBJECTIVES.get(config.objective.name)(
+      modules, exp.spec.image_shape, config.objective.to_dict(), config.optim.to_dict())
+  abstract = jax.eval_shape(objective.init, exp.init_rng)
+  if jax.tree.map(lambda s: (s.shape, s.dtype), abstract) != jax.tree.map(
+      lambda s: (s.shape, s.dtype), exp.abstract_state):
+    raise ValueError(f"compute_dtype={dtype_name} changes the state's shapes or dtypes.")
+  return dataclasses.replace(exp, objective=objective)
+
+
+def _time_bare(run: Callable[[Any], Any], state: Any, steps: int) -> tuple[Any, float]:
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  metrics = None
+  for _ in range(steps):
+    state, metrics = run(state)
+  jax.block_until_ready((state, metrics))
+  return state, time.perf_counter() - start
+
+
+def _time_loop(train_step: Any, state: Any, it: Any, loader: Any, rng: Any, steps: int,
+               log_every: int) -> tuple[Any, float, float]:
+  """``steps`` steps as ``train.train_and_evaluate`` runs them; returns time and input wait."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  wait0 = loader.wait_seconds
+  start = time.perf_counter()
+  acc, n_acc = None, 0
+  for i in range(steps):
+    step, batch = next(it)
+    state, metrics = train_step(state, batch, rng)
+    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+    n_acc += 1
+    if (step + 1) % log_every == 0 or i == steps - 1:
+      # The loop reads the metric sums (and the non-finite guard, where the state has one).
+      _ = {k: float(v) / n_acc for k, v in parallel.to_host(acc).items()}
+      if isinstance(state, dict) and "guard" in state:
+        parallel.to_host(state["guard"])
+      acc, n_acc = None, 0
+  jax.block_until_ready(state)
+  return state, time.perf_counter() - start, loader.wait_seconds - wait0
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs every measurement of the module docstring for one configuration."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fairgen import data  # pylint: disable=g-import-not-at-top
+  from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  from fairgen import train  # pylint: disable=g-import-not-at-top
+
+  load_start = _loadavg()
+  config = load_config(args.config, args.set, args.batch_size, args.devices)
+  source = data.load(config.data, config.data.split)
+  exp = with_compute_dtype(train.setup(config, source), args.compute_dtype)
+  state = train.init_state(exp)
+  data_sharding = parallel.data_sharding(exp.mesh)
+  rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
+  reps, steps = args.repeats, args.steps
+  # One Loader serves the warm-up and every timed loop repeat, as in a long training run.
+  warmup = 2  # Loop steps before timing: the accumulator's jnp.add compiles on first use.
+  loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0,
+                       1 + warmup + reps * steps, prefetch=config.data.prefetch)
+  try:
+    it = iter(loader)
+    _, batch = next(it)  # Step 0's batch: the first-step metrics come from it.
+
+    print(f"[benchmark] {args.config} devices={exp.mesh.size} batch={exp.global_batch}: "
+          "compiling", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    lowered = train.make_train_step(exp).lower(state, batch, rng)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+
+    # A fresh jit of the same step: its first call traces, compiles and runs step 0.
+    train_step = train.make_train_step(exp)
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch, rng)
+    first_metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
+    first_call_s = time.perf_counter() - start
+
+    fixed = jax.device_put(loader.host_batch(0), data_sharding)
+    bare = lambda s: compiled(s, fixed, rng)
+    log_every = config.log.every_steps or steps
+    state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
+    state, _, _ = _time_loop(train_step, state, it, loader, rng, warmup, log_every)
+    bare_t, loop_t, waits = [], [], []
+    for r in range(reps):
+      state, t = _time_bare(bare, state, steps)
+      bare_t.append(t)
+      state, t, wait = _time_loop(train_step, state, it, loader, rng, steps, log_every)
+      loop_t.append(t)
+      waits.append(wait / t)
+      print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / bare_t[-1]:.3f} steps/s, "
+            f"loop {steps / t:.3f} steps/s", file=sys.stderr, flush=True)
+  finally:
+    loader.close()
+  peaks = matmul_peaks()
+  step_s = [t / steps for t in bare_t]
+  achieved = [flops / s / 1e9 for s in step_s]
+  peak = max(peaks.values())
+  med_bare, med_loop = statistics.median(bare_t), statistics.median(loop_t)
+  return {
+      "config": args.config,
+      "overrides": list(args.set) + ([f"train.batch_size={args.batch_size}"]
+                                     if args.batch_size else []),
+      "devices": int(exp.mesh.size),
+      "global_batch": int(exp.global_batch),
+      "steps": steps,
+      "repeats": reps,
+      "compute_dtype": args.compute_dtype,
+      "backend": jax.default_backend(),
+      "jax_version": jax.__version__,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "cpu_count": os.cpu_count(),
+      "loadavg_start": load_start,
+      "loadavg_end": _loadavg(),
+      "compile": {
+          "lower_s": round(lower_s, 3),
+          "compile_s": round(compile_s, 3),
+          "first_call_s": round(first_call_s, 3),
+          "first_call_minus_step_s": round(first_call_s - statistics.median(step_s), 3),
+      },
+      "cost": {"gflop_per_step": round(flops / 1e9, 4),
+               "gbytes_accessed_per_step": round(float(cost.get("bytes accessed", 0)) / 1e9,
+                                                 4)},
+      "step": {
+          "steps_per_s": _stats([1 / s for s in step_s]),
+          "examples_per_s": _stats([exp.global_batch / s for s in step_s], 1),
+          "achieved_gflop_per_s": _stats(achieved, 2),
+          "ms_per_step": round(1e3 * statistics.median(step_s), 3),
+      },
+      "peak": {**peaks,
+               "achieved_over_peak": round(statistics.median(achieved) / peak, 4),
+               "achieved_over_jax_peak": round(
+                   statistics.median(achieved) / peaks["jax_matmul_gflop_per_s"], 4)},
+      "loop": {
+          "steps_per_s": _stats([steps / t for t in loop_t]),
+          "seconds_per_repeat": round(med_loop, 4),
+          "bare_seconds_per_repeat": round(med_bare, 4),
+          "overhead_pct": round(100 * (med_loop / med_bare - 1), 2),
+          "input_wait_share": _stats(waits),
+      },
+      "first_step_metrics": {k: float(np.float64(v)) for k, v in first_metrics.items()},
+  }
+
+
+def _child_argv(args: argparse.Namespace, devices: int, batch_size: int) -> list[str]:
+  argv = [sys.executable, os.path.abspath(__file__), f"--config={args.config}",
+          f"--devices={devices}", f"--repeats={args.repeats}", f"--steps={args.steps}",
+          f"--batch_size={batch_size}", f"--compute_dtype={args.compute_dtype}"]
+  if args.xla_flags:
+    argv.append(f"--xla_flags={args.xla_flags}")
+  for item in args.set:
+    argv += ["--set", item]
+  return argv
+
+
+def compare_metrics(runs: Sequence[dict[str, Any]]) -> tuple[bool, float]:
+  """Whether every run's first-step metrics match the first run's; the largest rel. diff."""
+  ref = runs[0]["first_step_metrics"]
+  agree, worst = True, 0.0
+  for run in runs[1:]:
+    other = run["first_step_metrics"]
+    if set(other) != set(ref):
+      return False, float("inf")
+    for key, a in ref.items():
+      b = other[key]
+      diff = abs(a - b)
+      worst = max(worst, diff / max(abs(a), 1e-12))
+      agree &= diff <= SCALING_ATOL + SCALING_RTOL * abs(a)
+  return bool(agree), worst
+
+
+def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs one subprocess per device count with a fixed global batch (see docstring)."""
+  counts = [int(c) for c in args.scaling.split(",") if c.strip()]
+  batch = args.batch_size or load_config(args.config, args.set).train.batch_size
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  runs = []
+  for n in counts:
+    proc = subprocess.run(_child_argv(args, n, batch), cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+      sys.stderr.write(proc.stderr)
+      raise SystemExit(f"benchmark with --devices={n} failed (exit {proc.returncode}).")
+    runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  agree, worst = compare_metrics(runs)
+  keys = sorted(runs[0]["first_step_metrics"])
+  loss_keys = [k for k in keys if "loss" in k and "/" not in k] or keys
+  rows = [{"devices": r["devices"], "compile_s": r["compile"]["compile_s"],
+           "steps_per_s": r["step"]["steps_per_s"]["median"],
+           "examples_per_s": r["step"]["examples_per_s"]["median"],
+           "loop_overhead_pct": r["loop"]["overhead_pct"],
+           "first_step_losses": {k: r["first_step_metrics"][k] for k in loss_keys}}
+          for r in runs]
+  header = (f"{'devices':>7} {'compile s':>9} {'steps/s':>9} {'examples/s':>11} "
+            f"{'overhead %':>10}  " + "  ".join(f"{k:>14}" for k in loss_keys))
+  lines = [header, "-" * len(header)]
+  for row in rows:
+    lines.append(f"{row['devices']:>7} {row['compile_s']:>9.2f} {row['steps_per_s']:>9.3f} "
+                 f"{row['examples_per_s']:>11.1f} {row['loop_overhead_pct']:>10.1f}  " +
+                 "  ".join(f"{row['first_step_losses'][k]:>14.7g}" for k in loss_keys))
+  lines.append(f"global batch {batch}; first-step metrics agree: {agree} "
+               f"(max relative difference {worst:.2e}, rtol {SCALING_RTOL})")
+  print("\n".join(lines), file=sys.stderr, flush=True)
+  return {"config": args.config, "global_batch": batch, "scaling": rows,
+          "first_step_metrics_agree": agree, "max_rel_diff": worst, "runs": runs}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Entry point: one benchmark, or a scaling sweep in subprocesses."""
+  args = parse_args(argv)
+  sys.path.insert(0, REPO)  # Allow `python tools/benchmark.py` without installing fairgen.
+  if args.scaling:
+    print(json.dumps(run_scaling(args)), flush=True)
+    return
+  # XLA reads its flags when JAX initialises its backend: set them before importing jax.
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if args.devices:
+    flags = [f for f in flags if "xla_force_host_platform_device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={args.devices}")
+  flags += args.xla_flags.split()
+  if flags:
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+  print(json.dumps(run_benchmark(args)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
