@@ -83,10 +83,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f"objective.ema_decay must be in [0, 1), got {objective.ema_decay}.")
     for net in ("gen", "disc"):
       _require(net in config.optim, f"The GAN objective needs optim.{net}.")
-      _check_optimizer(config.optim[net], f"optim.{net}")
   elif objective.name == "vae":
     _require(objective.beta >= 0, f"objective.beta must be >= 0, got {objective.beta}.")
+  # Every optimizer section (optim itself, or nested ones such as optim.gen) needs lr > 0.
+  if "lr" in config.optim:
     _check_optimizer(config.optim, "optim")
+  for key, value in config.optim.items():
+    if isinstance(value, ml_collections.ConfigDict) and "lr" in value:
+      _check_optimizer(value, f"optim.{key}")
 
 
 def _validate_eval(cfg: Any) -> None:
@@ -176,7 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
       best_metric="fid",
       best_mode="min",
       kid_subsets=100,
-      kid_subset_size=1000,
+      kid_subset_size=500,
       is_splits=10,
       prdc_k=5,
       iwae_k=1000,

@@ -28,6 +28,7 @@ from fairgen import data
 from fairgen import objectives
 from fairgen import sampling
 from fairgen.metrics import backbones
+from fairgen.metrics import fairness
 from fairgen.metrics import likelihood
 from fairgen.metrics import quality
 from fairgen.registry import Registry
@@ -54,8 +55,10 @@ class RealData:
 
   @functools.cached_property
   def images(self) -> np.ndarray:
+    # A seeded random subset, in random order: dataset files are often sorted by class.
     n = min(len(self.source), self.config.eval.num_samples)
-    return self.source.get(np.arange(n))["image"]
+    idx = np.random.default_rng(self.config.eval.seed).permutation(len(self.source))[:n]
+    return self.source.get(idx)["image"]
 
   @property
   def backbone(self) -> backbones.Backbone:
@@ -83,8 +86,9 @@ class EvalContext:
     n = self.cfg.num_samples
     if self.cfg.generator == "train_data":
       train = data.load(self.config.data, self.config.data.split)
-      idx = np.random.default_rng(self.cfg.seed).permutation(len(train))[:n]
-      return train.get(np.sort(idx))["image"]
+      # Random order matters: IS splits consecutive samples, and files are class-sorted.
+      idx = np.random.default_rng(self.cfg.seed + 1).permutation(len(train))[:n]
+      return train.get(idx)["image"]
     images, _ = sampling.generate_images(
         self.exp, self.state, jax.random.key(self.cfg.seed), n, truncation=self.cfg.truncation,
         batch_size=self.cfg.batch_size)
@@ -142,6 +146,29 @@ def vae_likelihood(ctx: EvalContext) -> Scalars:
     yield name, values[name]
 
 
+@EVALUATORS.register("classification_fairness")
+def classification_fairness(ctx: EvalContext) -> Scalars:
+  """Accuracy and group-fairness of a classifier's decisions (P(y=1) > 0.5) on the eval split.
+
+  AIF360 sign conventions (unprivileged minus privileged; attr 1 is privileged), see
+  ``fairgen/metrics/fairness.py``.
+  """
+  predict = ctx.exp.objective.predict
+  if predict is None:
+    raise EvalError(f"The 'classification_fairness' evaluator needs an objective that "
+                    f"trains a classifier; {ctx.config.objective.name!r} does not.")
+  source = ctx.real.source
+  fn = jax.jit(predict)
+  probs = []
+  for start in range(0, len(source), ctx.cfg.batch_size):
+    batch = source.get(np.arange(start, min(start + ctx.cfg.batch_size, len(source))))
+    probs.append(np.asarray(fn(ctx.state, {"features": batch["features"]})))
+  everything = source.get(np.arange(len(source)))
+  y_pred = (np.concatenate(probs) > 0.5).astype(np.int32)
+  report = fairness.classification_report(everything["label"], y_pred, everything["attr"])
+  yield from report.items()
+
+
 def _needs_backbone(names: Iterable[str]) -> bool:
   return any(n in ("fid", "kid", "is", "prdc") for n in names)
 
@@ -175,10 +202,10 @@ class Evaluator:
   def provenance(self) -> dict[str, Any]:
     """Which backbone, data and sample count produced the numbers."""
     out = {"num_samples": self.cfg.num_samples, "generator": self.cfg.generator,
-           "real_split": self.exp.config.data.eval_split,
-           "num_real": len(self.real.images), "seed": self.cfg.seed}
+           "real_split": self.exp.config.data.eval_split, "seed": self.cfg.seed}
     if _needs_backbone(self.cfg.metrics):
       out["backbone"] = self.real.backbone.describe()
+      out["num_real"] = len(self.real.images)
     if "likelihood" in self.cfg.metrics:
       out["iwae_k"] = self.cfg.iwae_k
     return out

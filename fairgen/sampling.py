@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from fairgen import config as config_lib
 from fairgen import logs
 from fairgen import parallel
 
@@ -41,6 +42,11 @@ def decode_images(exp: Any, state: Any, latents: np.ndarray | jax.Array,
     images = decode(state, jax.device_put(z, sharding), jax.device_put(y, sharding))
     out.append(parallel.to_host(images)[:len(z) - pad])
   return np.concatenate(out)
+
+
+def grid_scale(spec: Any) -> int:
+  """How much to enlarge small images in PNG grids (8x8 digits become 56x56)."""
+  return max(1, 56 // spec.image_shape[0])
 
 
 def prior_labels(num: int, num_classes: int, rng: np.random.Generator | None = None,
@@ -87,7 +93,11 @@ def write_samples(exp: Any, state: Any, step: int, out_dir: str, num: int, seed:
   os.makedirs(out_dir, exist_ok=True)
   rng = jax.random.key(seed)
   k_grid, k_interp, k_class = jax.random.split(rng, 3)
-  scale = max(1, 56 // exp.spec.image_shape[0])
+  if not exp.makes_images:
+    raise config_lib.ConfigError(
+        f"--mode=sample needs an objective that generates images; "
+        f"{exp.config.objective.name!r} does not.")
+  scale = grid_scale(exp.spec)
   ncols = int(np.ceil(np.sqrt(num)))
 
   images, latents = generate_images(exp, state, k_grid, num, truncation=truncation)

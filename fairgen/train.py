@@ -55,6 +55,11 @@ class Experiment:
                    out_shardings=data)
 
   @property
+  def makes_images(self) -> bool:
+    """Whether the objective generates images (sample grids apply)."""
+    return self.objective.decode is not None and hasattr(self.spec, "image_shape")
+
+  @property
   def global_batch(self) -> int:
     """Examples consumed per step (all processes together)."""
     return self.config.train.batch_size * self.objective.examples_per_step
@@ -257,11 +262,11 @@ def _train_loop(exp: Experiment, source: data.Source, state: Any, start_step: in
                          nan_skipped=float(guard["skipped"]))
           logger.write(done, scalars)
           summary.update(final_step=done, scalars=scalars)
-        if final or done % config.log.sample_every_steps == 0:
+        if exp.makes_images and (final or done % config.log.sample_every_steps == 0):
           images = sampling.decode_images(exp, state, grid_latents, grid_labels)
           if jax.process_index() == 0:
             logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
-                                 scale=max(1, 56 // exp.spec.image_shape[0]))
+                                 scale=sampling.grid_scale(exp.spec))
         if evaluator is not None and (final or done % config.eval.every_steps == 0):
           results = evaluator(state, done)
           logger.write(done, {f"eval/{k}": v for k, v in results.items()})

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from fairgen.data import adult_aif360
 from fairgen.data import offline
+from fairgen.data import tabular
 from fairgen.data import tfds_datasets
 from fairgen.data.base import ArraySource, DataError, DataSpec, Source
 from fairgen.data.pipeline import IndexSampler, Loader
@@ -17,6 +19,9 @@ DATASETS.register("mnist")(tfds_datasets.mnist)
 DATASETS.register("fashion_mnist")(tfds_datasets.fashion_mnist)
 DATASETS.register("cifar10")(tfds_datasets.cifar10)
 DATASETS.register("celeb_a")(tfds_datasets.celeb_a)
+DATASETS.register("adult")(tabular.adult)
+DATASETS.register("german")(tabular.german)
+DATASETS.register("adult_aif360")(adult_aif360.adult_aif360)
 
 
 def load(data_config: Mapping[str, Any], split: str) -> Source:

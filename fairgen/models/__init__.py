@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from fairgen.data.base import DataSpec
 from fairgen.models import dcgan
+from fairgen.models import tabular
 from fairgen.models import vae
 from fairgen.registry import Registry
 
@@ -47,6 +48,15 @@ def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
               hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli") -> vae.VAE:
   """A VAE over the dataset's images."""
   return vae.VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood)
+
+
+@MODELS.register("fair_mlp")
+def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float = 0.2,
+                   equalized_odds: bool = True) -> tabular.DebiasModules:
+  """A predictor MLP over encoded rows and the Zhang et al. 2018 adversary."""
+  del spec  # Dense layers infer the input width.
+  return tabular.DebiasModules(tabular.Predictor(tuple(hidden), dropout),
+                               tabular.Adversary(equalized_odds))
 
 
 __all__ = ["GanModules", "MODELS"]

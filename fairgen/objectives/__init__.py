@@ -1,6 +1,6 @@
 """Objectives: pure ``train_step(state, batch, rng) -> (state, metrics)`` per family.
 
-``OBJECTIVES`` maps a name to ``build(modules, image_shape, objective_cfg, optim_cfg)``.
+``OBJECTIVES`` maps a name to ``build(modules, spec, objective_cfg, optim_cfg)``.
 ``build_objective`` wires a whole config: dataset spec -> model -> objective.
 """
 
@@ -12,6 +12,7 @@ import ml_collections
 
 from fairgen.data.base import DataSpec
 from fairgen.models import MODELS
+from fairgen.objectives import debias
 from fairgen.objectives import gan
 from fairgen.objectives import vae
 from fairgen.objectives.base import Objective
@@ -20,6 +21,7 @@ from fairgen.registry import Registry
 OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
 OBJECTIVES.register("gan")(gan.build)
 OBJECTIVES.register("vae")(vae.build)
+OBJECTIVES.register("adversarial_debiasing")(debias.build)
 
 
 def build_model(config: ml_collections.ConfigDict, spec: DataSpec) -> Any:
@@ -32,7 +34,7 @@ def build_objective(config: ml_collections.ConfigDict, spec: DataSpec) -> Object
   """The objective of ``config`` for data of ``spec``."""
   modules = build_model(config, spec)
   return OBJECTIVES.get(config.objective.name)(
-      modules, spec.image_shape, config.objective.to_dict(), config.optim.to_dict())
+      modules, spec, config.objective.to_dict(), config.optim.to_dict())
 
 
 __all__ = ["OBJECTIVES", "Objective", "build_model", "build_objective"]

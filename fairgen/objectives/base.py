@@ -33,20 +33,24 @@ class Objective:
   Attributes:
     init: ``rng -> state``.
     train_step: ``(state, batch, rng) -> (state, metrics)``.
-    decode: ``(state, latents, labels) -> images``; ``labels`` is an int32 vector with one
-      entry per latent (ignored by unconditional models).
+    decode: ``(state, latents, labels) -> samples`` (images, or encoded table rows);
+      ``labels`` is an int32 vector with one entry per latent (ignored by unconditional
+      models). None for objectives that train no generator (e.g. fair classifiers).
     latent_dim: size of the latent vectors ``decode`` takes.
     examples_per_step: how many examples one step consumes per unit of ``train.batch_size``
       (a GAN with ``n_disc`` discriminator steps takes ``n_disc`` real batches).
     num_classes: > 0 when ``generate`` uses its labels.
+    predict: ``(state, batch) -> P(label = 1)`` for objectives that train a classifier
+      (fair classifiers, VFAE's label head); None otherwise.
   """
 
   init: Callable[[jax.Array], State]
   train_step: Callable[[State, Batch, jax.Array], tuple[State, Metrics]]
-  decode: Callable[[State, jax.Array, jax.Array], jax.Array]
+  decode: Callable[[State, jax.Array, jax.Array], jax.Array] | None
   latent_dim: int
   examples_per_step: int = 1
   num_classes: int = 0
+  predict: Callable[[State, Batch], jax.Array] | None = None
 
   def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
     """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""
@@ -61,12 +65,20 @@ class Objective:
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-  """Adam (or AdamW) from an optimizer config section: name, lr, b1, b2, weight_decay."""
+  """Adam (or AdamW) from an optimizer config section.
+
+  Keys: name, lr, b1, b2, weight_decay, and optionally decay_rate/decay_steps for a
+  staircase exponential learning-rate decay (AIF360's schedule).
+  """
   name = cfg.get("name", "adam")
+  lr = cfg["lr"]
+  if cfg.get("decay_steps"):
+    lr = optax.exponential_decay(lr, cfg["decay_steps"], cfg.get("decay_rate", 0.96),
+                                 staircase=True)
   if name == "adam":
-    return optax.adam(cfg["lr"], b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
+    return optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
   if name == "adamw":
-    return optax.adamw(cfg["lr"], b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+    return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                        weight_decay=cfg.get("weight_decay", 1e-4))
   raise ValueError(f"Unknown optimizer {name!r}; valid names: adam, adamw.")
 

@@ -129,7 +129,7 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *, nets: GanModul
   return nets.generator.apply(variables, z, labels, train=False)
 
 
-def build(nets: GanModules, image_shape: tuple[int, int, int], objective: Mapping[str, Any],
+def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any]) -> base.Objective:
   """The GAN objective from the config's objective and optim sections."""
   if not isinstance(nets, GanModules):
@@ -138,7 +138,7 @@ def build(nets: GanModules, image_shape: tuple[int, int, int], objective: Mappin
   disc_tx = base.make_optimizer(optim["disc"])
   n_disc = int(objective["n_disc"])
   return base.Objective(
-      init=functools.partial(init, nets, gen_tx, disc_tx, image_shape),
+      init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape)),
       train_step=functools.partial(train_step, nets=nets, gen_tx=gen_tx, disc_tx=disc_tx,
                                    n_disc=n_disc, ema_decay=float(objective["ema_decay"])),
       decode=functools.partial(decode, nets=nets, use_ema=float(objective["ema_decay"]) > 0),

@@ -55,10 +55,10 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) ->
   return model.apply({"params": state["params"]}, params, method=VAE.mean_image)
 
 
-def build(model: VAE, image_shape: tuple[int, int, int], objective: Mapping[str, Any],
+def build(model: VAE, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any]) -> base.Objective:
   """The VAE objective from the config's objective and optim sections."""
-  del image_shape  # The model carries it.
+  del spec  # The model carries the image shape.
   if not isinstance(model, VAE):
     raise ValueError("The 'vae' objective needs a VAE model (model.name='vae').")
   tx = base.make_optimizer(optim)
