@@ -1,0 +1,337 @@
+"""Biased datasets with a small balanced reference set (Choi et al. 2020, ``dataset_splits.py``).
+
+"Fair Generative Modeling via Weak Supervision" trains a generator on a large *biased*
+dataset, in which one group of a sensitive attribute is under-represented, plus a small
+*balanced reference* dataset that tells the model what the target distribution looks like.
+This module builds both from any dataset with a per-example group id, and provides the
+MNIST versions used to study the method offline:
+
+- ``attribute='digit_group'``: the group is 0 for digits in ``digits`` (default 0-4) and 1
+  otherwise. The group is a function of the digit, so group and shape are entangled.
+- ``attribute='color'``: every digit is drawn in one of ``num_colors`` colours of a fixed
+  palette on a black background, and the colour is the group. Colours are dealt per digit
+  class in equal shares, so the group is independent of the shape.
+
+Choi et al. hard-code the split sizes per dataset (e.g. 135,012 biased CelebA examples).
+``make_bias_split`` instead solves for the largest biased set the data allows, keeps the
+group proportions exact rather than approximate, and draws every set with a seeded
+permutation instead of taking the first examples of each group.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+from typing import Sequence
+
+import numpy as np
+
+from fairgen.data import base
+from fairgen.data import offline
+
+ATTRIBUTES = ("digit_group", "color")
+SUBSETS = ("biased", "reference", "union")
+
+# Stroke colours as RGB in [0, 1]. The order is part of the dataset's definition: group g
+# is drawn in PALETTE[g].
+PALETTE = (
+    ("red", (1.0, 0.0, 0.0)),
+    ("green", (0.0, 1.0, 0.0)),
+    ("blue", (0.0, 0.0, 1.0)),
+    ("yellow", (1.0, 1.0, 0.0)),
+    ("magenta", (1.0, 0.0, 1.0)),
+    ("cyan", (0.0, 1.0, 1.0)),
+    ("orange", (1.0, 0.5, 0.0)),
+    ("purple", (0.5, 0.0, 1.0)),
+    ("white", (1.0, 1.0, 1.0)),
+    ("grey", (0.5, 0.5, 0.5)),
+)
+
+# Denominators above this are treated as a float that cannot be met exactly.
+_MAX_DENOMINATOR = 10_000
+
+
+def num_groups(attribute: str, num_colors: int = 2) -> int:
+  """The number of groups of ``attribute`` ('digit_group' or 'color')."""
+  if attribute == "digit_group":
+    return 2
+  if attribute == "color":
+    _check_num_colors(num_colors)
+    return num_colors
+  raise base.DataError(
+      f"Unknown bias attribute {attribute!r}; valid attributes: {', '.join(ATTRIBUTES)}.")
+
+
+def _check_num_colors(num_colors: int) -> None:
+  if not 2 <= num_colors <= len(PALETTE):
+    raise base.DataError(
+        f"num_colors must be between 2 and {len(PALETTE)} (the palette's size), "
+        f"got {num_colors}.")
+
+
+def digit_group(labels: np.ndarray, digits: Sequence[int] = (0, 1, 2, 3, 4)) -> np.ndarray:
+  """Group ids of digit labels: 0 for a digit in ``digits``, 1 otherwise.
+
+  Args:
+    labels: int array of digit labels.
+    digits: the digits that form group 0.
+
+  Returns:
+    int32 array of group ids, the shape of ``labels``.
+  """
+  return np.where(np.isin(labels, np.asarray(list(digits))), 0, 1).astype(np.int32)
+
+
+def balanced_assignment(labels: np.ndarray, num_values: int, seed: int) -> np.ndarray:
+  """Assigns each example one of ``num_values`` values, in equal shares within each label.
+
+  Within every label the values are dealt as evenly as possible (counts differ by at most
+  one) in a seeded random order, so the assigned value is independent of the label, not
+  just in expectation but in the empirical counts.
+
+  Args:
+    labels: int array of labels, shape [N].
+    num_values: how many values to deal.
+    seed: seed of the random order.
+
+  Returns:
+    int32 array of values in [0, num_values), shape [N].
+  """
+  rng = np.random.default_rng(seed)
+  out = np.empty(len(labels), np.int32)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    # A random offset spreads each label's remainder over different values.
+    start = rng.integers(num_values)
+    values = (np.arange(len(idx)) + start) % num_values
+    out[idx] = rng.permutation(values)
+  return out
+
+
+def colorize(images: np.ndarray, colors: np.ndarray) -> np.ndarray:
+  """Draws grayscale digits in colour: the stroke takes the colour, the background stays black.
+
+  A pixel of intensity ``t`` in [0, 1] (``t = (x + 1) / 2`` for ``x`` in [-1, 1]) becomes
+  ``t * PALETTE[colour]``, rescaled to [-1, 1], so background (``x = -1``) stays -1 in
+  every channel.
+
+  Args:
+    images: float [N, H, W, 1] in [-1, 1].
+    colors: int [N] palette indices.
+
+  Returns:
+    float32 [N, H, W, 3] in [-1, 1].
+  """
+  palette = np.asarray([rgb for _, rgb in PALETTE], np.float32)
+  intensity = (images.astype(np.float32) + 1.0) / 2.0  # [N, H, W, 1]
+  rgb = intensity * palette[colors][:, None, None, :]
+  return np.clip(2.0 * rgb - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def _exact_proportions(proportions: Sequence[float]) -> list[fractions.Fraction]:
+  """The proportions as fractions; raises DataError unless they form a distribution."""
+  if len(proportions) < 2:
+    raise base.DataError(f"Need proportions for at least 2 groups, got {list(proportions)}.")
+  fracs = []
+  for p in proportions:
+    if not 0.0 <= float(p) <= 1.0:
+      raise base.DataError(f"Proportions must lie in [0, 1], got {list(proportions)}.")
+    frac = fractions.Fraction(float(p)).limit_denominator(_MAX_DENOMINATOR)
+    if abs(float(frac) - float(p)) > 1e-9:
+      raise base.DataError(
+          f"Proportion {p} is not a fraction with denominator <= {_MAX_DENOMINATOR}, so no "
+          f"dataset size gives it exactly; round it (e.g. to 3 decimals).")
+    fracs.append(frac)
+  if sum(fracs) != 1:
+    raise base.DataError(f"Proportions must sum to 1, got {list(proportions)} "
+                         f"(sum {float(sum(fracs))}).")
+  return fracs
+
+
+def _round_half_up(x: float) -> int:
+  # Python's round() rounds halves to even; sizes should not depend on that parity.
+  return int(math.floor(x + 0.5))
+
+
+def _sizes(fracs: Sequence[fractions.Fraction], biased_size: int,
+           ref_fraction: float) -> tuple[list[int], int]:
+  """Per-group biased counts and the per-group reference count for ``biased_size``."""
+  counts = [int(f * biased_size) for f in fracs]  # Exact: biased_size is a multiple.
+  per_group_ref = _round_half_up(ref_fraction * biased_size / len(fracs))
+  if ref_fraction > 0:
+    # A reference set that rounds to nothing would fail much later, inside training.
+    per_group_ref = max(per_group_ref, 1)
+  return counts, per_group_ref
+
+
+def _shortfall(needed: Sequence[int], available: np.ndarray) -> int | None:
+  """The first group that needs more examples than exist, or None."""
+  for g, (n, a) in enumerate(zip(needed, available)):
+    if n > a:
+      return g
+  return None
+
+
+def _solve_biased_size(fracs: Sequence[fractions.Fraction], ref_fraction: float,
+                       available: np.ndarray, unit: int) -> int:
+  """The largest multiple of ``unit`` whose biased and reference sets fit in the data.
+
+  Among the feasible sizes, one for which the balanced reference size equals
+  ``round(ref_fraction * biased_size)`` exactly is preferred; otherwise the reference size
+  is the nearest balanced size (see ``make_bias_split``). Raises DataError naming the
+  bottleneck group when not even ``unit`` examples fit.
+  """
+  g = len(fracs)
+  fallback = None
+  for size in range(unit * (int(available.sum()) // unit), 0, -unit):
+    counts, per_ref = _sizes(fracs, size, ref_fraction)
+    if _shortfall([c + per_ref for c in counts], available) is not None:
+      continue
+    if g * per_ref == _round_half_up(ref_fraction * size):
+      return size
+    if fallback is None:
+      fallback = size
+  if fallback is not None:
+    return fallback
+  # Not even the smallest exact split fits. It needs ``unit`` examples, so some group is
+  # short whether or not the data holds ``unit`` examples in all.
+  counts, per_ref = _sizes(fracs, unit, ref_fraction)
+  needed = [c + per_ref for c in counts]
+  group = _shortfall(needed, available)
+  raise base.DataError(
+      f"Group {group} is too small for any biased split with proportions "
+      f"{[float(f) for f in fracs]} and ref_fraction {ref_fraction}: the smallest exact "
+      f"split ({unit} biased examples) needs {needed[group]} examples of group {group}, "
+      f"and only {available[group]} exist.")
+
+
+def make_bias_split(attr: np.ndarray, proportions: Sequence[float], ref_fraction: float,
+                    seed: int, biased_size: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Splits examples into a biased set and a disjoint balanced reference set.
+
+  The recipe of Choi et al. (2020): a large *biased* set in which group ``g`` makes up
+  exactly ``proportions[g]`` of the examples, and a small *balanced* reference set with the
+  same number of examples of every group. Within each group the examples are drawn by a
+  seeded permutation: the reference set takes the first ones, the biased set the next ones.
+
+  Sizes: the biased set has ``B`` examples, group ``g`` exactly ``proportions[g] * B`` of
+  them, so ``B`` must be a multiple of the common denominator of the proportions (10 for
+  (0.9, 0.1)). The reference set has ``r = round(ref_fraction * B / G)`` examples per group
+  (``G`` groups), i.e. ``G * r`` in all: the balanced size nearest ``ref_fraction * B``,
+  which equals ``round(ref_fraction * B)`` whenever that is divisible by ``G`` (the solved
+  size is chosen so that it is, where the data allows), and at least 1 when
+  ``ref_fraction > 0``.
+
+  Args:
+    attr: int group ids in [0, G), shape [N]; ``G = len(proportions)``.
+    proportions: target share of each group in the biased set; sums to 1. Zero shares are
+      allowed (the group then appears in the reference set only).
+    ref_fraction: size of the reference set relative to the biased set (Choi et al. use
+      0.1, 0.25, 0.5 and 1.0).
+    seed: seed of the permutations; the split is a pure function of the arguments.
+    biased_size: ``B``; None means the largest ``B`` the data allows alongside its
+      reference set.
+
+  Returns:
+    ``(biased_idx, reference_idx)``: sorted int64 indices into ``attr``, disjoint.
+
+  Raises:
+    DataError: for invalid proportions or sizes, or when a group has fewer examples than
+      the requested sizes need (the message names the group, the need and the supply).
+  """
+  attr = np.asarray(attr)
+  fracs = _exact_proportions(proportions)
+  g = len(fracs)
+  if attr.ndim != 1 or len(attr) == 0:
+    raise base.DataError(f"attr must be a non-empty 1-D array, got shape {attr.shape}.")
+  if not np.issubdtype(attr.dtype, np.integer) or attr.min() < 0 or attr.max() >= g:
+    raise base.DataError(
+        f"attr must hold integer group ids in [0, {g}) for {g} proportions, got "
+        f"dtype {attr.dtype} and values in [{attr.min()}, {attr.max()}].")
+  if ref_fraction < 0:
+    raise base.DataError(f"ref_fraction must be >= 0, got {ref_fraction}.")
+  available = np.bincount(attr, minlength=g)
+  unit = math.lcm(*(f.denominator for f in fracs))
+  if biased_size is None:
+    biased_size = _solve_biased_size(fracs, ref_fraction, available, unit)
+  elif biased_size <= 0 or biased_size % unit:
+    raise base.DataError(
+        f"biased_size must be a positive multiple of {unit} for the proportions "
+        f"{list(proportions)} to be exact, got {biased_size}.")
+  counts, per_ref = _sizes(fracs, biased_size, ref_fraction)
+  needed = [c + per_ref for c in counts]
+  group = _shortfall(needed, available)
+  if group is not None:
+    raise base.DataError(
+        f"Group {group} is too small: a biased set of {biased_size} with proportions "
+        f"{list(proportions)} and a balanced reference set of {g} x {per_ref} need "
+        f"{needed[group]} examples of group {group} ({counts[group]} biased + {per_ref} "
+        f"reference), but only {available[group]} exist.")
+  rng = np.random.default_rng(seed)
+  biased, reference = [], []
+  for k in range(g):
+    perm = rng.permutation(np.flatnonzero(attr == k))
+    reference.append(perm[:per_ref])
+    biased.append(perm[per_ref:per_ref + counts[k]])
+  return (np.sort(np.concatenate(biased)).astype(np.int64),
+          np.sort(np.concatenate(reference)).astype(np.int64))
+
+
+def biased_mnist(split: str, attribute: str = "digit_group",
+                 proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
+                 num_colors: int = 2, subset: str = "biased", seed: int = 0,
+                 biased_size: int | None = None,
+                 digits: Sequence[int] = (0, 1, 2, 3, 4), color_seed: int = 0,
+                 **unused) -> base.ArraySource:
+  """A biased split of the offline MNIST digits (``mnist_5k``) with its reference set.
+
+  Args:
+    split: the ``mnist_5k`` split to draw from: 'train', 'test' or 'all'.
+    attribute: 'digit_group' (group 0 = ``digits``) or 'color' (group = stroke colour).
+    proportions: group shares of the biased set, one per group (see ``num_groups``).
+    ref_fraction: reference-set size relative to the biased set.
+    num_colors: palette size for ``attribute='color'``.
+    subset: 'biased', 'reference' or 'union' (both, flagged by ``is_ref``).
+    seed: seed of the biased/reference split.
+    biased_size: biased-set size; None for the largest the split allows.
+    digits: the digits of group 0 for ``attribute='digit_group'``.
+    color_seed: seed of the colour assignment. It is part of the dataset's definition, so
+      it is separate from ``seed``: drawing a different split does not recolour the digits.
+    **unused: the loader's common options (e.g. ``tfds_data_dir``).
+
+  Returns:
+    An ArraySource with arrays 'image' (float32 [N, 28, 28, C] in [-1, 1], C = 3 for
+    'color', else 1), 'label' (int32 digit), 'attr' (int32 group) and 'is_ref' (int32, 1
+    for reference rows), ordered by the rows' position in ``split``.
+
+  Raises:
+    DataError: for an unknown attribute or subset, proportions that do not match the
+      number of groups, or a group too small for the requested sizes.
+  """
+  del unused
+  groups = num_groups(attribute, num_colors)
+  if subset not in SUBSETS:
+    raise base.DataError(f"Unknown subset {subset!r}; valid subsets: {', '.join(SUBSETS)}.")
+  if len(proportions) != groups:
+    raise base.DataError(
+        f"attribute={attribute!r} has {groups} groups, but {len(proportions)} proportions "
+        f"were given: {list(proportions)}.")
+  source = offline.mnist_5k(split)
+  images, labels = source.arrays["image"], source.arrays["label"]
+  if attribute == "color":
+    attr = balanced_assignment(labels, num_colors, color_seed)
+    images = colorize(images, attr)
+  else:
+    attr = digit_group(labels, digits)
+  biased, reference = make_bias_split(attr, proportions, ref_fraction, seed, biased_size)
+  if subset == "biased":
+    rows = biased
+  elif subset == "reference":
+    rows = reference
+  else:
+    rows = np.sort(np.concatenate([biased, reference]))
+  is_ref = np.isin(rows, reference).astype(np.int32)
+  spec = base.DataSpec("biased_mnist", images.shape[1:], source.spec.num_classes)
+  return base.ArraySource(spec, {"image": images[rows], "label": labels[rows],
+                                 "attr": attr[rows], "is_ref": is_ref})

@@ -1,0 +1,170 @@
+"""Evaluators for tabular fairness models (registered in ``fairgen.evaluate.EVALUATORS``).
+
+Each is a function ``(ctx) -> iterable of (name, value)`` reading ``ctx.config`` (its
+``data`` section names the splits), ``ctx.cfg`` (the ``eval`` section: ``num_samples``,
+``batch_size``, ``seed``), ``ctx.exp.spec``, ``ctx.exp.objective`` and ``ctx.state``.
+
+- ``vfae_probe``: how much of y and of s a linear probe recovers from a VFAE's
+  representation (posterior mean of z1), and its reconstruction error.
+- ``tstr``: train-on-synthetic, test-on-real (Esteban et al. 2017) for row generators,
+  with fairness and marginal fidelity of the synthetic table, and the train-on-real
+  reference.
+
+The probes are scikit-learn ``LogisticRegression`` (lbfgs, ``max_iter=1000``). When the
+training labels of a probe have a single class, it predicts that class.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import jax
+import numpy as np
+from scipy import stats
+from sklearn import dummy
+from sklearn import linear_model
+
+from fairgen import data
+from fairgen import objectives
+from fairgen.data import tabular
+from fairgen.metrics import fairness
+from fairgen.models import tabgan as tabgan_models
+from fairgen.models.vfae import VFAE
+from fairgen.objectives import vfae as vfae_objective
+
+Scalars = Iterable[tuple[str, float]]
+
+
+def _eval_error(message: str) -> Exception:
+  # Imported late: fairgen.evaluate imports this module to register its evaluators.
+  from fairgen.evaluate import EvalError
+  return EvalError(message)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
+  """A logistic-regression probe (a constant one when ``y`` has a single class)."""
+  if len(np.unique(y)) < 2:
+    return dummy.DummyClassifier(strategy="most_frequent").fit(x, y)
+  return linear_model.LogisticRegression(max_iter=1000, random_state=seed).fit(x, y)
+
+
+def _batched(fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...],
+             batch_size: int) -> np.ndarray:
+  """``fn`` (jitted) over row batches of ``arrays``, padded to one compiled shape."""
+  n = len(arrays[0])
+  size = min(batch_size, n)
+  out = []
+  for start in range(0, n, size):
+    chunk = [a[start:start + size] for a in arrays]
+    pad = size - len(chunk[0])
+    chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
+    out.append(np.asarray(fn(*chunk))[:size - pad])
+  return np.concatenate(out)
+
+
+def _splits(ctx: Any) -> tuple[tabular.TabularSource, tabular.TabularSource]:
+  train = data.load(ctx.config.data, ctx.config.data.split)
+  test = data.load(ctx.config.data, ctx.config.data.eval_split)
+  if not isinstance(train, tabular.TabularSource):
+    raise _eval_error(f"Tabular evaluators need a tabular dataset, got "
+                      f"data.name={ctx.config.data.name!r}.")
+  return train, test
+
+
+def vfae_probe(ctx: Any) -> Scalars:
+  """Linear probes on the VFAE representation of train rows, scored on test rows.
+
+  Yields:
+    ``probe_y_accuracy`` (test accuracy of the y-probe: high is good),
+    ``probe_y_spd`` (statistical parity difference of its test predictions),
+    ``probe_s_accuracy`` (of the s-probe: near ``s_majority_rate`` is good, i.e. z1
+    carries no usable information about s), ``s_majority_rate`` (the test split's
+    majority-group share) and ``recon`` (mean reconstruction NLL of test rows from the
+    posterior mean, nats per row).
+  """
+  modules = objectives.build_model(ctx.config, ctx.exp.spec)
+  if not isinstance(modules, VFAE):
+    raise _eval_error("The 'vfae_probe' evaluator needs a VFAE (model.name='vfae').")
+  state = {"params": ctx.state["params"]}
+  train, test = _splits(ctx)
+  bs = ctx.cfg.batch_size
+  encode = jax.jit(functools.partial(vfae_objective.encode_representation, modules=modules))
+  recon = jax.jit(functools.partial(vfae_objective.reconstruction_error, modules=modules))
+  z = {}
+  for name, split in (("train", train), ("test", test)):
+    a = split.arrays
+    z[name] = _batched(lambda x, s: encode(state, x, s), (a["features"], a["attr"]), bs)
+  tr, te = train.arrays, test.arrays
+  y_probe = fit_probe(z["train"], tr["label"], ctx.cfg.seed)
+  s_probe = fit_probe(z["train"], tr["attr"], ctx.cfg.seed)
+  y_pred = y_probe.predict(z["test"])
+  yield "probe_y_accuracy", fairness.accuracy(te["label"], y_pred)
+  yield "probe_y_spd", fairness.statistical_parity_difference(y_pred, te["attr"])
+  yield "probe_s_accuracy", fairness.accuracy(te["attr"], s_probe.predict(z["test"]))
+  share = float(np.mean(te["attr"]))
+  yield "s_majority_rate", max(share, 1.0 - share)
+  nll = _batched(lambda x, s: recon(state, x, s), (te["features"], te["attr"]), bs)
+  yield "recon", float(np.mean(nll))
+
+
+def generate_rows(ctx: Any, num: int) -> np.ndarray:
+  """``num`` rows from the objective's prior latents (seed ``ctx.cfg.seed``)."""
+  objective = ctx.exp.objective
+  if objective.decode is None:
+    raise _eval_error("The 'tstr' evaluator needs a row generator (e.g. objective 'tabgan').")
+  latents = np.asarray(objective.sample_latents(jax.random.key(ctx.cfg.seed), num))
+  labels = np.zeros(num, np.int32)
+  decode = jax.jit(objective.decode)
+  return _batched(lambda z, y: decode(ctx.state, z, y), (latents, labels), ctx.cfg.batch_size)
+
+
+def marginal_distances(spec: tabular.TabularSpec, synthetic: np.ndarray,
+                       real: np.ndarray) -> dict[str, float]:
+  """Mean per-column marginal distances between two encoded tables.
+
+  Returns:
+    ``marginal_tv``: the mean over categorical columns of the total variation distance
+    between category frequencies; ``marginal_w1``: the mean over continuous columns of the
+    Wasserstein-1 distance in original units (so columns with large ranges dominate).
+    NaN where the spec has no column of the kind.
+  """
+  syn, ref = tabular.decode_rows(spec, synthetic), tabular.decode_rows(spec, real)
+  tv, w1 = [], []
+  for col in spec.columns:
+    if col.kind == tabular.CATEGORICAL:
+      p = np.array([np.mean(syn[col.name] == c) for c in col.categories])
+      q = np.array([np.mean(ref[col.name] == c) for c in col.categories])
+      tv.append(0.5 * np.abs(p - q).sum())
+    else:
+      w1.append(stats.wasserstein_distance(syn[col.name], ref[col.name]))
+  return {"marginal_tv": float(np.mean(tv)) if tv else float("nan"),
+          "marginal_w1": float(np.mean(w1)) if w1 else float("nan")}
+
+
+def tstr(ctx: Any) -> Scalars:
+  """Train on synthetic rows, test on real ones; fairness and fidelity of the synthetic data.
+
+  Draws ``ctx.cfg.num_samples`` rows, fits a logistic-regression probe (features -> label)
+  on them and scores it on the real ``data.eval_split``; the same probe fitted on the real
+  ``data.split`` is the train-on-real reference.
+
+  Yields:
+    ``tstr_accuracy``, ``tstr_spd`` (SPD of its predictions on the real test rows, grouped
+    by their real attribute), ``trtr_accuracy``, ``trtr_spd``, ``synthetic_spd`` (the
+    synthetic label's SPD w.r.t. the synthetic attribute; NaN if a group was never
+    generated), ``real_spd`` (the same on the real train split), ``marginal_tv`` and
+    ``marginal_w1`` (see :func:`marginal_distances`; against the real train split).
+  """
+  spec = ctx.exp.spec
+  train, test = _splits(ctx)
+  rows = generate_rows(ctx, int(ctx.cfg.num_samples))
+  features, label, attr = tabgan_models.split_generated(spec, rows)
+  tr, te = train.arrays, test.arrays
+  for prefix, (x, y) in (("tstr", (features, label)), ("trtr", (tr["features"], tr["label"]))):
+    pred = fit_probe(x, y, ctx.cfg.seed).predict(te["features"])
+    yield f"{prefix}_accuracy", fairness.accuracy(te["label"], pred)
+    yield f"{prefix}_spd", fairness.statistical_parity_difference(pred, te["attr"])
+  yield "synthetic_spd", fairness.statistical_parity_difference(label, attr)
+  yield "real_spd", fairness.statistical_parity_difference(tr["label"], tr["attr"])
+  yield from marginal_distances(spec, features, tr["features"]).items()
