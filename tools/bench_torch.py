@@ -14,6 +14,10 @@ measured separately by ``tools/benchmark.py``). Modes:
 - ``compile``: the modules wrapped in ``torch.compile`` (losses and optimizer eager).
 Adam is the fused CPU kernel (``--adam fused``, the fastest here) unless ``--adam default``.
 ``--channels_last`` also times eager and compile DCGANs with channels-last tensors.
+``--fairgen_config=experiments/FILE.py[:variant]`` adds fairgen's own compiled train step
+(``tools/benchmark.py``'s bare step, synchronised every step like the PyTorch modes) as a
+mode ``fairgen`` to the same interleaved rounds, in the same process: the fairest
+comparison on a shared machine. ``ratio_fairgen_over_fastest_torch`` then compares medians.
 
 Rounds interleave the modes (round 1: mode A, mode B, ...; round 2: ...), so that load from
 other processes hits all modes alike. Each round times ``--iters`` iterations.
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -173,18 +178,33 @@ def main(argv=None) -> None:
   p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
   p.add_argument("--channels_last", action="store_true",
                  help="also time channels-last variants (DCGAN)")
+  p.add_argument("--fairgen_config", default="",
+                 help="also time fairgen's step of this experiments/FILE.py[:variant]")
+  p.add_argument("--fairgen_set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config overrides for --fairgen_config")
   args = p.parse_args(argv)
   iters = args.iters or (5 if args.model == "dcgan" else 200)
   torch.manual_seed(0)
   make = make_dcgan_step if args.model == "dcgan" else make_vae_step
-  modes = {}
+  modes: dict[str, tuple[bool, bool] | None] = {}
   for mode in args.modes.split(","):
     variants = [False, True] if args.channels_last and args.model == "dcgan" else [False]
     for cl in variants:
       modes[mode + ("+channels_last" if cl else "")] = (mode == "compile", cl)
   steps, warm = {}, {}
-  for name, (compiled, cl) in modes.items():
-    steps[name] = make(compiled, cl, args.adam, args.batch)
+  if args.fairgen_config:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchmark  # pylint: disable=g-import-not-at-top
+    fairgen_step, fairgen_batch = benchmark.make_bare_step(
+        args.fairgen_config, args.fairgen_set, args.batch)
+    if fairgen_batch != args.batch:
+      raise SystemExit(f"fairgen's global batch is {fairgen_batch}, not {args.batch}.")
+    modes["fairgen"] = None
+  for name, mode in modes.items():
+    if mode is None:
+      steps[name] = fairgen_step
+    else:
+      steps[name] = make(*mode, args.adam, args.batch)
     start = time.perf_counter()
     for _ in range(args.warmup):
       steps[name]()
@@ -202,11 +222,23 @@ def main(argv=None) -> None:
           file=sys.stderr, flush=True)
   stats = {n: {"median": round(statistics.median(v), 4), "min": round(min(v), 4),
                "max": round(max(v), 4)} for n, v in rates.items()}
-  print(json.dumps({
+  torch_modes = [n for n in stats if n != "fairgen"]
+  fastest = max(torch_modes, key=lambda n: stats[n]["median"])
+  result = {
       "model": args.model, "batch": args.batch, "torch_version": torch.__version__,
       "threads": torch.get_num_threads(), "adam": args.adam, "rounds": args.rounds,
-      "iters": iters, "compile_warmup_s": warm, "it_per_s": stats,
-      "fastest": max(stats, key=lambda n: stats[n]["median"])}))
+      "iters": iters, "loadavg": [round(x, 2) for x in os.getloadavg()],
+      "compile_warmup_s": warm, "it_per_s": stats, "fastest": fastest}
+  if "fairgen" in stats:
+    result["fairgen_config"] = args.fairgen_config
+    result["ratio_fairgen_over_fastest_torch"] = round(
+        stats["fairgen"]["median"] / stats[fastest]["median"], 3)
+    # Per round: fairgen / the fastest PyTorch mode of the same round (paired in time).
+    paired = [f / max(rates[n][r] for n in torch_modes)
+              for r, f in enumerate(rates["fairgen"])]
+    result["paired_ratio"] = {"median": round(statistics.median(paired), 3),
+                              "min": round(min(paired), 3), "max": round(max(paired), 3)}
+  print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,39 @@ def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
   return dataclasses.replace(exp, objective=objective)
 
 
+def make_bare_step(config_spec: str, overrides: Sequence[str] = (), batch_size: int = 0,
+                   compute_dtype: str = "float32") -> tuple[Callable[[], None], int]:
+  """fairgen's compiled train step on one fixed device-resident batch, for other tools.
+
+  Args:
+    config_spec: ``experiments/FILE.py[:variant]``.
+    overrides: ``KEY=VALUE`` config overrides.
+    batch_size: overrides ``train.batch_size`` if > 0.
+    compute_dtype: the models' computation dtype.
+
+  Returns:
+    ``(step, global_batch)``: ``step()`` runs one train step and waits for it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from fairgen import data  # pylint: disable=g-import-not-at-top
+  from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  from fairgen import train  # pylint: disable=g-import-not-at-top
+  config = load_config(config_spec, overrides, batch_size)
+  source = data.load(config.data, config.data.split)
+  exp = with_compute_dtype(train.setup(config, source), compute_dtype)
+  sampler = data.IndexSampler(len(source), exp.global_batch, config.seed)
+  batch = jax.device_put(source.get(sampler.indices(0)), parallel.data_sharding(exp.mesh))
+  rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
+  train_step = train.make_train_step(exp)
+  holder = [train.init_state(exp)]
+
+  def step() -> None:
+    holder[0], metrics = train_step(holder[0], batch, rng)
+    jax.block_until_ready(metrics)
+
+  return step, int(exp.global_batch)
+
+
 def _time_bare(run: Callable[[Any], Any], state: Any, steps: int) -> tuple[Any, float]:
   import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()

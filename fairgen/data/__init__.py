@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from fairgen.data import adult_aif360
+from fairgen.data import bias
 from fairgen.data import offline
 from fairgen.data import tabular
 from fairgen.data import tfds_datasets
@@ -22,6 +23,7 @@ DATASETS.register("celeb_a")(tfds_datasets.celeb_a)
 DATASETS.register("adult")(tabular.adult)
 DATASETS.register("german")(tabular.german)
 DATASETS.register("adult_aif360")(adult_aif360.adult_aif360)
+DATASETS.register("biased_mnist")(bias.biased_mnist)
 
 
 def load(data_config: Mapping[str, Any], split: str) -> Source:

@@ -176,23 +176,12 @@ def _solve_biased_size(fracs: Sequence[fractions.Fraction], ref_fraction: float,
                        available: np.ndarray, unit: int) -> int:
   """The largest multiple of ``unit`` whose biased and reference sets fit in the data.
 
-  Among the feasible sizes, one for which the balanced reference size equals
-  ``round(ref_fraction * biased_size)`` exactly is preferred; otherwise the reference size
-  is the nearest balanced size (see ``make_bias_split``). Raises DataError naming the
-  bottleneck group when not even ``unit`` examples fit.
+  Raises DataError naming the bottleneck group when not even ``unit`` examples fit.
   """
-  g = len(fracs)
-  fallback = None
   for size in range(unit * (int(available.sum()) // unit), 0, -unit):
     counts, per_ref = _sizes(fracs, size, ref_fraction)
-    if _shortfall([c + per_ref for c in counts], available) is not None:
-      continue
-    if g * per_ref == _round_half_up(ref_fraction * size):
+    if _shortfall([c + per_ref for c in counts], available) is None:
       return size
-    if fallback is None:
-      fallback = size
-  if fallback is not None:
-    return fallback
   # Not even the smallest exact split fits. It needs ``unit`` examples, so some group is
   # short whether or not the data holds ``unit`` examples in all.
   counts, per_ref = _sizes(fracs, unit, ref_fraction)
@@ -219,9 +208,9 @@ def make_bias_split(attr: np.ndarray, proportions: Sequence[float], ref_fraction
   them, so ``B`` must be a multiple of the common denominator of the proportions (10 for
   (0.9, 0.1)). The reference set has ``r = round(ref_fraction * B / G)`` examples per group
   (``G`` groups), i.e. ``G * r`` in all: the balanced size nearest ``ref_fraction * B``,
-  which equals ``round(ref_fraction * B)`` whenever that is divisible by ``G`` (the solved
-  size is chosen so that it is, where the data allows), and at least 1 when
-  ``ref_fraction > 0``.
+  which equals ``round(ref_fraction * B)`` whenever that is divisible by ``G`` (an exactly
+  balanced set cannot have any other size), and at least 1 per group when
+  ``ref_fraction > 0``. Halves round up.
 
   Args:
     attr: int group ids in [0, G), shape [N]; ``G = len(proportions)``.

@@ -24,9 +24,10 @@ Two deliberate differences from Choi et al.'s reference code:
   silently drops a group the generator never produces and then compares the remaining
   proportions with ``1 / n_classes`` position by position. A generator that collapses onto
   one of two groups then scores ``|1 - 0.5| = 0.5`` instead of ``sqrt(0.5) = 0.707`` in L2,
-  looking fairer than one that merely under-represents the group, and with several groups
-  the positions no longer line up with the groups. Here every group gets its probability,
-  0 when it is missing.
+  looking fairer than one that merely under-represents it (0.566 for 90/10); with a
+  non-uniform target the remaining proportions would also be compared with the wrong
+  groups. Their KL is unaffected (a missing group contributes ``0 log 0 = 0`` anyway). Here
+  every group gets its probability, 0 when it is missing.
 - **KL direction.** We report ``KL(p_generated || target)``, the direction Choi et al.'s
   formula computes. It stays finite when the generator misses a group (``0 log 0 = 0``),
   which is exactly the failure a fairness metric must score; the reverse,

@@ -1,0 +1,57 @@
+"""tools/benchmark.py runs end to end and reports sane numbers (tiny VAE, 1 and 2 devices)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _numbers(tree, prefix=""):
+  """All numeric leaves of a JSON tree, by dotted path."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _numbers(v, f"{prefix}{k}.")
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield prefix[:-1], tree
+
+
+def test_benchmark_smoke_and_scaling_losses_agree():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
+       "--config=experiments/vae_mnist.py:smoke", "--repeats=1", "--steps=2",
+       "--scaling=1,2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [row["devices"] for row in out["scaling"]] == [1, 2]
+  assert out["first_step_metrics_agree"], out["scaling"]
+  losses = [row["first_step_losses"]["loss"] for row in out["scaling"]]
+  assert math.isclose(losses[0], losses[1], rel_tol=1e-4), losses
+  assert "global batch 16" in proc.stderr  # The table went to stderr.
+
+  for run, devices in zip(out["runs"], (1, 2)):
+    assert run["devices"] == devices and run["global_batch"] == 16
+    assert run["xla_flags"].endswith(f"--xla_force_host_platform_device_count={devices}")
+    for section, fields in {
+        "compile": ("lower_s", "compile_s", "first_call_s"),
+        "cost": ("gflop_per_step",),
+        "step": ("steps_per_s.median", "steps_per_s.min", "steps_per_s.max",
+                 "examples_per_s.median", "achieved_gflop_per_s.median", "ms_per_step"),
+        "peak": ("jax_matmul_gflop_per_s", "numpy_matmul_gflop_per_s",
+                 "achieved_over_peak"),
+        "loop": ("steps_per_s.median", "seconds_per_repeat", "bare_seconds_per_repeat"),
+    }.items():
+      values = dict(_numbers(run[section]))
+      for field in fields:
+        assert field in values, (section, field, run[section])
+        assert math.isfinite(values[field]) and values[field] > 0, (section, field, values)
+    # Overhead may be negative (noise) and the input wait zero, but both must be finite.
+    assert math.isfinite(run["loop"]["overhead_pct"])
+    assert 0 <= run["loop"]["input_wait_share"]["median"] <= 1
+    assert run["step"]["steps_per_s"]["min"] <= run["step"]["steps_per_s"]["median"] <= \
+        run["step"]["steps_per_s"]["max"]
+    assert all(math.isfinite(v) for v in run["first_step_metrics"].values())
