@@ -34,9 +34,6 @@ def get_config(arg=None):
     c.data.name = "adult"
     c.data.options = dict(sensitive="sex")
   elif variant == "smoke":
-    c.train.num_steps = 6
-    c.train.batch_size = 32
-    c.train.checkpoint_every_steps = 3
-    c.log.every_steps = 3
+    config_lib.make_smoke(c, num_steps=6, batch_size=32, every=3)
     c.eval.every_steps = 6
   return c

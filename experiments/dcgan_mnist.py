@@ -27,10 +27,5 @@ def get_config(arg=None):
   elif variant == "smoke":
     c.model.width = 0.125
     c.model.latent_dim = 16
-    c.train.num_steps = 4
-    c.train.batch_size = 16
-    c.train.checkpoint_every_steps = 2
-    c.log.every_steps = 2
-    c.log.sample_every_steps = 4
-    c.log.num_samples = 16
+    config_lib.make_smoke(c)
   return c

@@ -192,6 +192,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def make_smoke(c: ml_collections.ConfigDict, num_steps: int = 4, batch_size: int = 16,
+               every: int = 2) -> ml_collections.ConfigDict:
+  """Shrinks the run-length sections of ``c`` for a ``:smoke`` variant (tests, CI)."""
+  c.train.num_steps = num_steps
+  c.train.batch_size = batch_size
+  c.train.checkpoint_every_steps = every
+  c.log.every_steps = every
+  c.log.sample_every_steps = num_steps
+  c.log.num_samples = 16
+  return c
+
+
 def check_variant(arg: str | None, variants: tuple[str, ...]) -> str:
   """The config variant named by ``--config=FILE:variant`` ('' for the default)."""
   variant = arg or ""

@@ -39,3 +39,17 @@ def run_main(*args: str, env_extra: dict | None = None, timeout: int = 300):
   env.update(env_extra or {})
   return subprocess.run([sys.executable, "-m", "fairgen.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def final_state(workdir: str, config):
+  """(step, list of NumPy leaves) of the newest checkpoint in ``workdir``."""
+  import jax
+  import numpy as np
+  from fairgen import checkpoint, train
+  exp = train.setup(config)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    state, step = train.restore_or_init(exp, ckpt)
+  finally:
+    ckpt.close()
+  return step, [np.asarray(x) for x in jax.tree.leaves(state)]

@@ -2,21 +2,11 @@
 
 import os
 
-import jax
 import numpy as np
 
-from conftest import load_config, run_main
-from fairgen import checkpoint, train
+from conftest import final_state, load_config, run_main
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
-
-
-def _params(workdir, config):
-  exp = train.setup(config)
-  ckpt = checkpoint.Checkpointer(workdir, 1, 1)
-  state, step = train.restore_or_init(exp, ckpt)
-  ckpt.close()
-  return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def test_resume_in_a_new_process_is_bit_identical(tmp_path):
@@ -28,8 +18,8 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("Resumed from" in result.stderr) == resumes
   config = load_config("dcgan_mnist", "smoke")
-  step_a, a = _params(split, config)
-  step_b, b = _params(straight, config)
+  step_a, a = final_state(split, config)
+  step_b, b = final_state(straight, config)
   assert step_a == step_b == 6
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)

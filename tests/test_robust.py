@@ -1,5 +1,6 @@
 """Robustness with real processes: preemption, SIGKILL anywhere, NaNs, locks, damaged files."""
 
+import dataclasses
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, run_main
+from conftest import REPO, final_state, load_config, run_main
 from fairgen import checkpoint, objectives, robust, train
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
@@ -42,14 +43,6 @@ def _wait_for(proc, text, timeout=120):
   threading.Thread(target=read, daemon=True).start()
   assert seen.wait(timeout), "".join(lines[-20:])
   return lines
-
-
-def _leaves(workdir, config):
-  exp = train.setup(config)
-  ckpt = checkpoint.Checkpointer(workdir, 1, 1)
-  state, step = train.restore_or_init(exp, ckpt)
-  ckpt.close()
-  return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
@@ -87,7 +80,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
   straight = str(tmp_path / "straight")
   assert run_main(f"--config={CONFIG}", f"--workdir={straight}", *flags).returncode == 0
   config = load_config("dcgan_mnist", "smoke")
-  (step_a, a), (step_b, b) = _leaves(workdir, config), _leaves(straight, config)
+  (step_a, a), (step_b, b) = final_state(workdir, config), final_state(straight, config)
   assert step_a == step_b == 24
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
@@ -95,25 +88,31 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
   assert all(n.isdigit() for n in names), names  # partial directories are cleaned up
 
 
-def _poison_at(step_to_poison, monkeypatch):
-  """Makes the objective's update non-finite at one step (1-based)."""
+def _wrap_step(monkeypatch, transform):
+  """Makes every built objective pass its step's outputs through ``transform``."""
   original = objectives.build_objective
 
   def build(config, spec):
     obj = original(config, spec)
 
     def train_step(state, batch, rng):
-      new_state, metrics = obj.train_step(state, batch, rng)
-      bad = state["step"] + 1 == step_to_poison
-      poison = lambda x: jnp.where(bad, x * jnp.nan, x) if x.dtype.kind == "f" else x
-      new_state["params"] = jax.tree.map(poison, new_state["params"])
-      metrics["loss"] = poison(metrics["loss"])
-      return new_state, metrics
+      return transform(state, *obj.train_step(state, batch, rng))
 
-    import dataclasses
     return dataclasses.replace(obj, train_step=train_step)
 
   monkeypatch.setattr(objectives, "build_objective", build)
+
+
+def _poison_at(step_to_poison, monkeypatch):
+  """Makes the objective's update non-finite at one step (1-based)."""
+
+  def transform(state, new_state, metrics):
+    bad = state["step"] + 1 == step_to_poison
+    poison = lambda x: jnp.where(bad, x * jnp.nan, x) if x.dtype.kind == "f" else x
+    new_state["params"] = jax.tree.map(poison, new_state["params"])
+    return new_state, {**metrics, "loss": poison(metrics["loss"])}
+
+  _wrap_step(monkeypatch, transform)
 
 
 def test_nan_halts_naming_step_and_quantity_and_keeps_checkpoints(workdir, monkeypatch):
@@ -124,7 +123,7 @@ def test_nan_halts_naming_step_and_quantity_and_keeps_checkpoints(workdir, monke
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.all_steps() == [2]
   monkeypatch.undo()
-  step, leaves = _leaves(workdir, config)
+  step, leaves = final_state(workdir, config)
   assert step == 2 and all(np.all(np.isfinite(x)) for x in leaves if x.dtype.kind == "f")
 
 
@@ -136,24 +135,13 @@ def test_nan_skip_drops_the_update_and_counts_it(workdir, monkeypatch):
   assert summary["final_step"] == 6 and summary["scalars"]["nan_skipped"] == 1
   assert np.isfinite(summary["scalars"]["loss"])
   monkeypatch.undo()
-  _, leaves = _leaves(workdir, config)
+  _, leaves = final_state(workdir, config)
   assert all(np.all(np.isfinite(x)) for x in leaves if x.dtype.kind == "f")
 
 
 def test_nan_skip_halts_after_too_many_in_a_row(workdir, monkeypatch):
-  original = objectives.build_objective
-
-  def build(config, spec):
-    obj = original(config, spec)
-
-    def train_step(state, batch, rng):
-      new_state, metrics = obj.train_step(state, batch, rng)
-      return new_state, {**metrics, "loss": metrics["loss"] * jnp.inf}
-
-    import dataclasses
-    return dataclasses.replace(obj, train_step=train_step)
-
-  monkeypatch.setattr(objectives, "build_objective", build)
+  _wrap_step(monkeypatch, lambda state, new_state, metrics: (
+      new_state, {**metrics, "loss": metrics["loss"] * jnp.inf}))
   config = load_config("vae_mnist", "smoke", **{"train.nan_policy": "skip",
                                                 "train.max_nan_skips": 2})
   with pytest.raises(robust.NonFiniteError, match="max_nan_skips=2"):
