@@ -27,6 +27,7 @@ from absl import logging
 from fairgen import data
 from fairgen import objectives
 from fairgen import sampling
+from fairgen import tabular_eval
 from fairgen.metrics import backbones
 from fairgen.metrics import fairness
 from fairgen.metrics import likelihood
@@ -162,11 +163,15 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
   probs = []
   for start in range(0, len(source), ctx.cfg.batch_size):
     batch = source.get(np.arange(start, min(start + ctx.cfg.batch_size, len(source))))
-    probs.append(np.asarray(fn(ctx.state, {"features": batch["features"]})))
+    probs.append(np.asarray(fn(ctx.state, {k: batch[k] for k in ("features", "attr")})))
   everything = source.get(np.arange(len(source)))
   y_pred = (np.concatenate(probs) > 0.5).astype(np.int32)
   report = fairness.classification_report(everything["label"], y_pred, everything["attr"])
   yield from report.items()
+
+
+EVALUATORS.register("vfae_probe")(tabular_eval.vfae_probe)
+EVALUATORS.register("tstr")(tabular_eval.tstr)
 
 
 def _needs_backbone(names: Iterable[str]) -> bool:

@@ -1,6 +1,5 @@
 """VFAE: training on Adult, shapes, sharding, the MMD penalty's effect, the probe evaluator."""
 
-import functools
 import types
 
 import jax
@@ -25,9 +24,9 @@ def _objective(spec, mmd_weight=1.0, **model_kwargs):
   return model, vfae.build(model, spec, {"name": "vfae", "mmd_weight": mmd_weight}, OPTIM)
 
 
-def _train(objective, arrays, steps, batch_size, seed=0):
-  state = objective.init(jax.random.key(seed))
-  step = jax.jit(objective.train_step)
+def _train(objective, arrays, steps, batch_size, seed=0, step=None):
+  state = jax.jit(objective.init)(jax.random.key(seed))
+  step = step or jax.jit(objective.train_step)
   rng, n = np.random.default_rng(seed), len(arrays["label"])
   history = []
   for _ in range(steps):
@@ -37,23 +36,34 @@ def _train(objective, arrays, steps, batch_size, seed=0):
   return state, history
 
 
-@pytest.mark.parametrize("hierarchical", [False, True])
-def test_adult_training_decreases_the_loss(hierarchical):
+@pytest.fixture(scope="module")
+def adult_run():
+  """A hierarchical VFAE trained 40 steps on Adult, and its jitted step."""
   source = tabular.adult("train")
-  model, objective = _objective(source.spec, hierarchical=hierarchical)
-  state, history = _train(objective, source.arrays, steps=60, batch_size=64)
+  model, objective = _objective(source.spec, hierarchical=True)
+  step = jax.jit(objective.train_step)
+  state, history = _train(objective, source.arrays, steps=40, batch_size=64, step=step)
+  return types.SimpleNamespace(source=source, model=model, objective=objective, step=step,
+                               state=state, history=history)
+
+
+def test_adult_training_decreases_the_loss(adult_run):
+  run = adult_run
+  history = run.history
   assert all(np.isfinite(v) for m in history for v in m.values())
   assert {"loss", "recon", "kl", "label_nll", "mmd", "grad_norm"} <= set(history[0])
   first = np.mean([m["loss"] for m in history[:5]])
   last = np.mean([m["loss"] for m in history[-5:]])
   assert last < 0.8 * first
-  assert int(state["step"]) == 60
-  batch = source.get(np.arange(10))
-  probs = objective.predict(state, batch)
+  assert int(run.state["step"]) == 40
+  batch = run.source.get(np.arange(10))
+  probs = run.objective.predict(run.state, batch)
   assert probs.shape == (10,) and np.all((probs >= 0) & (probs <= 1))
-  z = vfae.encode_representation(state, batch["features"], batch["attr"], modules=model)
+  z = vfae.encode_representation(run.state, batch["features"], batch["attr"],
+                                 modules=run.model)
   assert z.shape == (10, 8)
-  recon = vfae.reconstruction_error(state, batch["features"], batch["attr"], modules=model)
+  recon = vfae.reconstruction_error(run.state, batch["features"], batch["attr"],
+                                    modules=run.model)
   assert recon.shape == (10,) and np.all(np.isfinite(recon))
 
 
@@ -69,19 +79,18 @@ def test_reconstruction_nll_matches_a_hand_computation():
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-def test_sharded_step_matches_one_device():
-  source = tabular.german("train")
-  _, objective = _objective(source.spec)
-  state = objective.init(jax.random.key(0))
-  batch = source.get(np.arange(64))
+def test_hierarchical_and_sharded_step_matches_one_device(adult_run):
+  run = adult_run
+  assert all(np.isfinite(v) for m in run.history for v in m.values())
+  batch = run.source.get(np.arange(64))
   rng = jax.random.key(3)
   mesh = parallel.make_mesh(-1)
   assert mesh.shape[parallel.DATA_AXIS] == 8
-  sharded = jax.jit(objective.train_step,
+  sharded = jax.jit(run.objective.train_step,
                     in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data")),
                                   NamedSharding(mesh, P())))
-  _, m1 = jax.jit(objective.train_step)(state, batch, rng)
-  _, m8 = sharded(state, batch, rng)
+  _, m1 = run.step(run.state, batch, rng)
+  _, m8 = sharded(run.state, batch, rng)
   for k in m1:
     np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-4, err_msg=k)
 
@@ -111,7 +120,7 @@ def test_mmd_penalty_removes_group_separation():
   separation = {}
   for weight in (0.0, 10.0):
     model, objective = _objective(TOY_SPEC, mmd_weight=weight, latent_dim=4)
-    state, history = _train(objective, train, steps=200, batch_size=128)
+    state, history = _train(objective, train, steps=120, batch_size=128)
     assert all(np.isfinite(v) for m in history for v in m.values())
     z = np.asarray(vfae.encode_representation(state, test["features"], test["attr"],
                                               modules=model))
@@ -129,20 +138,19 @@ def test_unknown_objective_key_raises():
 def vfae_registered(monkeypatch):
   """Registers the 'vfae' model for this test if fairgen.models does not yet."""
   if "vfae" not in MODELS:
-    monkeypatch.setitem(MODELS._entries, "vfae", vfae_models.build_vfae)  # pylint: disable=protected-access
+    entries = MODELS._entries  # pylint: disable=protected-access
+    monkeypatch.setitem(entries, "vfae", vfae_models.build_vfae)
 
 
-def test_vfae_probe_evaluator(vfae_registered):
+def test_vfae_probe_evaluator(vfae_registered, adult_run):
   del vfae_registered
   config = config_lib.base_config()
-  config.data.name = "german"
-  config.model = {"name": "vfae", "latent_dim": 8, "hidden": (32,)}
-  config.eval.batch_size = 128
-  source = tabular.german("train")
-  model, objective = _objective(source.spec)
-  state, _ = _train(objective, source.arrays, steps=30, batch_size=64)
-  ctx = types.SimpleNamespace(config=config, cfg=config.eval, state=state,
-                              exp=types.SimpleNamespace(spec=source.spec, objective=objective))
+  config.data.name = "adult"
+  config.model = {"name": "vfae", "latent_dim": 8, "hidden": (32,), "hierarchical": True}
+  config.eval.batch_size = 4096
+  ctx = types.SimpleNamespace(
+      config=config, cfg=config.eval, state=adult_run.state,
+      exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
   results = dict(tabular_eval.vfae_probe(ctx))
   assert set(results) == {"probe_y_accuracy", "probe_y_spd", "probe_s_accuracy",
                           "s_majority_rate", "recon"}

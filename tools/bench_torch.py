@@ -14,10 +14,9 @@ measured separately by ``tools/benchmark.py``). Modes:
 - ``compile``: the modules wrapped in ``torch.compile`` (losses and optimizer eager).
 Adam is the fused CPU kernel (``--adam fused``, the fastest here) unless ``--adam default``.
 ``--channels_last`` also times eager and compile DCGANs with channels-last tensors.
-``--fairgen_config=experiments/FILE.py[:variant]`` adds fairgen's own compiled train step
-(``tools/benchmark.py``'s bare step, synchronised every step like the PyTorch modes) as a
-mode ``fairgen`` to the same interleaved rounds, in the same process: the fairest
-comparison on a shared machine. ``ratio_fairgen_over_fastest_torch`` then compares medians.
+To compare with fairgen, alternate this script's runs with ``tools/benchmark.py`` runs
+(separate processes: JAX's and PyTorch's thread pools in one process slow PyTorch down
+by more than 10x here).
 
 Rounds interleave the modes (round 1: mode A, mode B, ...; round 2: ...), so that load from
 other processes hits all modes alike. Each round times ``--iters`` iterations.
@@ -29,7 +28,10 @@ Usage (torch is a benchmark-only dependency, not a fairgen one):
 
 Output: one JSON object: {"model", "batch", "torch_version", "threads", "adam",
 "rounds", "iters", "compile_warmup_s": {mode: seconds of the first (compiling) iterations},
-"it_per_s": {mode: {"median", "min", "max"}}, "fastest": mode}.
+"it_per_s": {mode: {"median", "min", "max"}}, "others_cpu_share": {mode: median share of
+all cores that other processes used during that mode's rounds (0: a quiet machine)},
+"it_per_s_quiet": {mode: the stats over quiet rounds only (others < 5%), or null},
+"loadavg", "fastest": mode}.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ from torch import nn
 from torch.nn import functional as F
 
 LEAKY_SLOPE = 0.3
+# A round counts as quiet if other processes used less than this share of all cores.
+QUIET_SHARE = 0.05
 
 
 class Generator(nn.Module):
@@ -166,6 +170,36 @@ def make_vae_step(compiled: bool, channels_last: bool, adam: str,
   return step
 
 
+def cpu_snapshot() -> tuple[float, float, float]:
+  """(wall s, CPU s used by all processes, CPU s used by this one); Linux /proc/stat."""
+  own = sum(os.times()[:2])
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError):
+    busy = float("nan")
+  return time.perf_counter(), busy, own
+
+
+def others_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+  """The share of all cores that other processes used between two ``cpu_snapshot``s."""
+  wall = after[0] - before[0]
+  others = (after[1] - before[1]) - (after[2] - before[2])
+  return min(max(others / (wall * (os.cpu_count() or 1)), 0.0), 1.0)
+
+
+def _stats(values) -> dict[str, float]:
+  return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+          "max": round(max(values), 4)}
+
+
+def _quiet_stats(values, shares) -> dict[str, float] | None:
+  """Stats over the rounds during which other processes used < QUIET_SHARE of the CPU."""
+  quiet = [v for v, share in zip(values, shares) if share < QUIET_SHARE]
+  return {**_stats(quiet), "rounds": len(quiet)} if quiet else None
+
+
 def main(argv=None) -> None:
   """Times the modes in interleaved rounds and prints the JSON summary."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,66 +212,45 @@ def main(argv=None) -> None:
   p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
   p.add_argument("--channels_last", action="store_true",
                  help="also time channels-last variants (DCGAN)")
-  p.add_argument("--fairgen_config", default="",
-                 help="also time fairgen's step of this experiments/FILE.py[:variant]")
-  p.add_argument("--fairgen_set", action="append", default=[], metavar="KEY=VALUE",
-                 help="config overrides for --fairgen_config")
   args = p.parse_args(argv)
   iters = args.iters or (5 if args.model == "dcgan" else 200)
   torch.manual_seed(0)
   make = make_dcgan_step if args.model == "dcgan" else make_vae_step
-  modes: dict[str, tuple[bool, bool] | None] = {}
+  modes: dict[str, tuple[bool, bool]] = {}
   for mode in args.modes.split(","):
     variants = [False, True] if args.channels_last and args.model == "dcgan" else [False]
     for cl in variants:
       modes[mode + ("+channels_last" if cl else "")] = (mode == "compile", cl)
   steps, warm = {}, {}
-  if args.fairgen_config:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import benchmark  # pylint: disable=g-import-not-at-top
-    fairgen_step, fairgen_batch = benchmark.make_bare_step(
-        args.fairgen_config, args.fairgen_set, args.batch)
-    if fairgen_batch != args.batch:
-      raise SystemExit(f"fairgen's global batch is {fairgen_batch}, not {args.batch}.")
-    modes["fairgen"] = None
-  for name, mode in modes.items():
-    if mode is None:
-      steps[name] = fairgen_step
-    else:
-      steps[name] = make(*mode, args.adam, args.batch)
+  for name, (compiled, cl) in modes.items():
+    steps[name] = make(compiled, cl, args.adam, args.batch)
     start = time.perf_counter()
     for _ in range(args.warmup):
       steps[name]()
     warm[name] = round(time.perf_counter() - start, 2)
     print(f"[bench_torch] {name}: warm-up {warm[name]} s", file=sys.stderr, flush=True)
   rates = {name: [] for name in modes}
+  others = {name: [] for name in modes}
   for r in range(args.rounds):
     for name, step in steps.items():
-      start = time.perf_counter()
+      snap = cpu_snapshot()
       for _ in range(iters):
         step()
-      rates[name].append(iters / (time.perf_counter() - start))
+      after = cpu_snapshot()
+      rates[name].append(iters / (after[0] - snap[0]))
+      others[name].append(others_share(snap, after))
     print(f"[bench_torch] round {r + 1}/{args.rounds}: " +
           ", ".join(f"{n} {v[-1]:.3f} it/s" for n, v in rates.items()),
           file=sys.stderr, flush=True)
-  stats = {n: {"median": round(statistics.median(v), 4), "min": round(min(v), 4),
-               "max": round(max(v), 4)} for n, v in rates.items()}
-  torch_modes = [n for n in stats if n != "fairgen"]
-  fastest = max(torch_modes, key=lambda n: stats[n]["median"])
+  stats = {n: _stats(v) for n, v in rates.items()}
   result = {
       "model": args.model, "batch": args.batch, "torch_version": torch.__version__,
       "threads": torch.get_num_threads(), "adam": args.adam, "rounds": args.rounds,
       "iters": iters, "loadavg": [round(x, 2) for x in os.getloadavg()],
-      "compile_warmup_s": warm, "it_per_s": stats, "fastest": fastest}
-  if "fairgen" in stats:
-    result["fairgen_config"] = args.fairgen_config
-    result["ratio_fairgen_over_fastest_torch"] = round(
-        stats["fairgen"]["median"] / stats[fastest]["median"], 3)
-    # Per round: fairgen / the fastest PyTorch mode of the same round (paired in time).
-    paired = [f / max(rates[n][r] for n in torch_modes)
-              for r, f in enumerate(rates["fairgen"])]
-    result["paired_ratio"] = {"median": round(statistics.median(paired), 3),
-                              "min": round(min(paired), 3), "max": round(max(paired), 3)}
+      "compile_warmup_s": warm, "it_per_s": stats,
+      "others_cpu_share": {n: round(statistics.median(v), 3) for n, v in others.items()},
+      "it_per_s_quiet": {n: _quiet_stats(rates[n], others[n]) for n in modes},
+      "fastest": max(stats, key=lambda n: stats[n]["median"])}
   print(json.dumps(result))
 
 

@@ -21,6 +21,9 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
   compute_dtype: the models' computation dtype (parameters always stay float32).
   backend, jax_version, xla_flags, cpu_count, loadavg_start, loadavg_end: the conditions
     (a 1-minute load average above ``cpu_count`` means other processes competed for the CPU).
+  others_cpu_share: {median, min, max} over the bare repeats of the share of all cores that
+    other processes used meanwhile (from /proc/stat less this process's CPU time): 0 on a
+    quiet machine; compare runs only at similar values.
   compile: seconds to build the train step.
     lower_s: ``jax.jit(step).lower(...)`` (tracing and lowering to StableHLO);
     compile_s: ``.compile()`` of that (XLA optimisation and code generation);
@@ -32,6 +35,8 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
   step: the bare compiled step on one fixed device-resident batch (no input, no metrics
     fetch), per repeat ``steps`` calls then ``block_until_ready``.
     steps_per_s, examples_per_s, achieved_gflop_per_s: {median, min, max} over repeats;
+    steps_per_s_quiet: the same over the quiet repeats only (others used < 5% of the CPU),
+      with their count; null if there were none;
     ms_per_step: median milliseconds per step.
   peak: this machine's fp32 matmul peak right now (best of several 2048x2048 products).
     jax_matmul_gflop_per_s: jitted ``a @ b`` in JAX; numpy_matmul_gflop_per_s: NumPy's;
@@ -73,6 +78,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # First-step metrics of different device counts agree to this relative tolerance.
 SCALING_RTOL = 1e-4
 SCALING_ATOL = 1e-6
+# A repeat counts as quiet if other processes used less than this share of all cores.
+QUIET_SHARE = 0.05
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -128,6 +135,31 @@ def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0, device
 def _stats(values: Sequence[float], digits: int = 4) -> dict[str, float]:
   return {"median": round(statistics.median(values), digits),
           "min": round(min(values), digits), "max": round(max(values), digits)}
+
+
+def cpu_snapshot() -> tuple[float, float, float]:
+  """(wall s, CPU s used by all processes, CPU s used by this one); Linux /proc/stat."""
+  own = sum(os.times()[:2])
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError):
+    busy = float("nan")
+  return time.perf_counter(), busy, own
+
+
+def others_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+  """The share of all cores that other processes used between two ``cpu_snapshot``s."""
+  wall = after[0] - before[0]
+  others = (after[1] - before[1]) - (after[2] - before[2])
+  return min(max(others / (wall * (os.cpu_count() or 1)), 0.0), 1.0)
+
+
+def _quiet_stats(values: Sequence[float], shares: Sequence[float]) -> dict[str, Any] | None:
+  """``_stats`` over the repeats during which other processes used < QUIET_SHARE of the CPU."""
+  quiet = [v for v, share in zip(values, shares) if share < QUIET_SHARE]
+  return {**_stats(quiet), "repeats": len(quiet)} if quiet else None
 
 
 def _loadavg() -> float:
@@ -186,39 +218,6 @@ def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
       lambda s: (s.shape, s.dtype), exp.abstract_state):
     raise ValueError(f"compute_dtype={dtype_name} changes the state's shapes or dtypes.")
   return dataclasses.replace(exp, objective=objective)
-
-
-def make_bare_step(config_spec: str, overrides: Sequence[str] = (), batch_size: int = 0,
-                   compute_dtype: str = "float32") -> tuple[Callable[[], None], int]:
-  """fairgen's compiled train step on one fixed device-resident batch, for other tools.
-
-  Args:
-    config_spec: ``experiments/FILE.py[:variant]``.
-    overrides: ``KEY=VALUE`` config overrides.
-    batch_size: overrides ``train.batch_size`` if > 0.
-    compute_dtype: the models' computation dtype.
-
-  Returns:
-    ``(step, global_batch)``: ``step()`` runs one train step and waits for it.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from fairgen import data  # pylint: disable=g-import-not-at-top
-  from fairgen import parallel  # pylint: disable=g-import-not-at-top
-  from fairgen import train  # pylint: disable=g-import-not-at-top
-  config = load_config(config_spec, overrides, batch_size)
-  source = data.load(config.data, config.data.split)
-  exp = with_compute_dtype(train.setup(config, source), compute_dtype)
-  sampler = data.IndexSampler(len(source), exp.global_batch, config.seed)
-  batch = jax.device_put(source.get(sampler.indices(0)), parallel.data_sharding(exp.mesh))
-  rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
-  train_step = train.make_train_step(exp)
-  holder = [train.init_state(exp)]
-
-  def step() -> None:
-    holder[0], metrics = train_step(holder[0], batch, rng)
-    jax.block_until_ready(metrics)
-
-  return step, int(exp.global_batch)
 
 
 def _time_bare(run: Callable[[Any], Any], state: Any, steps: int) -> tuple[Any, float]:
@@ -303,9 +302,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     log_every = config.log.every_steps or steps
     state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
     state, _, _ = _time_loop(train_step, state, it, loader, rng, warmup, log_every)
-    bare_t, loop_t, waits = [], [], []
+    bare_t, loop_t, waits, others = [], [], [], []
     for r in range(reps):
+      snap = cpu_snapshot()
       state, t = _time_bare(bare, state, steps)
+      others.append(others_share(snap, cpu_snapshot()))
       bare_t.append(t)
       state, t, wait = _time_loop(train_step, state, it, loader, rng, steps, log_every)
       loop_t.append(t)
@@ -334,6 +335,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "loadavg_start": load_start,
       "loadavg_end": _loadavg(),
+      "others_cpu_share": _stats(others, 3),
       "compile": {
           "lower_s": round(lower_s, 3),
           "compile_s": round(compile_s, 3),
@@ -345,6 +347,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                                  4)},
       "step": {
           "steps_per_s": _stats([1 / s for s in step_s]),
+          "steps_per_s_quiet": _quiet_stats([1 / s for s in step_s], others),
           "examples_per_s": _stats([exp.global_batch / s for s in step_s], 1),
           "achieved_gflop_per_s": _stats(achieved, 2),
           "ms_per_step": round(1e3 * statistics.median(step_s), 3),

@@ -14,7 +14,9 @@ import flax.linen as nn
 
 from fairgen.data.base import DataSpec
 from fairgen.models import dcgan
+from fairgen.models import tabgan
 from fairgen.models import tabular
+from fairgen.models import vfae
 from fairgen.models import vae
 from fairgen.registry import Registry
 
@@ -57,6 +59,10 @@ def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float =
   del spec  # Dense layers infer the input width.
   return tabular.DebiasModules(tabular.Predictor(tuple(hidden), dropout),
                                tabular.Adversary(equalized_odds))
+
+
+MODELS.register("vfae")(vfae.build_vfae)
+MODELS.register("tabgan")(tabgan.build_tabgan)
 
 
 __all__ = ["GanModules", "MODELS"]

@@ -181,7 +181,8 @@ def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
     The :class:`VFAE` module.
   """
   if not isinstance(spec, tabular.TabularSpec):
-    raise ValueError(f"The VFAE needs a tabular dataset (adult, german), got {getattr(spec, 'name', spec)!r}.")
+    raise ValueError(f"The VFAE needs a tabular dataset (adult, german), got "
+                     f"{getattr(spec, 'name', spec)!r}.")
   categorical, continuous = feature_blocks(spec.columns)
   return VFAE(feature_dim=spec.feature_dim, categorical=categorical, continuous=continuous,
               latent_dim=int(latent_dim), hidden=tuple(int(h) for h in hidden),

@@ -14,7 +14,9 @@ from fairgen.data.base import DataSpec
 from fairgen.models import MODELS
 from fairgen.objectives import debias
 from fairgen.objectives import gan
+from fairgen.objectives import tabgan
 from fairgen.objectives import vae
+from fairgen.objectives import vfae
 from fairgen.objectives.base import Objective
 from fairgen.registry import Registry
 
@@ -22,6 +24,8 @@ OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
 OBJECTIVES.register("gan")(gan.build)
 OBJECTIVES.register("vae")(vae.build)
 OBJECTIVES.register("adversarial_debiasing")(debias.build)
+OBJECTIVES.register("vfae")(vfae.build)
+OBJECTIVES.register("tabgan")(tabgan.build)
 
 
 def build_model(config: ml_collections.ConfigDict, spec: DataSpec) -> Any:

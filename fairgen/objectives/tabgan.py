@@ -4,17 +4,20 @@ Each step makes ``n_critic`` critic updates, each on its own real micro-batch (t
 hands ``n_critic * batch_size`` rows; ``examples_per_step = n_critic``), then one generator
 update. Critic loss per step: ``E[C(fake)] - E_w[C(real)] + gp_weight * E[(|grad C(x^)| -
 1)^2]`` on random interpolates ``x^`` of real and fake rows; importance weights weight the
-real term only. Generator loss: ``-E[C(G(z))] + lambda_fair * |DP gap|``, where (Rajabi &
-Garibay 2022, TabFairGAN) the demographic-parity gap of the generated rows is computed
-with the generator's soft label and attribute columns ``p_y = P(label = 1)`` and
+real term only. Generator loss: ``-E[C(G(z))] + lambda_fair * |DP gap|``. The DP gap of the
+generated rows is computed, as in TabFairGAN (Rajabi & Garibay 2022), with the generator's
+soft (Gumbel-softmax) label and attribute columns ``p_y = P(label = 1)`` and
 ``p_s = P(attr = 1)`` as weights, so it is differentiable:
 ``E[p_y | unpriv] - E[p_y | priv] = sum(p_y (1 - p_s)) / sum(1 - p_s) - sum(p_y p_s) / sum(p_s)``
-(AIF360's sign: unprivileged minus privileged). ``lambda_fair = 0`` is the plain WGAN-GP.
-TabFairGAN trains without the penalty first and then fine-tunes with it; the penalty here
-applies from step ``fair_start_step`` on (0: from the start).
+(AIF360's sign: unprivileged minus privileged). TabFairGAN's own penalty is signed,
+``-lambda * gap``, which keeps rewarding the unprivileged group past parity; the absolute
+value here makes parity the optimum. ``lambda_fair = 0`` is the plain WGAN-GP. TabFairGAN
+trains without the penalty first and then fine-tunes with it: the penalty here applies from
+step ``fair_start_step`` on (0: from the start).
 
 Config: ``objective`` keys are ``DEFAULTS``; ``optim.gen`` and ``optim.disc`` are the
-generator's and critic's optimizers (the WGAN-GP paper: Adam, lr 1e-4, b1 0.5, b2 0.9).
+generator's and critic's optimizers (usually Adam with b1 = 0.5, b2 = 0.9; the WGAN-GP
+paper's Algorithm 1 uses lr 1e-4, b1 = 0, b2 = 0.9).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen import config as config_lib
 from fairgen.models.tabgan import TabGanModules, join_rows, split_generated
 from fairgen.objectives import base
 from fairgen.objectives.vfae import settings  # Shared config-key check.
@@ -181,17 +185,19 @@ def build(nets: TabGanModules, spec: Any, objective: Mapping[str, Any],
   (``gen``, ``disc``) sections."""
   del spec  # The modules carry the row layout.
   if not isinstance(nets, TabGanModules):
-    raise ValueError("The 'tabgan' objective needs a tabular GAN model (model.name='tabgan').")
+    raise config_lib.ConfigError(
+        "The 'tabgan' objective needs a tabular GAN model (model.name='tabgan').")
   cfg = settings(objective, DEFAULTS)
   n_critic = int(cfg["n_critic"])
   if n_critic < 1:
-    raise ValueError(f"objective.n_critic must be >= 1, got {n_critic}.")
+    raise config_lib.ConfigError(f"objective.n_critic must be >= 1, got {n_critic}.")
   for key in ("gp_weight", "lambda_fair", "fair_start_step"):
     if cfg[key] < 0:
-      raise ValueError(f"objective.{key} must be >= 0, got {cfg[key]}.")
+      raise config_lib.ConfigError(f"objective.{key} must be >= 0, got {cfg[key]}.")
   for net in ("gen", "disc"):
     if net not in optim:
-      raise ValueError(f"The 'tabgan' objective needs optim.{net} (Adam: lr, b1, b2).")
+      raise config_lib.ConfigError(
+          f"The 'tabgan' objective needs optim.{net} (an optimizer: name, lr, b1, b2).")
   gen_tx, critic_tx = base.make_optimizer(optim["gen"]), base.make_optimizer(optim["disc"])
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, critic_tx),

@@ -3,13 +3,13 @@
 Per example (the paper's supervised case, every label known):
 ``recon NLL + beta * KL + alpha_y * BCE(y | z1)``, reduced by ``base.weighted_mean``; plus
 the batch-level penalty ``mmd_weight * MMD^2(z1[s = 0], z1[s = 1])`` on the reparameterised
-samples of ``q(z1 | x, s)`` (as the paper, which penalises the representation the encoder
-emits). The MMD uses a Gaussian kernel with bandwidth ``mmd_sigma``, or the median
-heuristic on the batch when ``mmd_sigma`` is 0, and the biased (V-statistic) estimate,
-which is >= 0 and exactly 0 for equal sets (``mmd_unbiased=True`` for the U-statistic).
-A batch holding only one group contributes 0 (masked, never NaN). Importance weights
-(``batch['weight']``) weight both the per-example terms and each group's distribution in
-the MMD.
+samples of ``q(z1 | x, s)``. The MMD uses the exact Gaussian-kernel matrix of the batch (the
+paper approximates it with random Fourier features for large batches) with bandwidth
+``mmd_sigma``, or the median heuristic on the batch when ``mmd_sigma`` is 0, and the
+biased (V-statistic) estimate, which is >= 0 and exactly 0 for equal sets
+(``mmd_unbiased=True`` for the U-statistic, which can go below 0). A batch holding only one
+group contributes 0 (masked, never NaN). Importance weights (``batch['weight']``) weight
+both the per-example terms and each group's distribution in the MMD.
 
 Config: ``objective`` keys are ``DEFAULTS``; ``optim`` is one optimizer section
 (``base.make_optimizer``).
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen import config as config_lib
 from fairgen.metrics import mmd
 from fairgen.models.vfae import VFAE
 from fairgen.objectives import base
@@ -41,13 +42,13 @@ def settings(objective: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[
   """``defaults`` overridden by ``objective`` (its ``name`` aside); unknown keys raise.
 
   Raises:
-    ValueError: naming the unknown keys and the valid ones.
+    config_lib.ConfigError: naming the unknown keys and the valid ones.
   """
   given = {k: v for k, v in objective.items() if k != "name"}
   unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ValueError(f"Unknown objective keys {unknown} for objective "
-                     f"{objective.get('name')!r}; valid: {', '.join(defaults)}.")
+    raise config_lib.ConfigError(f"Unknown objective keys {unknown} for objective "
+                                 f"{objective.get('name')!r}; valid: {', '.join(defaults)}.")
   return {**defaults, **given}
 
 
@@ -130,11 +131,11 @@ def build(model: VFAE, spec: Any, objective: Mapping[str, Any],
   """The VFAE objective from the config's objective (keys: ``DEFAULTS``) and optim sections."""
   del spec  # The model carries the column layout.
   if not isinstance(model, VFAE):
-    raise ValueError("The 'vfae' objective needs a VFAE model (model.name='vfae').")
+    raise config_lib.ConfigError("The 'vfae' objective needs a VFAE model (model.name='vfae').")
   cfg = settings(objective, DEFAULTS)
   for key in ("beta", "alpha_y", "mmd_weight", "mmd_sigma"):
     if float(cfg[key]) < 0:
-      raise ValueError(f"objective.{key} must be >= 0, got {cfg[key]}.")
+      raise config_lib.ConfigError(f"objective.{key} must be >= 0, got {cfg[key]}.")
   tx = base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, model, tx),

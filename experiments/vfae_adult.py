@@ -1,0 +1,35 @@
+"""VFAE (Louizos et al. 2016) on UCI Adult, sex as the nuisance variable s.
+
+python -m fairgen.main --config=experiments/vfae_adult.py --workdir=/tmp/fg/vfae
+Variants: ``:no_mmd`` (the VAE without the MMD penalty, for comparison), ``:smoke``.
+The representation is judged by logistic-regression probes on z1 (evaluator
+``vfae_probe``): predicting y should stay accurate, predicting s should fall to the
+majority rate.
+"""
+
+from fairgen import config as config_lib
+
+
+def get_config(arg=None):
+  variant = config_lib.check_variant(arg, ("no_mmd", "smoke"))
+  c = config_lib.base_config()
+  c.data.name = "adult"
+  c.data.options = dict(sensitive="sex", include_sensitive=False)
+  c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16)
+  c.objective = dict(name="vfae", beta=1.0, alpha_y=1.0,
+                     mmd_weight=0.0 if variant == "no_mmd" else 10.0, mmd_sigma=0.0,
+                     mmd_unbiased=False)
+  c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+  c.train.batch_size = 256
+  c.train.num_steps = 6000
+  c.train.checkpoint_every_steps = 2000
+  c.log.every_steps = 500
+  c.eval.metrics = ("vfae_probe", "classification_fairness")
+  c.eval.every_steps = 2000
+  c.eval.batch_size = 4096
+  c.eval.best_metric = "probe_y_accuracy"
+  c.eval.best_mode = "max"
+  if variant == "smoke":
+    config_lib.make_smoke(c, num_steps=4, batch_size=32)
+    c.eval.every_steps = 4
+  return c
