@@ -10,7 +10,9 @@ from fairgen import checkpoint, config as config_lib, parallel
 
 VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
             "vae_mnist": [None, "smoke", "conv", "digits"],
-            "adult_debias": [None, "smoke", "plain", "full_features"]}
+            "adult_debias": [None, "smoke", "plain", "full_features"],
+            "vfae_adult": [None, "smoke", "no_mmd"],
+            "fair_tabgan_adult": [None, "smoke", "plain"]}
 
 
 def test_every_experiment_file_is_covered():
