@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.data.options = dict(sensitive="sex", include_sensitive=False)
   c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16)
   c.objective = dict(name="vfae", beta=1.0, alpha_y=1.0,
-                     mmd_weight=0.0 if variant == "no_mmd" else 10.0, mmd_sigma=0.0,
+                     mmd_weight=0.0 if variant == "no_mmd" else 1000.0, mmd_sigma=0.0,
                      mmd_unbiased=False)
   c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   c.train.batch_size = 256
