@@ -5,6 +5,12 @@ import sys
 
 import chex
 
+# 8 fake devices share 2 cores: under load, a device thread can reach an XLA CPU collective
+# rendezvous late, and XLA aborts the process after its default timeout. Give it time.
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
+    "--xla_cpu_collective_timeout_seconds=1200"]).strip()
 chex.set_n_cpu_devices(8)
 
 import pytest  # noqa: E402
