@@ -10,6 +10,11 @@ rewrites avoid dilated / strided convolutions altogether:
 * ``SpaceToDepthConv``: a stride-``s`` convolution equals zero padding,
   ``space_to_depth`` and a stride-1 ``VALID`` convolution.
 
+* ``SubpixelGradConv`` keeps the naive strided convolution and its weight
+  gradient, and computes its *input* gradient (which XLA computes as a
+  convolution of the dilated output gradient) as a stride-1 convolution and
+  ``depth_to_space``, through ``jax.custom_vjp``.
+
 In both cases the module owns the *original* parameters (``'kernel'`` of shape
 ``(k, k, Cin, Cout)`` and ``'bias'`` of shape ``(Cout,)``, exactly as the naive
 flax layer with ``padding='SAME'``) and rearranges the kernel differentiably on
@@ -28,11 +33,17 @@ transposed conv cuts the weight gradient of the DCGAN 7->14, 128->64, k5 layer
 from ~0.7 s to ~40 ms. The naive *strided* ``nn.Conv`` has no such slow path;
 there ``SpaceToDepthConv`` was measured 1.5-4x slower (the rearranged kernel
 has ``ceil(k/s)**2 * s**2 >= k**2`` taps), so keep ``fast=False`` for ``conv``
-unless a benchmark on the target backend says otherwise.
+unless a benchmark on the target backend says otherwise. ``SubpixelGradConv``
+cuts the input gradient of the DCGAN discriminator's 14->7, 64->128 k5 layer
+from ~37 to ~30 ms (XLA's default YNNPACK convolutions) or from ~39 to ~22 ms
+(``--xla_cpu_experimental_ynn_fusion_type=``, Eigen convolutions); for a layer
+with very few input channels (28->14, 1->64) it is slower, so the DCGAN uses it
+for its second convolution only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -292,6 +303,150 @@ class SpaceToDepthConv(nn.Module):
     return y
 
 
+def same_padding(size: int, kernel_size: int, strides: int) -> tuple[int, int]:
+  """The (low, high) padding of a 'SAME' convolution along one axis (lax convention)."""
+  out = -(-size // strides)
+  total = max((out - 1) * strides + kernel_size - size, 0)
+  return total // 2, total - total // 2
+
+
+def input_grad_taps(size: int, out_size: int, kernel_size: int, strides: int,
+                    pad_lo: int) -> tuple[np.ndarray, int, int]:
+  """Index map of the input gradient of a strided convolution (1D).
+
+  With ``y[o] = sum_j w[j] x[s*o + j - pad_lo]``, input position ``i = s*q + r``
+  receives ``dx[i] = sum_j w[j] dy[(i + pad_lo - j) / s]`` over the taps ``j``
+  congruent to ``i + pad_lo`` modulo ``s``. Writing ``dy[q + d]`` for those
+  terms, this is a stride-1 correlation of ``dy`` (zero outside its range) with
+  the kernel ``w'[d - d_min, r]`` whose channels are the ``s`` phases ``r``,
+  followed by ``depth_to_space``.
+
+  Args:
+    size: input length of the strided convolution.
+    out_size: its output length.
+    kernel_size: its kernel size ``k``.
+    strides: its stride ``s``.
+    pad_lo: its leading padding.
+
+  Returns:
+    ``(idx, pad_lo', pad_hi')``: ``idx`` of shape ``(k', s)`` holds indices into
+    ``w`` (``k`` meaning "zero tap"); ``pad_lo'`` and ``pad_hi'`` pad ``dy`` so
+    that the stride-1 ``VALID`` correlation yields ``ceil(size / s)``
+    positions (``pad_hi'`` may be negative: a crop).
+  """
+  k, s = kernel_size, strides
+  entries = {}
+  for r in range(s):
+    c = (r + pad_lo) % s  # The first tap of phase r.
+    for j in range(c, k, s):
+      entries[((r + pad_lo - j) // s, r)] = j
+  offsets = [d for d, _ in entries]
+  d_min, d_max = min(offsets), max(offsets)
+  idx = np.full((d_max - d_min + 1, s), k, dtype=np.int32)
+  for (d, r), j in entries.items():
+    idx[d - d_min, r] = j
+  return idx, -d_min, -(-size // s) + d_max - out_size
+
+
+def _conv(x: Array, kernel: Array, strides: int,
+          padding: tuple[tuple[int, int], tuple[int, int]],
+          precision: PrecisionLike) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                      dimension_numbers=_DN, precision=precision)
+
+
+def conv_input_grad(dy: Array, kernel: Array, input_hw: tuple[int, int],
+                    strides: int, padding: tuple[tuple[int, int], tuple[int, int]],
+                    precision: PrecisionLike = None) -> Array:
+  """The input gradient of ``_conv(x, kernel, strides, padding)`` for cotangent ``dy``.
+
+  Computed as one stride-1 convolution of ``dy`` (with ``strides**2`` phases of
+  ``Cin`` output channels) and ``depth_to_space``, instead of XLA's convolution
+  of the dilated ``dy``.
+  """
+  s = strides
+  cin, cout = kernel.shape[2], kernel.shape[3]
+  maps = [input_grad_taps(n, dy.shape[1 + a], kernel.shape[a], s, padding[a][0])
+          for a, n in enumerate(input_hw)]
+  (idx_h, lo_h, hi_h), (idx_w, lo_w, hi_w) = maps
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  taps = padded[idx_h[:, :, None, None], idx_w[None, None, :, :]]
+  # (kh', s, kw', s, cin, cout) -> (kh', kw', cout, s, s, cin): channels (rh, rw, cin).
+  taps = taps.transpose(0, 2, 5, 1, 3, 4).reshape(
+      idx_h.shape[0], idx_w.shape[0], cout, s * s * cin)
+  z = jax.lax.conv_general_dilated(dy, taps, (1, 1), ((lo_h, hi_h), (lo_w, hi_w)),
+                                   dimension_numbers=_DN, precision=precision)
+  return depth_to_space(z, s)[:, :input_hw[0], :input_hw[1], :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def subpixel_grad_conv(x: Array, kernel: Array, strides: int,
+                       padding: tuple[tuple[int, int], tuple[int, int]],
+                       precision: PrecisionLike = None) -> Array:
+  """A strided NHWC/HWIO convolution whose input gradient is ``conv_input_grad``."""
+  return _conv(x, kernel, strides, padding, precision)
+
+
+def _subpixel_grad_conv_fwd(x, kernel, strides, padding, precision):
+  return _conv(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _subpixel_grad_conv_bwd(strides, padding, precision, residuals, dy):
+  x, kernel = residuals
+  dx = conv_input_grad(dy, kernel, x.shape[1:3], strides, padding, precision)
+  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding, precision), kernel)
+  return dx.astype(x.dtype), kernel_vjp(dy)[0]
+
+
+subpixel_grad_conv.defvjp(_subpixel_grad_conv_fwd, _subpixel_grad_conv_bwd)
+
+
+class SubpixelGradConv(nn.Module):
+  """``nn.Conv(padding='SAME', strides=s)`` with the sub-pixel input gradient.
+
+  Parameters, outputs and the weight gradient are those of the naive layer;
+  only the input gradient is computed differently (``conv_input_grad``).
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: square kernel size ``k``.
+    strides: stride ``s``.
+    use_bias: whether to add a bias.
+    kernel_init: kernel initializer (flax default).
+    bias_init: bias initializer.
+    dtype: computation dtype (``None``: inferred from inputs and params).
+    param_dtype: parameter dtype.
+    precision: precision passed to ``lax.conv_general_dilated``.
+  """
+
+  features: int
+  kernel_size: int
+  strides: int = 2
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: PrecisionLike = None
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    """Applies the strided convolution to NHWC ``inputs``."""
+    _check_input(inputs, type(self).__name__)
+    k, s = self.kernel_size, self.strides
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, inputs.shape[-1], self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    inputs, kernel, bias = nn.dtypes.promote_dtype(
+        inputs, kernel, bias, dtype=self.dtype)
+    padding = tuple(same_padding(n, k, s) for n in inputs.shape[1:3])
+    y = subpixel_grad_conv(inputs, kernel, s, padding, self.precision)
+    if bias is not None:
+      y = y + bias.reshape(1, 1, 1, -1)
+    return y
+
+
 def conv_transpose(features: int, kernel_size: int, strides: int, fast: bool,
                    **kw: Any) -> nn.Module:
   """Returns a 'SAME' transposed conv: naive flax layer or the fast rewrite.
@@ -316,26 +471,32 @@ def conv_transpose(features: int, kernel_size: int, strides: int, fast: bool,
                           strides=(strides, strides), padding='SAME', **kw)
 
 
-def conv(features: int, kernel_size: int, strides: int, fast: bool,
+def conv(features: int, kernel_size: int, strides: int, fast: bool | str,
          **kw: Any) -> nn.Module:
-  """Returns a 'SAME' conv: naive flax layer or the space-to-depth rewrite.
+  """Returns a 'SAME' conv: the naive flax layer or one of its exact rewrites.
 
-  Both variants have identical parameters and outputs. With ``strides == 1``
+  All variants have identical parameters and outputs. With ``strides == 1``
   the naive layer is returned (nothing to gain). Note: on XLA:CPU the naive
-  strided conv is faster than the rewrite (see module docstring).
+  strided conv is faster than the space-to-depth rewrite (see module
+  docstring).
 
   Args:
     features: output channels.
     kernel_size: square kernel size.
     strides: stride.
-    fast: use ``SpaceToDepthConv`` instead of ``nn.Conv``.
+    fast: ``False``: ``nn.Conv``; ``True``: ``SpaceToDepthConv``;
+      ``'subpixel_grad'``: ``SubpixelGradConv``.
     **kw: forwarded to the layer (``use_bias``, ``kernel_init``, ``dtype``,
       ``name``, ...).
 
   Returns:
     A flax module.
   """
-  if fast and strides > 1:
+  if fast == 'subpixel_grad' and strides > 1:
+    return SubpixelGradConv(features, kernel_size, strides, **kw)
+  if fast is True and strides > 1:
     return SpaceToDepthConv(features, kernel_size, strides, **kw)
+  if fast not in (True, False, 'subpixel_grad'):
+    raise ValueError(f"fast must be a bool or 'subpixel_grad', got {fast!r}")
   return nn.Conv(features, (kernel_size, kernel_size),
                  strides=(strides, strides), padding='SAME', **kw)
