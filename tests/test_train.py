@@ -87,3 +87,12 @@ def test_resume_continues_from_the_last_checkpoint(workdir):
   assert summary["start_step"] == 4 and summary["final_step"] == 6
   again = train.train_and_evaluate(config, workdir)  # nothing left to do
   assert again["start_step"] == 6 and again["train_step_traces"] == 0
+
+
+def test_gan_with_several_discriminator_steps(workdir):
+  config = load_config("dcgan_mnist", "smoke", **{"objective.n_disc": 2,
+                                                  "train.num_steps": 2})
+  exp = train.setup(config)
+  assert exp.global_batch == 2 * config.train.batch_size
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["final_step"] == 2 and np.isfinite(summary["scalars"]["d_loss"])
