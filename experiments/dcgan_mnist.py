@@ -16,11 +16,11 @@ def get_config(arg=None):
   # TTUR-ready: separate generator and discriminator optimizers (DCGAN's Adam settings).
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999),
                  disc=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999))
-  c.train.num_steps = 1000
+  c.train.num_steps = 4000
   c.train.batch_size = 64
-  c.train.checkpoint_every_steps = 250
-  c.log.every_steps = 50
-  c.log.sample_every_steps = 250
+  c.train.checkpoint_every_steps = 1000
+  c.log.every_steps = 100
+  c.log.sample_every_steps = 1000
   if variant == "full":
     c.model.width = 1.0
     c.train.batch_size = 128
