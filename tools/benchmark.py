@@ -82,6 +82,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from cpu_load import cpu_snapshot, others_share  # tools/, beside this script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # First-step metrics of different device counts agree to this relative tolerance.
 SCALING_RTOL = 1e-4
@@ -154,25 +156,6 @@ def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0,
 def _stats(values: Sequence[float], digits: int = 4) -> dict[str, float]:
   return {"median": round(statistics.median(values), digits),
           "min": round(min(values), digits), "max": round(max(values), digits)}
-
-
-def cpu_snapshot() -> tuple[float, float, float]:
-  """(wall s, CPU s used by all processes, CPU s used by this one); Linux /proc/stat."""
-  own = sum(os.times()[:2])
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(v) for v in f.readline().split()[1:]]
-    busy = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
-  except (OSError, ValueError):
-    busy = float("nan")
-  return time.perf_counter(), busy, own
-
-
-def others_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-  """The share of all cores that other processes used between two ``cpu_snapshot``s."""
-  wall = after[0] - before[0]
-  others = (after[1] - before[1]) - (after[2] - before[2])
-  return min(max(others / (wall * (os.cpu_count() or 1)), 0.0), 1.0)
 
 
 def _quiet_stats(values: Sequence[float], shares: Sequence[float]) -> dict[str, Any] | None:
