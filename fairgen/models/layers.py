@@ -190,7 +190,35 @@ def _check_input(x: Array, name: str) -> None:
     raise ValueError(f'{name} expects NHWC inputs, got shape {x.shape}')
 
 
-class SubpixelConvTranspose(nn.Module):
+class _SquareConv(nn.Module):
+  """The attributes and parameters the rewritten layers share with the naive ones.
+
+  Parameters are created exactly as flax's ``nn.Conv``/``nn.ConvTranspose`` create them
+  (``'kernel'`` ``(k, k, Cin, Cout)``, ``'bias'`` ``(Cout,)``), so trees are interchangeable.
+  """
+
+  features: int
+  kernel_size: int
+  strides: int = 2
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: PrecisionLike = None
+
+  def _kernel_and_bias(self, inputs: Array) -> tuple[Array, Array | None]:
+    """Checks NHWC ``inputs`` and creates (or fetches) the kernel and the optional bias."""
+    _check_input(inputs, type(self).__name__)
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init,
+                        (k, k, inputs.shape[-1], self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return kernel, bias
+
+
+class SubpixelConvTranspose(_SquareConv):
   """``nn.ConvTranspose(padding='SAME')`` as stride-1 conv + depth_to_space.
 
   Parameters (names, shapes, initialisation) and outputs are identical to
@@ -209,26 +237,12 @@ class SubpixelConvTranspose(nn.Module):
     precision: precision passed to ``lax.conv_general_dilated``.
   """
 
-  features: int
-  kernel_size: int
-  strides: int = 2
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the transposed convolution to NHWC ``inputs``."""
-    _check_input(inputs, type(self).__name__)
+    kernel, bias = self._kernel_and_bias(inputs)
     k, s = self.kernel_size, self.strides
-    cin = inputs.shape[-1]
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, cin, self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,),
-                       self.param_dtype) if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(
         inputs, kernel, bias, dtype=self.dtype)
     _, pad_lo, pad_hi = subpixel_taps(k, s)
@@ -242,7 +256,7 @@ class SubpixelConvTranspose(nn.Module):
     return y
 
 
-class SpaceToDepthConv(nn.Module):
+class SpaceToDepthConv(_SquareConv):
   """``nn.Conv(padding='SAME', strides=s)`` as space_to_depth + stride-1 conv.
 
   Parameters and outputs are identical to
@@ -261,26 +275,12 @@ class SpaceToDepthConv(nn.Module):
     precision: precision passed to ``lax.conv_general_dilated``.
   """
 
-  features: int
-  kernel_size: int
-  strides: int = 2
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the strided convolution to NHWC ``inputs``."""
-    _check_input(inputs, type(self).__name__)
+    kernel, bias = self._kernel_and_bias(inputs)
     k, s = self.kernel_size, self.strides
-    cin = inputs.shape[-1]
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, cin, self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,),
-                       self.param_dtype) if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(
         inputs, kernel, bias, dtype=self.dtype)
     kq = -(-k // s)
@@ -401,7 +401,7 @@ def _subpixel_grad_conv_bwd(strides, padding, precision, residuals, dy):
 subpixel_grad_conv.defvjp(_subpixel_grad_conv_fwd, _subpixel_grad_conv_bwd)
 
 
-class SubpixelGradConv(nn.Module):
+class SubpixelGradConv(_SquareConv):
   """``nn.Conv(padding='SAME', strides=s)`` with the sub-pixel input gradient.
 
   Parameters, outputs and the weight gradient are those of the naive layer;
@@ -419,25 +419,12 @@ class SubpixelGradConv(nn.Module):
     precision: precision passed to ``lax.conv_general_dilated``.
   """
 
-  features: int
-  kernel_size: int
-  strides: int = 2
-  use_bias: bool = True
-  kernel_init: Initializer = nn.initializers.lecun_normal()
-  bias_init: Initializer = nn.initializers.zeros_init()
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: PrecisionLike = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the strided convolution to NHWC ``inputs``."""
-    _check_input(inputs, type(self).__name__)
+    kernel, bias = self._kernel_and_bias(inputs)
     k, s = self.kernel_size, self.strides
-    kernel = self.param('kernel', self.kernel_init,
-                        (k, k, inputs.shape[-1], self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,),
-                       self.param_dtype) if self.use_bias else None)
     inputs, kernel, bias = nn.dtypes.promote_dtype(
         inputs, kernel, bias, dtype=self.dtype)
     padding = tuple(same_padding(n, k, s) for n in inputs.shape[1:3])
