@@ -160,13 +160,15 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
                     f"trains a classifier; {ctx.config.objective.name!r} does not.")
   source = ctx.real.source
   fn = jax.jit(predict)
-  probs = []
+  probs, labels, attrs = [], [], []
   for start in range(0, len(source), ctx.cfg.batch_size):
     batch = source.get(np.arange(start, min(start + ctx.cfg.batch_size, len(source))))
     probs.append(np.asarray(fn(ctx.state, {k: batch[k] for k in ("features", "attr")})))
-  everything = source.get(np.arange(len(source)))
+    labels.append(batch["label"])
+    attrs.append(batch["attr"])
   y_pred = (np.concatenate(probs) > 0.5).astype(np.int32)
-  report = fairness.classification_report(everything["label"], y_pred, everything["attr"])
+  report = fairness.classification_report(np.concatenate(labels), y_pred,
+                                          np.concatenate(attrs))
   yield from report.items()
 
 
