@@ -1,14 +1,14 @@
 """Evaluation end to end: periodic evaluation, best checkpoint, evaluate and sample modes."""
 
-import glob
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import load_config, run_main
-from fairgen import checkpoint, data, evaluate, modes, train
+from fairgen import checkpoint, data, modes, sampling, train
 from fairgen.metrics import backbones
 
 EVAL_OVERRIDES = {"eval.num_samples": 64, "eval.batch_size": 32, "eval.kid_subsets": 5,
@@ -57,7 +57,7 @@ def test_missing_backbone_fails_before_training(tmp_path, workdir):
 def test_evaluate_and_sample_modes_in_a_new_process(backbone_dir, workdir):
   train.train_and_evaluate(_gan_config(backbone_dir, **{"eval.every_steps": 4}), workdir)
   ckpt_before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  flags = [f"--config=experiments/dcgan_mnist.py:smoke", f"--workdir={workdir}",
+  flags = ["--config=experiments/dcgan_mnist.py:smoke", f"--workdir={workdir}",
            f"--config.eval.backbone_dir={backbone_dir}"] + [
                f"--config.{k}={v}" for k, v in EVAL_OVERRIDES.items()]
   result = run_main(*flags, "--mode=evaluate")
@@ -85,11 +85,8 @@ def test_sampling_is_seeded_and_truncation_bounds_latents(backbone_dir, workdir)
   train.train_and_evaluate(config, workdir)
   exp = train.setup(config)
   state, _ = train.restore_checkpoint(exp, workdir)
-  import jax
-  a, za = __import__("fairgen.sampling", fromlist=["x"]).generate_images(
-      exp, state, jax.random.key(3), 10, truncation=0.5)
-  b, zb = __import__("fairgen.sampling", fromlist=["x"]).generate_images(
-      exp, state, jax.random.key(3), 10, truncation=0.5)
+  a, za = sampling.generate_images(exp, state, jax.random.key(3), 10, truncation=0.5)
+  b, zb = sampling.generate_images(exp, state, jax.random.key(3), 10, truncation=0.5)
   np.testing.assert_array_equal(a, b)
   assert np.abs(za).max() <= 0.5
 
