@@ -15,7 +15,11 @@ import ml_collections
 
 REQUIRED_SECTIONS = ("data", "model", "objective", "optim", "train", "mesh", "log")
 # A workdir may only be resumed with a config whose sections here are unchanged.
-FINGERPRINT_SECTIONS = ("data", "model", "objective")
+FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair")
+# Keys of those sections that only affect evaluation, so evaluating with other values is
+# not "another experiment".
+EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
+                  "fair.group_samples")
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(train.max_nan_skips >= 1, f"train.max_nan_skips must be >= 1.")
   if "eval" in config:
     _validate_eval(config.eval)
+  if "fair" in config:
+    from fairgen import fair  # pylint: disable=g-import-not-at-top
+    fair.validate(config)
   if "sample" in config:
     _require(config.sample.num >= 1, f"sample.num must be >= 1, got {config.sample.num}.")
     _require(config.sample.truncation >= 0, "sample.truncation must be >= 0.")
@@ -115,7 +122,12 @@ def _validate_eval(cfg: Any) -> None:
 def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
   """The sections that identify an experiment (a resumed workdir must match them)."""
   as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  return json.loads(json.dumps({k: as_dict.get(k) for k in FINGERPRINT_SECTIONS}, sort_keys=True))
+  out = json.loads(json.dumps({k: as_dict.get(k) for k in FINGERPRINT_SECTIONS}, sort_keys=True))
+  for key in EVAL_ONLY_KEYS:
+    section, field = key.split(".")
+    if isinstance(out.get(section), dict):
+      out[section].pop(field, None)
+  return out
 
 
 def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -142,6 +154,9 @@ def base_config() -> ml_collections.ConfigDict:
       eval_split="test",
       tfds_data_dir=ml_collections.config_dict.placeholder(str),
       options=ml_collections.ConfigDict(),  # Dataset-specific (e.g. celeb_a image_size).
+      # Options that replace ``options`` for the held-out real data of evaluation (e.g.
+      # subset='balanced': FID against the target distribution, not the biased one).
+      eval_options=ml_collections.ConfigDict(),
       prefetch=2,
   ))
   c.model = ml_collections.ConfigDict()
@@ -210,6 +225,36 @@ def check_variant(arg: str | None, variants: tuple[str, ...]) -> str:
   if variant and variant not in variants:
     raise ConfigError(f"Unknown config variant {variant!r}; valid: {', '.join(variants)}.")
   return variant
+
+
+def parse_arg(arg: str | None, choices: dict[str, tuple[str, ...]],
+              flags: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Parses ``--config=FILE:key=value,flag,...`` into a dict (flags map to True).
+
+  Args:
+    arg: the text after the colon (None or '' for the defaults).
+    choices: the valid values of every key; its first value is the default.
+    flags: bare words that may appear (e.g. 'smoke'); absent flags map to False.
+
+  Raises:
+    ConfigError: for an unknown key, value or flag.
+  """
+  out: dict[str, Any] = {k: v[0] for k, v in choices.items()}
+  out.update({f: False for f in flags})
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      if key not in flags:
+        raise ConfigError(f"Unknown config flag {key!r}; valid flags: {', '.join(flags)}; "
+                          f"valid keys: {', '.join(f'{k}=' for k in choices)}.")
+      out[key] = True
+      continue
+    if key not in choices:
+      raise ConfigError(f"Unknown config key {key!r}; valid keys: {', '.join(choices)}.")
+    if value not in choices[key]:
+      raise ConfigError(f"Unknown {key}={value!r}; valid: {', '.join(choices[key])}.")
+    out[key] = value
+  return out
 
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:

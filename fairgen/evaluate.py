@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from fairgen import data
+from fairgen import fair_eval
 from fairgen import objectives
 from fairgen import sampling
 from fairgen import tabular_eval
@@ -52,21 +53,28 @@ class RealData:
 
   @functools.cached_property
   def source(self) -> data.Source:
-    return data.load(self.config.data, self.config.data.eval_split)
+    return data.load_eval(self.config.data)
 
   @functools.cached_property
-  def images(self) -> np.ndarray:
+  def batch(self) -> dict[str, np.ndarray]:
     # A seeded random subset, in random order: dataset files are often sorted by class.
     n = min(len(self.source), self.config.eval.num_samples)
     idx = np.random.default_rng(self.config.eval.seed).permutation(len(self.source))[:n]
-    return self.source.get(idx)["image"]
+    return self.source.get(idx)
+
+  @property
+  def images(self) -> np.ndarray:
+    return self.batch["image"]
 
   @property
   def backbone(self) -> backbones.Backbone:
     if self._backbone is None:
       cfg = self.config.eval
-      path = cfg.backbone_dir or backbones.default_classifier_dir(self.config.data.name)
-      self._backbone = backbones.load_backbone(cfg.backbone, path)
+      data_cfg = self.config.data
+      path = cfg.backbone_dir or backbones.default_classifier_dir(data.cache_tag(data_cfg))
+      extra = {"subset": "all"} if "subset" in data_cfg.options else None
+      self._backbone = backbones.load_backbone_or_explain(
+          cfg.backbone, path, backbones.train_command(data_cfg, "label", extra))
     return self._backbone
 
   @functools.cached_property
@@ -75,12 +83,17 @@ class RealData:
 
 
 class EvalContext:
-  """What the evaluators of one evaluation share; everything is computed on first use."""
+  """What the evaluators of one evaluation share; everything is computed on first use.
 
-  def __init__(self, exp: Any, state: Any, real: RealData, step: int):
+  ``out_dir``: where evaluators may write files (charts), or None to write none.
+  """
+
+  def __init__(self, exp: Any, state: Any, real: RealData, step: int,
+               out_dir: str | None = None):
     self.exp, self.state, self.real, self.step = exp, state, real, step
     self.config = exp.config
     self.cfg = exp.config.eval
+    self.out_dir = out_dir
 
   @functools.cached_property
   def fake_images(self) -> np.ndarray:
@@ -174,17 +187,21 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
 
 EVALUATORS.register("vfae_probe")(tabular_eval.vfae_probe)
 EVALUATORS.register("tstr")(tabular_eval.tstr)
+EVALUATORS.register("fairness_discrepancy")(fair_eval.fairness_discrepancy)
+EVALUATORS.register("group_quality")(fair_eval.group_quality)
+_FAIRNESS = ("fairness_discrepancy", "group_quality")
 
 
 def _needs_backbone(names: Iterable[str]) -> bool:
-  return any(n in ("fid", "kid", "is", "prdc") for n in names)
+  return any(n in ("fid", "kid", "is", "prdc", "group_quality") for n in names)
 
 
 class Evaluator:
   """Runs ``config.eval.metrics`` on train states; real-data features are computed once."""
 
-  def __init__(self, exp: Any):
+  def __init__(self, exp: Any, out_dir: str | None = None):
     self.exp = exp
+    self.out_dir = out_dir
     self.cfg = exp.config.eval
     if self.cfg.generator not in GENERATORS:
       raise EvalError(f"eval.generator must be one of {GENERATORS}, got {self.cfg.generator!r}.")
@@ -195,9 +212,11 @@ class Evaluator:
     """Loads what the evaluators need now, so a missing backbone fails before training."""
     if _needs_backbone(self.cfg.metrics):
       self.real.backbone  # pylint: disable=pointless-statement
+    if any(n in _FAIRNESS for n in self.cfg.metrics):
+      fair_eval.describe(self.exp.config)  # Loads the attribute classifier.
 
   def __call__(self, state: Any, step: int) -> dict[str, float]:
-    ctx = EvalContext(self.exp, state, self.real, step)
+    ctx = EvalContext(self.exp, state, self.real, step, self.out_dir)
     results: dict[str, float] = {}
     for name, fn in self.evaluators:
       start = time.perf_counter()
@@ -215,6 +234,8 @@ class Evaluator:
       out["num_real"] = len(self.real.images)
     if "likelihood" in self.cfg.metrics:
       out["iwae_k"] = self.cfg.iwae_k
+    if any(n in _FAIRNESS for n in self.cfg.metrics):
+      out.update(fair_eval.describe(self.exp.config))
     return out
 
 

@@ -26,7 +26,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   exp = train.setup(config)
   checkpoint.check_config(workdir, config)
-  evaluator = evaluate_lib.Evaluator(exp)
+  evaluator = evaluate_lib.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
   if config.eval.generator == "train_data":
     state, step, which, name = None, 0, "none", "reference_train_data.json"
   else:

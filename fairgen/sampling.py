@@ -48,14 +48,25 @@ def grid_scale(spec: Any) -> int:
   return max(1, 56 // spec.image_shape[0])
 
 
-def prior_labels(num: int, num_classes: int, rng: np.random.Generator | None = None,
-                 probs: np.ndarray | None = None) -> np.ndarray:
-  """Labels for samples: classes in turn, or drawn from ``probs`` with ``rng``."""
+def prior_labels(num: int, num_classes: int, probs: Any = None, seed: int = 0) -> np.ndarray:
+  """Labels for ``num`` samples of a conditional model (zeros for unconditional ones).
+
+  Without ``probs``: the classes in turn (0, 1, ..., 0, 1, ...). With ``probs``: exact
+  quotas (largest remainder of ``num * probs``) in a seeded random order, so the labels
+  follow the distribution without sampling noise.
+  """
   if num_classes <= 0:
     return np.zeros(num, np.int32)
   if probs is None:
     return (np.arange(num) % num_classes).astype(np.int32)
-  return rng.choice(num_classes, size=num, p=probs).astype(np.int32)
+  p = np.asarray(probs, np.float64)
+  if p.shape != (num_classes,) or np.any(p < 0) or p.sum() <= 0:
+    raise ValueError(f"probs must be {num_classes} non-negative weights, got {probs}.")
+  exact = num * p / p.sum()
+  counts = np.floor(exact).astype(np.int64)
+  counts[np.argsort(-(exact - counts), kind="stable")[:num - counts.sum()]] += 1
+  labels = np.repeat(np.arange(num_classes, dtype=np.int32), counts)
+  return np.random.default_rng(seed).permutation(labels)
 
 
 def generate_images(exp: Any, state: Any, rng: jax.Array, num: int,
@@ -64,7 +75,7 @@ def generate_images(exp: Any, state: Any, rng: jax.Array, num: int,
   """``num`` samples (and their latents) from prior latents drawn with ``rng``."""
   latents = np.asarray(exp.objective.sample_latents(rng, num, truncation))
   if labels is None:
-    labels = prior_labels(num, exp.objective.num_classes)
+    labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
   return decode_images(exp, state, latents, labels, batch_size), latents
 
 
@@ -99,8 +110,8 @@ def write_samples(exp: Any, state: Any, step: int, out_dir: str, num: int, seed:
   scale = grid_scale(exp.spec)
   ncols = int(np.ceil(np.sqrt(num)))
 
-  images, latents = generate_images(exp, state, k_grid, num, truncation=truncation)
-  labels = prior_labels(num, exp.objective.num_classes)
+  labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
+  images, latents = generate_images(exp, state, k_grid, num, labels, truncation=truncation)
   _save(out_dir, "grid", images, latents, labels, ncols, scale)
 
   rows = max(1, min(8, num // interpolation_steps))

@@ -23,6 +23,7 @@ from fairgen import checkpoint
 from fairgen import config as config_lib
 from fairgen import data
 from fairgen import evaluate
+from fairgen import fair
 from fairgen import logs
 from fairgen import objectives
 from fairgen import parallel
@@ -213,31 +214,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      config.train.num_steps)
         return {"start_step": start_step, "final_step": start_step, "scalars": {},
                 "train_step_traces": 0, "preempted": False}
-      return _train_loop(exp, source, state, start_step, ckpt, workdir)
+      # Importance weights or a group-balancing sampler (fair.method); cached in the workdir.
+      source, sampler = fair.prepare(config, source, workdir, exp.global_batch)
+      return _train_loop(exp, source, state, start_step, ckpt, workdir, sampler)
     finally:
       ckpt.close()
 
 
 def _train_loop(exp: Experiment, source: data.Source, state: Any, start_step: int,
-                ckpt: checkpoint.Checkpointer, workdir: str) -> dict[str, Any]:
+                ckpt: checkpoint.Checkpointer, workdir: str,
+                sampler: data.WeightedSampler | None = None) -> dict[str, Any]:
   config = exp.config
   num_steps = config.train.num_steps
   summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step,
                              "scalars": {}, "preempted": False}
   evaluator = best = None
   if config.eval.every_steps:
-    evaluator = evaluate.Evaluator(exp)
+    evaluator = evaluate.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
     evaluator.check()  # A missing backbone fails now, not after hours of training.
     best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode)
   traces = [0]
   train_step = make_train_step(exp, traces)
   grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
-  grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes)
+  grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes,
+                                      exp.objective.label_probs)
   rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
   logger = logs.MetricLogger(workdir, num_steps, start_step)
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=config.data.prefetch)
+                       prefetch=config.data.prefetch, sampler=sampler)
   acc, wait_mark = _Accumulator(), 0.0
   try:
     with robust.Preemption() as preemption:

@@ -93,7 +93,7 @@ def test_digit_group_biased_mnist():
   union = bias.biased_mnist("train", subset="union", tfds_data_dir=None)
   biased = bias.biased_mnist("train")
   ref = bias.biased_mnist("train", subset="reference")
-  assert biased.spec == base.DataSpec("biased_mnist", (28, 28, 1), 10)
+  assert biased.spec == base.DataSpec("biased_mnist", (28, 28, 1), 10, 2)
   a = union.arrays
   assert set(a) == {"image", "label", "attr", "is_ref"}
   np.testing.assert_array_equal(a["attr"], (a["label"] >= 5).astype(np.int32))

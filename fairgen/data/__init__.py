@@ -9,8 +9,8 @@ from fairgen.data import bias
 from fairgen.data import offline
 from fairgen.data import tabular
 from fairgen.data import tfds_datasets
-from fairgen.data.base import ArraySource, DataError, DataSpec, Source
-from fairgen.data.pipeline import IndexSampler, Loader
+from fairgen.data.base import ArraySource, DataError, DataSpec, Source, SubsetSource, read_column
+from fairgen.data.pipeline import IndexSampler, Loader, WeightedSampler
 from fairgen.registry import Registry
 
 DATASETS: Registry[Callable[..., Source]] = Registry("dataset")
@@ -24,14 +24,49 @@ DATASETS.register("adult")(tabular.adult)
 DATASETS.register("german")(tabular.german)
 DATASETS.register("adult_aif360")(adult_aif360.adult_aif360)
 DATASETS.register("biased_mnist")(bias.biased_mnist)
+DATASETS.register("biased_celeb_a")(bias.biased_celeb_a)
+
+# Options that change what the examples look like (not which rows are taken): they name
+# the cached classifiers trained on a dataset (``cache_tag``).
+_DOMAIN_OPTIONS = {"biased_mnist": ("attribute", "num_colors", "digits", "color_seed"),
+                   "biased_celeb_a": ("attribute", "image_size")}
 
 
-def load(data_config: Mapping[str, Any], split: str) -> Source:
-  """Opens ``split`` of the dataset that ``data_config`` (the config's data section) names."""
+def load(data_config: Mapping[str, Any], split: str,
+         overrides: Mapping[str, Any] | None = None) -> Source:
+  """Opens ``split`` of the dataset that ``data_config`` (the config's data section) names.
+
+  ``overrides`` replace some of ``data_config.options`` (e.g. ``eval_options``).
+  """
   loader = DATASETS.get(data_config["name"])
-  options = dict(data_config.get("options") or {})
+  options = {**dict(data_config.get("options") or {}), **dict(overrides or {})}
   return loader(split, tfds_data_dir=data_config.get("tfds_data_dir"), **options)
 
 
+def load_eval(data_config: Mapping[str, Any]) -> Source:
+  """The held-out real data of evaluation: ``eval_split`` with ``eval_options`` applied."""
+  return load(data_config, data_config["eval_split"], data_config.get("eval_options"))
+
+
+def cache_tag(data_config: Mapping[str, Any]) -> str:
+  """A name for classifiers trained on this dataset: its name plus its domain options.
+
+  E.g. ``biased_mnist-attribute=color-num_colors=3``: classifiers trained for the colour
+  and the digit-group variants must not share a cache directory. Options that only pick
+  rows (proportions, ref_fraction, subset, seed) are left out.
+  """
+  name = data_config["name"]
+  options = dict(data_config.get("options") or {})
+  parts = [name]
+  for key in _DOMAIN_OPTIONS.get(name, ()):
+    if key in options:
+      value = options[key]
+      if isinstance(value, (list, tuple)):
+        value = "".join(str(v) for v in value)
+      parts.append(f"{key}={value}")
+  return "-".join(parts)
+
+
 __all__ = ["ArraySource", "DATASETS", "DataError", "DataSpec", "IndexSampler", "Loader",
-           "Source", "load"]
+           "Source", "SubsetSource", "WeightedSampler", "cache_tag", "load", "load_eval",
+           "read_column"]

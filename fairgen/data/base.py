@@ -21,11 +21,16 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """What a model needs to know about a dataset: shapes and label cardinality."""
+  """What a model needs to know about a dataset: shapes, label and group cardinality.
+
+  ``num_groups`` > 0 when examples carry a sensitive-attribute group id ``attr`` in
+  [0, num_groups) (the biased datasets of ``bias.py``); 0 otherwise.
+  """
 
   name: str
   image_shape: tuple[int, int, int]
   num_classes: int
+  num_groups: int = 0
 
 
 class Source(Protocol):
@@ -93,6 +98,52 @@ class MappedSource:
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     examples = [self._decode(self._records[int(i)]) for i in indices]
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class SubsetSource:
+  """Rows of another source, with extra per-row columns (e.g. ``attr``, ``is_ref``, ``weight``).
+
+  Row ``i`` of this source is row ``rows[i]`` of ``source`` (all rows, in order, when
+  ``rows`` is None) plus ``columns[k][i]`` for every extra column.
+  """
+
+  def __init__(self, source: Source, rows: np.ndarray | None = None,
+               columns: Mapping[str, np.ndarray] | None = None, spec: DataSpec | None = None):
+    self.source = source
+    self.spec = spec or source.spec
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
+    self.columns = {k: np.asarray(v) for k, v in (columns or {}).items()}
+    for key, values in self.columns.items():
+      if len(values) != len(self):
+        raise DataError(f"Dataset {self.spec.name!r}: column {key!r} has {len(values)} rows, "
+                        f"the source has {len(self)}.")
+
+  def __len__(self) -> int:
+    return len(self.source) if self.rows is None else len(self.rows)
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = np.asarray(indices, np.int64)
+    out = self.source.get(indices if self.rows is None else self.rows[indices])
+    out.update({k: v[indices] for k, v in self.columns.items()})
+    return out
+
+
+def read_column(source: Source, key: str, chunk: int = 1000) -> np.ndarray:
+  """All values of one column of ``source`` (without decoding twice where it is in memory)."""
+  arrays = getattr(source, "arrays", None)
+  if arrays is not None and key in arrays:
+    return arrays[key]
+  columns = getattr(source, "columns", None)
+  if columns is not None and key in columns:
+    return columns[key]
+  parts = []
+  for start in range(0, len(source), chunk):
+    batch = source.get(np.arange(start, min(start + chunk, len(source))))
+    if key not in batch:
+      raise DataError(f"Dataset {source.spec.name!r} has no {key!r} column; it has "
+                      f"{sorted(batch)}.")
+    parts.append(np.asarray(batch[key]))
+  return np.concatenate(parts)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float,

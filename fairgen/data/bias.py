@@ -30,7 +30,9 @@ from fairgen.data import base
 from fairgen.data import offline
 
 ATTRIBUTES = ("digit_group", "color")
-SUBSETS = ("biased", "reference", "union")
+# 'all': every row of the split; 'balanced': the largest exactly group-balanced subset of it
+# (for attribute classifiers and for real reference data in evaluation).
+SUBSETS = ("biased", "reference", "union", "all", "balanced")
 
 # Stroke colours as RGB in [0, 1]. The order is part of the dataset's definition: group g
 # is drawn in PALETTE[g].
@@ -267,6 +269,52 @@ def make_bias_split(attr: np.ndarray, proportions: Sequence[float], ref_fraction
           np.sort(np.concatenate(reference)).astype(np.int64))
 
 
+def select_subset(attr: np.ndarray, subset: str, proportions: Sequence[float],
+                  ref_fraction: float, seed: int, biased_size: int | None = None,
+                  groups: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The rows of one subset of a bias split, and which of them belong to the reference set.
+
+  Args:
+    attr: int group ids of every row of the split, shape [N].
+    subset: one of ``SUBSETS``: 'biased', 'reference', 'union' (both), 'all' (every row)
+      or 'balanced' (the largest subset with exactly equal group counts, drawn with
+      ``seed``).
+    proportions, ref_fraction, seed, biased_size: as in ``make_bias_split`` (unused by
+      'all' and 'balanced').
+    groups: the number of groups (default ``len(proportions)``).
+
+  Returns:
+    ``(rows, is_ref)``: sorted int64 row indices and an int32 flag per row (1 for rows of
+    the reference set; all 0 for 'all' and 'balanced').
+  """
+  if subset not in SUBSETS:
+    raise base.DataError(f"Unknown subset {subset!r}; valid subsets: {', '.join(SUBSETS)}.")
+  groups = groups or len(proportions)
+  if subset == "all":
+    rows = np.arange(len(attr), dtype=np.int64)
+    return rows, np.zeros(len(rows), np.int32)
+  if subset == "balanced":
+    uniform = [fractions.Fraction(1, groups)] * groups
+    counts = np.bincount(np.asarray(attr), minlength=groups)
+    size = groups * int(counts.min())
+    if size == 0:
+      raise base.DataError(f"A group has no examples, so no balanced subset exists "
+                           f"(group counts {counts.tolist()}).")
+    rows, _ = make_bias_split(attr, [float(f) for f in uniform], 0.0, seed, size)
+    return rows, np.zeros(len(rows), np.int32)
+  biased, reference = make_bias_split(attr, proportions, ref_fraction, seed, biased_size)
+  rows = {"biased": biased, "reference": reference,
+          "union": np.sort(np.concatenate([biased, reference]))}[subset]
+  return rows, np.isin(rows, reference).astype(np.int32)
+
+
+def _check_proportions(attribute: str, groups: int, proportions: Sequence[float]) -> None:
+  if len(proportions) != groups:
+    raise base.DataError(
+        f"attribute={attribute!r} has {groups} groups, but {len(proportions)} proportions "
+        f"were given: {list(proportions)}.")
+
+
 def biased_mnist(split: str, attribute: str = "digit_group",
                  proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
                  num_colors: int = 2, subset: str = "biased", seed: int = 0,
@@ -281,7 +329,7 @@ def biased_mnist(split: str, attribute: str = "digit_group",
     proportions: group shares of the biased set, one per group (see ``num_groups``).
     ref_fraction: reference-set size relative to the biased set.
     num_colors: palette size for ``attribute='color'``.
-    subset: 'biased', 'reference' or 'union' (both, flagged by ``is_ref``).
+    subset: one of ``SUBSETS`` (see ``select_subset``).
     seed: seed of the biased/reference split.
     biased_size: biased-set size; None for the largest the split allows.
     digits: the digits of group 0 for ``attribute='digit_group'``.
@@ -302,10 +350,8 @@ def biased_mnist(split: str, attribute: str = "digit_group",
   groups = num_groups(attribute, num_colors)
   if subset not in SUBSETS:
     raise base.DataError(f"Unknown subset {subset!r}; valid subsets: {', '.join(SUBSETS)}.")
-  if len(proportions) != groups:
-    raise base.DataError(
-        f"attribute={attribute!r} has {groups} groups, but {len(proportions)} proportions "
-        f"were given: {list(proportions)}.")
+  if subset not in ("all", "balanced"):
+    _check_proportions(attribute, groups, proportions)
   source = offline.mnist_5k(split)
   images, labels = source.arrays["image"], source.arrays["label"]
   if attribute == "color":
@@ -313,14 +359,42 @@ def biased_mnist(split: str, attribute: str = "digit_group",
     images = colorize(images, attr)
   else:
     attr = digit_group(labels, digits)
-  biased, reference = make_bias_split(attr, proportions, ref_fraction, seed, biased_size)
-  if subset == "biased":
-    rows = biased
-  elif subset == "reference":
-    rows = reference
-  else:
-    rows = np.sort(np.concatenate([biased, reference]))
-  is_ref = np.isin(rows, reference).astype(np.int32)
-  spec = base.DataSpec("biased_mnist", images.shape[1:], source.spec.num_classes)
+  rows, is_ref = select_subset(attr, subset, proportions, ref_fraction, seed, biased_size,
+                               groups)
+  spec = base.DataSpec("biased_mnist", images.shape[1:], source.spec.num_classes, groups)
   return base.ArraySource(spec, {"image": images[rows], "label": labels[rows],
                                  "attr": attr[rows], "is_ref": is_ref})
+
+
+def biased_celeb_a(split: str, attribute: str = "Male",
+                   proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
+                   subset: str = "biased", seed: int = 0, biased_size: int | None = None,
+                   label_attribute: str | None = None, tfds_data_dir: str | None = None,
+                   image_size: int = 64, **unused) -> base.SubsetSource:
+  """A biased split of TFDS CelebA (where prepared), grouped by one binary attribute.
+
+  Choi et al.'s CelebA setting: ``attribute='Male'`` (or 'Black_Hair'), group 1 where the
+  attribute is true. Reading the groups decodes every record of the split once.
+
+  Args:
+    split: the TFDS split ('train', 'validation', 'test').
+    attribute: the CelebA attribute that defines the two groups.
+    proportions, ref_fraction, subset, seed, biased_size: as in ``biased_mnist``.
+    label_attribute: the attribute used as ``label`` (default: ``attribute``).
+    tfds_data_dir: where the array_record CelebA is prepared.
+    image_size: side of the centre-cropped, resized images.
+    **unused: the loader's other common options.
+
+  Returns:
+    A source with 'image', 'label', 'attr' and 'is_ref'.
+  """
+  del unused
+  from fairgen.data import tfds_datasets  # pylint: disable=g-import-not-at-top
+  if subset not in ("all", "balanced"):
+    _check_proportions(attribute, 2, proportions)
+  source = tfds_datasets.celeb_a(split, tfds_data_dir, image_size=image_size,
+                                 label_attribute=label_attribute or attribute)
+  attr = tfds_datasets.celeb_a_attribute(split, tfds_data_dir, attribute)
+  rows, is_ref = select_subset(attr, subset, proportions, ref_fraction, seed, biased_size, 2)
+  spec = base.DataSpec("biased_celeb_a", source.spec.image_shape, 2, 2)
+  return base.SubsetSource(source, rows, {"attr": attr[rows], "is_ref": is_ref}, spec)

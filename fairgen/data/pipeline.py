@@ -55,6 +55,33 @@ class IndexSampler:
     return np.asarray(out, np.int64)
 
 
+class WeightedSampler:
+  """Draws each step's batch with replacement, example ``i`` with probability ``probs[i]``.
+
+  The batch of step ``s`` is a pure function of ``(seed, s)`` (one generator per step), so
+  resumption stays exact without any sampler state. Used for resampling by inverse group
+  frequency (``fairgen.fair``).
+  """
+
+  def __init__(self, probs: np.ndarray, global_batch: int, seed: int):
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 1 or len(probs) == 0:
+      raise base.DataError("Cannot sample batches from an empty split.")
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or probs.sum() <= 0:
+      raise base.DataError("Sampling probabilities must be finite, >= 0 and not all 0.")
+    self.probs = probs / probs.sum()
+    self.cdf = np.cumsum(self.probs)
+    self.num_examples = len(probs)
+    self.global_batch = global_batch
+    self.seed = seed
+
+  def indices(self, step: int) -> np.ndarray:
+    """The ``global_batch`` example indices of ``step``."""
+    u = np.random.default_rng([self.seed, step, 1]).random(self.global_batch)
+    idx = np.searchsorted(self.cdf, u * self.cdf[-1], side="right")
+    return np.minimum(idx, self.num_examples - 1).astype(np.int64)
+
+
 def process_slice(global_batch: int, process_index: int, process_count: int) -> slice:
   """The part of a global batch that one process loads."""
   if global_batch % process_count:
@@ -68,15 +95,20 @@ def process_slice(global_batch: int, process_index: int, process_count: int) -> 
 class Loader:
   """Yields ``(step, batch)`` for consecutive steps, prefetched to device in a thread.
 
+  ``sampler`` picks each step's examples (default: ``IndexSampler``, epochs of permutations).
+
   ``batch`` is a dict of global ``jax.Array`` sharded by ``sharding`` (the data axis).
   ``wait_seconds`` accumulates the time the consumer spent blocked on input.
   """
 
   def __init__(self, source: base.Source, global_batch: int, seed: int,
                sharding: jax.sharding.Sharding, start_step: int, end_step: int,
-               prefetch: int = 2):
+               prefetch: int = 2, sampler: IndexSampler | WeightedSampler | None = None):
     self.source = source
-    self.sampler = IndexSampler(len(source), global_batch, seed)
+    self.sampler = sampler or IndexSampler(len(source), global_batch, seed)
+    if self.sampler.global_batch != global_batch:
+      raise ValueError(f"The sampler draws {self.sampler.global_batch} examples per step, "
+                       f"the loader needs {global_batch}.")
     self.sharding = sharding
     self.start_step, self.end_step = start_step, end_step
     self._slice = process_slice(global_batch, jax.process_index(), jax.process_count())

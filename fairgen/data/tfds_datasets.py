@@ -78,3 +78,13 @@ def celeb_a(split: str, tfds_data_dir: str | None = None, image_size: int = 64,
       crop_resize=(140, image_size),
       label=lambda r: int(bool(np.asarray(r["attributes"][label_attribute]))))
   return base.MappedSource(spec, _open("celeb_a", split, tfds_data_dir), decode)
+
+
+def celeb_a_attribute(split: str, tfds_data_dir: str | None, attribute: str) -> np.ndarray:
+  """The int32 0/1 values of one CelebA attribute for every record of ``split``."""
+  records = _open("celeb_a", split, tfds_data_dir)
+  try:
+    return np.asarray([bool(np.asarray(records[i]["attributes"][attribute]))
+                       for i in range(len(records))], np.int32)
+  except KeyError:
+    raise base.DataError(f"CelebA has no attribute {attribute!r}.") from None

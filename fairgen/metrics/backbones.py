@@ -148,10 +148,39 @@ def default_classifier_dir(dataset: str, label_key: str = "label") -> str:
       os.path.join(cache, f"classifier_{dataset}_{label_key}")))
 
 
+def train_command(data_config: Mapping[str, Any], label_key: str = "label",
+                  extra_options: Mapping[str, Any] | None = None) -> str:
+  """The ``tools/train_classifier.py`` command that trains a classifier for ``data_config``.
+
+  ``extra_options`` add dataset options for training only (e.g. ``subset='balanced'``).
+  """
+  import shlex  # pylint: disable=g-import-not-at-top
+  options = {**dict(data_config.get("options") or {}), **dict(extra_options or {})}
+  parts = [_TRAIN_TOOL, f"--dataset={data_config['name']}"]
+  if label_key != "label":
+    parts.append(f"--label={label_key}")
+  for key, value in options.items():
+    if isinstance(value, list):
+      value = tuple(value)
+    text = value if isinstance(value, str) else repr(value)
+    parts.append(f"--option {shlex.quote(f'{key}={text}')}")
+  return " ".join(parts)
+
+
+def load_backbone_or_explain(kind: str, path: str, command: str) -> Backbone:
+  """``load_backbone``, re-raising a missing backbone with the command that makes it."""
+  try:
+    return load_backbone(kind, path)
+  except BackboneNotFoundError as e:
+    message = str(e).split(" Train one with")[0]
+    raise BackboneNotFoundError(f"{message} Train one with `{command} --out={path}`.") from None
+
+
 # --- The "classifier" kind. -------------------------------------------------------------
 
 
-def _model(arch: Mapping[str, Any]) -> Classifier:
+def classifier_model(arch: Mapping[str, Any]) -> Classifier:
+  """The ``Classifier`` of a backbone's ``info['architecture']``."""
   return Classifier(num_classes=int(arch["num_classes"]), width=int(arch["width"]),
                     feature_dim=int(arch["feature_dim"]), dropout=float(arch["dropout"]))
 
@@ -169,12 +198,12 @@ def classifier_backbone(params: Any, info: Mapping[str, Any], path: str = "",
                         chunk_size: int = DEFAULT_CHUNK) -> Backbone:
   """Wraps trained ``Classifier`` params and their info dict as a ``Backbone``."""
   arch = info["architecture"]
-  return Backbone("classifier", path, info, _classifier_apply(_model(arch)), params,
+  return Backbone("classifier", path, info, _classifier_apply(classifier_model(arch)), params,
                   image_shape=tuple(info["image_shape"]), feature_dim=arch["feature_dim"],
                   num_classes=arch["num_classes"], chunk_size=chunk_size)
 
 
-def _augment(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
+def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
   """Translates each image by up to ``max_shift`` pixels (edge padding, random crop)."""
   n, h, w, _ = images.shape
   pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
@@ -194,7 +223,7 @@ def _train_step(state: dict[str, Any], images: jax.Array, labels: jax.Array, rng
   rng = jax.random.fold_in(rng, state["step"])
   aug_rng, dropout_rng = jax.random.split(rng)
   if max_shift:
-    images = _augment(images, aug_rng, max_shift)
+    images = random_translate(images, aug_rng, max_shift)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, images, train=True,
@@ -298,7 +327,7 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   max_shift = max_shift if augment else 0
   arch = {"num_classes": int(num_classes), "width": int(width),
           "feature_dim": int(feature_dim), "dropout": float(dropout)}
-  model = _model(arch)
+  model = classifier_model(arch)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
   init_rng, base = jax.random.split(jax.random.key(seed))
   params = model.init(init_rng, jnp.zeros((1, *image_shape)))["params"]
@@ -409,7 +438,7 @@ def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone
   if info.get("format_version") != _FORMAT_VERSION:
     raise ValueError(f"{info_path} has format_version {info.get('format_version')!r}, "
                      f"expected {_FORMAT_VERSION}; retrain it with {_TRAIN_TOOL}.")
-  model = _model(info["architecture"])
+  model = classifier_model(info["architecture"])
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, *info["image_shape"])))["params"]
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

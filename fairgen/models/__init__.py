@@ -25,24 +25,40 @@ MODELS: Registry[Any] = Registry("model")
 
 @dataclasses.dataclass(frozen=True)
 class GanModules:
-  """A generator and a discriminator, and the latent size the generator takes."""
+  """A generator and a discriminator, the latent size, and what conditions them.
+
+  ``num_classes`` > 0 for conditional nets, which read their labels from
+  ``batch[condition_key]`` ('label' for classes, 'attr' for sensitive-attribute groups).
+  """
 
   generator: nn.Module
   discriminator: nn.Module
   latent_dim: int
   num_classes: int
+  condition_key: str = "label"
 
 
 @MODELS.register("dcgan")
 def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
                 conditional: bool = False, dropout: float = 0.3,
-                fast_conv: bool = True) -> GanModules:
-  """The seeds' DCGAN; ``conditional`` conditions both nets on the dataset's labels."""
-  num_classes = spec.num_classes if conditional else 0
+                fast_conv: bool = True, condition_key: str = "label") -> GanModules:
+  """The seeds' DCGAN; ``conditional`` conditions both nets on ``batch[condition_key]``.
+
+  ``condition_key='label'`` conditions on the dataset's classes, ``'attr'`` on its
+  sensitive-attribute groups (``spec.num_groups``; the 'conditional' fairness method).
+  """
+  if condition_key not in ("label", "attr"):
+    raise ValueError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
+  if conditional and condition_key == "attr" and not spec.num_groups:
+    raise ValueError(f"model.condition_key='attr' needs a dataset with groups; "
+                     f"{spec.name!r} has none.")
+  num_classes = 0
+  if conditional:
+    num_classes = spec.num_groups if condition_key == "attr" else spec.num_classes
   return GanModules(
       generator=dcgan.Generator(spec.image_shape, latent_dim, width, num_classes, fast_conv),
       discriminator=dcgan.Discriminator(width, num_classes, dropout),
-      latent_dim=latent_dim, num_classes=num_classes)
+      latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)
 
 
 @MODELS.register("vae")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import ml_collections
@@ -35,10 +36,21 @@ def build_model(config: ml_collections.ConfigDict, spec: DataSpec) -> Any:
 
 
 def build_objective(config: ml_collections.ConfigDict, spec: DataSpec) -> Objective:
-  """The objective of ``config`` for data of ``spec``."""
+  """The objective of ``config`` for data of ``spec``, with its fairness mitigation.
+
+  ``fair.method='penalty'`` adds the frozen attribute classifier's penalty to the GAN
+  generator's loss; a group-conditional generator samples its groups from ``fair.target``.
+  """
+  from fairgen import fair  # pylint: disable=g-import-not-at-top  (fair imports data/metrics)
   modules = build_model(config, spec)
-  return OBJECTIVES.get(config.objective.name)(
-      modules, spec, config.objective.to_dict(), config.optim.to_dict())
+  extras = {}
+  penalty = fair.generator_penalty(config, spec)
+  if penalty is not None:
+    extras["penalty"] = penalty
+  objective = OBJECTIVES.get(config.objective.name)(
+      modules, spec, config.objective.to_dict(), config.optim.to_dict(), **extras)
+  probs = fair.label_probs(config, objective.num_classes)
+  return dataclasses.replace(objective, label_probs=probs) if probs else objective
 
 
 __all__ = ["OBJECTIVES", "Objective", "build_model", "build_objective"]

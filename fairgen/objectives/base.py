@@ -42,6 +42,8 @@ class Objective:
     num_classes: > 0 when ``generate`` uses its labels.
     predict: ``(state, batch) -> P(label = 1)`` for objectives that train a classifier
       (fair classifiers, VFAE's label head); None otherwise.
+    label_probs: the distribution ``generate`` draws labels from for conditional models
+      (None: every class equally often); e.g. the target group distribution.
   """
 
   init: Callable[[jax.Array], State]
@@ -51,6 +53,7 @@ class Objective:
   examples_per_step: int = 1
   num_classes: int = 0
   predict: Callable[[State, Batch], jax.Array] | None = None
+  label_probs: tuple[float, ...] | None = None
 
   def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
     """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""

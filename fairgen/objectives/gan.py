@@ -7,7 +7,7 @@ so importance weights multiply the real term only (Choi et al. 2020).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,9 @@ import optax
 
 from fairgen.models import GanModules
 from fairgen.objectives import base
+
+# images -> (loss, metrics), added to the generator's loss (fairgen.fair.attribute_penalty).
+Penalty = Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def d_nonsaturating(real_logits: jax.Array,
@@ -53,8 +56,13 @@ def init(nets: GanModules, gen_tx: optax.GradientTransformation,
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: GanModules,
                gen_tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-               n_disc: int, ema_decay: float) -> tuple[base.State, base.Metrics]:
-  """One generator update after ``n_disc`` discriminator updates."""
+               n_disc: int, ema_decay: float, penalty: Penalty | None = None
+               ) -> tuple[base.State, base.Metrics]:
+  """One generator update after ``n_disc`` discriminator updates.
+
+  ``penalty`` (``images -> (loss, metrics)``) is added to the generator's loss: the
+  fairness penalty ``L_G + lambda * L_F`` (``fairgen.fair.attribute_penalty``).
+  """
   rng = jax.random.fold_in(rng, state["step"])
   G, D = nets.generator, nets.discriminator
   gen, disc = state["gen"], state["disc"]
@@ -66,7 +74,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: Ga
     return fake, updates
 
   reals = _split_microbatches(batch["image"], n_disc)
-  labels = _split_microbatches(batch["label"], n_disc)
+  labels = _split_microbatches(batch[nets.condition_key] if nets.num_classes else
+                               batch["label"], n_disc)
   weights = (_split_microbatches(batch["weight"], n_disc) if "weight" in batch
              else jnp.ones(labels.shape, jnp.float32))
   b = reals.shape[1]
@@ -106,9 +115,15 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: Ga
   def g_loss_fn(g_params):
     fake, updates = generate(g_params, z, y_fake)
     logits = D.apply({"params": d_params}, fake, y_fake, train=True, rngs={"dropout": r_drop})
-    return jnp.mean(g_nonsaturating(logits)), updates
+    loss = jnp.mean(g_nonsaturating(logits))
+    aux = {"g_adv_loss": loss}
+    if penalty is not None:
+      fair_loss, fair_metrics = penalty(fake)
+      loss, aux = loss + fair_loss, {**aux, **fair_metrics}
+    return loss, (updates, aux)
 
-  (g_loss, g_updates), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(gen["params"])
+  (g_loss, (g_updates, g_aux)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      gen["params"])
   updates, g_opt = gen_tx.update(g_grads, gen["opt"], gen["params"])
   g_params = optax.apply_updates(gen["params"], updates)
   new_gen = {"params": g_params, "opt": g_opt, **g_updates}
@@ -119,6 +134,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: Ga
       "ema": base.ema_update(state["ema"], g_params, state["step"], ema_decay),
   }
   metrics = {"g_loss": g_loss, "g_grad_norm": base.global_norm(g_grads), **d_metrics}
+  if penalty is not None:
+    metrics.update(g_aux)
   return new_state, metrics
 
 
@@ -133,8 +150,11 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *, nets: GanModul
 
 
 def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any]) -> base.Objective:
-  """The GAN objective from the config's objective and optim sections."""
+          optim: Mapping[str, Any], penalty: Penalty | None = None) -> base.Objective:
+  """The GAN objective from the config's objective and optim sections.
+
+  ``penalty``: an optional term of the generator's loss (see ``train_step``).
+  """
   if not isinstance(nets, GanModules):
     raise ValueError("The 'gan' objective needs a GAN model (e.g. model.name='dcgan').")
   gen_tx = base.make_optimizer(optim["gen"])
@@ -143,7 +163,8 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape)),
       train_step=functools.partial(train_step, nets=nets, gen_tx=gen_tx, disc_tx=disc_tx,
-                                   n_disc=n_disc, ema_decay=float(objective["ema_decay"])),
+                                   n_disc=n_disc, ema_decay=float(objective["ema_decay"]),
+                                   penalty=penalty),
       decode=functools.partial(decode, nets=nets, use_ema=float(objective["ema_decay"]) > 0),
       latent_dim=nets.latent_dim,
       examples_per_step=n_disc,

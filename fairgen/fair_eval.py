@@ -1,0 +1,140 @@
+"""Fairness evaluators of generative models: fairness discrepancy and per-group quality.
+
+Both use the frozen *attribute classifier* (``fairgen.fair.attribute_classifier``: trained
+by ``tools/train_classifier.py --label=attr`` on the balanced data) to assign each generated
+sample to a group, and ``fair.target`` (uniform by default) as the target distribution.
+
+- ``fairness_discrepancy``: ``fd_l2``, ``fd_l1``, ``fd_kl`` between the generated group
+  distribution (hard labels over ``eval.num_samples`` samples) and the target, each with a
+  bootstrap standard deviation (``<key>_std``, ``fair.bootstrap`` resamples of the
+  samples), plus the generated share of every group (``group_share_<g>``). Writes the group
+  proportion bar chart ``groups_step_NNNNNN.png`` where the evaluation has an output folder.
+- ``group_quality``: for every group ``g``, FID, precision and recall of the generated
+  samples classified as ``g`` against the real held-out samples of group ``g``, so a
+  method that is fair but degrades or collapses one group shows it. Every group is scored
+  on the same number of samples, ``min(fair.group_samples, real samples of g)``, drawing
+  more generated samples (up to 20 rounds of ``eval.num_samples``) until the rarest group
+  has that many. A group the generator (almost) never produces gets ``n_gen_group_<g>``
+  and no quality numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from fairgen import fair
+from fairgen import sampling
+from fairgen.metrics import fairness_discrepancy as fd_lib
+from fairgen.metrics import quality
+
+Scalars = Iterable[tuple[str, float]]
+MAX_ROUNDS = 20
+
+
+def _fair_value(config: Any, key: str, default: Any) -> Any:
+  return config.fair.get(key, default) if "fair" in config else default
+
+
+class _Groups:
+  """The attribute classifier's view of one evaluation's samples (cached per context)."""
+
+  def __init__(self, ctx: Any):
+    self.ctx = ctx
+    self.classifier = fair.attribute_classifier(ctx.config)
+    self.num_groups = self.classifier.num_classes
+    self.target = fair.target_distribution(ctx.config, self.num_groups)
+
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    return np.argmax(self.classifier.probs(images), axis=-1).astype(np.int32)
+
+  @functools.cached_property
+  def fake(self) -> np.ndarray:
+    return self.predict(self.ctx.fake_images)
+
+
+def _groups(ctx: Any) -> _Groups:
+  if not hasattr(ctx, "_fair_groups"):
+    ctx._fair_groups = _Groups(ctx)  # pylint: disable=protected-access
+  return ctx._fair_groups  # pylint: disable=protected-access
+
+
+def fairness_discrepancy(ctx: Any) -> Scalars:
+  """FD-L2/L1/KL of the generated groups from the target, with bootstrap spreads."""
+  groups = _groups(ctx)
+  preds, g = groups.fake, groups.num_groups
+  dist = fd_lib.group_distribution(preds, g)
+  values = fd_lib.discrepancy(dist, groups.target)
+  resamples = int(_fair_value(ctx.config, "bootstrap", 200))
+  for key, value in values.items():
+    yield key, value
+    if resamples >= 2:
+      _, std, _ = fd_lib.bootstrap(
+          lambda p, key=key: fd_lib.discrepancy(fd_lib.group_distribution(p, g),
+                                                groups.target)[key],
+          preds, num_resamples=resamples, seed=ctx.cfg.seed)
+      yield f"{key}_std", std
+  for k in range(g):
+    yield f"group_share_{k}", float(dist[k])
+  if ctx.out_dir and jax.process_index() == 0:
+    fd_lib.group_proportions_chart(
+        dist, groups.target, os.path.join(ctx.out_dir, f"groups_step_{ctx.step:06d}.png"))
+
+
+def _generated_by_group(ctx: Any, groups: _Groups, need: np.ndarray
+                        ) -> list[np.ndarray]:
+  """Generated images split by predicted group, drawing more until each has ``need[g]``."""
+  images, preds = [ctx.fake_images], [groups.fake]
+  counts = np.bincount(groups.fake, minlength=groups.num_groups)
+  rounds = 1
+  while (ctx.cfg.generator == "model" and np.any(counts < need) and rounds < MAX_ROUNDS):
+    extra, _ = sampling.generate_images(
+        ctx.exp, ctx.state, jax.random.fold_in(jax.random.key(ctx.cfg.seed), rounds),
+        ctx.cfg.num_samples, truncation=ctx.cfg.truncation, batch_size=ctx.cfg.batch_size)
+    p = groups.predict(extra)
+    images.append(extra)
+    preds.append(p)
+    counts += np.bincount(p, minlength=groups.num_groups)
+    rounds += 1
+  images, preds = np.concatenate(images), np.concatenate(preds)
+  return [images[preds == k][:need[k]] for k in range(groups.num_groups)]
+
+
+def group_quality(ctx: Any) -> Scalars:
+  """Per-group FID, precision and recall: generated group g against real group g."""
+  groups = _groups(ctx)
+  real_attr = np.asarray(ctx.real.batch["attr"], np.int32)
+  real_feats = ctx.real.outputs[0]
+  per_group = int(_fair_value(ctx.config, "group_samples", 500))
+  real_counts = np.bincount(real_attr, minlength=groups.num_groups)
+  need = np.minimum(real_counts, per_group)
+  fakes = _generated_by_group(ctx, groups, need)
+  backbone = ctx.real.backbone
+  k = ctx.cfg.prdc_k
+  fids = []
+  for g in range(groups.num_groups):
+    n = min(len(fakes[g]), int(need[g]))
+    yield f"n_gen_group_{g}", float(len(fakes[g]))
+    if n < max(k + 1, 2) or real_counts[g] < k + 1:
+      continue  # Too few samples of this group for any of the three numbers.
+    real_g = real_feats[real_attr == g][:n]
+    fake_g = backbone.features(fakes[g][:n])
+    fid = quality.fid_from_features(real_g, fake_g)
+    fids.append(fid)
+    values = quality.prdc(real_g, fake_g, nearest_k=k)
+    yield f"fid_group_{g}", fid
+    yield f"precision_group_{g}", values["precision"]
+    yield f"recall_group_{g}", values["recall"]
+  if len(fids) == groups.num_groups:
+    yield "fid_group_max", max(fids)
+
+
+def describe(config: Any) -> dict[str, Any]:
+  """Provenance of the fairness numbers: the attribute classifier and the target."""
+  classifier = fair.attribute_classifier(config)
+  return {"attribute_classifier": classifier.describe(),
+          "target": fair.target_distribution(config, classifier.num_classes).tolist()}

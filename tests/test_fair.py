@@ -1,0 +1,263 @@
+"""Fairness mitigations (fairgen/fair.py) and the fairness evaluators (fairgen/fair_eval.py)."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from fairgen import config as config_lib
+from fairgen import data
+from fairgen import fair
+from fairgen import modes
+from fairgen import sampling
+from fairgen import train
+from fairgen.data import bias
+from fairgen.metrics import backbones
+
+METHODS = fair.METHODS
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory):
+  """Tiny attribute and label classifiers for the colour variant (3-channel images)."""
+  root = tmp_path_factory.mktemp("classifiers")
+  out = {}
+  for label, subset, steps in (("attr", "balanced", 40), ("label", "all", 20)):
+    options = {"attribute": "color", "subset": subset}
+    train_src = data.load({"name": "biased_mnist", "options": options}, "train")
+    test_src = data.load({"name": "biased_mnist", "options": options}, "test")
+    params, info = backbones.train_classifier(
+        train_src, test_src, label_key=label, num_classes=2 if label == "attr" else None,
+        steps=steps, batch_size=32, width=8, feature_dim=16)
+    out[label] = backbones.save_classifier(str(root / label), params, info)
+    out[f"{label}_accuracy"] = info["test_accuracy"]
+  return out
+
+
+def fair_config(method, classifiers, **overrides):
+  c = load_config("fair_mnist", f"method={method},attribute=color,smoke")
+  c.fair.classifier_dir = classifiers["attr"]
+  c.eval.backbone_dir = classifiers["label"]
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+# --- Pieces. ---------------------------------------------------------------------------
+
+
+def test_resample_probs_give_each_group_its_target_rate():
+  groups = np.array([0] * 90 + [1] * 10)
+  probs = fair.resample_probs(groups, np.array([0.5, 0.5]))
+  np.testing.assert_allclose(probs[groups == 0].sum(), 0.5)
+  np.testing.assert_allclose(probs[groups == 1].sum(), 0.5)
+  probs = fair.resample_probs(groups, np.array([0.25, 0.75]))
+  np.testing.assert_allclose(probs[groups == 1].sum(), 0.75)
+  with pytest.raises(data.DataError, match="no examples"):
+    fair.resample_probs(np.zeros(5, np.int64), np.array([0.5, 0.5]))
+
+
+def test_weighted_sampler_is_a_pure_function_of_the_step():
+  groups = np.array([0] * 900 + [1] * 100)
+  probs = fair.resample_probs(groups, np.array([0.5, 0.5]))
+  a = data.WeightedSampler(probs, 64, seed=3)
+  b = data.WeightedSampler(probs, 64, seed=3)
+  np.testing.assert_array_equal(a.indices(17), b.indices(17))
+  assert not np.array_equal(a.indices(17), a.indices(18))
+  drawn = np.concatenate([a.indices(s) for s in range(300)])
+  share = np.mean(groups[drawn] == 1)
+  assert abs(share - 0.5) < 0.02, share  # 19,200 draws: std 0.0036.
+
+
+def test_prior_labels_follow_exact_quotas():
+  labels = sampling.prior_labels(1000, 2, (0.7, 0.3))
+  assert np.bincount(labels).tolist() == [700, 300]
+  labels = sampling.prior_labels(10, 3, (1 / 3, 1 / 3, 1 / 3))
+  assert sorted(np.bincount(labels).tolist()) == [3, 3, 4]
+  np.testing.assert_array_equal(sampling.prior_labels(6, 2), [0, 1, 0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("divergence", ["kl", "l2"])
+def test_penalty_gradient_moves_generated_groups_to_the_target(divergence):
+  """Toy generator: images of brightness b + noise; the frozen classifier says group 1 if bright.
+
+  Gradient descent on the penalty alone must move the batch-mean group distribution from
+  about 0.9/0.1 toward the 0.5/0.5 target.
+  """
+  noise = jax.random.normal(jax.random.key(0), (256, 8, 8, 1))
+
+  def probs_fn(images):
+    logit = 4.0 * jnp.mean(images, axis=(1, 2, 3))
+    return jnp.stack([jax.nn.sigmoid(-logit), jax.nn.sigmoid(logit)], axis=-1)
+
+  penalty = fair.attribute_penalty(probs_fn, np.array([0.5, 0.5]), divergence, weight=1.0)
+
+  def loss(b):
+    return penalty(b + 0.5 * noise)[0]
+
+  b = jnp.array(-0.55)  # sigmoid(4 * -0.55) ~ 0.1 of the batch in group 1.
+  start = float(penalty(b + 0.5 * noise)[1]["gen_group_1"])
+  assert start < 0.15
+  grad = jax.grad(loss)(b)
+  assert grad < 0  # Brighter images: more of group 1.
+  # A decaying step: the L2 norm's gradient does not vanish near the optimum.
+  step = jax.jit(lambda b, lr: b - lr * jax.grad(loss)(b))
+  for t in range(300):
+    b = step(b, 0.3 * 0.99**t)
+  value, metrics = penalty(b + 0.5 * noise)
+  assert abs(float(metrics["gen_group_1"]) - 0.5) < 0.02
+  assert float(value) < 0.01
+
+
+def test_penalty_matches_the_discrepancy_definitions():
+  probs = jnp.array([[0.8, 0.2], [1.0, 0.0]])
+  kl, _ = fair.attribute_penalty(lambda x: x, np.array([0.5, 0.5]), "kl")(probs)
+  l2, _ = fair.attribute_penalty(lambda x: x, np.array([0.5, 0.5]), "l2", weight=2.0)(probs)
+  p = np.array([0.9, 0.1])
+  np.testing.assert_allclose(kl, np.sum(p * np.log(p / 0.5)), rtol=1e-5)
+  np.testing.assert_allclose(l2, 2.0 * np.linalg.norm(p - 0.5), rtol=1e-5)
+
+
+def test_bias_subsets_all_and_balanced():
+  all_rows = bias.biased_mnist("test", subset="all")
+  balanced = bias.biased_mnist("test", attribute="color", num_colors=3, subset="balanced")
+  assert len(all_rows) == 1000 and all_rows.spec.num_groups == 2
+  counts = np.bincount(balanced.arrays["attr"])
+  assert len(set(counts.tolist())) == 1 and counts.sum() > 900
+  assert not balanced.arrays["is_ref"].any()
+
+
+def test_cache_tag_names_the_domain_not_the_rows():
+  a = {"name": "biased_mnist", "options": {"attribute": "color", "num_colors": 3,
+                                           "subset": "union", "ref_fraction": 0.1}}
+  b = {"name": "biased_mnist", "options": {"attribute": "color", "num_colors": 3}}
+  assert data.cache_tag(a) == data.cache_tag(b) == "biased_mnist-attribute=color-num_colors=3"
+  assert data.cache_tag({"name": "mnist_5k"}) == "mnist_5k"
+
+
+def test_config_checks():
+  with pytest.raises(config_lib.ConfigError, match="Unknown method"):
+    load_config("fair_mnist", "method=reweight")
+  with pytest.raises(config_lib.ConfigError, match="Unknown config flag"):
+    load_config("fair_mnist", "tiny")
+  c = load_config("fair_mnist", "method=importance,smoke")
+  c.data.options.subset = "biased"
+  with pytest.raises(config_lib.ConfigError, match="subset='union'"):
+    config_lib.validate(c)
+  c = load_config("fair_mnist", "method=penalty,model=vae,smoke")
+  with pytest.raises(config_lib.ConfigError, match="needs objective.name='gan'"):
+    config_lib.validate(c)
+  c = load_config("fair_mnist", "method=conditional,smoke")
+  c.model.conditional = False
+  with pytest.raises(config_lib.ConfigError, match="model.conditional=True"):
+    config_lib.validate(c)
+
+
+def test_missing_attribute_classifier_names_the_command(tmp_path):
+  c = load_config("fair_mnist", "method=penalty,smoke")
+  c.fair.classifier_dir = str(tmp_path / "nowhere")
+  with pytest.raises(backbones.BackboneNotFoundError,
+                     match="train_classifier.py --dataset=biased_mnist --label=attr"):
+    train.setup(c)
+
+
+# --- Training with every mitigation, end to end. ----------------------------------------
+
+
+def test_importance_weights_rebalance_the_groups(classifiers):
+  """The density-ratio classifier reweights the 90/10 biased colour digits toward 50/50."""
+  c = fair_config("importance", classifiers, **{
+      "fair.ratio.steps": 150, "fair.ratio.lr": 3e-3, "fair.ratio.width": 8,
+      "fair.ratio.feature_dim": 16, "data.options.biased_size": 1000})
+  source = data.load(c.data, "train")
+  weights, info = fair.fit_importance_weights(c, source)
+  diag = info["diagnostics"]
+  np.testing.assert_allclose(diag["raw_proportions"], [0.9, 0.1])
+  assert diag["effective_proportions"][1] > 0.35, diag
+  is_ref = source.arrays["is_ref"]
+  np.testing.assert_array_equal(weights[is_ref == 1], 1.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_mitigation_trains_on_8_devices(method, classifiers, workdir):
+  c = fair_config(method, classifiers, **{"mesh.data": 8, "eval.every_steps": 0})
+  summary = train.train_and_evaluate(c, workdir)
+  assert summary["final_step"] == c.train.num_steps
+  scalars = summary["scalars"]
+  assert np.isfinite(scalars["g_loss"])
+  if method == "penalty":
+    assert "fair_penalty" in scalars and "gen_group_1" in scalars
+  if method == "importance":
+    assert os.path.exists(os.path.join(workdir, "density_ratio", "weights.npy"))
+    with open(os.path.join(workdir, "density_ratio", "info.json")) as f:
+      assert "effective_proportions" in json.load(f)["diagnostics"]
+
+
+@pytest.mark.parametrize("method", ["importance", "resample"])
+def test_vae_mitigations_train(method, classifiers, workdir):
+  c = load_config("fair_mnist", f"method={method},model=vae,attribute=color,smoke")
+  c.eval.every_steps = 0
+  summary = train.train_and_evaluate(c, workdir)
+  assert summary["final_step"] == c.train.num_steps and np.isfinite(summary["scalars"]["loss"])
+
+
+def test_importance_resume_reuses_the_saved_weights(classifiers, workdir):
+  c = fair_config("importance", classifiers, **{"eval.every_steps": 0})
+  c.train.num_steps = 2
+  train.train_and_evaluate(c, workdir)
+  path = os.path.join(workdir, "density_ratio", "weights.npy")
+  saved = np.load(path)
+  np.save(path, np.full_like(saved, 2.0))  # A marker: a refit would overwrite it.
+  c.train.num_steps = 4
+  train.train_and_evaluate(c, workdir)
+  np.testing.assert_array_equal(np.load(path), 2.0)
+
+
+def test_conditional_generator_samples_the_target_prior(classifiers, workdir):
+  c = fair_config("conditional", classifiers, **{"eval.every_steps": 0,
+                                                  "fair.target": (0.75, 0.25)})
+  exp = train.setup(c)
+  assert exp.objective.num_classes == 2 and exp.objective.label_probs == (0.75, 0.25)
+  state = train.init_state(exp)
+  images, _ = sampling.generate_images(exp, state, jax.random.key(0), 8)
+  chex.assert_shape(images, (8, 28, 28, 3))
+  labels = sampling.prior_labels(400, 2, exp.objective.label_probs)
+  assert np.bincount(labels).tolist() == [300, 100]
+
+
+def test_fairness_evaluators_on_a_copy_of_the_biased_data(classifiers, workdir):
+  """The copy-of-the-training-data reference: a 90/10 biased set scores FD-L2 = 0.566."""
+  assert classifiers["attr_accuracy"] > 0.99  # Colour is easy: the FD below is exact.
+  c = fair_config("baseline", classifiers, **{
+      "eval.generator": "train_data", "eval.num_samples": 200, "data.options.subset": "biased",
+      "eval.metrics": ("fairness_discrepancy", "group_quality")})
+  out = modes.evaluate(c, workdir)
+  m = out["metrics"]
+  np.testing.assert_allclose(m["fd_l2"], np.sqrt(2) * 0.4, atol=0.01)
+  np.testing.assert_allclose(m["group_share_1"], 0.1, atol=0.01)
+  assert 0 < m["fd_l2_std"] < 0.05
+  assert m["n_gen_group_1"] == 20  # The 200 copies hold exactly 20 of group 1.
+  assert "fid_group_0" in m and "fid_group_1" in m and "recall_group_1" in m
+  assert os.path.exists(os.path.join(workdir, "eval", "groups_step_000000.png"))
+  with open(out["path"]) as f:
+    provenance = json.load(f)["provenance"]
+  assert provenance["attribute_classifier"]["path"] == classifiers["attr"]
+  assert provenance["target"] == [0.5, 0.5]
+
+
+def test_trained_model_evaluates_with_fairness_metrics(classifiers, workdir):
+  c = fair_config("resample", classifiers, **{"eval.every_steps": 4})
+  summary = train.train_and_evaluate(c, workdir)
+  ev = summary["eval"]
+  for key in ("fid", "fd_l2", "fd_kl", "fd_l2_std", "group_share_0", "n_gen_group_0"):
+    assert key in ev and np.isfinite(ev[key]), key
+  assert os.path.exists(os.path.join(workdir, "eval", "groups_step_000004.png"))
