@@ -12,7 +12,10 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
             "vae_mnist": [None, "smoke", "conv", "digits"],
             "adult_debias": [None, "smoke", "plain", "full_features"],
             "vfae_adult": [None, "smoke", "no_mmd"],
-            "fair_tabgan_adult": [None, "smoke", "plain"]}
+            "fair_tabgan_adult": [None, "smoke", "plain"],
+            "fair_mnist": [None, "smoke", "method=importance", "method=resample",
+                           "method=conditional", "method=penalty,smoke",
+                           "method=importance,model=vae", "method=resample,attribute=color"]}
 
 
 def test_every_experiment_file_is_covered():

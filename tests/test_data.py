@@ -87,3 +87,20 @@ def test_tfds_dataset_offline_fails_clearly(tmp_path):
 def test_unknown_dataset_lists_valid_names():
   with pytest.raises(KeyError, match="mnist_5k"):
     data.load({"name": "nope"}, "train")
+
+
+def test_biased_celeb_a_builds_bias_splits_from_tfds_attributes():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=40):
+    balanced = data.load({"name": "biased_celeb_a",
+                          "options": {"attribute": "Male", "subset": "balanced"}}, "train")
+    batch = balanced.get(np.arange(len(balanced)))
+    union = data.load({"name": "biased_celeb_a", "options": {
+        "attribute": "Male", "proportions": (0.5, 0.5), "ref_fraction": 0.5,
+        "subset": "union"}}, "train")
+    union_batch = union.get(np.arange(len(union)))
+  assert balanced.spec.num_groups == 2 and batch["image"].shape[1:] == (64, 64, 3)
+  counts = np.bincount(batch["attr"], minlength=2)
+  assert counts[0] == counts[1] > 0
+  np.testing.assert_array_equal(batch["label"], batch["attr"])  # label_attribute defaults.
+  assert 0 < union_batch["is_ref"].sum() < len(union)

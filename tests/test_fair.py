@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import REPO, load_config
 from fairgen import config as config_lib
 from fairgen import data
 from fairgen import fair
@@ -261,3 +263,22 @@ def test_trained_model_evaluates_with_fairness_metrics(classifiers, workdir):
   for key in ("fid", "fd_l2", "fd_kl", "fd_l2_std", "group_share_0", "n_gen_group_0"):
     assert key in ev and np.isfinite(ev[key]), key
   assert os.path.exists(os.path.join(workdir, "eval", "groups_step_000004.png"))
+
+
+def test_choi_repro_script_quick_and_resumable(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "experiments/repro/choi2020_mnist.py", "--quick", f"--out={tmp_path}"]
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  for text in ("FD-L2 = 0.566", "34.6%", "| 0.25 | importance |", "| 0.25 | penalty |",
+               "training data (copy)", "attr classifier: test accuracy"):
+    assert text in result.stdout, text
+  with open(tmp_path / "results.csv") as f:
+    rows = f.read().splitlines()
+  assert len(rows) == 1 + len(METHODS)
+  # A second invocation reuses the finished runs instead of training them again.
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "seed 0: fd_l2" not in again.stdout
+  with open(tmp_path / "results.csv") as f:
+    assert f.read().splitlines() == rows

@@ -108,6 +108,8 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
   config = make_config(method, ref_fraction, seed, classifiers, quick, steps)
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, workdir)
+  if summary["preempted"]:  # SIGTERM/SIGINT: the run saved its state; stop here.
+    sys.exit(f"Interrupted during {workdir}; run the same command again to resume.")
   result = {k: float(summary["eval"].get(k, float("nan"))) for k in METRICS}
   result["seconds"] = time.perf_counter() - start
   if method == "baseline":
