@@ -42,16 +42,9 @@ def classifiers(tmp_path_factory):
 
 
 def fair_config(method, classifiers, **overrides):
-  c = load_config("fair_mnist", f"method={method},attribute=color,smoke")
-  c.fair.classifier_dir = classifiers["attr"]
-  c.eval.backbone_dir = classifiers["label"]
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return load_config("fair_mnist", f"method={method},attribute=color,smoke", **{
+      "fair.classifier_dir": classifiers["attr"], "eval.backbone_dir": classifiers["label"],
+      **overrides})
 
 
 # --- Pieces. ---------------------------------------------------------------------------
