@@ -195,6 +195,17 @@ class _SquareConv(nn.Module):
 
   Parameters are created exactly as flax's ``nn.Conv``/``nn.ConvTranspose`` create them
   (``'kernel'`` ``(k, k, Cin, Cout)``, ``'bias'`` ``(Cout,)``), so trees are interchangeable.
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: square kernel size ``k``.
+    strides: stride ``s``.
+    use_bias: whether to add a bias.
+    kernel_init: kernel initializer (flax default).
+    bias_init: bias initializer.
+    dtype: computation dtype (``None``: inferred from inputs and params).
+    param_dtype: parameter dtype.
+    precision: precision passed to ``lax.conv_general_dilated``.
   """
 
   features: int
@@ -207,15 +218,16 @@ class _SquareConv(nn.Module):
   param_dtype: Any = jnp.float32
   precision: PrecisionLike = None
 
-  def _kernel_and_bias(self, inputs: Array) -> tuple[Array, Array | None]:
-    """Checks NHWC ``inputs`` and creates (or fetches) the kernel and the optional bias."""
+  def _promoted(self, inputs: Array) -> tuple[Array, Array, Array | None]:
+    """Checks NHWC ``inputs``, creates (or fetches) the kernel and the optional bias, and
+    promotes all three to the computation dtype, as flax's layers do."""
     _check_input(inputs, type(self).__name__)
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init,
                         (k, k, inputs.shape[-1], self.features), self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
-    return kernel, bias
+    return nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
 
 
 class SubpixelConvTranspose(_SquareConv):
@@ -225,26 +237,15 @@ class SubpixelConvTranspose(_SquareConv):
   ``nn.ConvTranspose(features, (k, k), strides=(s, s), padding='SAME')``;
   output spatial size is ``input size * s`` for any input size.
 
-  Attributes:
-    features: number of output channels.
-    kernel_size: square kernel size ``k``.
-    strides: stride ``s`` (upsampling factor).
-    use_bias: whether to add a bias.
-    kernel_init: kernel initializer (flax default).
-    bias_init: bias initializer.
-    dtype: computation dtype (``None``: inferred from inputs and params).
-    param_dtype: parameter dtype.
-    precision: precision passed to ``lax.conv_general_dilated``.
+  Attributes: see ``_SquareConv`` (``strides`` is the upsampling factor).
   """
 
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the transposed convolution to NHWC ``inputs``."""
-    kernel, bias = self._kernel_and_bias(inputs)
+    inputs, kernel, bias = self._promoted(inputs)
     k, s = self.kernel_size, self.strides
-    inputs, kernel, bias = nn.dtypes.promote_dtype(
-        inputs, kernel, bias, dtype=self.dtype)
     _, pad_lo, pad_hi = subpixel_taps(k, s)
     y = jax.lax.conv_general_dilated(
         inputs, subpixel_kernel(kernel, s), window_strides=(1, 1),
@@ -263,32 +264,20 @@ class SpaceToDepthConv(_SquareConv):
   ``nn.Conv(features, (k, k), strides=(s, s), padding='SAME')``; output spatial
   size is ``ceil(input size / s)``. Odd input sizes are supported.
 
-  Attributes:
-    features: number of output channels.
-    kernel_size: square kernel size ``k``.
-    strides: stride ``s``.
-    use_bias: whether to add a bias.
-    kernel_init: kernel initializer (flax default).
-    bias_init: bias initializer.
-    dtype: computation dtype (``None``: inferred from inputs and params).
-    param_dtype: parameter dtype.
-    precision: precision passed to ``lax.conv_general_dilated``.
+  Attributes: see ``_SquareConv``.
   """
 
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the strided convolution to NHWC ``inputs``."""
-    kernel, bias = self._kernel_and_bias(inputs)
+    inputs, kernel, bias = self._promoted(inputs)
     k, s = self.kernel_size, self.strides
-    inputs, kernel, bias = nn.dtypes.promote_dtype(
-        inputs, kernel, bias, dtype=self.dtype)
     kq = -(-k // s)
     pads = []
     for n in inputs.shape[1:3]:
       out = -(-n // s)
-      total = max((out - 1) * s + k - n, 0)  # lax 'SAME' padding.
-      lo = total // 2
+      lo, _ = same_padding(n, k, s)
       # Padded length must be s * (out + kq - 1); taps past the 'SAME' high
       # padding only ever meet zero kernel entries (negative = crop).
       pads.append((lo, s * (out + kq - 1) - n - lo, 0))
@@ -407,26 +396,15 @@ class SubpixelGradConv(_SquareConv):
   Parameters, outputs and the weight gradient are those of the naive layer;
   only the input gradient is computed differently (``conv_input_grad``).
 
-  Attributes:
-    features: number of output channels.
-    kernel_size: square kernel size ``k``.
-    strides: stride ``s``.
-    use_bias: whether to add a bias.
-    kernel_init: kernel initializer (flax default).
-    bias_init: bias initializer.
-    dtype: computation dtype (``None``: inferred from inputs and params).
-    param_dtype: parameter dtype.
-    precision: precision passed to ``lax.conv_general_dilated``.
+  Attributes: see ``_SquareConv``.
   """
 
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the strided convolution to NHWC ``inputs``."""
-    kernel, bias = self._kernel_and_bias(inputs)
+    inputs, kernel, bias = self._promoted(inputs)
     k, s = self.kernel_size, self.strides
-    inputs, kernel, bias = nn.dtypes.promote_dtype(
-        inputs, kernel, bias, dtype=self.dtype)
     padding = tuple(same_padding(n, k, s) for n in inputs.shape[1:3])
     y = subpixel_grad_conv(inputs, kernel, s, padding, self.precision)
     if bias is not None:
