@@ -85,10 +85,15 @@ def fairness_discrepancy(ctx: Any) -> Scalars:
         dist, groups.target, os.path.join(ctx.out_dir, f"groups_step_{ctx.step:06d}.png"))
 
 
-def _generated_by_group(ctx: Any, groups: _Groups, need: np.ndarray
-                        ) -> list[np.ndarray]:
-  """Generated images split by predicted group, drawing more until each has ``need[g]``."""
-  images, preds = [ctx.fake_images], [groups.fake]
+def _generated_features_by_group(ctx: Any, groups: _Groups, need: np.ndarray
+                                 ) -> list[np.ndarray]:
+  """Backbone features of generated samples split by predicted group.
+
+  The evaluation's samples (whose features ``ctx.fake_outputs`` already holds) come first;
+  more are drawn until each group ``g`` has ``need[g]``. Returns at most ``need[g]`` rows
+  per group.
+  """
+  features, preds = [ctx.fake_outputs[0]], [groups.fake]
   counts = np.bincount(groups.fake, minlength=groups.num_groups)
   rounds = 1
   while (ctx.cfg.generator == "model" and np.any(counts < need) and rounds < MAX_ROUNDS):
@@ -96,12 +101,12 @@ def _generated_by_group(ctx: Any, groups: _Groups, need: np.ndarray
         ctx.exp, ctx.state, jax.random.fold_in(jax.random.key(ctx.cfg.seed), rounds),
         ctx.cfg.num_samples, truncation=ctx.cfg.truncation, batch_size=ctx.cfg.batch_size)
     p = groups.predict(extra)
-    images.append(extra)
+    features.append(ctx.real.backbone.features(extra))
     preds.append(p)
     counts += np.bincount(p, minlength=groups.num_groups)
     rounds += 1
-  images, preds = np.concatenate(images), np.concatenate(preds)
-  return [images[preds == k][:need[k]] for k in range(groups.num_groups)]
+  features, preds = np.concatenate(features), np.concatenate(preds)
+  return [features[preds == k][:need[k]] for k in range(groups.num_groups)]
 
 
 def group_quality(ctx: Any) -> Scalars:
@@ -112,8 +117,7 @@ def group_quality(ctx: Any) -> Scalars:
   per_group = int(_fair_value(ctx.config, "group_samples", 500))
   real_counts = np.bincount(real_attr, minlength=groups.num_groups)
   need = np.minimum(real_counts, per_group)
-  fakes = _generated_by_group(ctx, groups, need)
-  backbone = ctx.real.backbone
+  fakes = _generated_features_by_group(ctx, groups, need)
   k = ctx.cfg.prdc_k
   fids = []
   for g in range(groups.num_groups):
@@ -122,7 +126,7 @@ def group_quality(ctx: Any) -> Scalars:
     if n < max(k + 1, 2) or real_counts[g] < k + 1:
       continue  # Too few samples of this group for any of the three numbers.
     real_g = real_feats[real_attr == g][:n]
-    fake_g = backbone.features(fakes[g][:n])
+    fake_g = fakes[g][:n]
     fid = quality.fid_from_features(real_g, fake_g)
     fids.append(fid)
     values = quality.prdc(real_g, fake_g, nearest_k=k)
