@@ -137,6 +137,9 @@ def test_cache_tag_names_the_domain_not_the_rows():
   b = {"name": "biased_mnist", "options": {"attribute": "color", "num_colors": 3}}
   assert data.cache_tag(a) == data.cache_tag(b) == "biased_mnist-attribute=color-num_colors=3"
   assert data.cache_tag({"name": "mnist_5k"}) == "mnist_5k"
+  # A default spelled out names the same classifier as the command that omits it.
+  assert data.cache_tag({"name": "biased_mnist", "options": {
+      "attribute": "digit_group", "digits": [0, 1, 2, 3, 4]}}) == "biased_mnist"
 
 
 def test_config_checks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
 from fairgen.data import adult_aif360
@@ -52,18 +53,24 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
   """A name for classifiers trained on this dataset: its name plus its domain options.
 
   E.g. ``biased_mnist-attribute=color-num_colors=3``: classifiers trained for the colour
-  and the digit-group variants must not share a cache directory. Options that only pick
-  rows (proportions, ref_fraction, subset, seed) are left out.
+  and the digit-group variants must not share a cache directory. Options at their
+  loader's default are left out (so a config that spells out ``attribute='digit_group'``
+  and a command that omits it name the same classifier), as are options that only pick
+  rows (proportions, ref_fraction, subset, seed).
   """
   name = data_config["name"]
   options = dict(data_config.get("options") or {})
+  defaults = {k: p.default for k, p in inspect.signature(DATASETS.get(name)).parameters.items()}
   parts = [name]
   for key in _DOMAIN_OPTIONS.get(name, ()):
-    if key in options:
-      value = options[key]
-      if isinstance(value, (list, tuple)):
-        value = "".join(str(v) for v in value)
-      parts.append(f"{key}={value}")
+    value = options.get(key, defaults.get(key))
+    if isinstance(value, list):
+      value = tuple(value)
+    if value == defaults.get(key):
+      continue  # A default, spelled out or not, names the same classifier.
+    if isinstance(value, tuple):
+      value = "".join(str(v) for v in value)
+    parts.append(f"{key}={value}")
   return "-".join(parts)
 
 
