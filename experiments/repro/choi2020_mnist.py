@@ -130,11 +130,13 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
   return result
 
 
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], digits: int = 3) -> str:
   values = [v for v in values if np.isfinite(v)]
   if not values:
     return "–"
-  return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
@@ -149,7 +151,7 @@ def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
                    f"| | | | | {_cell([r['data_share_1'] for r in rows])} |")
     for m in methods:
       rows = [results[(m, rf, s)] for s in range(seeds)]
-      cells = [_cell([r[k] for r in rows]) for k in METRICS]
+      cells = [_cell([r[k] for r in rows], 1 if k.startswith("fid") else 3) for k in METRICS]
       lines.append(f"| {rf} | {m} | " + " | ".join(cells) + " |")
   lines += ["", "Reference anchors:",
             f"- a generator that copies the 90/10 split: FD-L2 = {COPY_FD_L2:.3f} "
@@ -204,8 +206,10 @@ def main() -> None:
   lines = table(results, methods, fractions, seeds)
   lines += ["", f"Attribute classifier: test accuracy {classifiers['attr']['test_accuracy']:.4f}; "
             f"FID classifier: {classifiers['label']['test_accuracy']:.4f}.",
-            f"{len(results)} runs, {seeds} seeds; median run {np.median(run_seconds):.0f} s "
-            f"(train + evaluation, when run in this invocation); total {total:.0f} s."]
+            f"{len(results)} runs, {seeds} seeds. Run times (train + evaluation, as recorded "
+            f"by each run, across invocations): median {np.median(run_seconds):.0f} s, "
+            f"min {np.min(run_seconds):.0f} s, max {np.max(run_seconds):.0f} s, "
+            f"sum {np.sum(run_seconds):.0f} s; this invocation took {total:.0f} s."]
   text = "\n".join(lines)
   print(text)
   with open(os.path.join(args.out, "results.md"), "w") as f:
