@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairgen import parallel
 # The same translation augmentation the metric classifiers train with.
 from fairgen.metrics.backbones import random_translate
 
@@ -230,20 +231,10 @@ def classifier_log_odds(model: nn.Module, params: Any, x: np.ndarray,
   Returns:
     ``[N]`` float32 log-odds of being a reference example.
   """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
-  x = np.asarray(x, np.float32)
-  n = len(x)
-  out = np.empty((n,), np.float32)
-  size = max(1, min(batch_size, n))
   params = jax.device_put(params)  # Once, not once per chunk.
-  for start in range(0, n, size):
-    chunk = x[start:start + size]
-    m = len(chunk)
-    if m < size:
-      chunk = np.concatenate([chunk, np.zeros((size - m, *x.shape[1:]), np.float32)])
-    out[start:start + m] = np.asarray(_log_odds(model, params, chunk))[:m]
-  return out
+  out = parallel.map_in_chunks(lambda c: _log_odds(model, params, c),
+                               (np.asarray(x, np.float32),), batch_size)
+  return out.astype(np.float32)
 
 
 def _is_ref_mask(is_ref: Any, n: int) -> np.ndarray:

@@ -1,12 +1,14 @@
 """Mesh and shardings. Model code never names device axes: sharding lives here.
 
+Also the host-side helpers that feed jitted functions: ``to_host`` and ``map_in_chunks``.
+
 One data axis today (``mesh.data``); parameters are replicated. A later ``mesh.fsdp`` axis
 adds parameter sharding rules here without touching models or objectives.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -71,3 +73,34 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def map_in_chunks(fn: Callable[..., Any], arrays: tuple[np.ndarray, ...],
+                  chunk_size: int) -> Any:
+  """``fn`` over row chunks of ``arrays``, outputs concatenated along their leading axis.
+
+  Every call gets ``min(chunk_size, N)`` rows (at least 1): the last chunk is zero-padded
+  and the padding rows' outputs dropped, so a jitted ``fn`` compiles one shape. ``fn`` may
+  return an array or a pytree of arrays with one row per input row; ``N == 0`` still calls
+  it once, so the outputs have their shapes and dtypes with 0 rows.
+
+  Args:
+    fn: maps ``[n, ...]`` arrays (one per entry of ``arrays``) to ``[n, ...]`` outputs.
+    arrays: NumPy arrays with the same number of rows.
+    chunk_size: rows per call, ``>= 1``.
+
+  Returns:
+    The outputs as NumPy arrays (the pytree structure of ``fn``'s).
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+  n = len(arrays[0])
+  size = max(1, min(chunk_size, n))
+  outs = []
+  for start in range(0, max(n, 1), size):
+    chunk = [a[start:start + size] for a in arrays]
+    m = len(chunk[0])
+    if m < size:
+      chunk = [np.concatenate([c, np.zeros((size - m, *c.shape[1:]), c.dtype)]) for c in chunk]
+    outs.append(jax.tree.map(lambda o, m=m: np.asarray(o)[:m], fn(*chunk)))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)

@@ -17,7 +17,7 @@ training labels of a probe have a single class, it predicts that class.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ from sklearn import linear_model
 
 from fairgen import data
 from fairgen import objectives
+from fairgen import parallel
 from fairgen.data import tabular
 from fairgen.metrics import fairness
 from fairgen.models import tabgan as tabgan_models
@@ -47,20 +48,6 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
   if len(np.unique(y)) < 2:
     return dummy.DummyClassifier(strategy="most_frequent").fit(x, y)
   return linear_model.LogisticRegression(max_iter=1000, random_state=seed).fit(x, y)
-
-
-def _batched(fn: Callable[..., jax.Array], arrays: tuple[np.ndarray, ...],
-             batch_size: int) -> np.ndarray:
-  """``fn`` (jitted) over row batches of ``arrays``, padded to one compiled shape."""
-  n = len(arrays[0])
-  size = min(batch_size, n)
-  out = []
-  for start in range(0, n, size):
-    chunk = [a[start:start + size] for a in arrays]
-    pad = size - len(chunk[0])
-    chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
-    out.append(np.asarray(fn(*chunk))[:size - pad])
-  return np.concatenate(out)
 
 
 def _splits(ctx: Any) -> tuple[tabular.TabularSource, tabular.TabularSource]:
@@ -94,7 +81,8 @@ def vfae_probe(ctx: Any) -> Scalars:
   z = {}
   for name, split in (("train", train), ("test", test)):
     a = split.arrays
-    z[name] = _batched(lambda x, s: encode(state, x, s), (a["features"], a["attr"]), bs)
+    z[name] = parallel.map_in_chunks(lambda x, s: encode(state, x, s),
+                                     (a["features"], a["attr"]), bs)
   tr, te = train.arrays, test.arrays
   y_probe = fit_probe(z["train"], tr["label"], ctx.cfg.seed)
   s_probe = fit_probe(z["train"], tr["attr"], ctx.cfg.seed)
@@ -104,7 +92,7 @@ def vfae_probe(ctx: Any) -> Scalars:
   yield "probe_s_accuracy", fairness.accuracy(te["attr"], s_probe.predict(z["test"]))
   share = float(np.mean(te["attr"]))
   yield "s_majority_rate", max(share, 1.0 - share)
-  nll = _batched(lambda x, s: recon(state, x, s), (te["features"], te["attr"]), bs)
+  nll = parallel.map_in_chunks(lambda x, s: recon(state, x, s), (te["features"], te["attr"]), bs)
   yield "recon", float(np.mean(nll))
 
 
@@ -116,7 +104,8 @@ def generate_rows(ctx: Any, num: int) -> np.ndarray:
   latents = np.asarray(objective.sample_latents(jax.random.key(ctx.cfg.seed), num))
   labels = np.zeros(num, np.int32)
   decode = jax.jit(objective.decode)
-  return _batched(lambda z, y: decode(ctx.state, z, y), (latents, labels), ctx.cfg.batch_size)
+  return parallel.map_in_chunks(lambda z, y: decode(ctx.state, z, y), (latents, labels),
+                                ctx.cfg.batch_size)
 
 
 def marginal_distances(spec: tabular.TabularSpec, synthetic: np.ndarray,

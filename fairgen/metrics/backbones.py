@@ -34,6 +34,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from fairgen import parallel
 from fairgen.models.classifier import Classifier
 from fairgen.registry import Registry
 
@@ -103,18 +104,9 @@ class Backbone:
       ValueError: if the image shape differs from the one the backbone was trained on.
     """
     images = self._check(images)
-    n, size = len(images), self.chunk_size
-    features = np.empty((n, self.feature_dim), np.float32)
-    probs = np.empty((n, self.num_classes), np.float32)
-    for start in range(0, n, size):
-      chunk = images[start:start + size]
-      m = len(chunk)
-      if m < size:
-        chunk = np.concatenate([chunk, np.zeros((size - m, *self.image_shape), np.float32)])
-      f, p = self._apply(self.variables, chunk)
-      features[start:start + m] = np.asarray(f)[:m]
-      probs[start:start + m] = np.asarray(p)[:m]
-    return features, probs
+    features, probs = parallel.map_in_chunks(lambda x: self._apply(self.variables, x),
+                                             (images,), self.chunk_size)
+    return features.astype(np.float32), probs.astype(np.float32)
 
   def features(self, images: Any) -> np.ndarray:
     """Penultimate features ``[N, feature_dim]`` of ``images`` (see features_and_probs)."""
