@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from fairgen import data
+from fairgen import fair
 from fairgen import fair_eval
 from fairgen import objectives
 from fairgen import sampling
@@ -76,6 +77,11 @@ class RealData:
       self._backbone = backbones.load_backbone_or_explain(
           cfg.backbone, path, backbones.train_command(data_cfg, "label", extra))
     return self._backbone
+
+  @functools.cached_property
+  def attribute_classifier(self) -> backbones.Backbone:
+    """The frozen classifier that assigns samples to groups (``fair.attribute_classifier``)."""
+    return fair.attribute_classifier(self.config)
 
   @functools.cached_property
   def outputs(self) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +219,8 @@ class Evaluator:
     if _needs_backbone(self.cfg.metrics):
       self.real.backbone  # pylint: disable=pointless-statement
     if any(n in _FAIRNESS for n in self.cfg.metrics):
-      fair_eval.describe(self.exp.config)  # Loads the attribute classifier.
+      # Loads the attribute classifier and checks fair.target against its groups.
+      fair_eval.describe(self.exp.config, self.real.attribute_classifier)
 
   def __call__(self, state: Any, step: int) -> dict[str, float]:
     ctx = EvalContext(self.exp, state, self.real, step, self.out_dir)
@@ -235,7 +242,7 @@ class Evaluator:
     if "likelihood" in self.cfg.metrics:
       out["iwae_k"] = self.cfg.iwae_k
     if any(n in _FAIRNESS for n in self.cfg.metrics):
-      out.update(fair_eval.describe(self.exp.config))
+      out.update(fair_eval.describe(self.exp.config, self.real.attribute_classifier))
     return out
 
 

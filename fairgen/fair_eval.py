@@ -1,7 +1,8 @@
 """Fairness evaluators of generative models: fairness discrepancy and per-group quality.
 
 Both use the frozen *attribute classifier* (``fairgen.fair.attribute_classifier``: trained
-by ``tools/train_classifier.py --label=attr`` on the balanced data) to assign each generated
+by ``tools/train_classifier.py --label=attr`` on the balanced data; loaded once per run,
+with the real data, as ``ctx.real.attribute_classifier``) to assign each generated
 sample to a group, and ``fair.target`` (uniform by default) as the target distribution.
 
 - ``fairness_discrepancy``: ``fd_l2``, ``fd_l1``, ``fd_kl`` between the generated group
@@ -29,6 +30,7 @@ import numpy as np
 
 from fairgen import fair
 from fairgen import sampling
+from fairgen.metrics import backbones
 from fairgen.metrics import fairness_discrepancy as fd_lib
 from fairgen.metrics import quality
 
@@ -45,7 +47,7 @@ class _Groups:
 
   def __init__(self, ctx: Any):
     self.ctx = ctx
-    self.classifier = fair.attribute_classifier(ctx.config)
+    self.classifier = ctx.real.attribute_classifier
     self.num_groups = self.classifier.num_classes
     self.target = fair.target_distribution(ctx.config, self.num_groups)
 
@@ -137,8 +139,7 @@ def group_quality(ctx: Any) -> Scalars:
     yield "fid_group_max", max(fids)
 
 
-def describe(config: Any) -> dict[str, Any]:
+def describe(config: Any, classifier: backbones.Backbone) -> dict[str, Any]:
   """Provenance of the fairness numbers: the attribute classifier and the target."""
-  classifier = fair.attribute_classifier(config)
   return {"attribute_classifier": classifier.describe(),
           "target": fair.target_distribution(config, classifier.num_classes).tolist()}

@@ -52,7 +52,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
 
 def _splits(ctx: Any) -> tuple[tabular.TabularSource, tabular.TabularSource]:
   train = data.load(ctx.config.data, ctx.config.data.split)
-  test = data.load(ctx.config.data, ctx.config.data.eval_split)
+  test = ctx.real.source  # The held-out split, loaded once per run.
   if not isinstance(train, tabular.TabularSource):
     raise _eval_error(f"Tabular evaluators need a tabular dataset, got "
                       f"data.name={ctx.config.data.name!r}.")

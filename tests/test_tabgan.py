@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fairgen import config as config_lib
+from fairgen import evaluate
 from fairgen import parallel
 from fairgen import tabular_eval
 from fairgen.data import tabular
@@ -165,7 +166,7 @@ def test_tstr_evaluator(adult_run):
   config.eval.batch_size = 256
   ctx = types.SimpleNamespace(
       config=config, cfg=config.eval, state=adult_run.state,
-      exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
+      real=evaluate.RealData(config), exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
   results = dict(tabular_eval.tstr(ctx))
   assert set(results) == {"tstr_accuracy", "tstr_spd", "trtr_accuracy", "trtr_spd",
                           "synthetic_spd", "real_spd", "marginal_tv", "marginal_w1"}

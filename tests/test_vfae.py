@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fairgen import config as config_lib
+from fairgen import evaluate
 from fairgen import parallel
 from fairgen import tabular_eval
 from fairgen.data import tabular
@@ -150,7 +151,7 @@ def test_vfae_probe_evaluator(vfae_registered, adult_run):
   config.eval.batch_size = 4096
   ctx = types.SimpleNamespace(
       config=config, cfg=config.eval, state=adult_run.state,
-      exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
+      real=evaluate.RealData(config), exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
   results = dict(tabular_eval.vfae_probe(ctx))
   assert set(results) == {"probe_y_accuracy", "probe_y_spd", "probe_s_accuracy",
                           "s_majority_rate", "recon"}
