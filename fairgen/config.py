@@ -26,7 +26,8 @@ class ConfigError(ValueError):
   """A config value is missing, unknown or impossible; the message names the key."""
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
+  """Raises ``ConfigError(message)`` unless ``cond`` (the validators' one check)."""
   if not cond:
     raise ConfigError(message)
 
@@ -36,15 +37,15 @@ def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], section: str) 
   if any(p.kind == p.VAR_KEYWORD for p in params.values()):
     return
   for key in kwargs:
-    _require(key in params, f"Unknown key {section}.{key}; {section} takes: "
-             f"{', '.join(k for k in params if k != 'spec')}.")
+    require(key in params, f"Unknown key {section}.{key}; {section} takes: "
+            f"{', '.join(k for k in params if k != 'spec')}.")
 
 
 def _check_optimizer(cfg: Any, path: str) -> None:
-  _require(cfg.get("lr") is not None and cfg.lr > 0, f"{path}.lr must be > 0, got {cfg.get('lr')}.")
+  require(cfg.get("lr") is not None and cfg.lr > 0, f"{path}.lr must be > 0, got {cfg.get('lr')}.")
   for b in ("b1", "b2"):
     if b in cfg:
-      _require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
+      require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -55,43 +56,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from fairgen.objectives import OBJECTIVES
 
   for section in REQUIRED_SECTIONS:
-    _require(section in config, f"The config has no '{section}' section.")
+    require(section in config, f"The config has no '{section}' section.")
   for section, registry in (("data", DATASETS), ("model", MODELS), ("objective", OBJECTIVES)):
     name = config[section].get("name")
-    _require(name in registry,
-             f"Unknown {section}.name={name!r}; valid names: {', '.join(registry.names())}.")
+    require(name in registry,
+            f"Unknown {section}.name={name!r}; valid names: {', '.join(registry.names())}.")
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   _check_kwargs(MODELS.get(config.model.name), model_kwargs, "model")
 
   train = config.train
-  _require(train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}.")
-  _require(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}.")
+  require(train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}.")
+  require(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}.")
   for key in ("log.every_steps", "train.checkpoint_every_steps", "log.sample_every_steps"):
     section, field = key.split(".")
     value = config[section].get(field)
-    _require(value is None or value >= 1, f"{key} must be >= 1, got {value}.")
-  _require(train.max_to_keep >= 1, f"train.max_to_keep must be >= 1, got {train.max_to_keep}.")
-  _require(train.nan_policy in ("halt", "skip"),
-           f"train.nan_policy must be 'halt' or 'skip', got {train.nan_policy!r}.")
-  _require(train.max_nan_skips >= 1, f"train.max_nan_skips must be >= 1.")
+    require(value is None or value >= 1, f"{key} must be >= 1, got {value}.")
+  require(train.max_to_keep >= 1, f"train.max_to_keep must be >= 1, got {train.max_to_keep}.")
+  require(train.nan_policy in ("halt", "skip"),
+          f"train.nan_policy must be 'halt' or 'skip', got {train.nan_policy!r}.")
+  require(train.max_nan_skips >= 1, "train.max_nan_skips must be >= 1.")
   if "eval" in config:
     _validate_eval(config.eval)
   if "fair" in config:
     from fairgen import fair  # pylint: disable=g-import-not-at-top
     fair.validate(config)
   if "sample" in config:
-    _require(config.sample.num >= 1, f"sample.num must be >= 1, got {config.sample.num}.")
-    _require(config.sample.truncation >= 0, "sample.truncation must be >= 0.")
+    require(config.sample.num >= 1, f"sample.num must be >= 1, got {config.sample.num}.")
+    require(config.sample.truncation >= 0, "sample.truncation must be >= 0.")
 
   objective = config.objective
   if objective.name == "gan":
-    _require(objective.n_disc >= 1, f"objective.n_disc must be >= 1, got {objective.n_disc}.")
-    _require(0 <= objective.ema_decay < 1,
-             f"objective.ema_decay must be in [0, 1), got {objective.ema_decay}.")
+    require(objective.n_disc >= 1, f"objective.n_disc must be >= 1, got {objective.n_disc}.")
+    require(0 <= objective.ema_decay < 1,
+            f"objective.ema_decay must be in [0, 1), got {objective.ema_decay}.")
     for net in ("gen", "disc"):
-      _require(net in config.optim, f"The GAN objective needs optim.{net}.")
+      require(net in config.optim, f"The GAN objective needs optim.{net}.")
   elif objective.name == "vae":
-    _require(objective.beta >= 0, f"objective.beta must be >= 0, got {objective.beta}.")
+    require(objective.beta >= 0, f"objective.beta must be >= 0, got {objective.beta}.")
   # Every optimizer section (optim itself, or nested ones such as optim.gen) needs lr > 0.
   if "lr" in config.optim:
     _check_optimizer(config.optim, "optim")
@@ -104,19 +105,19 @@ def _validate_eval(cfg: Any) -> None:
   from fairgen.evaluate import EVALUATORS, GENERATORS
   from fairgen.metrics.backbones import BACKBONES
   for name in cfg.metrics:
-    _require(name in EVALUATORS,
-             f"Unknown evaluator {name!r} in eval.metrics; valid: {', '.join(EVALUATORS.names())}.")
-  _require(cfg.backbone in BACKBONES,
-           f"Unknown eval.backbone={cfg.backbone!r}; valid: {', '.join(BACKBONES.names())}.")
-  _require(cfg.generator in GENERATORS, f"eval.generator must be one of {GENERATORS}.")
-  _require(cfg.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.every_steps}.")
-  _require(cfg.num_samples >= 2, f"eval.num_samples must be >= 2, got {cfg.num_samples}.")
-  _require(cfg.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.batch_size}.")
-  _require(cfg.best_mode in ("min", "max"), f"eval.best_mode must be 'min' or 'max'.")
-  _require(cfg.iwae_k >= 1, f"eval.iwae_k must be >= 1, got {cfg.iwae_k}.")
+    require(name in EVALUATORS,
+            f"Unknown evaluator {name!r} in eval.metrics; valid: {', '.join(EVALUATORS.names())}.")
+  require(cfg.backbone in BACKBONES,
+          f"Unknown eval.backbone={cfg.backbone!r}; valid: {', '.join(BACKBONES.names())}.")
+  require(cfg.generator in GENERATORS, f"eval.generator must be one of {GENERATORS}.")
+  require(cfg.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.every_steps}.")
+  require(cfg.num_samples >= 2, f"eval.num_samples must be >= 2, got {cfg.num_samples}.")
+  require(cfg.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.batch_size}.")
+  require(cfg.best_mode in ("min", "max"), "eval.best_mode must be 'min' or 'max'.")
+  require(cfg.iwae_k >= 1, f"eval.iwae_k must be >= 1, got {cfg.iwae_k}.")
   which = str(cfg.checkpoint)
-  _require(which in ("latest", "best") or which.isdigit(),
-           f"eval.checkpoint must be 'latest', 'best' or a step number, got {which!r}.")
+  require(which in ("latest", "best") or which.isdigit(),
+          f"eval.checkpoint must be 'latest', 'best' or a step number, got {which!r}.")
 
 
 def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from absl import logging
 
 from fairgen import data
 from fairgen import density_ratio
+from fairgen.config import ConfigError, require
 from fairgen.metrics import backbones
 from fairgen.models.classifier import Classifier
 
@@ -76,40 +77,34 @@ def fair_section(method: str = "baseline") -> ml_collections.ConfigDict:
   ))
 
 
-def _require(cond: bool, message: str) -> None:
-  if not cond:
-    from fairgen.config import ConfigError  # pylint: disable=g-import-not-at-top
-    raise ConfigError(message)
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for an impossible ``fair`` section (called by ``config.validate``)."""
   fair = config.fair
-  _require(fair.method in METHODS,
-           f"Unknown fair.method={fair.method!r}; valid methods: {', '.join(METHODS)}.")
-  _require(fair.alpha >= 0, f"fair.alpha must be >= 0, got {fair.alpha}.")
-  _require(fair.clip == 0 or fair.clip >= 1, f"fair.clip must be 0 (off) or >= 1.")
-  _require(fair.penalty.divergence in DIVERGENCES,
-           f"fair.penalty.divergence must be one of {DIVERGENCES}, got "
-           f"{fair.penalty.divergence!r}.")
-  _require(fair.penalty.weight >= 0, "fair.penalty.weight must be >= 0.")
+  require(fair.method in METHODS,
+          f"Unknown fair.method={fair.method!r}; valid methods: {', '.join(METHODS)}.")
+  require(fair.alpha >= 0, f"fair.alpha must be >= 0, got {fair.alpha}.")
+  require(fair.clip == 0 or fair.clip >= 1, "fair.clip must be 0 (off) or >= 1.")
+  require(fair.penalty.divergence in DIVERGENCES,
+          f"fair.penalty.divergence must be one of {DIVERGENCES}, got "
+          f"{fair.penalty.divergence!r}.")
+  require(fair.penalty.weight >= 0, "fair.penalty.weight must be >= 0.")
   if fair.target is not None:
     t = np.asarray(fair.target, np.float64)
-    _require(t.ndim == 1 and np.all(t >= 0) and np.isclose(t.sum(), 1.0),
-             f"fair.target must be a probability per group, got {fair.target}.")
+    require(t.ndim == 1 and np.all(t >= 0) and np.isclose(t.sum(), 1.0),
+            f"fair.target must be a probability per group, got {fair.target}.")
   objective = config.objective.name
   method = fair.method
   if method in ("conditional", "penalty"):
-    _require(objective == "gan", f"fair.method={method!r} needs objective.name='gan', got "
-             f"{objective!r}.")
+    require(objective == "gan", f"fair.method={method!r} needs objective.name='gan', got "
+            f"{objective!r}.")
   conditioned = bool(config.model.get("conditional")) and (
       config.model.get("condition_key") == "attr")
   if method == "conditional":
-    _require(conditioned, "fair.method='conditional' needs model.conditional=True and "
-             "model.condition_key='attr'.")
+    require(conditioned, "fair.method='conditional' needs model.conditional=True and "
+            "model.condition_key='attr'.")
   if method == "importance":
-    _require(config.data.options.get("subset") == "union",
-             "fair.method='importance' needs both sets: data.options.subset='union'.")
+    require(config.data.options.get("subset") == "union",
+            "fair.method='importance' needs both sets: data.options.subset='union'.")
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -124,7 +119,6 @@ def target_distribution(config: ml_collections.ConfigDict, num_groups: int) -> n
     return np.full(num_groups, 1.0 / num_groups)
   t = np.asarray(target, np.float64)
   if t.shape != (num_groups,):
-    from fairgen.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"fair.target has {len(t)} entries; the data has {num_groups} groups.")
   return t / t.sum()
 
@@ -289,7 +283,6 @@ def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
     return None
   classifier = attribute_classifier(config)
   if tuple(classifier.image_shape) != tuple(spec.image_shape):
-    from fairgen.config import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"The attribute classifier at {classifier.path} takes images of shape "
                       f"{classifier.image_shape}, the data has {spec.image_shape}.")
   model = backbones.classifier_model(classifier.info["architecture"])

@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"Held-out accuracy on {args.dataset} test: {info['test_accuracy']:.4f}")
   print(f"Saved the classifier backbone to {out}")
   summary = {"dataset": args.dataset, "options": data_config["options"], "label": args.label,
-             "out": out,
-             "test_accuracy": info["test_accuracy"], "steps": args.steps,
+             "out": out, "test_accuracy": info["test_accuracy"], "steps": args.steps,
              "train_seconds": info["train_seconds"], "total_seconds": round(seconds, 2)}
   print(json.dumps(summary, sort_keys=True))
   return summary

@@ -142,8 +142,8 @@ def _cell(values: list[float], digits: int = 3) -> str:
 def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
           seeds: int) -> list[str]:
   """The markdown table (mean ± std over seeds) and the target check lines."""
-  lines = [f"| ref_fraction | method | FD-L2 | FD-KL | FID | FID group 0 | FID group 1 | "
-           f"share of group 1 |", "|---" * 8 + "|"]
+  lines = ["| ref_fraction | method | FD-L2 | FD-KL | FID | FID group 0 | FID group 1 | "
+           "share of group 1 |", "|---" * 8 + "|"]
   for rf in fractions:
     if "baseline" in methods:
       rows = [results[("baseline", rf, s)] for s in range(seeds)]
