@@ -5,6 +5,8 @@ Variants: ``:plain`` (no adversary), ``:smoke``, ``:full_features`` (fairgen's `
 encoding: all 13 columns, standardised continuous ones; sex not among the features).
 """
 
+from ml_collections import config_dict
+
 from fairgen import config as config_lib
 
 # AIF360's demo: 50 epochs of batch 128 over the 70% training split (34,189 rows).
@@ -15,7 +17,7 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("plain", "smoke", "full_features"))
   c = config_lib.base_config()
   c.data.name = "adult_aif360"
-  c.data.options = dict(split_seed=0)
+  c.data.options = dict(split_seed=0, adult_dir=config_dict.placeholder(str))
   c.model = dict(name="fair_mlp", hidden=(200,), dropout=0.2, equalized_odds=True)
   c.objective = dict(name="adversarial_debiasing", debias=variant != "plain",
                      adversary_weight=0.1)
@@ -32,7 +34,7 @@ def get_config(arg=None):
   c.eval.batch_size = 4096
   if variant == "full_features":
     c.data.name = "adult"
-    c.data.options = dict(sensitive="sex")
+    c.data.options = dict(sensitive="sex", adult_dir=config_dict.placeholder(str))
   elif variant == "smoke":
     config_lib.make_smoke(c, num_steps=6, batch_size=32, every=3)
     c.eval.every_steps = 6

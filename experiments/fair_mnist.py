@@ -8,7 +8,7 @@ without losing quality. Evaluation is against the balanced held-out digits.
   python -m fairgen.main --config=experiments/fair_mnist.py:method=baseline --workdir=...
   python -m fairgen.main --config=experiments/fair_mnist.py:method=importance --workdir=...
 
-``method``: baseline | importance | resample | conditional | penalty (``fairgen/fair.py``).
+``method``: baseline | importance | resample | conditional | penalty (``fairgen/fairness/``).
 ``model``: dcgan (default) | vae (baseline, importance and resample only).
 ``attribute``: digit_group (default) | color (two stroke colours, shape-independent).
 Flag ``smoke``: a tiny run for tests. The penalty and the fairness evaluators need the
@@ -18,9 +18,9 @@ missing one fails before training with the exact command.
 """
 
 from fairgen import config as config_lib
-from fairgen import fair
+from fairgen import fairness
 
-CHOICES = {"method": fair.METHODS, "model": ("dcgan", "vae"),
+CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae"),
            "attribute": ("digit_group", "color")}
 
 
@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.log.sample_every_steps = 1000
   c.eval.metrics = ("fid", "prdc", "fairness_discrepancy", "group_quality")
   c.eval.best_metric = "fd_l2"
-  c.fair = fair.fair_section(method)
+  c.fair = fairness.fair_section(method)
   c.fair.penalty.weight = 1.0
   if args["smoke"]:
     config_lib.make_smoke(c)

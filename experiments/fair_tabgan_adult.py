@@ -8,6 +8,8 @@ train-on-synthetic-test-on-real (evaluator ``tstr``): accuracy and statistical p
 classifier trained on synthetic rows, plus marginal fidelity.
 """
 
+from ml_collections import config_dict
+
 from fairgen import config as config_lib
 
 
@@ -15,7 +17,8 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("plain", "smoke"))
   c = config_lib.base_config()
   c.data.name = "adult"
-  c.data.options = dict(sensitive="sex", include_sensitive=False)
+  c.data.options = dict(sensitive="sex", include_sensitive=False,
+                        adult_dir=config_dict.placeholder(str))
   c.model = dict(name="tabgan", latent_dim=64, hidden=(256, 256), critic_hidden=(256, 256),
                  temperature=0.2, hard=False)
   c.objective = dict(name="tabgan", n_critic=2, gp_weight=10.0,

@@ -7,6 +7,8 @@ The representation is judged by logistic-regression probes on z1 (evaluator
 majority rate.
 """
 
+from ml_collections import config_dict
+
 from fairgen import config as config_lib
 
 
@@ -14,7 +16,8 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("no_mmd", "smoke"))
   c = config_lib.base_config()
   c.data.name = "adult"
-  c.data.options = dict(sensitive="sex", include_sensitive=False)
+  c.data.options = dict(sensitive="sex", include_sensitive=False,
+                        adult_dir=config_dict.placeholder(str))
   c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16)
   c.objective = dict(name="vfae", beta=1.0, alpha_y=1.0,
                      mmd_weight=0.0 if variant == "no_mmd" else 1000.0, mmd_sigma=0.0,

@@ -31,6 +31,33 @@ class WorkdirError(RuntimeError):
   """The workdir belongs to another experiment, or cannot be used as asked."""
 
 
+def ensure_writable(directory: str, what: str = "--workdir") -> None:
+  """Creates ``directory`` if needed and checks that files can be written in it.
+
+  Raises:
+    WorkdirError: one line naming the problem: ``directory`` is a file, lies below a
+      file, or cannot be created or written (permissions, a read-only filesystem).
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise WorkdirError(f"{what}={directory} is an existing file, not a directory.")
+  parent = os.path.abspath(directory)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise WorkdirError(f"{what}={directory} lies below {parent}, which is a file.")
+  if jax.process_index() != 0:
+    return
+  probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"{what}={directory} cannot be written: {e.strerror or e} (errno "
+                       f"{e.errno}). Choose a writable directory.") from None
+
+
 def _is_committed(step_dir: str) -> bool:
   if os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
     return True

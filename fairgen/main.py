@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import sys
 
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
+
+from fairgen import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -27,22 +32,62 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"],
 
 
 def _fail(message: str) -> None:
-  print(f"fairgen: error: {message}", file=sys.stderr)
+  """Prints ``fairgen: error: <message>`` on one line and exits with status 2."""
+  text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+  print(f"fairgen: error: {text}", file=sys.stderr)
   sys.exit(2)
 
 
+def _config_path(argv: list[str]) -> str | None:
+  """The file part of ``--config=FILE[:arg]`` (or ``--config FILE``), if given."""
+  for i, arg in enumerate(argv):
+    value = None
+    if arg.startswith("--config="):
+      value = arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value is not None:
+      return value.split(":", 1)[0]
+  return None
+
+
+def _load_error(error: BaseException, argv: list[str]) -> str:
+  """One line saying why ``--config`` could not be loaded."""
+  if isinstance(error, config_lib.ConfigError):
+    return str(error)
+  path = _config_path(argv)
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    return f"--config={path} has no get_config() function."
+  return f"cannot load --config={path}: {config_lib.one_line(error)}"
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with config override errors turned into one clear line."""
+  """absl flag parsing; every mistake becomes one ``fairgen: error:`` line and status 2."""
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    _fail(f"--config={path}: no such file" + (" (it is a directory)." if os.path.isdir(path)
+                                              else "."))
   try:
     return flags.FLAGS(argv)
-  except AttributeError as e:  # ml_collections: an override names an unknown field.
+  except AttributeError as e:
+    if "get_config" in str(e):
+      _fail(_load_error(e, argv))
+    # ml_collections: an override names an unknown field.
     key = str(e.args[0]).strip("'\"") if e.args else str(e)
     culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and
                 key in a.split("=")[0].split(".")] or ["--config"]
     _fail(f"unknown config key '{key}' ({', '.join(culprits)}); see the config file for the "
           f"valid keys.")
   except flags.Error as e:
-    _fail(f"{e}")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "Traceback" in str(e) and lines:
+      # ml_collections reports an error raised in get_config as its traceback text.
+      kind, _, message = lines[-1].partition(": ")
+      _fail(message if kind.endswith("ConfigError") else
+            f"cannot load --config={_config_path(argv)}: {kind.rpartition('.')[2]}: {message}")
+    _fail(str(e))
+  except Exception as e:  # The config file raised while loading or in get_config.
+    _fail(_load_error(e, argv))
   return []
 
 
@@ -54,7 +99,9 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], argv_all: list[str] | None = None) -> None:
+  """Runs the mode named by ``--mode`` on the parsed flags."""
+  argv_all = argv_all if argv_all is not None else sys.argv
   logging.get_absl_logger().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -62,14 +109,16 @@ def main(argv: list[str]) -> None:
     _fail("--workdir is required.")
   try:
     config = _CONFIG.value
-    config.to_dict()
-  except Exception as e:  # A missing or broken config file.
-    _fail(f"cannot load --config: {e}")
+  except Exception as e:  # A broken config file, reported when the value is first read.
+    _fail(_load_error(e, argv_all))
+  if not isinstance(config, ml_collections.ConfigDict):
+    _fail(f"--config={_config_path(argv_all)}: get_config() returned "
+          f"{type(config).__name__}, not a ConfigDict.")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import checkpoint, config as config_lib, data, evaluate, modes, parallel
-  from fairgen import registry, robust, train
-  from fairgen.metrics import backbones
+  from fairgen import checkpoint, data, parallel, registry, robust, train
+  from fairgen.classifiers import backbones
+  from fairgen.evaluation import context, modes
 
   if config.mesh.distributed:
     jax.distributed.initialize()
@@ -90,7 +139,7 @@ def main(argv: list[str]) -> None:
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,
           parallel.MeshError, registry.UnknownNameError, robust.NonFiniteError,
           robust.WorkdirLockedError,
-          evaluate.EvalError, backbones.BackboneNotFoundError) as e:
+          context.EvalError, backbones.BackboneNotFoundError) as e:
     _fail(str(e))
 
 

@@ -16,13 +16,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import logs
 from fairgen import parallel
+from fairgen.config import ConfigError
 
 
-def decode_images(exp: Any, state: Any, latents: np.ndarray | jax.Array,
-                  labels: np.ndarray | jax.Array, batch_size: int = 256) -> np.ndarray:
+def decode_images(exp: experiment.Experiment, state: Any,
+                  latents: np.ndarray | jax.Array, labels: np.ndarray | jax.Array,
+                  batch_size: int = 256) -> np.ndarray:
   """Decodes latents to images on the mesh, in batches split over the data axis.
 
   Batches are padded to a multiple of the data-axis size, so one shape is compiled.
@@ -69,7 +71,7 @@ def prior_labels(num: int, num_classes: int, probs: Any = None, seed: int = 0) -
   return np.random.default_rng(seed).permutation(labels)
 
 
-def generate_images(exp: Any, state: Any, rng: jax.Array, num: int,
+def generate_images(exp: experiment.Experiment, state: Any, rng: jax.Array, num: int,
                     labels: np.ndarray | None = None, truncation: float = 0.0,
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
   """``num`` samples (and their latents) from prior latents drawn with ``rng``."""
@@ -97,14 +99,14 @@ def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
                       labels=labels)
 
 
-def write_samples(exp: Any, state: Any, step: int, out_dir: str, num: int, seed: int,
-                  truncation: float = 0.0, interpolation_steps: int = 8) -> list[str]:
+def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: str, num: int,
+                  seed: int, truncation: float = 0.0, interpolation_steps: int = 8) -> list[str]:
   """Writes the sample, interpolation and per-class grids; returns the files written."""
   os.makedirs(out_dir, exist_ok=True)
   rng = jax.random.key(seed)
   k_grid, k_interp, k_class = jax.random.split(rng, 3)
   if not exp.makes_images:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"--mode=sample needs an objective that generates images; "
         f"{exp.config.objective.name!r} does not.")
   scale = grid_scale(exp.spec)

@@ -1,9 +1,22 @@
-"""Test setup: 8 fake CPU devices (before JAX initialises) and shared helpers."""
+"""Test setup: 8 fake CPU devices (before JAX initialises), a compilation cache, helpers.
+
+Configs from ``load_config`` run on one device unless the test sets ``mesh.data``: the 8
+fake devices share 2 cores and run 7-8x slower, so only the tests about sharding use them.
+Compiled programs are cached on disk (``$FAIRGEN_TEST_JAX_CACHE``, by default under the
+system temp directory) and shared by the tests and the processes they start.
+"""
 
 import os
 import sys
+import tempfile
 
-import chex
+# Before JAX is imported (it reads these once): subprocesses (run_main) inherit them.
+JAX_CACHE = os.environ.setdefault(
+    "FAIRGEN_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "fairgen_test_jax_cache"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
+
+import chex  # noqa: E402
 
 # 8 fake devices share 2 cores: under load, a device thread can reach an XLA CPU collective
 # rendezvous late, and XLA aborts the process after its default timeout. Give it time.
@@ -23,6 +36,7 @@ def load_config(name: str, arg: str | None = "smoke", **overrides):
   """Loads ``experiments/<name>.py`` with ``arg`` and dotted-key overrides."""
   from fairgen import config as config_lib
   config = config_lib.load_config_file(os.path.join(EXPERIMENTS, f"{name}.py"), arg)
+  config.mesh.data = 1  # One device unless the test is about sharding (overrides below).
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -30,6 +44,30 @@ def load_config(name: str, arg: str | None = "smoke", **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+@pytest.fixture
+def max_traces(monkeypatch):
+  """``max_traces(n)``: every objective built afterwards fails if its step traces > n times.
+
+  Wraps the objective's ``train_step`` in ``chex.assert_max_traces``: a step that is
+  re-traced (a changing shape, dtype or static argument) raises inside the trace.
+  """
+  import dataclasses
+  from fairgen import experiment
+  original = experiment.build_objective
+
+  def limit(n):
+    chex.clear_trace_counter()
+
+    def build(config, spec, for_training=True):
+      objective = original(config, spec, for_training)
+      return dataclasses.replace(
+          objective, train_step=chex.assert_max_traces(objective.train_step, n=n))
+
+    monkeypatch.setattr(experiment, "build_objective", build)
+
+  return limit
 
 
 @pytest.fixture
@@ -51,11 +89,11 @@ def final_state(workdir: str, config):
   """(step, list of NumPy leaves) of the newest checkpoint in ``workdir``."""
   import jax
   import numpy as np
-  from fairgen import checkpoint, train
-  exp = train.setup(config)
+  from fairgen import checkpoint, experiment
+  exp = experiment.setup(config)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
-    state, step = train.restore_or_init(exp, ckpt)
+    state, step = experiment.restore_or_init(exp, ckpt)
   finally:
     ckpt.close()
   return step, [np.asarray(x) for x in jax.tree.leaves(state)]

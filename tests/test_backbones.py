@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from fairgen import data
-from fairgen.metrics import backbones
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
 from fairgen.models.classifier import Classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def mnist():
 def trained(mnist):
   # A narrower, shorter run than the tool's defaults (~15 s on two CPU cores; 98.3%).
   train, test = mnist
-  return backbones.train_classifier(train, test, steps=600, batch_size=64, lr=3e-3, width=16,
+  return fit.train_classifier(train, test, steps=600, batch_size=64, lr=3e-3, width=16,
                                     seed=0, augment=True)
 
 
@@ -67,7 +68,7 @@ def test_short_training_reaches_the_mnist_5k_accuracy_target(trained):
 
 def test_training_is_deterministic_given_the_seed():
   train, test = data.load({"name": "digits"}, "train"), data.load({"name": "digits"}, "test")
-  runs = [backbones.train_classifier(train, test, steps=30, batch_size=32, width=8, seed=3)
+  runs = [fit.train_classifier(train, test, steps=30, batch_size=32, width=8, seed=3)
           for _ in range(2)]
   for a, b in zip(*(jax.tree.leaves(params) for params, _ in runs)):
     np.testing.assert_array_equal(a, b)

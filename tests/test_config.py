@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import EXPERIMENTS, load_config
-from fairgen import checkpoint, config as config_lib, parallel
+from fairgen import checkpoint, config as config_lib, parallel, train
 
 VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
             "vae_mnist": [None, "smoke", "conv", "digits"],
@@ -27,7 +27,7 @@ def test_every_experiment_file_is_covered():
                          [(n, v) for n, vs in VARIANTS.items() for v in vs])
 def test_variants_validate(name, variant):
   config = load_config(name, variant)
-  config_lib.validate(config)
+  train.validate(config)
   for section in config_lib.REQUIRED_SECTIONS:
     assert section in config
 
@@ -48,7 +48,7 @@ def test_unknown_variant_is_refused():
 def test_impossible_values_name_the_key(key, value, message):
   config = load_config("dcgan_mnist", "smoke", **{key: value})
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(config)
+    train.validate(config)
 
 
 def test_unknown_model_hyperparameter_is_named():
@@ -56,7 +56,7 @@ def test_unknown_model_hyperparameter_is_named():
   with config.unlocked():
     config.model.depth = 3
   with pytest.raises(config_lib.ConfigError, match="model.depth"):
-    config_lib.validate(config)
+    train.validate(config)
 
 
 def test_mesh_larger_than_the_devices_is_refused():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairgen import density_ratio as dr
+from fairgen.fairness import density_ratio as dr
 from fairgen.models.classifier import Classifier
 
 MU = np.array([1.0, 0.5])

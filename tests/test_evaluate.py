@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_main
-from fairgen import checkpoint, data, modes, sampling, train
-from fairgen.metrics import backbones
+from fairgen import checkpoint, data, experiment, sampling, train
+from fairgen.evaluation import modes
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
 
 EVAL_OVERRIDES = {"eval.num_samples": 64, "eval.batch_size": 32, "eval.kid_subsets": 5,
                   "eval.kid_subset_size": 32, "eval.is_splits": 2}
@@ -19,7 +21,7 @@ EVAL_OVERRIDES = {"eval.num_samples": 64, "eval.batch_size": 32, "eval.kid_subse
 def backbone_dir(tmp_path_factory):
   """A tiny mnist_5k classifier (a few steps: its accuracy is not the point here)."""
   directory = str(tmp_path_factory.mktemp("backbone"))
-  params, info = backbones.train_classifier(
+  params, info = fit.train_classifier(
       data.load({"name": "mnist_5k"}, "train"), data.load({"name": "mnist_5k"}, "test"),
       steps=20, batch_size=32, width=8, feature_dim=16, augment=False)
   backbones.save_classifier(directory, params, info, overwrite=True)
@@ -83,8 +85,8 @@ def test_evaluate_and_sample_modes_in_a_new_process(backbone_dir, workdir):
 def test_sampling_is_seeded_and_truncation_bounds_latents(backbone_dir, workdir):
   config = _gan_config(backbone_dir)
   train.train_and_evaluate(config, workdir)
-  exp = train.setup(config)
-  state, _ = train.restore_checkpoint(exp, workdir)
+  exp = experiment.setup(config)
+  state, _ = experiment.restore_checkpoint(exp, workdir)
   a, za = sampling.generate_images(exp, state, jax.random.key(3), 10, truncation=0.5)
   b, zb = sampling.generate_images(exp, state, jax.random.key(3), 10, truncation=0.5)
   np.testing.assert_array_equal(a, b)
@@ -129,4 +131,4 @@ def test_unknown_evaluator_is_a_config_error():
   from fairgen import config as config_lib
   config = load_config("dcgan_mnist", "smoke", **{"eval.metrics": ("fid", "fud")})
   with pytest.raises(config_lib.ConfigError, match="fud"):
-    config_lib.validate(config)
+    train.validate(config)

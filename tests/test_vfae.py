@@ -8,13 +8,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fairgen import config as config_lib
-from fairgen import evaluate
+from fairgen.evaluation import runner as evaluate
 from fairgen import parallel
-from fairgen import tabular_eval
+from fairgen.evaluation import tabular as tabular_eval
 from fairgen.data import tabular
+from fairgen.data import uci
 from fairgen.metrics import mmd
-from fairgen.models import MODELS
 from fairgen.models import vfae as vfae_models
+from fairgen import objectives
 from fairgen.objectives import vfae
 
 OPTIM = {"name": "adam", "lr": 3e-3}
@@ -22,7 +23,7 @@ OPTIM = {"name": "adam", "lr": 3e-3}
 
 def _objective(spec, mmd_weight=1.0, **model_kwargs):
   model = vfae_models.build_vfae(spec, **{"latent_dim": 8, "hidden": (32,), **model_kwargs})
-  return model, vfae.build(model, spec, {"name": "vfae", "mmd_weight": mmd_weight}, OPTIM)
+  return model, objectives.build({"name": "vfae", "mmd_weight": mmd_weight}, OPTIM, model, spec)
 
 
 def _train(objective, arrays, steps, batch_size, seed=0, step=None):
@@ -40,7 +41,7 @@ def _train(objective, arrays, steps, batch_size, seed=0, step=None):
 @pytest.fixture(scope="module")
 def adult_run():
   """A hierarchical VFAE trained 40 steps on Adult, and its jitted step."""
-  source = tabular.adult("train")
+  source = uci.adult("train")
   model, objective = _objective(source.spec, hierarchical=True)
   step = jax.jit(objective.train_step)
   state, history = _train(objective, source.arrays, steps=40, batch_size=64, step=step)
@@ -130,21 +131,11 @@ def test_mmd_penalty_removes_group_separation():
 
 
 def test_unknown_objective_key_raises():
-  model = vfae_models.build_vfae(TOY_SPEC)
-  with pytest.raises(ValueError, match="mmd_wieght"):
-    vfae.build(model, TOY_SPEC, {"name": "vfae", "mmd_wieght": 1.0}, OPTIM)
+  with pytest.raises(config_lib.ConfigError, match="mmd_wieght"):
+    objectives.validate({"name": "vfae", "mmd_wieght": 1.0}, OPTIM)
 
 
-@pytest.fixture
-def vfae_registered(monkeypatch):
-  """Registers the 'vfae' model for this test if fairgen.models does not yet."""
-  if "vfae" not in MODELS:
-    entries = MODELS._entries  # pylint: disable=protected-access
-    monkeypatch.setitem(entries, "vfae", vfae_models.build_vfae)
-
-
-def test_vfae_probe_evaluator(vfae_registered, adult_run):
-  del vfae_registered
+def test_vfae_probe_evaluator(adult_run):
   config = config_lib.base_config()
   config.data.name = "adult"
   config.model = {"name": "vfae", "latent_dim": 8, "hidden": (32,), "hierarchical": True}

@@ -201,13 +201,14 @@ def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fairgen import experiment  # pylint: disable=g-import-not-at-top
   from fairgen import objectives  # pylint: disable=g-import-not-at-top
   from fairgen.models import GanModules  # pylint: disable=g-import-not-at-top
   if dtype_name == "float32":
     return exp
   dtype = jnp.dtype(dtype_name)
   config = exp.config
-  modules = objectives.build_model(config, exp.spec)
+  modules = experiment.build_model(config, exp.spec)
   if isinstance(modules, GanModules):
     modules = dataclasses.replace(modules, generator=modules.generator.clone(dtype=dtype),
                                   discriminator=modules.discriminator.clone(dtype=dtype))
@@ -215,8 +216,7 @@ def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
     modules = modules.clone(dtype=dtype)
   else:
     raise ValueError(f"model {config.model.name!r} has no computation dtype to set.")
-  objective = objectives.OBJECTIVES.get(config.objective.name)(
-      modules, exp.spec, config.objective.to_dict(), config.optim.to_dict())
+  objective = objectives.build(config.objective, config.optim, modules, exp.spec)
   abstract = jax.eval_shape(objective.init, exp.init_rng)
   fp32 = jax.eval_shape(exp.objective.init, exp.init_rng)
   if jax.tree.map(lambda s: (s.shape, s.dtype), abstract) != jax.tree.map(
@@ -265,13 +265,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fairgen import data  # pylint: disable=g-import-not-at-top
   from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  from fairgen import experiment  # pylint: disable=g-import-not-at-top
   from fairgen import train  # pylint: disable=g-import-not-at-top
 
   load_start = _loadavg()
   config = load_config(args.config, args.set, args.batch_size, args.devices)
   source = data.load(config.data, config.data.split)
-  exp = with_compute_dtype(train.setup(config, source), args.compute_dtype)
-  state = train.init_state(exp)
+  exp = with_compute_dtype(experiment.setup(config, source.spec), args.compute_dtype)
+  state = experiment.init_state(exp)
   data_sharding = parallel.data_sharding(exp.mesh)
   rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
   reps, steps = args.repeats, args.steps

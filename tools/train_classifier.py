@@ -1,7 +1,7 @@
 """Trains the small classifier backbone that FID, Inception Score and class proportions use.
 
 Loads the dataset's train and test splits, trains ``fairgen.models.classifier.Classifier``
-(see ``fairgen.metrics.backbones.train_classifier``), saves it as an Orbax checkpoint plus
+(see ``fairgen.classifiers.fit.train_classifier``), saves it as an Orbax checkpoint plus
 ``backbone.json`` and prints the held-out accuracy, the output path and a final JSON line.
 The defaults reach about 98.5% test accuracy on mnist_5k in about a minute on two CPU cores.
 
@@ -25,7 +25,8 @@ import time
 # Allow `python tools/train_classifier.py` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fairgen import data  # pylint: disable=g-import-not-at-top
-from fairgen.metrics import backbones  # pylint: disable=g-import-not-at-top
+from fairgen.classifiers import backbones  # pylint: disable=g-import-not-at-top
+from fairgen.classifiers import fit  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"Training a classifier on {args.dataset} ({len(train)} train / {len(test)} test, "
         f"label {args.label!r}) for {args.steps} steps.", flush=True)
   start = time.perf_counter()
-  params, info = backbones.train_classifier(
+  params, info = fit.train_classifier(
       train, test, label_key=args.label, num_classes=args.num_classes, steps=args.steps,
       batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
       augment=args.augment, log_every=args.log_every)

@@ -80,7 +80,7 @@ def main() -> None:
                  + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)) + " |")
   targets = check_targets(ours)
   lines += ["", *[f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in targets],
-            f"", f"Total time: {time.time() - start:.0f} s"]
+            "", f"Total time: {time.time() - start:.0f} s"]
   table = "\n".join(lines)
   print(table)
   os.makedirs(args.out, exist_ok=True)

@@ -43,10 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from fairgen import config as config_lib  # noqa: E402
 from fairgen import data  # noqa: E402
-from fairgen import fair  # noqa: E402
-from fairgen import modes  # noqa: E402
+from fairgen import fairness  # noqa: E402
 from fairgen import train  # noqa: E402
-from fairgen.metrics import backbones  # noqa: E402
+from fairgen.classifiers import backbones  # noqa: E402
+from fairgen.classifiers import fit  # noqa: E402
+from fairgen.evaluation import modes  # noqa: E402
+from fairgen.fairness import importance  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "fair_mnist.py")
@@ -66,7 +68,7 @@ def train_classifiers(out: str, quick: bool) -> dict[str, dict]:
       options = {"attribute": "digit_group", "subset": subset}
       train_src = data.load({"name": "biased_mnist", "options": options}, "train")
       test_src = data.load({"name": "biased_mnist", "options": options}, "test")
-      params, info = backbones.train_classifier(
+      params, info = fit.train_classifier(
           train_src, test_src, label_key=label, num_classes=2 if label == "attr" else None,
           steps=30 if quick else 1000, width=8 if quick else 32)
       backbones.save_classifier(directory, params, info, overwrite=True)
@@ -118,7 +120,7 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
     copy = modes.evaluate(config, workdir)["metrics"]
     result["data_fd_l2"] = float(copy["fd_l2"])
     result["data_share_1"] = float(copy["group_share_1"])
-  ratio_info = os.path.join(workdir, fair.RATIO_DIR, "info.json")
+  ratio_info = os.path.join(workdir, importance.RATIO_DIR, "info.json")
   if os.path.exists(ratio_info):
     with open(ratio_info) as f:
       diag = json.load(f).get("diagnostics", {})
@@ -180,7 +182,7 @@ def main() -> None:
   parser.add_argument("--out", default="/tmp/fg/choi")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--ref_fractions", default=",".join(str(r) for r in REF_FRACTIONS))
-  parser.add_argument("--methods", default=",".join(fair.METHODS))
+  parser.add_argument("--methods", default=",".join(fairness.METHODS))
   parser.add_argument("--steps", type=int, default=None,
                       help="train.num_steps of every run (default: the config's)")
   parser.add_argument("--quick", action="store_true",
@@ -189,9 +191,9 @@ def main() -> None:
   seeds = 1 if args.quick else args.seeds
   fractions = (0.25,) if args.quick else tuple(float(r) for r in args.ref_fractions.split(","))
   methods = tuple(args.methods.split(","))
-  unknown = [m for m in methods if m not in fair.METHODS]
+  unknown = [m for m in methods if m not in fairness.METHODS]
   if unknown:
-    sys.exit(f"Unknown methods {unknown}; valid: {', '.join(fair.METHODS)}.")
+    sys.exit(f"Unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   classifiers = train_classifiers(args.out, args.quick)

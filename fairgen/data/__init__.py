@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
+from fairgen.config import require
 from fairgen.data import adult_aif360
 from fairgen.data import bias
 from fairgen.data import offline
-from fairgen.data import tabular
+from fairgen.data import uci
 from fairgen.data import tfds_datasets
 from fairgen.data.base import ArraySource, DataError, DataSpec, Source, SubsetSource, read_column
 from fairgen.data.pipeline import IndexSampler, Loader, WeightedSampler
@@ -21,8 +22,8 @@ DATASETS.register("mnist")(tfds_datasets.mnist)
 DATASETS.register("fashion_mnist")(tfds_datasets.fashion_mnist)
 DATASETS.register("cifar10")(tfds_datasets.cifar10)
 DATASETS.register("celeb_a")(tfds_datasets.celeb_a)
-DATASETS.register("adult")(tabular.adult)
-DATASETS.register("german")(tabular.german)
+DATASETS.register("adult")(uci.adult)
+DATASETS.register("german")(uci.german)
 DATASETS.register("adult_aif360")(adult_aif360.adult_aif360)
 DATASETS.register("biased_mnist")(bias.biased_mnist)
 DATASETS.register("biased_celeb_a")(bias.biased_celeb_a)
@@ -33,15 +34,39 @@ _DOMAIN_OPTIONS = {"biased_mnist": ("attribute", "num_colors", "digits", "color_
                    "biased_celeb_a": ("attribute", "image_size")}
 
 
+def _options(name: str) -> dict[str, inspect.Parameter]:
+  """The options a dataset's loader takes (``split`` and ``tfds_data_dir`` aside)."""
+  params = inspect.signature(DATASETS.get(name)).parameters
+  return {k: p for k, p in params.items() if k not in ("split", "tfds_data_dir")}
+
+
+def validate(data_config: Mapping[str, Any]) -> None:
+  """Raises ConfigError for an unknown dataset, an unknown option or an impossible value."""
+  name = data_config.get("name")
+  require(name in DATASETS,
+          f"Unknown data.name={name!r}; valid names: {', '.join(DATASETS.names())}.")
+  valid = _options(name)
+  for section in ("options", "eval_options"):
+    for key in dict(data_config.get(section) or {}):
+      require(key in valid, f"Unknown key data.{section}.{key} for dataset {name!r}; it takes: "
+              f"{', '.join(valid) or 'no options'}.")
+  require(data_config.get("prefetch", 0) >= 0,
+          f"data.prefetch must be >= 0, got {data_config.get('prefetch')}.")
+
+
 def load(data_config: Mapping[str, Any], split: str,
          overrides: Mapping[str, Any] | None = None) -> Source:
   """Opens ``split`` of the dataset that ``data_config`` (the config's data section) names.
 
   ``overrides`` replace some of ``data_config.options`` (e.g. ``eval_options``).
+  ``data_config.tfds_data_dir`` goes to the loaders that read TFDS data.
   """
-  loader = DATASETS.get(data_config["name"])
+  name = data_config["name"]
+  loader = DATASETS.get(name)
   options = {**dict(data_config.get("options") or {}), **dict(overrides or {})}
-  return loader(split, tfds_data_dir=data_config.get("tfds_data_dir"), **options)
+  if "tfds_data_dir" in inspect.signature(loader).parameters:
+    options["tfds_data_dir"] = data_config.get("tfds_data_dir")
+  return loader(split, **options)
 
 
 def load_eval(data_config: Mapping[str, Any]) -> Source:
@@ -76,4 +101,4 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
 
 __all__ = ["ArraySource", "DATASETS", "DataError", "DataSpec", "IndexSampler", "Loader",
            "Source", "SubsetSource", "WeightedSampler", "cache_tag", "load", "load_eval",
-           "read_column"]
+           "read_column", "validate"]

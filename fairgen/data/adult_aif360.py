@@ -20,6 +20,7 @@ import numpy as np
 
 from fairgen.data import base
 from fairgen.data import tabular
+from fairgen.data import uci
 
 AGE_DECADES = ("10", "20", "30", "40", "50", "60", ">=70")
 EDUCATION_YEARS = ("<6", "6", "7", "8", "9", "10", "11", "12", ">12")
@@ -37,10 +38,10 @@ def _education_years(years: int) -> str:
 @functools.lru_cache(maxsize=4)
 def _arrays(adult_dir: str | None) -> tuple[tabular.TabularSpec, dict[str, np.ndarray]]:
   raw = np.concatenate([
-      tabular._read_adult_file(tabular._data_file(  # pylint: disable=protected-access
+      uci.read_adult_file(uci.data_file(
           adult_dir, name, "adult", "adult_dir", "adult.data and adult.test"))
       for name in ("adult.data", "adult.test")])
-  col = {name: raw[:, i] for i, name in enumerate(tabular.ADULT_COLUMNS)}
+  col = {name: raw[:, i] for i, name in enumerate(uci.ADULT_COLUMNS)}
   table = {
       "age_decade": np.array([_age_decade(int(a)) for a in col["age"]]),
       "education_years": np.array([_education_years(int(e)) for e in col["education-num"]]),
@@ -67,8 +68,8 @@ def _arrays(adult_dir: str | None) -> tuple[tabular.TabularSpec, dict[str, np.nd
   return spec, arrays
 
 
-def adult_aif360(split: str, adult_dir: str | None = None, split_seed: int = 0,
-                 **unused) -> tabular.TabularSource:
+def adult_aif360(split: str, adult_dir: str | None = None,
+                 split_seed: int = 0) -> tabular.TabularSource:
   """AIF360's preprocessed Adult (sex protected): 'train' (70%), 'test' (30%) or 'all'."""
   spec, arrays = _arrays(adult_dir)
   n = len(arrays["label"])

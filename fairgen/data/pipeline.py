@@ -60,7 +60,7 @@ class WeightedSampler:
 
   The batch of step ``s`` is a pure function of ``(seed, s)`` (one generator per step), so
   resumption stays exact without any sampler state. Used for resampling by inverse group
-  frequency (``fairgen.fair``).
+  frequency (``fairgen.fairness``).
   """
 
   def __init__(self, probs: np.ndarray, global_batch: int, seed: int):

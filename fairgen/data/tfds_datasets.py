@@ -26,7 +26,7 @@ def _open(tfds_name: str, split: str, data_dir: str | None) -> Any:
     raise base.DataError(
         f"TFDS dataset {tfds_name!r} (split {split!r}) is not prepared in the array_record "
         f"format under data.tfds_data_dir={data_dir!r}: {type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}\n"
+        f"{str(e).splitlines()[0] if str(e) else ''}. "
         f"Prepare it on a machine with internet (`tfds build {tfds_name} "
         f"--file_format=array_record --data_dir=DIR`) and pass --config.data.tfds_data_dir=DIR, "
         f"or use an offline dataset: --config.data.name=<{OFFLINE_ALTERNATIVES}>.") from None
@@ -58,7 +58,7 @@ def _image_decoder(max_value: float = 255.0,
 
 def _simple(tfds_name: str, spec: base.DataSpec):
 
-  def load(split: str, tfds_data_dir: str | None = None, **unused) -> base.MappedSource:
+  def load(split: str, tfds_data_dir: str | None = None) -> base.MappedSource:
     return base.MappedSource(spec, _open(tfds_name, split, tfds_data_dir), _image_decoder())
 
   load.__doc__ = f"TFDS {tfds_name!r} as {spec.image_shape} images in [-1, 1]."
@@ -71,7 +71,7 @@ cifar10 = _simple("cifar10", base.DataSpec("cifar10", (32, 32, 3), 10))
 
 
 def celeb_a(split: str, tfds_data_dir: str | None = None, image_size: int = 64,
-            label_attribute: str = "Male", **unused) -> base.MappedSource:
+            label_attribute: str = "Male") -> base.MappedSource:
   """CelebA, centre-cropped to 140x140 and resized; the label is a binary attribute."""
   spec = base.DataSpec("celeb_a", (image_size, image_size, 3), 2)
   decode = _image_decoder(

@@ -89,7 +89,7 @@ def masked_mmd2(z: ArrayLike, group: ArrayLike, sigma: ArrayLike,
 
   Equals ``mmd2(z[group == 0], z[group == 1], sigma, unbiased)`` with uniform weights,
   but keeps static shapes. With ``weight``, each group is the weighted empirical
-  distribution (self-normalised within the group, as ``objectives.base.weighted_mean``).
+  distribution (self-normalised within the group, as ``objectives.losses.weighted_mean``).
 
   Args:
     z: rows ``[n, d]``.

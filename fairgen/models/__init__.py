@@ -2,16 +2,22 @@
 
 ``MODELS`` maps a model name to a builder ``(spec, **hyperparameters) -> modules``: a GAN
 builder returns ``GanModules(generator, discriminator)``, a VAE builder a ``VAE`` module.
-The objective that uses a model checks that the family fits.
+The objective that uses a model checks that the family fits. ``validate`` checks the
+``model`` config section against the builder's signature (an unknown key is an error) and
+the hyperparameters every family shares by name (sizes, widths, dropout rates); ``build``
+calls the builder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import inspect
+import math
+from typing import Any, Mapping
 
 import flax.linen as nn
 
+from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
 from fairgen.models import dcgan
 from fairgen.models import tabgan
@@ -48,9 +54,9 @@ def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
   sensitive-attribute groups (``spec.num_groups``; the 'conditional' fairness method).
   """
   if condition_key not in ("label", "attr"):
-    raise ValueError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
+    raise ConfigError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
   if conditional and condition_key == "attr" and not spec.num_groups:
-    raise ValueError(f"model.condition_key='attr' needs a dataset with groups; "
+    raise ConfigError(f"model.condition_key='attr' needs a dataset with groups; "
                      f"{spec.name!r} has none.")
   num_classes = 0
   if conditional:
@@ -81,4 +87,44 @@ MODELS.register("vfae")(vfae.build_vfae)
 MODELS.register("tabgan")(tabgan.build_tabgan)
 
 
-__all__ = ["GanModules", "MODELS"]
+def _hyperparameters(model: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in dict(model).items() if k != "name"}
+
+
+def _check_value(key: str, value: Any) -> None:
+  """Checks the hyperparameters that mean the same in every model, by their names."""
+  def number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+  if key.endswith("_dim"):
+    require(number(value) and value >= 1 and value == int(value),
+            f"model.{key} must be a positive integer, got {value!r}.")
+  elif key == "width" or key == "temperature":
+    require(number(value) and value > 0, f"model.{key} must be > 0, got {value!r}.")
+  elif key.endswith("hidden"):
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    require(len(values) > 0 and all(number(v) and v >= 1 and v == int(v) for v in values),
+            f"model.{key} must be positive layer widths, got {value!r}.")
+  elif key.endswith("dropout"):
+    require(number(value) and 0 <= value < 1, f"model.{key} must be in [0, 1), got {value!r}.")
+
+
+def validate(model: Mapping[str, Any]) -> None:
+  """Raises ConfigError for an unknown model name or key, or an impossible size."""
+  name = model.get("name")
+  require(name in MODELS, f"Unknown model.name={name!r}; valid names: "
+          f"{', '.join(MODELS.names())}.")
+  params = inspect.signature(MODELS.get(name)).parameters
+  for key, value in _hyperparameters(model).items():
+    require(key in params and key != "spec", f"Unknown key model.{key}; model {name!r} takes: "
+            f"{', '.join(k for k in params if k != 'spec')}.")
+    _check_value(key, value)
+
+
+def build(model: Mapping[str, Any], spec: Any) -> Any:
+  """The modules of the ``model`` section (``name`` plus hyperparameters) for ``spec``."""
+  hparams = _hyperparameters(model.to_dict() if hasattr(model, "to_dict") else model)
+  return MODELS.get(model["name"])(spec, **hparams)
+
+
+__all__ = ["GanModules", "MODELS", "build", "validate"]

@@ -4,7 +4,7 @@ Conv(w) -> Conv(w, s2) -> Conv(2w) -> Conv(2w, s2) -> Flatten -> Dense(feature_d
 -> Dense(num_classes), ReLU after every hidden layer. The Dense(feature_dim) activations are
 the penultimate *features* (for FID, KID and PRDC); the logits give class probabilities (for
 Inception Score and per-class proportions). It is not a generative model, so it is not in
-``fairgen.models.MODELS``; ``fairgen.metrics.backbones`` trains, saves and loads it.
+``fairgen.models.MODELS``; ``fairgen.classifiers`` trains, saves and loads it.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fairgen.config import ConfigError
 from fairgen.models import layers
 
 # Keras defaults, as in the seeds' model.
@@ -57,7 +58,7 @@ class Generator(nn.Module):
                train: bool = True) -> jax.Array:
     h, w, c = self.image_shape
     if h % 4 or w % 4:
-      raise ValueError(f"DCGAN needs image sides divisible by 4, got {self.image_shape}.")
+      raise ConfigError(f"DCGAN needs image sides divisible by 4, got {self.image_shape}.")
     if self.num_classes:
       if labels is None:
         raise ValueError("A conditional generator needs labels.")

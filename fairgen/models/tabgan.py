@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy import special
 
+from fairgen.config import ConfigError
 from fairgen.data import tabular
 
 
@@ -138,7 +139,7 @@ class TabGanModules:
 
   Attributes:
     generator: the :class:`Generator`.
-    critic: the :class:`Critic`.
+    discriminator: the :class:`Critic` (a WGAN's discriminator).
     latent_dim: size of the full latent vector ``[z, eps]`` (``Objective.latent_dim``).
     row_dim: width of a row.
     label_column: row position of ``label == 1`` (its probability in soft rows).
@@ -148,7 +149,7 @@ class TabGanModules:
   """
 
   generator: Generator
-  critic: Critic
+  discriminator: Critic
   latent_dim: int
   row_dim: int
   label_column: int
@@ -175,18 +176,18 @@ def build_tabgan(spec: tabular.TabularSpec, latent_dim: int = 128,
     The :class:`TabGanModules`.
   """
   if not isinstance(spec, tabular.TabularSpec):
-    raise ValueError(f"The tabular GAN needs a tabular dataset (adult, german), got "
+    raise ConfigError(f"The tabular GAN needs a tabular dataset (adult, german), got "
                      f"{getattr(spec, 'name', spec)!r}.")
   if spec.num_classes != 2 or spec.num_groups != 2:
-    raise ValueError("The tabular GAN supports a binary label and a binary attribute.")
+    raise ConfigError("The tabular GAN supports a binary label and a binary attribute.")
   if temperature <= 0:
-    raise ValueError(f"model.temperature must be > 0, got {temperature}.")
+    raise ConfigError(f"model.temperature must be > 0, got {temperature}.")
   categorical, _ = row_blocks(spec)
   width = row_dim(spec)
   return TabGanModules(
       generator=Generator(int(latent_dim), width, categorical,
                           tuple(int(h) for h in hidden), float(temperature), bool(hard)),
-      critic=Critic(tuple(int(h) for h in critic_hidden)),
+      discriminator=Critic(tuple(int(h) for h in critic_hidden)),
       latent_dim=int(latent_dim) + width, row_dim=width,
       label_column=spec.feature_dim + 1,
       attr_column=spec.feature_dim + spec.num_classes + 1,

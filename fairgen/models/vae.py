@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen.config import ConfigError
 from fairgen.models import layers
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -59,7 +60,7 @@ class Decoder(nn.Module):
     if self.arch == "conv":
       n_up = len(self.hidden)
       if h % 2**n_up or w % 2**n_up:
-        raise ValueError(f"conv decoder needs sides divisible by {2**n_up}, got {h}x{w}.")
+        raise ConfigError(f"conv decoder needs sides divisible by {2**n_up}, got {h}x{w}.")
       sh, sw = h // 2**n_up, w // 2**n_up
       x = nn.relu(nn.Dense(sh * sw * self.hidden[0], dtype=self.dtype)(z))
       x = x.reshape(z.shape[0], sh, sw, self.hidden[0])
@@ -100,9 +101,9 @@ class VAE(nn.Module):
 
   def setup(self):
     if self.likelihood not in LIKELIHOODS:
-      raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
+      raise ConfigError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
     if self.arch not in ARCHITECTURES:
-      raise ValueError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+      raise ConfigError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
     self.encoder = Encoder(self.latent_dim, self.arch, tuple(self.hidden), self.dtype)
     self.decoder = Decoder(self.image_shape, self.arch, tuple(reversed(self.hidden)), self.dtype)
     if self.likelihood == "gaussian":

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairgen.config import ConfigError
 from fairgen.data import tabular
 from fairgen.models.tabular import MLP
 from fairgen.models.vae import gaussian_kl
@@ -181,7 +182,7 @@ def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
     The :class:`VFAE` module.
   """
   if not isinstance(spec, tabular.TabularSpec):
-    raise ValueError(f"The VFAE needs a tabular dataset (adult, german), got "
+    raise ConfigError(f"The VFAE needs a tabular dataset (adult, german), got "
                      f"{getattr(spec, 'name', spec)!r}.")
   categorical, continuous = feature_blocks(spec.columns)
   return VFAE(feature_dim=spec.feature_dim, categorical=categorical, continuous=continuous,

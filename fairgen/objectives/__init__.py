@@ -1,56 +1,105 @@
 """Objectives: pure ``train_step(state, batch, rng) -> (state, metrics)`` per family.
 
-``OBJECTIVES`` maps a name to ``build(modules, spec, objective_cfg, optim_cfg)``.
-``build_objective`` wires a whole config: dataset spec -> model -> objective.
+``OBJECTIVES`` maps a name to an ``Entry``: the family's builder and what the rest of fairgen
+needs to know about it without switching on its name: its config keys and defaults, its
+value checks, its optimizer sections, and the fairness methods it supports. ``validate``
+checks the ``objective`` and ``optim`` sections against the entry; ``build`` makes the
+``Objective``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-import ml_collections
-
-from fairgen.data.base import DataSpec
-from fairgen.models import MODELS
+from fairgen.config import ConfigError, require
 from fairgen.objectives import debias
 from fairgen.objectives import gan
 from fairgen.objectives import tabgan
 from fairgen.objectives import vae
 from fairgen.objectives import vfae
-from fairgen.objectives.base import Objective
+from fairgen.objectives.base import Objective, check_optimizer
 from fairgen.registry import Registry
 
-OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective")
-OBJECTIVES.register("gan")(gan.build)
-OBJECTIVES.register("vae")(vae.build)
-OBJECTIVES.register("adversarial_debiasing")(debias.build)
-OBJECTIVES.register("vfae")(vfae.build)
-OBJECTIVES.register("tabgan")(tabgan.build)
+# Weighting and resampling change only the batches and the per-example weights, which
+# every objective's per-example losses take; the other methods need a conditional or
+# penalised image generator.
+DATA_METHODS = ("baseline", "importance", "resample")
+ALL_METHODS = DATA_METHODS + ("conditional", "penalty")
 
 
-def build_model(config: ml_collections.ConfigDict, spec: DataSpec) -> Any:
-  """The model modules named by ``config.model``, built from its hyperparameters."""
-  hparams = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-  return MODELS.get(config.model.name)(spec, **hparams)
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A registered objective family.
 
-
-def build_objective(config: ml_collections.ConfigDict, spec: DataSpec) -> Objective:
-  """The objective of ``config`` for data of ``spec``, with its fairness mitigation.
-
-  ``fair.method='penalty'`` adds the frozen attribute classifier's penalty to the GAN
-  generator's loss; a group-conditional generator samples its groups from ``fair.target``.
+  Attributes:
+    build: ``(modules, spec, objective_settings, optim, **extras) -> Objective``.
+    defaults: the ``objective`` section's keys (``name`` aside) and their defaults.
+    check: raises ConfigError for impossible settings (all keys present).
+    optimizers: named optimizer sections under ``optim`` (e.g. ``gen``, ``disc``); empty
+      for one optimizer given by ``optim`` itself.
+    fair_methods: the ``fair.method`` values the objective supports.
   """
-  from fairgen import fair  # pylint: disable=g-import-not-at-top  (fair imports data/metrics)
-  modules = build_model(config, spec)
-  extras = {}
-  penalty = fair.generator_penalty(config, spec)
-  if penalty is not None:
-    extras["penalty"] = penalty
-  objective = OBJECTIVES.get(config.objective.name)(
-      modules, spec, config.objective.to_dict(), config.optim.to_dict(), **extras)
-  probs = fair.label_probs(config, objective.num_classes)
-  return dataclasses.replace(objective, label_probs=probs) if probs else objective
+
+  build: Callable[..., Objective]
+  defaults: Mapping[str, Any]
+  check: Callable[[Mapping[str, Any]], None]
+  optimizers: tuple[str, ...] = ()
+  fair_methods: tuple[str, ...] = DATA_METHODS
 
 
-__all__ = ["OBJECTIVES", "Objective", "build_model", "build_objective"]
+OBJECTIVES: Registry[Entry] = Registry("objective")
+OBJECTIVES.register("gan")(Entry(gan.build, gan.DEFAULTS, gan.check, gan.OPTIMIZERS,
+                                 ALL_METHODS))
+OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check))
+OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check))
+OBJECTIVES.register("vfae")(Entry(vfae.build, vfae.DEFAULTS, vfae.check))
+OBJECTIVES.register("tabgan")(Entry(tabgan.build, tabgan.DEFAULTS, tabgan.check,
+                                    tabgan.OPTIMIZERS))
+
+
+def settings(objective: Mapping[str, Any]) -> dict[str, Any]:
+  """The objective section's settings: its entry's defaults overridden by ``objective``.
+
+  Raises:
+    ConfigError: for an unknown objective name or key (naming the valid ones).
+  """
+  name = objective.get("name")
+  require(name in OBJECTIVES,
+          f"Unknown objective.name={name!r}; valid names: {', '.join(OBJECTIVES.names())}.")
+  defaults = OBJECTIVES.get(name).defaults
+  given = {k: v for k, v in objective.items() if k != "name"}
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ConfigError(f"Unknown objective keys {unknown} for objective {name!r}; valid: "
+                      f"{', '.join(defaults)}.")
+  return {**defaults, **given}
+
+
+def validate(objective: Mapping[str, Any], optim: Mapping[str, Any]) -> None:
+  """Raises ConfigError for an impossible ``objective`` or ``optim`` section."""
+  cfg = settings(objective)
+  entry = OBJECTIVES.get(objective["name"])
+  entry.check(cfg)
+  if not entry.optimizers:
+    check_optimizer(optim, "optim")
+  for net in entry.optimizers:
+    require(net in optim, f"The {objective['name']!r} objective needs optim.{net} (an "
+            f"optimizer section: name, lr, b1, b2).")
+    check_optimizer(optim[net], f"optim.{net}")
+
+
+def build(objective: Mapping[str, Any], optim: Mapping[str, Any], modules: Any, spec: Any,
+          **extras: Any) -> Objective:
+  """The ``Objective`` of the config's ``objective`` and ``optim`` sections for ``modules``."""
+  entry = OBJECTIVES.get(objective["name"])
+  return entry.build(modules, spec, settings(objective), _plain(optim), **extras)
+
+
+def _plain(section: Any) -> Any:
+  """A ConfigDict (or dict) as nested plain dicts."""
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+__all__ = ["ALL_METHODS", "DATA_METHODS", "Entry", "OBJECTIVES", "Objective", "build",
+           "settings", "validate"]

@@ -8,8 +8,8 @@ An objective bundles pure functions over an explicit state pytree:
 - ``decode(state, latents, labels) -> images``: samples in [-1, 1] from given latents (EMA
   weights where the objective keeps them); ``generate`` below draws the latents.
 
-Losses are computed per example and reduced at the end by ``weighted_mean``, so importance
-weights (``batch['weight']``) enter as one multiplication.
+Losses are computed per example and reduced at the end by ``losses.weighted_mean``, so
+importance weights (``batch['weight']``) enter as one multiplication.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen.config import ConfigError, require
+
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+OPTIMIZER_NAMES = ("adam", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +86,25 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   if name == "adamw":
     return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                        weight_decay=cfg.get("weight_decay", 1e-4))
-  raise ValueError(f"Unknown optimizer {name!r}; valid names: adam, adamw.")
+  raise ConfigError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}.")
 
 
-def weighted_mean(per_example: jax.Array, weight: jax.Array | None = None) -> jax.Array:
-  """The mean of per-example losses, weighted by ``weight`` (self-normalised) if given."""
-  if weight is None:
-    return jnp.mean(per_example)
-  weight = weight.astype(per_example.dtype)
-  return jnp.sum(per_example * weight) / jnp.sum(weight)
+def check_optimizer(cfg: Mapping[str, Any], path: str) -> None:
+  """Raises ConfigError for an impossible optimizer section at ``path`` (e.g. optim.gen)."""
+  require(hasattr(cfg, "get") and "lr" in cfg,
+          f"{path} must be an optimizer section with at least 'lr'.")
+  require(cfg.get("name", "adam") in OPTIMIZER_NAMES,
+          f"Unknown {path}.name={cfg.get('name')!r}; valid names: {', '.join(OPTIMIZER_NAMES)}.")
+  require(cfg["lr"] is not None and cfg["lr"] > 0, f"{path}.lr must be > 0, got {cfg['lr']}.")
+  for b in ("b1", "b2"):
+    if b in cfg:
+      require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
+  for key in ("weight_decay", "decay_steps"):
+    if cfg.get(key) is not None:
+      require(cfg[key] >= 0, f"{path}.{key} must be >= 0, got {cfg[key]}.")
+  if cfg.get("decay_rate") is not None:
+    require(0 < cfg["decay_rate"] <= 1,
+            f"{path}.decay_rate must be in (0, 1], got {cfg['decay_rate']}.")
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:

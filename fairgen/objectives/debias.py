@@ -17,8 +17,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen.config import ConfigError, require
 from fairgen.models.tabular import DebiasModules
 from fairgen.objectives import base
+from fairgen.objectives import losses
+
+
+DEFAULTS = {
+    "debias": True,  # False: the plain classifier (no adversary).
+    "adversary_weight": 0.1,  # alpha: how hard the predictor fights the adversary.
+}
+
+
+def check(cfg: Mapping[str, Any]) -> None:
+  """Raises ConfigError for a negative adversary weight."""
+  require(cfg["adversary_weight"] >= 0,
+          f"objective.adversary_weight must be >= 0, got {cfg['adversary_weight']}.")
 
 
 def project_out(g_pred: jax.Array, g_adv: jax.Array, alpha: float) -> jax.Array:
@@ -53,11 +67,11 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: De
 
   def pred_loss(pp):
     logits = logits_of(pp)
-    return base.weighted_mean(optax.sigmoid_binary_cross_entropy(logits, y), weight), logits
+    return losses.weighted_mean(optax.sigmoid_binary_cross_entropy(logits, y), weight), logits
 
   def adv_loss(pp, ap):
     adv_logits = nets.adversary.apply({"params": ap}, logits_of(pp), y)
-    return base.weighted_mean(optax.sigmoid_binary_cross_entropy(adv_logits, a), weight)
+    return losses.weighted_mean(optax.sigmoid_binary_cross_entropy(adv_logits, a), weight)
 
   (p_loss, logits), g_pred = jax.value_and_grad(pred_loss, has_aux=True)(p_params)
   metrics = {"pred_loss": p_loss, "pred_grad_norm": base.global_norm(g_pred),
@@ -87,7 +101,7 @@ def build(nets: DebiasModules, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any]) -> base.Objective:
   """The adversarial-debiasing objective from the config's objective and optim sections."""
   if not isinstance(nets, DebiasModules):
-    raise ValueError("The 'adversarial_debiasing' objective needs model.name='fair_mlp'.")
+    raise ConfigError("The 'adversarial_debiasing' objective needs model.name='fair_mlp'.")
   tx, adv_tx = base.make_optimizer(optim), base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, nets, tx, adv_tx, spec.feature_dim),

@@ -9,8 +9,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen.config import ConfigError, require
 from fairgen.models.vae import VAE
 from fairgen.objectives import base
+from fairgen.objectives import losses
+
+
+DEFAULTS = {"beta": 1.0}  # Weight of the KL term (a beta-VAE for beta != 1).
+
+
+def check(cfg: Mapping[str, Any]) -> None:
+  """Raises ConfigError for a negative beta."""
+  require(cfg["beta"] >= 0, f"objective.beta must be >= 0, got {cfg['beta']}.")
 
 
 def init(model: VAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.State:
@@ -38,7 +48,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
 
   def loss_fn(params):
     terms = per_example_loss(model, params, batch["image"], rng, beta)
-    return base.weighted_mean(terms["loss"], weight), terms
+    return losses.weighted_mean(terms["loss"], weight), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -60,7 +70,7 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
   """The VAE objective from the config's objective and optim sections."""
   del spec  # The model carries the image shape.
   if not isinstance(model, VAE):
-    raise ValueError("The 'vae' objective needs a VAE model (model.name='vae').")
+    raise ConfigError("The 'vae' objective needs a VAE model (model.name='vae').")
   tx = base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, model, tx),

@@ -1,7 +1,7 @@
 """VFAE objective (Louizos et al. 2016): a fair representation z1 of tabular rows.
 
 Per example (the paper's supervised case, every label known):
-``recon NLL + beta * KL + alpha_y * BCE(y | z1)``, reduced by ``base.weighted_mean``; plus
+``recon NLL + beta * KL + alpha_y * BCE(y | z1)``, reduced by ``losses.weighted_mean``; plus
 the batch-level penalty ``mmd_weight * MMD^2(z1[s = 0], z1[s = 1])`` on the reparameterised
 samples of ``q(z1 | x, s)``. The MMD uses the exact Gaussian-kernel matrix of the batch (the
 paper approximates it with random Fourier features for large batches) with bandwidth
@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairgen import config as config_lib
+from fairgen.config import ConfigError, require
 from fairgen.metrics import mmd
 from fairgen.models.vfae import VFAE
 from fairgen.objectives import base
+from fairgen.objectives import losses
 
 DEFAULTS = {
     "beta": 1.0,  # Weight of the KL term(s).
@@ -38,18 +39,10 @@ DEFAULTS = {
 }
 
 
-def settings(objective: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-  """``defaults`` overridden by ``objective`` (its ``name`` aside); unknown keys raise.
-
-  Raises:
-    config_lib.ConfigError: naming the unknown keys and the valid ones.
-  """
-  given = {k: v for k, v in objective.items() if k != "name"}
-  unknown = sorted(set(given) - set(defaults))
-  if unknown:
-    raise config_lib.ConfigError(f"Unknown objective keys {unknown} for objective "
-                                 f"{objective.get('name')!r}; valid: {', '.join(defaults)}.")
-  return {**defaults, **given}
+def check(cfg: Mapping[str, Any]) -> None:
+  """Raises ConfigError for negative weights or bandwidth."""
+  for key in ("beta", "alpha_y", "mmd_weight", "mmd_sigma"):
+    require(float(cfg[key]) >= 0, f"objective.{key} must be >= 0, got {cfg[key]}.")
 
 
 def init(model: VFAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.State:
@@ -81,16 +74,16 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
     out = model.apply({"params": params}, x, s, y, rngs={"latent": rng})
     per_example = out["recon"] + beta * out["kl"] + alpha_y * out["label_nll"]
     penalty = group_mmd(out["z1"], s, mmd_sigma, mmd_unbiased, weight)
-    return base.weighted_mean(per_example, weight) + mmd_weight * penalty, (out, penalty)
+    return losses.weighted_mean(per_example, weight) + mmd_weight * penalty, (out, penalty)
 
   (loss, (out, penalty)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {
       "loss": loss,
-      "recon": base.weighted_mean(out["recon"], weight),
-      "kl": base.weighted_mean(out["kl"], weight),
-      "label_nll": base.weighted_mean(out["label_nll"], weight),
+      "recon": losses.weighted_mean(out["recon"], weight),
+      "kl": losses.weighted_mean(out["kl"], weight),
+      "label_nll": losses.weighted_mean(out["label_nll"], weight),
       "mmd": penalty,
       "train_accuracy": jnp.mean(((out["logit"] > 0) == (y > 0)).astype(jnp.float32)),
       "grad_norm": base.global_norm(grads),
@@ -131,11 +124,8 @@ def build(model: VFAE, spec: Any, objective: Mapping[str, Any],
   """The VFAE objective from the config's objective (keys: ``DEFAULTS``) and optim sections."""
   del spec  # The model carries the column layout.
   if not isinstance(model, VFAE):
-    raise config_lib.ConfigError("The 'vfae' objective needs a VFAE model (model.name='vfae').")
-  cfg = settings(objective, DEFAULTS)
-  for key in ("beta", "alpha_y", "mmd_weight", "mmd_sigma"):
-    if float(cfg[key]) < 0:
-      raise config_lib.ConfigError(f"objective.{key} must be >= 0, got {cfg[key]}.")
+    raise ConfigError("The 'vfae' objective needs a VFAE model (model.name='vfae').")
+  cfg = objective
   tx = base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, model, tx),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -34,24 +34,9 @@ import numpy as np
 import optax
 
 from fairgen import parallel
-# The same translation augmentation the metric classifiers train with.
-from fairgen.metrics.backbones import random_translate
+from fairgen.classifiers import fit
 
 REF, BIAS = 1, 0  # Class indices: the classifier's logit 1 is "reference".
-_METRIC_WINDOW = 50  # Train metrics are averaged over the last this many steps.
-
-
-def _logits(out: Any) -> jax.Array:
-  """The [N, 2] logits of a model output: the array itself or its ``logits`` entry."""
-  if isinstance(out, Mapping):
-    if "logits" not in out:
-      raise ValueError(f"The model returned a dict without 'logits' (keys {sorted(out)}); "
-                       "return [N, 2] logits or a dict with a 'logits' entry.")
-    out = out["logits"]
-  if out.ndim != 2 or out.shape[-1] != 2:
-    raise ValueError(f"The model must return [N, 2] logits (class 1 = reference), got shape "
-                     f"{out.shape}; build it with 2 output classes.")
-  return out.astype(jnp.float32)
 
 
 class _IndexStream:
@@ -77,29 +62,15 @@ class _IndexStream:
     return np.concatenate(parts)
 
 
-def _train_step(state: dict[str, Any], x: jax.Array, base_rng: jax.Array, *,
-                model: nn.Module, optimizer: optax.GradientTransformation, half: int,
-                augment_shift: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-  """One AdamW step on a balanced batch: ``x[:half]`` reference, ``x[half:]`` biased."""
-  rng = jax.random.fold_in(base_rng, state["step"])
-  aug_rng, dropout_rng = jax.random.split(rng)
-  if augment_shift:
-    x = random_translate(x, aug_rng, augment_shift)
-  labels = jnp.concatenate([jnp.full((half,), REF, jnp.int32),
-                            jnp.full((half,), BIAS, jnp.int32)])
-
-  def loss_fn(params):
-    logits = _logits(model.apply({"params": params}, x, train=True,
-                                 rngs={"dropout": dropout_rng}))
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.argmax(logits, -1) == labels
-
-  (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt = optimizer.update(grads, state["opt"], state["params"])
-  state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-           "opt": opt}
-  ref_acc, bias_acc = jnp.mean(correct[:half]), jnp.mean(correct[half:])
-  return state, {"loss": loss, "ref_accuracy": ref_acc, "bias_accuracy": bias_acc}
+def _balanced_batches(x_ref: np.ndarray, x_bias: np.ndarray, half: int, seed: int
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Balanced batches: ``half`` reference (label 1) then ``half`` biased (label 0) examples."""
+  ref_rng, bias_rng = np.random.default_rng(seed).spawn(2)
+  ref_stream = _IndexStream(len(x_ref), ref_rng)
+  bias_stream = _IndexStream(len(x_bias), bias_rng)
+  labels = np.concatenate([np.full((half,), REF, np.int32), np.full((half,), BIAS, np.int32)])
+  while True:
+    yield np.concatenate([x_ref[ref_stream.take(half)], x_bias[bias_stream.take(half)]]), labels
 
 
 def _check_sets(x_ref: np.ndarray, x_bias: np.ndarray, batch_size: int, steps: int,
@@ -169,27 +140,16 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
   params = model.init({"params": init_rng, "dropout": dropout_init_rng}, x_ref[:1],
                       train=False)["params"]
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
-  step_fn = jax.jit(
-      functools.partial(_train_step, model=model, optimizer=optimizer, half=half,
-                        augment_shift=augment_shift),
-      donate_argnums=0)
-
-  ref_rng, bias_rng = np.random.default_rng(seed).spawn(2)
-  ref_stream = _IndexStream(len(x_ref), ref_rng)
-  bias_stream = _IndexStream(len(x_bias), bias_rng)
-  recent = []  # Device arrays: read once at the end, not synchronised every step.
   start_time = time.perf_counter()
-  for step in range(steps):
-    x = np.concatenate([x_ref[ref_stream.take(half)], x_bias[bias_stream.take(half)]])
-    state, metrics = step_fn(state, x, base)
-    recent = (recent + [metrics])[-_METRIC_WINDOW:]
-    if log_every and (step + 1) % log_every == 0:
-      print(f"density ratio step {step + 1}/{steps}: loss {float(metrics['loss']):.4f}",
-            flush=True)
+  state, recent = fit.fit(model, optimizer, state, base,
+                          _balanced_batches(x_ref, x_bias, half, seed), steps,
+                          max_shift=augment_shift, num_classes=2, log_every=log_every)
   params = jax.device_get(state["params"])
   train_seconds = time.perf_counter() - start_time
 
-  averages = {k: float(np.mean([m[k] for m in jax.device_get(recent)])) for k in recent[0]}
+  recent = [{"loss": m["loss"], "ref_accuracy": np.mean(m["correct"][:half]),
+             "bias_accuracy": np.mean(m["correct"][half:])} for m in recent]
+  averages = {k: float(np.mean([m[k] for m in recent])) for k in recent[0]}
   info = {
       "steps": int(steps),
       "train_seconds": round(train_seconds, 2),
@@ -210,7 +170,7 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
 
 @functools.partial(jax.jit, static_argnames="model")
 def _log_odds(model: nn.Module, params: Any, x: jax.Array) -> jax.Array:
-  logits = _logits(model.apply({"params": params}, x, train=False))
+  logits = fit.logits_of(model.apply({"params": params}, x, train=False), num_classes=2)
   return logits[:, REF] - logits[:, BIAS]
 
 

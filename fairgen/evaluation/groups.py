@@ -1,6 +1,6 @@
 """Fairness evaluators of generative models: fairness discrepancy and per-group quality.
 
-Both use the frozen *attribute classifier* (``fairgen.fair.attribute_classifier``: trained
+Both use the frozen *attribute classifier* (``fairness.attribute_classifier``: trained
 by ``tools/train_classifier.py --label=attr`` on the balanced data; loaded once per run,
 with the real data, as ``ctx.real.attribute_classifier``) to assign each generated
 sample to a group, and ``fair.target`` (uniform by default) as the target distribution.
@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
 
-from fairgen import fair
+from fairgen import fairness
 from fairgen import sampling
-from fairgen.metrics import backbones
+from fairgen.classifiers import backbones
+from fairgen.evaluation.context import EvalContext, Scalars
 from fairgen.metrics import fairness_discrepancy as fd_lib
 from fairgen.metrics import quality
 
-Scalars = Iterable[tuple[str, float]]
 MAX_ROUNDS = 20
 
 
@@ -45,11 +45,11 @@ def _fair_value(config: Any, key: str, default: Any) -> Any:
 class _Groups:
   """The attribute classifier's view of one evaluation's samples (cached per context)."""
 
-  def __init__(self, ctx: Any):
+  def __init__(self, ctx: EvalContext):
     self.ctx = ctx
     self.classifier = ctx.real.attribute_classifier
     self.num_groups = self.classifier.num_classes
-    self.target = fair.target_distribution(ctx.config, self.num_groups)
+    self.target = fairness.target_distribution(ctx.config, self.num_groups)
 
   def predict(self, images: np.ndarray) -> np.ndarray:
     return np.argmax(self.classifier.probs(images), axis=-1).astype(np.int32)
@@ -59,13 +59,12 @@ class _Groups:
     return self.predict(self.ctx.fake_images)
 
 
-def _groups(ctx: Any) -> _Groups:
-  if not hasattr(ctx, "_fair_groups"):
-    ctx._fair_groups = _Groups(ctx)  # pylint: disable=protected-access
-  return ctx._fair_groups  # pylint: disable=protected-access
+def _groups(ctx: EvalContext) -> _Groups:
+  """The context's ``_Groups``, made once and shared by both evaluators."""
+  return ctx.shared("groups", lambda: _Groups(ctx))
 
 
-def fairness_discrepancy(ctx: Any) -> Scalars:
+def fairness_discrepancy(ctx: EvalContext) -> Scalars:
   """FD-L2/L1/KL of the generated groups from the target, with bootstrap spreads."""
   groups = _groups(ctx)
   preds, g = groups.fake, groups.num_groups
@@ -87,7 +86,7 @@ def fairness_discrepancy(ctx: Any) -> Scalars:
         dist, groups.target, os.path.join(ctx.out_dir, f"groups_step_{ctx.step:06d}.png"))
 
 
-def _generated_features_by_group(ctx: Any, groups: _Groups, need: np.ndarray
+def _generated_features_by_group(ctx: EvalContext, groups: _Groups, need: np.ndarray
                                  ) -> list[np.ndarray]:
   """Backbone features of generated samples split by predicted group.
 
@@ -111,7 +110,7 @@ def _generated_features_by_group(ctx: Any, groups: _Groups, need: np.ndarray
   return [features[preds == k][:need[k]] for k in range(groups.num_groups)]
 
 
-def group_quality(ctx: Any) -> Scalars:
+def group_quality(ctx: EvalContext) -> Scalars:
   """Per-group FID, precision and recall: generated group g against real group g."""
   groups = _groups(ctx)
   real_attr = np.asarray(ctx.real.batch["attr"], np.int32)
@@ -142,4 +141,4 @@ def group_quality(ctx: Any) -> Scalars:
 def describe(config: Any, classifier: backbones.Backbone) -> dict[str, Any]:
   """Provenance of the fairness numbers: the attribute classifier and the target."""
   return {"attribute_classifier": classifier.describe(),
-          "target": fair.target_distribution(config, classifier.num_classes).tolist()}
+          "target": fairness.target_distribution(config, classifier.num_classes).tolist()}

@@ -13,9 +13,11 @@ import ml_collections
 from absl import logging
 
 from fairgen import checkpoint
-from fairgen import evaluate as evaluate_lib
+from fairgen import data
+from fairgen import experiment
 from fairgen import sampling
-from fairgen import train
+from fairgen.evaluation import runner
+from fairgen.evaluation.context import RealData
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -24,20 +26,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Writes ``WORKDIR/eval/step_NNNNNN.json`` (``reference_train_data.json`` when
   ``eval.generator='train_data'``, which needs no checkpoint) and prints a table.
   """
-  exp = train.setup(config)
+  experiment.validate(config)
+  runner.validate(config.eval)
   checkpoint.check_config(workdir, config)
-  evaluator = evaluate_lib.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
+  # The experiment is built from the held-out split's spec: evaluation reads neither the
+  # training split (except as eval.generator='train_data') nor the penalty's classifier.
+  real = RealData(config)
+  exp = experiment.setup(config, real.source.spec, for_training=False)
+  evaluator = runner.Evaluator(exp, out_dir=os.path.join(workdir, "eval"), real=real)
   if config.eval.generator == "train_data":
     state, step, which, name = None, 0, "none", "reference_train_data.json"
   else:
     which = str(config.eval.checkpoint)
-    state, step = train.restore_checkpoint(exp, workdir, which)
+    state, step = experiment.restore_checkpoint(exp, workdir, which)
     name = f"step_{step:06d}.json" if which != "best" else f"best_step_{step:06d}.json"
+  checkpoint.ensure_writable(os.path.join(workdir, "eval"), "the eval directory")
   results = evaluator(state, step)
   path = os.path.join(workdir, "eval", name)
-  evaluate_lib.write_report(path, step, which, results, evaluator.provenance())
+  runner.write_report(path, step, which, results, evaluator.provenance())
   print(f"Evaluation of {workdir} ({which} checkpoint, step {step}):")
-  print(evaluate_lib.format_table(results))
+  print(runner.format_table(results))
   print(f"Provenance: {evaluator.provenance()}")
   logging.info("Wrote %s.", path)
   return {"step": step, "metrics": results, "path": path}
@@ -45,11 +53,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Writes sample, interpolation and (conditional) per-class grids as PNG and .npz."""
-  exp = train.setup(config)
+  experiment.validate(config)
   checkpoint.check_config(workdir, config)
+  exp = experiment.setup(config, data.load_eval(config.data).spec, for_training=False)
   cfg = config.sample
-  state, step = train.restore_checkpoint(exp, workdir, str(cfg.checkpoint))
+  state, step = experiment.restore_checkpoint(exp, workdir, str(cfg.checkpoint))
   out_dir = os.path.join(workdir, "sample", f"step_{step:06d}")
+  checkpoint.ensure_writable(out_dir, "the sample directory")
   files = sampling.write_samples(exp, state, step, out_dir, cfg.num, cfg.seed, cfg.truncation,
                                  cfg.interpolation_steps)
   print("\n".join(files))

@@ -1,4 +1,4 @@
-"""Backbones: the networks whose features and class probabilities the metrics consume.
+"""Backbones: the frozen networks whose features and class probabilities evaluation uses.
 
 FID, KID and PRDC take a backbone's penultimate features; Inception Score and per-class
 proportions take its class probabilities. Every backbone is loaded through ``BACKBONES``,
@@ -9,7 +9,7 @@ Kinds:
   - ``classifier``: the small convolutional ``fairgen.models.classifier.Classifier``,
     trained on an offline dataset by ``tools/train_classifier.py`` and saved as an Orbax
     checkpoint (``<dir>/params``) plus ``<dir>/backbone.json`` (what it was trained on, its
-    held-out accuracy and its hyperparameters).
+    held-out accuracy and its hyperparameters). ``fairgen.classifiers.fit`` trains it.
 
 An ``inception_v3`` kind that reads its weights from a local, user-supplied file (e.g. an
 ``.npz``) fits the same contract: register a loader that builds a ``Backbone`` from an apply
@@ -21,17 +21,15 @@ Images are float32 NHWC in [-1, 1], fairgen's convention throughout.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
-import time
+import shlex
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 
 from fairgen import parallel
@@ -44,7 +42,7 @@ ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 DEFAULT_CHUNK = 500
 INFO_FILE = "backbone.json"
 PARAMS_DIR = "params"
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 1
 _TRAIN_TOOL = "python tools/train_classifier.py"
 
 
@@ -146,7 +144,6 @@ def train_command(data_config: Mapping[str, Any], label_key: str = "label",
 
   ``extra_options`` add dataset options for training only (e.g. ``subset='balanced'``).
   """
-  import shlex  # pylint: disable=g-import-not-at-top
   options = {**dict(data_config.get("options") or {}), **dict(extra_options or {})}
   parts = [_TRAIN_TOOL, f"--dataset={data_config['name']}"]
   if label_key != "label":
@@ -193,167 +190,6 @@ def classifier_backbone(params: Any, info: Mapping[str, Any], path: str = "",
   return Backbone("classifier", path, info, _classifier_apply(classifier_model(arch)), params,
                   image_shape=tuple(info["image_shape"]), feature_dim=arch["feature_dim"],
                   num_classes=arch["num_classes"], chunk_size=chunk_size)
-
-
-def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
-  """Translates each image by up to ``max_shift`` pixels (edge padding, random crop)."""
-  n, h, w, _ = images.shape
-  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
-  padded = jnp.pad(images, pad, mode="edge")
-  offsets = jax.random.randint(rng, (n, 2), 0, 2 * max_shift + 1)
-
-  def crop(image, offset):
-    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
-
-  return jax.vmap(crop)(padded, offsets)
-
-
-def _train_step(state: dict[str, Any], images: jax.Array, labels: jax.Array, rng: jax.Array,
-                *, model: Classifier, optimizer: optax.GradientTransformation,
-                max_shift: int) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-  """One Adam step on softmax cross-entropy; randomness is fixed by (rng, step)."""
-  rng = jax.random.fold_in(rng, state["step"])
-  aug_rng, dropout_rng = jax.random.split(rng)
-  if max_shift:
-    images = random_translate(images, aug_rng, max_shift)
-
-  def loss_fn(params):
-    logits = model.apply({"params": params}, images, train=True,
-                         rngs={"dropout": dropout_rng})["logits"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
-
-  (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-  updates, opt = optimizer.update(grads, state["opt"], state["params"])
-  state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-           "opt": opt}
-  return state, {"loss": loss, "accuracy": acc}
-
-
-def _labels(batch: Mapping[str, np.ndarray], label_key: str) -> np.ndarray:
-  if label_key not in batch:
-    raise ValueError(f"The source has no {label_key!r} key; it has {sorted(batch)}.")
-  return np.asarray(batch[label_key], np.int32).reshape(-1)
-
-
-def evaluate_accuracy(backbone: Backbone, source: Any, label_key: str = "label") -> float:
-  """The backbone's top-1 accuracy on every example of ``source``."""
-  correct = 0
-  for start in range(0, len(source), backbone.chunk_size):
-    batch = source.get(np.arange(start, min(start + backbone.chunk_size, len(source))))
-    predicted = np.argmax(backbone.probs(batch["image"]), axis=-1)
-    correct += int(np.sum(predicted == _labels(batch, label_key)))
-  return correct / len(source)
-
-
-def _fit(step_fn: Callable[..., Any], state: dict[str, Any], rng: jax.Array, source: Any,
-         label_key: str, num_classes: int, steps: int, batch_size: int, seed: int,
-         log_every: int) -> dict[str, Any]:
-  """Runs ``steps`` train steps on batches drawn from per-epoch permutations of ``source``."""
-  n = len(source)
-  order_rng = np.random.default_rng(seed)
-  order, position = order_rng.permutation(n), 0
-  for step in range(steps):
-    if position + batch_size > n:  # Drop the remainder: one batch shape, one compile.
-      order, position = order_rng.permutation(n), 0
-    # Sorted indices read a lazily decoded source in order; the batch's loss is a mean.
-    batch = source.get(np.sort(order[position:position + batch_size]))
-    position += batch_size
-    labels = _labels(batch, label_key)
-    if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"{label_key!r} values must be in [0, {num_classes}), got "
-                       f"[{labels.min()}, {labels.max()}]; check num_classes.")
-    state, metrics = step_fn(state, np.asarray(batch["image"], np.float32), labels, rng)
-    if log_every and (step + 1) % log_every == 0:
-      print(f"step {step + 1}/{steps}: loss {float(metrics['loss']):.4f} "
-            f"train acc {float(metrics['accuracy']):.3f}", flush=True)
-  return state
-
-
-def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "label",
-                     num_classes: int | None = None, steps: int = 1000,
-                     batch_size: int = 64, lr: float = 2e-3, width: int = 32,
-                     feature_dim: int = 128, dropout: float = 0.25, seed: int = 0,
-                     augment: bool = True, max_shift: int | None = None,
-                     log_every: int = 0) -> tuple[Any, dict[str, Any]]:
-  """Trains a ``Classifier`` with Adam (cosine-decayed lr) and measures test accuracy.
-
-  Batches are drawn without replacement from per-epoch permutations of ``train_source``;
-  the permutations, initialisation, dropout and augmentation all derive from ``seed``, so
-  a run is deterministic.
-
-  Args:
-    train_source: a fairgen source (``len`` and ``get(indices) -> dict``) with ``image``
-      float32 NHWC in [-1, 1] and an int ``label_key`` array.
-    test_source: a source of the same kind; accuracy is measured on all of it.
-    label_key: the key to predict, e.g. ``label`` or ``attr``.
-    num_classes: number of classes; defaults to ``train_source.spec.num_classes`` when
-      ``label_key`` is ``label``.
-    steps: optimizer steps.
-    batch_size: examples per step.
-    lr: peak Adam learning rate.
-    width: ``Classifier.width``.
-    feature_dim: ``Classifier.feature_dim``.
-    dropout: ``Classifier.dropout``.
-    seed: the run's seed.
-    augment: translate training images randomly by up to ``max_shift`` pixels.
-    max_shift: the largest translation, in pixels; by default 2, or 1 for images with a
-      side under 16 pixels (2 of 8 pixels would cut off the strokes of a small digit).
-    log_every: print the running train loss every this many steps (0: never).
-
-  Returns:
-    ``(params, info)``: the trained parameters and a JSON-serialisable dict with the
-    dataset, label key, num_classes, image_shape, test_accuracy, steps, hyperparameters
-    and the architecture (what ``classifier_backbone`` and ``save_classifier`` need).
-  """
-  if num_classes is None:
-    if label_key != "label":
-      raise ValueError(f"Pass num_classes for label_key={label_key!r}.")
-    num_classes = train_source.spec.num_classes
-  spec = getattr(train_source, "spec", None)
-  probe = train_source.get(np.arange(1))
-  image_shape = tuple(int(s) for s in probe["image"].shape[1:])
-  batch_size = min(batch_size, len(train_source))
-  if max_shift is None:
-    max_shift = 2 if min(image_shape[:2]) >= 16 else 1
-  max_shift = max_shift if augment else 0
-  arch = {"num_classes": int(num_classes), "width": int(width),
-          "feature_dim": int(feature_dim), "dropout": float(dropout)}
-  model = classifier_model(arch)
-  optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
-  init_rng, base = jax.random.split(jax.random.key(seed))
-  params = model.init(init_rng, jnp.zeros((1, *image_shape)))["params"]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
-  step_fn = jax.jit(
-      functools.partial(_train_step, model=model, optimizer=optimizer,
-                        max_shift=max_shift),
-      donate_argnums=0)
-
-  start_time = time.perf_counter()
-  state = _fit(step_fn, state, base, train_source, label_key, int(num_classes), steps,
-               batch_size, seed, log_every)
-  params = jax.device_get(state["params"])
-  train_seconds = time.perf_counter() - start_time
-
-  info = {
-      "format_version": _FORMAT_VERSION,
-      "dataset": spec.name if spec is not None else None,
-      "label_key": label_key,
-      "num_classes": int(num_classes),
-      "image_shape": list(image_shape),
-      "test_accuracy": None,
-      "num_train": len(train_source),
-      "num_test": len(test_source),
-      "train_steps": int(steps),
-      "train_seconds": round(train_seconds, 2),
-      "hyperparameters": {"batch_size": batch_size, "lr": lr, "seed": seed,
-                          "augment": bool(augment), "max_shift": max_shift,
-                          "optimizer": "adam, cosine decay"},
-      "architecture": arch,
-  }
-  info["test_accuracy"] = evaluate_accuracy(classifier_backbone(params, info), test_source,
-                                            label_key)
-  return params, info
 
 
 def _missing(directory: str, what: str) -> BackboneNotFoundError:
@@ -427,9 +263,9 @@ def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone
     raise _missing(directory, f"the {PARAMS_DIR}/ checkpoint is missing")
   with open(info_path) as f:
     info = json.load(f)
-  if info.get("format_version") != _FORMAT_VERSION:
+  if info.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{info_path} has format_version {info.get('format_version')!r}, "
-                     f"expected {_FORMAT_VERSION}; retrain it with {_TRAIN_TOOL}.")
+                     f"expected {FORMAT_VERSION}; retrain it with {_TRAIN_TOOL}.")
   model = classifier_model(info["architecture"])
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, *info["image_shape"])))["params"]

@@ -1,9 +1,11 @@
-"""Evaluators for tabular fairness models (registered in ``fairgen.evaluate.EVALUATORS``).
+"""Evaluators for tabular fairness models: fair classifiers, representations and row generators.
 
 Each is a function ``(ctx) -> iterable of (name, value)`` reading ``ctx.config`` (its
 ``data`` section names the splits), ``ctx.cfg`` (the ``eval`` section: ``num_samples``,
 ``batch_size``, ``seed``), ``ctx.exp.spec``, ``ctx.exp.objective`` and ``ctx.state``.
 
+- ``classification_fairness``: accuracy and group fairness (SPD, EOD, AOD, ...) of a
+  fair classifier's decisions on the held-out split;
 - ``vfae_probe``: how much of y and of s a linear probe recovers from a VFAE's
   representation (posterior mean of z1), and its reconstruction error.
 - ``tstr``: train-on-synthetic, test-on-real (Esteban et al. 2017) for row generators,
@@ -17,7 +19,7 @@ training labels of a probe have a single class, it predicts that class.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,21 +28,14 @@ from sklearn import dummy
 from sklearn import linear_model
 
 from fairgen import data
-from fairgen import objectives
+from fairgen import experiment
 from fairgen import parallel
+from fairgen.evaluation.context import EvalContext, EvalError, Scalars
 from fairgen.data import tabular
 from fairgen.metrics import fairness
 from fairgen.models import tabgan as tabgan_models
 from fairgen.models.vfae import VFAE
 from fairgen.objectives import vfae as vfae_objective
-
-Scalars = Iterable[tuple[str, float]]
-
-
-def _eval_error(message: str) -> Exception:
-  # Imported late: fairgen.evaluate imports this module to register its evaluators.
-  from fairgen.evaluate import EvalError
-  return EvalError(message)
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
@@ -50,16 +45,16 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
   return linear_model.LogisticRegression(max_iter=1000, random_state=seed).fit(x, y)
 
 
-def _splits(ctx: Any) -> tuple[tabular.TabularSource, tabular.TabularSource]:
+def _splits(ctx: EvalContext) -> tuple[tabular.TabularSource, tabular.TabularSource]:
   train = data.load(ctx.config.data, ctx.config.data.split)
   test = ctx.real.source  # The held-out split, loaded once per run.
   if not isinstance(train, tabular.TabularSource):
-    raise _eval_error(f"Tabular evaluators need a tabular dataset, got "
+    raise EvalError(f"Tabular evaluators need a tabular dataset, got "
                       f"data.name={ctx.config.data.name!r}.")
   return train, test
 
 
-def vfae_probe(ctx: Any) -> Scalars:
+def vfae_probe(ctx: EvalContext) -> Scalars:
   """Linear probes on the VFAE representation of train rows, scored on test rows.
 
   Yields:
@@ -70,9 +65,9 @@ def vfae_probe(ctx: Any) -> Scalars:
     majority-group share) and ``recon`` (mean reconstruction NLL of test rows from the
     posterior mean, nats per row).
   """
-  modules = objectives.build_model(ctx.config, ctx.exp.spec)
+  modules = experiment.build_model(ctx.config, ctx.exp.spec)
   if not isinstance(modules, VFAE):
-    raise _eval_error("The 'vfae_probe' evaluator needs a VFAE (model.name='vfae').")
+    raise EvalError("The 'vfae_probe' evaluator needs a VFAE (model.name='vfae').")
   state = {"params": ctx.state["params"]}
   train, test = _splits(ctx)
   bs = ctx.cfg.batch_size
@@ -96,11 +91,11 @@ def vfae_probe(ctx: Any) -> Scalars:
   yield "recon", float(np.mean(nll))
 
 
-def generate_rows(ctx: Any, num: int) -> np.ndarray:
+def generate_rows(ctx: EvalContext, num: int) -> np.ndarray:
   """``num`` rows from the objective's prior latents (seed ``ctx.cfg.seed``)."""
   objective = ctx.exp.objective
   if objective.decode is None:
-    raise _eval_error("The 'tstr' evaluator needs a row generator (e.g. objective 'tabgan').")
+    raise EvalError("The 'tstr' evaluator needs a row generator (e.g. objective 'tabgan').")
   latents = np.asarray(objective.sample_latents(jax.random.key(ctx.cfg.seed), num))
   labels = np.zeros(num, np.int32)
   decode = jax.jit(objective.decode)
@@ -131,7 +126,7 @@ def marginal_distances(spec: tabular.TabularSpec, synthetic: np.ndarray,
           "marginal_w1": float(np.mean(w1)) if w1 else float("nan")}
 
 
-def tstr(ctx: Any) -> Scalars:
+def tstr(ctx: EvalContext) -> Scalars:
   """Train on synthetic rows, test on real ones; fairness and fidelity of the synthetic data.
 
   Draws ``ctx.cfg.num_samples`` rows, fits a logistic-regression probe (features -> label)
@@ -157,3 +152,27 @@ def tstr(ctx: Any) -> Scalars:
   yield "synthetic_spd", fairness.statistical_parity_difference(label, attr)
   yield "real_spd", fairness.statistical_parity_difference(tr["label"], tr["attr"])
   yield from marginal_distances(spec, features, tr["features"]).items()
+
+
+def classification_fairness(ctx: EvalContext) -> Scalars:
+  """Accuracy and group-fairness of a classifier's decisions (P(y=1) > 0.5) on the eval split.
+
+  AIF360 sign conventions (unprivileged minus privileged; attr 1 is privileged), see
+  ``fairgen/metrics/fairness.py``.
+  """
+  predict = ctx.exp.objective.predict
+  if predict is None:
+    raise EvalError(f"The 'classification_fairness' evaluator needs an objective that "
+                    f"trains a classifier; {ctx.config.objective.name!r} does not.")
+  source = ctx.real.source
+  fn = jax.jit(predict)
+  probs, labels, attrs = [], [], []
+  for start in range(0, len(source), ctx.cfg.batch_size):
+    batch = source.get(np.arange(start, min(start + ctx.cfg.batch_size, len(source))))
+    probs.append(np.asarray(fn(ctx.state, {k: batch[k] for k in ("features", "attr")})))
+    labels.append(batch["label"])
+    attrs.append(batch["attr"])
+  y_pred = (np.concatenate(probs) > 0.5).astype(np.int32)
+  report = fairness.classification_report(np.concatenate(labels), y_pred,
+                                          np.concatenate(attrs))
+  yield from report.items()

@@ -1,0 +1,108 @@
+"""What the evaluators of one evaluation share: the real data, the samples and the errors.
+
+An evaluator is a function ``(ctx: EvalContext) -> iterable of (name, value)``. The context
+generates the samples, loads the real held-out data and the feature backbone once, and
+caches features, so FID, KID, precision/recall and IS share one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from fairgen import data
+from fairgen import experiment
+from fairgen import fairness
+from fairgen import sampling
+from fairgen.classifiers import backbones
+
+Scalars = Iterable[tuple[str, float]]
+
+
+class EvalError(ValueError):
+  """An evaluation cannot run as configured; the message says what to change."""
+
+
+class RealData:
+  """Held-out real images and their backbone outputs, loaded once per run."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self._backbone = None
+
+  @functools.cached_property
+  def source(self) -> data.Source:
+    return data.load_eval(self.config.data)
+
+  @functools.cached_property
+  def batch(self) -> dict[str, np.ndarray]:
+    # A seeded random subset, in random order: dataset files are often sorted by class.
+    n = min(len(self.source), self.config.eval.num_samples)
+    idx = np.random.default_rng(self.config.eval.seed).permutation(len(self.source))[:n]
+    return self.source.get(idx)
+
+  @property
+  def images(self) -> np.ndarray:
+    return self.batch["image"]
+
+  @property
+  def backbone(self) -> backbones.Backbone:
+    if self._backbone is None:
+      cfg = self.config.eval
+      data_cfg = self.config.data
+      path = cfg.backbone_dir or backbones.default_classifier_dir(data.cache_tag(data_cfg))
+      extra = {"subset": "all"} if "subset" in data_cfg.options else None
+      self._backbone = backbones.load_backbone_or_explain(
+          cfg.backbone, path, backbones.train_command(data_cfg, "label", extra))
+    return self._backbone
+
+  @functools.cached_property
+  def attribute_classifier(self) -> backbones.Backbone:
+    """The frozen classifier that assigns samples to groups (``fairness.attribute_classifier``)."""
+    return fairness.attribute_classifier(self.config)
+
+  @functools.cached_property
+  def outputs(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.backbone.features_and_probs(self.images)
+
+
+class EvalContext:
+  """What the evaluators of one evaluation share; everything is computed on first use.
+
+  ``out_dir``: where evaluators may write files (charts), or None to write none.
+  """
+
+  def __init__(self, exp: experiment.Experiment, state: Any, real: RealData, step: int,
+               out_dir: str | None = None):
+    self.exp, self.state, self.real, self.step = exp, state, real, step
+    self.config = exp.config
+    self.cfg = exp.config.eval
+    self.out_dir = out_dir
+    self._shared: dict[str, Any] = {}
+
+  def shared(self, key: str, make: Any) -> Any:
+    """A value several evaluators use, made by ``make()`` on first use in this evaluation."""
+    if key not in self._shared:
+      self._shared[key] = make()
+    return self._shared[key]
+
+  @functools.cached_property
+  def fake_images(self) -> np.ndarray:
+    n = self.cfg.num_samples
+    if self.cfg.generator == "train_data":
+      train = data.load(self.config.data, self.config.data.split)
+      # Random order matters: IS splits consecutive samples, and files are class-sorted.
+      idx = np.random.default_rng(self.cfg.seed + 1).permutation(len(train))[:n]
+      return train.get(idx)["image"]
+    images, _ = sampling.generate_images(
+        self.exp, self.state, jax.random.key(self.cfg.seed), n, truncation=self.cfg.truncation,
+        batch_size=self.cfg.batch_size)
+    return images
+
+  @functools.cached_property
+  def fake_outputs(self) -> tuple[np.ndarray, np.ndarray]:
+    return self.real.backbone.features_and_probs(self.fake_images)

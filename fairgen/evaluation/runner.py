@@ -1,0 +1,151 @@
+"""The evaluator registry, the ``eval`` config section's checks, and the evaluation runner.
+
+``EVALUATORS`` maps a name (listed in ``config.eval.metrics``) to an ``Entry``: the function
+``(ctx: EvalContext) -> iterable of (name, value)`` and what it needs loaded (the feature
+backbone, the attribute classifier), so nothing switches on evaluator names. The same
+``Evaluator`` runs periodically during training (``eval.every_steps``) and in
+``--mode=evaluate`` (``fairgen.evaluation.modes``), which writes
+``WORKDIR/eval/step_NNNNNN.json``.
+
+``eval.generator='train_data'`` evaluates training images in place of generated ones: the
+"copy of the training data" upper bound that a generator's numbers should be read against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+
+from fairgen import experiment
+from fairgen.classifiers import backbones
+from fairgen.config import require
+from fairgen.evaluation import groups
+from fairgen.evaluation import image
+from fairgen.evaluation import tabular
+from fairgen.evaluation.context import EvalContext, RealData, Scalars
+from fairgen.registry import Registry
+
+GENERATORS = ("model", "train_data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """A registered evaluator and what it needs loaded before it runs."""
+
+  fn: Callable[[EvalContext], Scalars]
+  needs_backbone: bool = False
+  needs_attribute_classifier: bool = False
+
+
+EVALUATORS: Registry[Entry] = Registry("evaluator")
+EVALUATORS.register("fid")(Entry(image.fid, needs_backbone=True))
+EVALUATORS.register("kid")(Entry(image.kid, needs_backbone=True))
+EVALUATORS.register("is")(Entry(image.inception_score, needs_backbone=True))
+EVALUATORS.register("prdc")(Entry(image.prdc, needs_backbone=True))
+EVALUATORS.register("likelihood")(Entry(image.vae_likelihood))
+EVALUATORS.register("classification_fairness")(Entry(tabular.classification_fairness))
+EVALUATORS.register("vfae_probe")(Entry(tabular.vfae_probe))
+EVALUATORS.register("tstr")(Entry(tabular.tstr))
+EVALUATORS.register("fairness_discrepancy")(Entry(groups.fairness_discrepancy,
+                                                  needs_attribute_classifier=True))
+EVALUATORS.register("group_quality")(Entry(groups.group_quality, needs_backbone=True,
+                                           needs_attribute_classifier=True))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an impossible ``eval`` section."""
+  for name in cfg.metrics:
+    require(name in EVALUATORS,
+            f"Unknown evaluator {name!r} in eval.metrics; valid: {', '.join(EVALUATORS.names())}.")
+  require(cfg.backbone in backbones.BACKBONES,
+          f"Unknown eval.backbone={cfg.backbone!r}; valid: "
+          f"{', '.join(backbones.BACKBONES.names())}.")
+  require(cfg.generator in GENERATORS,
+          f"eval.generator must be one of {GENERATORS}, got {cfg.generator!r}.")
+  require(cfg.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.every_steps}.")
+  require(cfg.num_samples >= 2, f"eval.num_samples must be >= 2, got {cfg.num_samples}.")
+  require(cfg.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.batch_size}.")
+  require(cfg.best_mode in ("min", "max"),
+          f"eval.best_mode must be 'min' or 'max', got {cfg.best_mode!r}.")
+  require(cfg.iwae_k >= 1, f"eval.iwae_k must be >= 1, got {cfg.iwae_k}.")
+  require(cfg.kid_subsets >= 1, f"eval.kid_subsets must be >= 1, got {cfg.kid_subsets}.")
+  require(cfg.kid_subset_size >= 2,
+          f"eval.kid_subset_size must be >= 2, got {cfg.kid_subset_size}.")
+  require(cfg.is_splits >= 1, f"eval.is_splits must be >= 1, got {cfg.is_splits}.")
+  require(cfg.prdc_k >= 1, f"eval.prdc_k must be >= 1, got {cfg.prdc_k}.")
+  require(cfg.truncation >= 0, f"eval.truncation must be >= 0, got {cfg.truncation}.")
+  require(cfg.likelihood_examples >= 0,
+          f"eval.likelihood_examples must be >= 0, got {cfg.likelihood_examples}.")
+  which = str(cfg.checkpoint)
+  require(which in ("latest", "best") or which.isdigit(),
+          f"eval.checkpoint must be 'latest', 'best' or a step number, got {which!r}.")
+
+
+class Evaluator:
+  """Runs ``config.eval.metrics`` on train states; real-data features are computed once."""
+
+  def __init__(self, exp: experiment.Experiment, out_dir: str | None = None,
+               real: RealData | None = None):
+    validate(exp.config.eval)
+    self.exp = exp
+    self.out_dir = out_dir
+    self.cfg = exp.config.eval
+    self.evaluators = [(name, EVALUATORS.get(name)) for name in self.cfg.metrics]
+    self.real = real or RealData(exp.config)
+    self.needs_backbone = any(e.needs_backbone for _, e in self.evaluators)
+    self.needs_groups = any(e.needs_attribute_classifier for _, e in self.evaluators)
+
+  def check(self) -> None:
+    """Loads what the evaluators need now, so a missing backbone fails before training."""
+    if self.needs_backbone:
+      self.real.backbone  # pylint: disable=pointless-statement
+    if self.needs_groups:
+      # Loads the attribute classifier and checks fair.target against its groups.
+      groups.describe(self.exp.config, self.real.attribute_classifier)
+
+  def __call__(self, state: Any, step: int) -> dict[str, float]:
+    ctx = EvalContext(self.exp, state, self.real, step, self.out_dir)
+    results: dict[str, float] = {}
+    for name, entry in self.evaluators:
+      start = time.perf_counter()
+      for key, value in entry.fn(ctx):
+        results[key] = float(value)
+      logging.info("Evaluator %s took %.1f s.", name, time.perf_counter() - start)
+    return results
+
+  def provenance(self) -> dict[str, Any]:
+    """Which backbone, data and sample count produced the numbers."""
+    out = {"num_samples": self.cfg.num_samples, "generator": self.cfg.generator,
+           "real_split": self.exp.config.data.eval_split, "seed": self.cfg.seed}
+    if self.needs_backbone:
+      out["backbone"] = self.real.backbone.describe()
+      out["num_real"] = len(self.real.images)
+    if "likelihood" in self.cfg.metrics:
+      out["iwae_k"] = self.cfg.iwae_k
+    if self.needs_groups:
+      out.update(groups.describe(self.exp.config, self.real.attribute_classifier))
+    return out
+
+
+def format_table(results: dict[str, float]) -> str:
+  """A two-column text table of metric values."""
+  width = max((len(k) for k in results), default=6)
+  return "\n".join([f"{'metric':<{width}}  value", "-" * (width + 14)] +
+                   [f"{k:<{width}}  {v:.6g}" for k, v in results.items()])
+
+
+def write_report(path: str, step: int, checkpoint: str, results: dict[str, float],
+                 provenance: dict[str, Any]) -> None:
+  """Writes one evaluation as JSON (atomically)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"step": step, "checkpoint": checkpoint, "metrics": results,
+               "provenance": provenance, "time": time.time()}, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,195 @@
+"""The composition root: the one place where a config becomes objects (vdm's Experiment).
+
+``validate`` asks every family to check its own config section (data, model, objective,
+fairness; the common sections are ``fairgen.config``'s), so an impossible value stops a run
+before anything compiles. ``setup`` builds the mesh, model, objective (with its fairness
+mitigation) and the abstract sharded state. Training, evaluation, sampling, the tools and
+the tests all start here, and nothing else wires families together.
+
+``setup(config, spec, for_training=False)`` builds what evaluation and sampling need from a
+dataset spec alone: it neither reads the training split nor loads the frozen classifier that
+only the training step's fairness penalty uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from fairgen import checkpoint
+from fairgen import config as config_lib
+from fairgen import data
+from fairgen import fairness
+from fairgen import models
+from fairgen import objectives
+from fairgen import parallel
+from fairgen import robust
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config that training, evaluation and sampling share."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  spec: data.DataSpec
+  objective: objectives.Objective
+  abstract_state: Any
+  state_shardings: Any
+  init_rng: jax.Array
+  step_rng: jax.Array
+  sample_rng: jax.Array
+
+  @functools.cached_property
+  def sharded_decode(self) -> Any:
+    """``objective.decode`` jitted with latents and labels split over the data axis."""
+    batch = parallel.data_sharding(self.mesh)
+    return jax.jit(self.objective.decode, in_shardings=(self.state_shardings, batch, batch),
+                   out_shardings=batch)
+
+  @property
+  def makes_images(self) -> bool:
+    """Whether the objective generates images (sample grids apply)."""
+    return self.objective.decode is not None and hasattr(self.spec, "image_shape")
+
+  @property
+  def global_batch(self) -> int:
+    """Examples consumed per step (all processes together)."""
+    return self.config.train.batch_size * self.objective.examples_per_step
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ConfigError`` for the first impossible or unknown value of any section.
+
+  The common sections are checked by ``fairgen.config``; each family checks its own:
+  ``data`` (dataset name and options), ``model`` (name and hyperparameters),
+  ``objective``/``optim`` (the objective's keys) and ``fair`` (the method, against what
+  the objective supports).
+  """
+  config_lib.validate(config)
+  data.validate(config.data)
+  models.validate(config.model)
+  objectives.validate(config.objective, config.optim)
+  if "fair" in config:
+    fairness.validate(config, objectives.OBJECTIVES.get(config.objective.name))
+
+
+def build_model(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
+  """The model modules named by ``config.model``, built from its hyperparameters."""
+  return models.build(config.model, spec)
+
+
+def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
+                    for_training: bool = True) -> objectives.Objective:
+  """The objective of ``config`` for data of ``spec``, with its fairness mitigation.
+
+  ``fair.method='penalty'`` adds the frozen attribute classifier's penalty to the
+  generator's loss (only ``for_training``: evaluation and sampling never run the step, so
+  they do not load the classifier); a group-conditional generator samples its groups from
+  ``fair.target``.
+  """
+  modules = build_model(config, spec)
+  extras = {}
+  if for_training:
+    penalty = fairness.generator_penalty(config, spec)
+    if penalty is not None:
+      extras["penalty"] = penalty
+  objective = objectives.build(config.objective, config.optim, modules, spec, **extras)
+  probs = fairness.label_probs(config, objective.num_classes)
+  return dataclasses.replace(objective, label_probs=probs) if probs else objective
+
+
+def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
+          for_training: bool = True) -> Experiment:
+  """Validates ``config`` and builds the mesh, objective and abstract sharded state.
+
+  Args:
+    config: the experiment config.
+    spec: the dataset's spec; by default that of the training split (which is read).
+    for_training: build the training step's extras too (the penalty's classifier).
+  """
+  validate(config)
+  mesh = parallel.make_mesh(config.mesh.data)
+  if spec is None:
+    spec = data.load(config.data, config.data.split).spec
+  objective = build_objective(config, spec, for_training)
+  root = jax.random.key(config.seed)
+  init_rng, step_rng, sample_rng = jax.random.split(root, 3)
+  abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
+  exp = Experiment(
+      config=config, mesh=mesh, spec=spec, objective=objective,
+      abstract_state=abstract_state,
+      state_shardings=parallel.state_shardings(mesh, abstract_state),
+      init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng)
+  parallel.check_batch(exp.global_batch, mesh)
+  return exp
+
+
+def full_init(objective: objectives.Objective, rng: jax.Array) -> Any:
+  """The objective's initial state plus the loop's non-finite guard counters."""
+  return {**objective.init(rng), robust.GUARD_KEY: robust.init_guard()}
+
+
+def init_state(exp: Experiment) -> Any:
+  """The initial state, created directly in its shardings (no host copy, no aliasing)."""
+  return jax.jit(functools.partial(full_init, exp.objective),
+                 out_shardings=exp.state_shardings)(exp.init_rng)
+
+
+def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer) -> tuple[Any, int]:
+  """Resumes from the newest readable checkpoint of the workdir, else starts from scratch.
+
+  A checkpoint that fails to restore (corrupted or truncated files) is reported, moved to
+  ``WORKDIR/checkpoints_damaged/`` for inspection, and the previous one is tried.
+  """
+  target = checkpoint.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+  errors = []
+  for step in reversed(ckpt.all_steps()):
+    try:
+      state = ckpt.restore(step, target)
+    except checkpoint.WorkdirError:
+      raise  # The model code changed: every checkpoint would fail the same way.
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
+      moved = ckpt.quarantine(step)
+      logging.error("Checkpoint %s/%d cannot be read (%s: %s); moved it to %s and trying the "
+                    "previous one.", ckpt.directory, step, type(e).__name__,
+                    (str(e).splitlines() or [""])[0][:200], moved)
+      errors.append(step)
+      continue
+    logging.info("Resumed from %s/%d.", ckpt.directory, step)
+    return state, int(step)
+  if errors:
+    raise checkpoint.WorkdirError(
+        f"No checkpoint in {ckpt.directory} can be read: steps {errors} are damaged and were "
+        f"moved to {ckpt.directory}_damaged/. The next launch starts from scratch.")
+  return init_state(exp), 0
+
+
+def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> tuple[Any, int]:
+  """Loads a checkpoint read-only: 'latest', 'best' (by eval.best_metric) or a step number.
+
+  Raises:
+    checkpoint.WorkdirError: if the workdir has no such checkpoint.
+  """
+  which = str(which)
+  subdir = "best" if which == "best" else "checkpoints"
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True, subdir=subdir)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise checkpoint.WorkdirError(f"{ckpt.directory} holds no checkpoint: train first.")
+    if which in ("latest", "best"):
+      step = ckpt.latest_step()
+    else:
+      step = int(which)
+      if step not in steps:
+        raise checkpoint.WorkdirError(f"No checkpoint for step {step}; available: {steps}.")
+    target = checkpoint.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    return ckpt.restore(step, target), int(step)
+  finally:
+    ckpt.close()

@@ -1,0 +1,91 @@
+"""Importance weighting (Choi et al. 2020): per-example weights from a density-ratio classifier.
+
+The classifier (``density_ratio.fit_density_ratio``) tells the reference set from the biased
+set; its odds estimate ``w(x) = p_ref(x) / p_bias(x)``, flattened to ``w ** fair.alpha`` and
+optionally clipped. The weights are fitted once per run and cached in
+``WORKDIR/density_ratio/`` so that a resumed run reuses exactly the weights it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fairgen import data
+from fairgen.classifiers import backbones
+from fairgen.fairness import density_ratio
+from fairgen.models.classifier import Classifier
+
+RATIO_DIR = "density_ratio"
+
+
+def _ratio_model(cfg: Any) -> Classifier:
+  return backbones.classifier_model({"num_classes": 2, "width": cfg.width,
+                                     "feature_dim": cfg.feature_dim, "dropout": cfg.dropout})
+
+
+def fit_importance_weights(config: ml_collections.ConfigDict, source: data.Source
+                           ) -> tuple[np.ndarray, dict[str, Any]]:
+  """Trains the density-ratio classifier on ``source`` and returns per-example weights.
+
+  Returns:
+    ``(weights [N] float32, info)``: ``info`` holds the classifier's training record and
+    the weight diagnostics (effective group proportions after weighting).
+  """
+  fair = config.fair
+  is_ref = data.read_column(source, "is_ref").astype(np.int32)
+  images = data.read_column(source, "image")
+  if not is_ref.any() or is_ref.all():
+    raise data.DataError("fair.method='importance' needs reference and biased examples "
+                         "(data.options.subset='union' with ref_fraction > 0).")
+  model = _ratio_model(fair.ratio)
+  params, info = density_ratio.fit_density_ratio(
+      images[is_ref == 1], images[is_ref == 0], model, steps=int(fair.ratio.steps),
+      batch_size=int(fair.ratio.batch_size), lr=float(fair.ratio.lr),
+      seed=int(fair.ratio.seed), augment_shift=int(fair.ratio.augment_shift))
+  log_odds = density_ratio.classifier_log_odds(model, params, images)
+  weights = density_ratio.importance_weights(log_odds, is_ref, float(fair.alpha),
+                                             float(fair.clip) or None)
+  if source.spec.num_groups:
+    groups = data.read_column(source, "attr").astype(np.int32)
+    info["diagnostics"] = density_ratio.weight_diagnostics(weights, groups, is_ref,
+                                                           source.spec.num_groups)
+  return weights, info
+
+
+def cached_weights(config: ml_collections.ConfigDict, source: data.Source,
+                       workdir: str) -> np.ndarray:
+  """The run's importance weights: read from ``WORKDIR/density_ratio/``, else fitted there.
+
+  The weights are saved once (``weights.npy`` + ``info.json``, written atomically), so a
+  resumed run reuses exactly the weights it started with.
+  """
+  directory = os.path.join(workdir, RATIO_DIR)
+  path = os.path.join(directory, "weights.npy")
+  if os.path.exists(path):
+    weights = np.load(path, allow_pickle=False)
+    if weights.shape != (len(source),):
+      raise data.DataError(
+          f"{path} holds {weights.shape} weights, the training split has {len(source)} "
+          f"examples: the data changed since this workdir was started. Use a new workdir.")
+    return weights
+  start = time.perf_counter()
+  weights, info = fit_importance_weights(config, source)
+  info["seconds"] = round(time.perf_counter() - start, 2)
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      np.save(f, weights, allow_pickle=False)
+    with open(os.path.join(directory, "info.json"), "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  logging.info("Importance weights fitted in %.1f s: %s", info["seconds"],
+               info.get("diagnostics"))
+  return weights

@@ -1,0 +1,76 @@
+"""The fairness penalty ``L_G + lambda * L_F`` of ``fair.method='penalty'``.
+
+``L_F`` is the divergence (KL or L2) between the batch-mean group distribution that a frozen
+attribute classifier predicts for the generated samples and the target distribution. The
+penalty is a pure function the GAN step calls inside its jitted step; gradients flow into the
+generated images, never into the classifier.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fairgen import data
+from fairgen.classifiers import backbones
+from fairgen.config import ConfigError
+from fairgen.fairness import methods
+
+DIVERGENCES = methods.DIVERGENCES
+_EPS = 1e-8
+
+Penalty = Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def attribute_penalty(probs_fn: Callable[[jax.Array], jax.Array], target: np.ndarray,
+                      divergence: str = "kl", weight: float = 1.0) -> Penalty:
+  """``images -> (weight * L_F, metrics)``: the divergence of mean predicted groups from target.
+
+  ``L_F`` is ``KL(p || t) = sum_g p_g log(p_g / t_g)`` or ``||p - t||_2`` with ``p`` the
+  batch mean of ``probs_fn(images)`` (the frozen attribute classifier's softmax), the same
+  directions as the fairness-discrepancy metric. Gradients flow through ``probs_fn`` into
+  the images (and so into the generator), never into the classifier.
+  """
+  if divergence not in DIVERGENCES:
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
+  t = jnp.asarray(target, jnp.float32)
+
+  def penalty(images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    p = jnp.mean(probs_fn(images), axis=0)
+    if divergence == "kl":
+      # t > 0 where the target has mass; where t == 0, p log(p / eps) pushes p to 0.
+      value = jnp.sum(p * (jnp.log(p + _EPS) - jnp.log(t + _EPS)))
+    else:
+      value = jnp.sqrt(jnp.sum((p - t) ** 2) + _EPS**2)
+    metrics = {"fair_penalty": value}
+    metrics.update({f"gen_group_{g}": p[g] for g in range(p.shape[0])})
+    return weight * value, metrics
+
+  return penalty
+
+
+def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
+                      ) -> Penalty | None:
+  """The penalty of ``fair.method='penalty'`` with the frozen attribute classifier, else None."""
+  if methods.method(config) != "penalty":
+    return None
+  classifier = methods.attribute_classifier(config)
+  if tuple(classifier.image_shape) != tuple(spec.image_shape):
+    raise ConfigError(f"The attribute classifier at {classifier.path} takes images of shape "
+                      f"{classifier.image_shape}, the data has {spec.image_shape}.")
+  model = backbones.classifier_model(classifier.info["architecture"])
+  # Host arrays: constants of the jitted step, placed wherever the mesh needs them.
+  params = jax.device_get(classifier.variables)
+
+  def probs_fn(images: jax.Array) -> jax.Array:
+    logits = model.apply({"params": jax.lax.stop_gradient(params)}, images,
+                         train=False)["logits"]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  target = methods.target_distribution(config, classifier.num_classes)
+  return attribute_penalty(probs_fn, target, config.fair.penalty.divergence,
+                           float(config.fair.penalty.weight))

@@ -1,0 +1,165 @@
+"""The floor plan: imports run one way, with no cycles and no imports hidden in functions.
+
+Checked with ``ast`` over every module of the package, so the test needs no import of it.
+Floors, lowest first: a module may import from its own floor or a lower one, never from a
+higher one, and the module-level import graph has no cycle (within a floor either).
+"""
+
+import ast
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = os.path.join(REPO, "fairgen")
+FLOORS = [
+    {"config", "registry", "parallel", "checkpoint", "logs", "robust"},
+    {"data", "metrics", "models", "classifiers"},
+    {"objectives", "fairness"},
+    {"experiment"},
+    {"sampling"},
+    {"evaluation"},
+    {"train"},
+    {"main"},
+]
+# The launcher defers its imports so that bad flags fail before JAX starts.
+DEFERRED_IMPORTS_ALLOWED = {"fairgen.main"}
+
+
+def _modules() -> dict[str, str]:
+  """Module name -> path, for every .py file of the package."""
+  out = {}
+  for root, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+        out[rel.removesuffix(".__init__")] = path
+  return out
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+  """The package module that an imported dotted name refers to (None: not fairgen)."""
+  while name and name not in MODULES:
+    name = name.rpartition(".")[0]
+  return name or None
+
+
+def _imports(path: str) -> list[tuple[str, bool, int]]:
+  """(imported fairgen module, inside a function?, line) for every import of a file."""
+  tree = ast.parse(open(path).read(), path)
+  found = []
+
+  def visit(node: ast.AST, in_function: bool) -> None:
+    for child in ast.iter_child_nodes(node):
+      nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                 ast.Lambda))
+      names = []
+      if isinstance(child, ast.Import):
+        names = [a.name for a in child.names]
+      elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+        names = [f"{child.module}.{a.name}" for a in child.names]
+      for name in names:
+        if name == "fairgen" or name.startswith("fairgen."):
+          target = _resolve(name)
+          if target and target != "fairgen":
+            found.append((target, in_function, child.lineno))
+      visit(child, nested)
+
+  visit(tree, False)
+  return found
+
+
+def _floor(module: str) -> int:
+  top = module.split(".")[1] if module.count(".") else ""
+  for i, names in enumerate(FLOORS):
+    if top in names:
+      return i
+  raise AssertionError(f"{module} is on no floor: add its package to FLOORS (and the "
+                       f"README's Layout).")
+
+
+GRAPH = {m: _imports(p) for m, p in MODULES.items()}
+
+
+def test_every_module_is_on_a_floor():
+  for module in MODULES:
+    if module != "fairgen":
+      _floor(module)
+
+
+def test_no_import_goes_up_a_floor():
+  upward = [f"{m}:{line} imports {t}" for m, edges in GRAPH.items() if m != "fairgen"
+            for t, _, line in edges if _floor(t) > _floor(m)]
+  assert not upward, "\n".join(upward)
+
+
+def test_no_function_local_imports_of_fairgen_modules():
+  local = [f"{m}:{line} imports {t} inside a function" for m, edges in GRAPH.items()
+           if m not in DEFERRED_IMPORTS_ALLOWED for t, inside, line in edges if inside]
+  assert not local, "\n".join(local)
+
+
+def test_no_import_cycles():
+  edges = {m: sorted({t for t, inside, _ in e if not inside and t != m})
+           for m, e in GRAPH.items()}
+  # A package's __init__ importing its own submodules is how a registry is assembled;
+  # a submodule importing its package's __init__ back would be the cycle.
+  state, stack, cycles = {}, [], []
+
+  def dfs(node: str) -> None:
+    state[node] = "open"
+    stack.append(node)
+    for nxt in edges.get(node, []):
+      if state.get(nxt) == "open":
+        cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+      elif nxt not in state:
+        dfs(nxt)
+    stack.pop()
+    state[node] = "done"
+
+  for module in sorted(edges):
+    if module not in state:
+      dfs(module)
+  assert not cycles, "\n".join(cycles)
+
+
+def test_the_checker_finds_a_cycle_and_a_local_import(tmp_path):
+  """The checks above are not vacuous: they see a planted upward and local import."""
+  path = tmp_path / "planted.py"
+  path.write_text("from fairgen import train\n\ndef f():\n  from fairgen.evaluation import runner\n")
+  found = _imports(str(path))
+  assert ("fairgen.train", False, 1) in found
+  assert ("fairgen.evaluation.runner", True, 4) in found
+  assert _floor("fairgen.train") > _floor("fairgen.config")
+
+
+def _layout_block() -> str:
+  text = open(os.path.join(REPO, "README.md")).read()
+  section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+  return section.split("```", 2)[1]
+
+
+def test_readme_layout_matches_the_tree():
+  block = _layout_block()
+  named = set(re.findall(r"^  ([a-z_]+(?:\.py|/))", block, flags=re.M))
+  on_disk = {n + ("/" if os.path.isdir(os.path.join(PACKAGE, n)) else "")
+             for n in os.listdir(PACKAGE)
+             if n.endswith(".py") and n != "__init__.py" or (
+                 os.path.isdir(os.path.join(PACKAGE, n)) and n != "__pycache__")}
+  assert named == on_disk, (sorted(named - on_disk), sorted(on_disk - named))
+  # Every module the Layout names inside a package exists.
+  for package, files in re.findall(r"^  ([a-z_]+)/\s+(.*(?:\n {19}.*)*)", block, flags=re.M):
+    for name in re.findall(r"\b([a-z_]+\.py)\b", files):
+      assert os.path.exists(os.path.join(PACKAGE, package, name)), f"{package}/{name}"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "fairgen"))
+def test_files_stay_under_about_500_lines(module):
+  with open(MODULES[module]) as f:
+    assert sum(1 for _ in f) <= 520, module
