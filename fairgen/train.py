@@ -9,6 +9,7 @@ they build (pure functions, see ``objectives/base.py``).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -36,11 +37,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
   runner.validate(config.eval)
 
 
-def make_train_step(exp: experiment.Experiment) -> Any:
-  """The objective's guarded step, jitted once with explicit shardings and state donation."""
-  repl = parallel.replicated(exp.mesh)
-  return jax.jit(robust.guard_step(exp.objective.train_step), in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl),
-                 out_shardings=(exp.state_shardings, repl), donate_argnums=0)
+class TrainStep:
+  """The objective's guarded step, jitted once with explicit shardings and state donation.
+
+  Called as ``step(state, batch, rng)``. The objective's ``constants`` (frozen arrays, e.g.
+  the penalty classifier's parameters) are placed on the mesh once and passed to the jitted
+  function as arguments on every call, so they are inputs of the compiled step, not
+  constants folded into it.
+  """
+
+  def __init__(self, exp: experiment.Experiment):
+    objective = exp.objective
+    repl = parallel.replicated(exp.mesh)
+
+    def step(state, batch, rng, constants):
+      fn = objective.train_step
+      if constants is not None:
+        fn = functools.partial(fn, constants=constants)
+      return robust.guard_step(fn)(state, batch, rng)
+
+    self._jitted = jax.jit(
+        step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl, repl),
+        out_shardings=(exp.state_shardings, repl), donate_argnums=0)
+    self._constants = (None if objective.constants is None else
+                       jax.device_put(objective.constants, repl))
+
+  def __call__(self, state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
+    return self._jitted(state, batch, rng, self._constants)
+
+  def lower(self, state: Any, batch: Any, rng: jax.Array) -> Any:
+    """The lowered step (for cost and memory analysis)."""
+    return self._jitted.lower(state, batch, rng, self._constants)
+
+
+def make_train_step(exp: experiment.Experiment) -> TrainStep:
+  """The experiment's jitted train step (see ``TrainStep``)."""
+  return TrainStep(exp)
 
 
 class _Accumulator:

@@ -25,7 +25,7 @@ import numpy as np
 
 # Allow `python tools/bench_layers.py` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen.models import layers  # pylint: disable=g-import-not-at-top
+from fairgen.models import fast_conv as layers  # pylint: disable=g-import-not-at-top
 
 # (name, kind, in_hw, cin, cout, kernel, stride, variants)
 SHAPES = [

@@ -8,7 +8,7 @@ generated images, never into the classifier.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +19,12 @@ from fairgen import data
 from fairgen.classifiers import backbones
 from fairgen.config import ConfigError
 from fairgen.fairness import methods
+from fairgen.objectives.adversarial import GeneratorPenalty
 
 DIVERGENCES = methods.DIVERGENCES
 _EPS = 1e-8
 
+# images -> (weight * L_F, metrics).
 Penalty = Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -54,8 +56,12 @@ def attribute_penalty(probs_fn: Callable[[jax.Array], jax.Array], target: np.nda
 
 
 def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
-                      ) -> Penalty | None:
-  """The penalty of ``fair.method='penalty'`` with the frozen attribute classifier, else None."""
+                      ) -> GeneratorPenalty | None:
+  """The penalty of ``fair.method='penalty'`` with the frozen attribute classifier, else None.
+
+  The classifier's parameters are the penalty's ``constants``: the training step receives
+  them as jit arguments (not as constants compiled into it), and no gradient reaches them.
+  """
   if methods.method(config) != "penalty":
     return None
   classifier = methods.attribute_classifier(config)
@@ -63,14 +69,18 @@ def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
     raise ConfigError(f"The attribute classifier at {classifier.path} takes images of shape "
                       f"{classifier.image_shape}, the data has {spec.image_shape}.")
   model = backbones.classifier_model(classifier.info["architecture"])
-  # Host arrays: constants of the jitted step, placed wherever the mesh needs them.
-  params = jax.device_get(classifier.variables)
-
-  def probs_fn(images: jax.Array) -> jax.Array:
-    logits = model.apply({"params": jax.lax.stop_gradient(params)}, images,
-                         train=False)["logits"]
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
   target = methods.target_distribution(config, classifier.num_classes)
-  return attribute_penalty(probs_fn, target, config.fair.penalty.divergence,
-                           float(config.fair.penalty.weight))
+  divergence = config.fair.penalty.divergence
+  weight = float(config.fair.penalty.weight)
+
+  def fn(images: jax.Array, step: jax.Array, params: Any
+         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    del step  # The penalty applies at every step.
+
+    def probs_fn(x: jax.Array) -> jax.Array:
+      logits = model.apply({"params": jax.lax.stop_gradient(params)}, x, train=False)["logits"]
+      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    return attribute_penalty(probs_fn, target, divergence, weight)(images)
+
+  return GeneratorPenalty(fn, constants=jax.device_get(classifier.variables))

@@ -7,9 +7,9 @@ Discriminator: Conv 64 5x5 s2 -> LeakyReLU -> Dropout 0.3 -> Conv 128 5x5 s2 -> 
 Dropout 0.3 -> Flatten -> Dense 1 (+ projection <embed(y), h> when conditional).
 
 ``fast_conv`` swaps the generator's stride-2 transposed convolutions for their exact
-stride-1 + depth-to-space reformulation (``layers.py``), whose weight gradient XLA on CPU
+stride-1 + depth-to-space reformulation (``fast_conv.py``), whose weight gradient XLA on CPU
 computes about 15x faster. In the discriminator it computes the input gradient of the
-second strided convolution the same way (``layers.SubpixelGradConv``). Parameters and
+second strided convolution the same way (``fast_conv.SubpixelGradConv``). Parameters and
 outputs are the same either way.
 """
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fairgen.config import ConfigError
-from fairgen.models import layers
+from fairgen.models import fast_conv
 
 # Keras defaults, as in the seeds' model.
 _LEAKY_SLOPE = 0.3
@@ -74,13 +74,13 @@ class Generator(nn.Module):
                  dtype=self.dtype)(z)
     x = bn_act(x).reshape(z.shape[0], h // 4, w // 4, _channels(256, self.width))
     # Explicit names keep the fast and naive parameter trees interchangeable.
-    x = layers.conv_transpose(_channels(128, self.width), 5, 1, fast=False, use_bias=False,
+    x = fast_conv.conv_transpose(_channels(128, self.width), 5, 1, fast=False, use_bias=False,
                               dtype=self.dtype, name="deconv_0")(x)
     x = bn_act(x)
-    x = layers.conv_transpose(_channels(64, self.width), 5, 2, fast=self.fast_conv,
+    x = fast_conv.conv_transpose(_channels(64, self.width), 5, 2, fast=self.fast_conv,
                               use_bias=False, dtype=self.dtype, name="deconv_1")(x)
     x = bn_act(x)
-    x = layers.conv_transpose(c, 5, 2, fast=self.fast_conv, use_bias=False, dtype=self.dtype,
+    x = fast_conv.conv_transpose(c, 5, 2, fast=self.fast_conv, use_bias=False, dtype=self.dtype,
                               name="deconv_2")(x)
     return jnp.tanh(x).astype(jnp.float32)
 
@@ -94,7 +94,7 @@ class Discriminator(nn.Module):
     dropout: dropout rate after each convolution.
     dtype: computation dtype (parameters stay float32).
     fast_conv: compute the second convolution's input gradient as a stride-1
-      convolution + depth-to-space (exact; see ``layers.SubpixelGradConv``).
+      convolution + depth-to-space (exact; see ``fast_conv.SubpixelGradConv``).
   """
 
   width: float = 1.0
@@ -111,9 +111,9 @@ class Discriminator(nn.Module):
       # (tools/bench_layers.py). The sub-pixel input gradient pays off only with many
       # input channels, so the first layer (the image's) stays naive; it needs no input
       # gradient in the discriminator's own update either.
-      fast = "subpixel_grad" if self.fast_conv and i > 0 else False
+      fast = self.fast_conv and i > 0
       # Explicit names keep the fast and naive parameter trees interchangeable.
-      x = layers.conv(_channels(base, self.width), 5, 2, fast=fast, dtype=self.dtype,
+      x = fast_conv.conv(_channels(base, self.width), 5, 2, fast=fast, dtype=self.dtype,
                       name=f"Conv_{i}")(x)
       x = nn.leaky_relu(x, _LEAKY_SLOPE)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)

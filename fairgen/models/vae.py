@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fairgen.config import ConfigError
-from fairgen.models import layers
+from fairgen.models import fast_conv
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 ARCHITECTURES = ("mlp", "conv")
@@ -35,7 +35,7 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if self.arch == "conv":
       for feat in self.hidden:
-        x = nn.relu(layers.conv(feat, 4, 2, fast=False, dtype=self.dtype)(x))
+        x = nn.relu(fast_conv.conv(feat, 4, 2, fast=False, dtype=self.dtype)(x))
       x = x.reshape(x.shape[0], -1)
     else:
       x = x.reshape(x.shape[0], -1)
@@ -65,8 +65,8 @@ class Decoder(nn.Module):
       x = nn.relu(nn.Dense(sh * sw * self.hidden[0], dtype=self.dtype)(z))
       x = x.reshape(z.shape[0], sh, sw, self.hidden[0])
       for feat in self.hidden[1:]:
-        x = nn.relu(layers.conv_transpose(feat, 4, 2, fast=False, dtype=self.dtype)(x))
-      x = layers.conv_transpose(c, 4, 2, fast=False, dtype=self.dtype)(x)
+        x = nn.relu(fast_conv.conv_transpose(feat, 4, 2, fast=False, dtype=self.dtype)(x))
+      x = fast_conv.conv_transpose(c, 4, 2, fast=False, dtype=self.dtype)(x)
     else:
       x = z
       for feat in self.hidden:

@@ -13,8 +13,8 @@ Per step, with ``rng = fold_in(base, step)``:
   weights ``w`` multiply the real term only (Choi et al. 2020), self-normalised; ``gp`` is
   the gradient penalty at random interpolates of real and fake inputs (any rank);
 - the generator update uses ``adapter.g_keys(fold_in(rng, n_disc))`` and minimises
-  ``mean(g_term) + penalty`` where ``penalty(fake, step)`` is an optional extra term (the
-  fairness penalty). ``g_loss`` is that total, ``g_adv_loss`` the adversarial part.
+  ``mean(g_term) + penalty`` where ``penalty(fake, step, constants)`` is an optional extra
+  term (the fairness penalty; ``constants`` are its frozen arrays, jit arguments). ``g_loss`` is that total, ``g_adv_loss`` the adversarial part.
 
 Image GANs loop over the discriminator updates in Python, not ``lax.scan``: XLA:CPU leaves
 the convolutions of a while-loop body on a slow path (measured: a full-width DCGAN step 16 s
@@ -24,7 +24,7 @@ instead of 0.4 s), and ``n_disc`` is small. Dense nets (``Adapter.scan_disc``) s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,21 @@ import optax
 from fairgen.objectives import base
 from fairgen.objectives import losses
 
-# (fake inputs, state['step']) -> (loss, metrics): an extra term of the generator's loss.
-Penalty = Callable[[jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# (fake inputs, state['step'], constants) -> (loss, metrics): an extra generator loss term.
+Penalty = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+class GeneratorPenalty(NamedTuple):
+  """An extra term of the generator's loss and the frozen arrays it reads.
+
+  Attributes:
+    fn: ``(fake, step, constants) -> (loss, metrics)``.
+    constants: arrays ``fn`` needs (e.g. a frozen classifier's parameters); the objective
+      carries them as ``Objective.constants``, so they reach the jitted step as arguments.
+  """
+
+  fn: Penalty
+  constants: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +107,8 @@ def init_nets(gen_vars: Mapping[str, Any], disc_params: Any,
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter: Adapter,
                settings: Settings, gen_tx: optax.GradientTransformation,
-               disc_tx: optax.GradientTransformation, penalty: Penalty | None = None
-               ) -> tuple[base.State, base.Metrics]:
+               disc_tx: optax.GradientTransformation, penalty: Penalty | None = None,
+               constants: Any = None) -> tuple[base.State, base.Metrics]:
   """``n_disc`` discriminator updates, then one generator update (see the module docstring)."""
   rng = jax.random.fold_in(rng, state["step"])
   n_disc, loss = settings.n_disc, settings.loss
@@ -157,7 +170,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     aux = {}
     total = adv
     if penalty is not None:
-      extra, aux = penalty(fake, state["step"])
+      extra, aux = penalty(fake, state["step"], constants)
       total = adv + extra
       aux = {"g_adv_loss": adv, **aux}
     return total, (updates, aux)

@@ -47,6 +47,10 @@ class Objective:
       (fair classifiers, VFAE's label head); None otherwise.
     label_probs: the distribution ``generate`` draws labels from for conditional models
       (None: every class equally often); e.g. the target group distribution.
+    constants: frozen arrays the step needs (e.g. a penalty classifier's parameters), or
+      None. When set, ``train_step`` takes them as its ``constants`` keyword argument, and
+      the loop passes them to the jitted step as arguments (never as compile-time
+      constants).
   """
 
   init: Callable[[jax.Array], State]
@@ -57,6 +61,7 @@ class Objective:
   num_classes: int = 0
   predict: Callable[[State, Batch], jax.Array] | None = None
   label_probs: tuple[float, ...] | None = None
+  constants: Any = None
 
   def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
     """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""

@@ -98,11 +98,12 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
 
 
 def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any], penalty: Any = None) -> base.Objective:
+          optim: Mapping[str, Any], penalty: adversarial.GeneratorPenalty | None = None
+          ) -> base.Objective:
   """The GAN objective from the objective (keys: ``DEFAULTS``) and optim sections.
 
-  ``penalty``: an optional ``images -> (loss, metrics)`` term of the generator's loss (the
-  fairness penalty of ``fairgen.fairness.penalty``).
+  ``penalty``: an optional term of the generator's loss (the fairness penalty of
+  ``fairgen.fairness.penalty``) with the frozen arrays it reads.
   """
   if not isinstance(nets, GanModules):
     raise ConfigError("The 'gan' objective needs an image GAN model (e.g. model.name='dcgan').")
@@ -111,14 +112,14 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   settings = adversarial.Settings(
       loss=losses.adversarial_loss(objective["loss"]), n_disc=int(objective["n_disc"]),
       gp_weight=float(objective["gp_weight"]), ema_decay=float(objective["ema_decay"]))
-  extra = None if penalty is None else (lambda images, step: penalty(images))
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),
                              settings.ema_decay > 0),
       train_step=functools.partial(adversarial.train_step, adapter=adapter(nets),
                                    settings=settings, gen_tx=gen_tx, disc_tx=disc_tx,
-                                   penalty=extra),
+                                   penalty=None if penalty is None else penalty.fn),
       decode=functools.partial(decode, nets=nets),
       latent_dim=nets.latent_dim,
       examples_per_step=settings.n_disc,
-      num_classes=nets.num_classes)
+      num_classes=nets.num_classes,
+      constants=None if penalty is None else penalty.constants)

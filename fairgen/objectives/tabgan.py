@@ -89,9 +89,11 @@ def _is_one(rows: jax.Array, column: int) -> jax.Array:
   return (jnp.argmax(rows[:, column - 1:column + 1], -1) == 1).astype(jnp.float32)
 
 
-def dp_penalty(rows: jax.Array, step: jax.Array, *, nets: TabGanModules, lambda_fair: float,
-               fair_start_step: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+def dp_penalty(rows: jax.Array, step: jax.Array, constants: Any, *, nets: TabGanModules,
+               lambda_fair: float, fair_start_step: int
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """``lambda_fair * |soft DP gap|`` of generated rows, from ``fair_start_step`` on."""
+  del constants  # The DP gap needs no frozen arrays.
   fair_on = (step >= fair_start_step).astype(jnp.float32)
   gap = losses.soft_dp_gap(rows[:, nets.label_column], rows[:, nets.attr_column])
   value = lambda_fair * fair_on * jnp.abs(gap)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fairgen.models import layers
+from fairgen.models import fast_conv as layers
 
 # (batch, height, width, cin, cout, kernel, stride)
 TRANSPOSE_CASES = [
@@ -36,7 +36,7 @@ def _pair(kind, feats, k, s):
     return (nn.ConvTranspose(feats, (k, k), strides=(s, s), padding='SAME'),
             layers.SubpixelConvTranspose(feats, k, s))
   return (nn.Conv(feats, (k, k), strides=(s, s), padding='SAME'),
-          layers.SpaceToDepthConv(feats, k, s))
+          layers.SubpixelGradConv(feats, k, s))
 
 
 def _assert_close(a, b, name):
@@ -90,19 +90,14 @@ def test_subpixel_conv_transpose_matches_naive(case):
 
 
 @pytest.mark.parametrize('case', CONV_CASES, ids=str)
-def test_space_to_depth_conv_matches_naive(case):
+def test_subpixel_grad_conv_matches_naive(case):
   _check('conv', case)
 
 
 @pytest.mark.parametrize('block', [2, 3])
-def test_depth_space_roundtrip(block):
+def test_depth_to_space_layout(block):
   rng = np.random.default_rng(block)
-  x = rng.standard_normal((2, 3 * block, 2 * block, 5)).astype(np.float32)
-  np.testing.assert_array_equal(
-      layers.depth_to_space(layers.space_to_depth(x, block), block), x)
   y = rng.standard_normal((2, 3, 2, block * block * 5)).astype(np.float32)
-  np.testing.assert_array_equal(
-      layers.space_to_depth(layers.depth_to_space(y, block), block), y)
   # Channel (rh, rw, c) of pixel (h, w) lands on pixel (h*b+rh, w*b+rw).
   z = layers.depth_to_space(y, block)
   c = 5
@@ -135,6 +130,7 @@ def test_factories():
                     nn.ConvTranspose)
   assert isinstance(layers.conv(4, 5, 2, fast=False), nn.Conv)
   assert isinstance(layers.conv(4, 5, 2, fast=True, use_bias=False),
-                    layers.SpaceToDepthConv)
+                    layers.SubpixelGradConv)
+  assert isinstance(layers.conv(4, 5, 1, fast=True), nn.Conv)
   m = layers.conv(4, 3, 2, fast=True, name='c')
   assert m.name == 'c'

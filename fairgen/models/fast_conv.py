@@ -2,14 +2,11 @@
 
 XLA on CPU computes the weight gradient of a strided ``nn.ConvTranspose``
 (``lax.conv_general_dilated`` with ``lhs_dilation``) very slowly. Two exact
-rewrites avoid dilated / strided convolutions altogether:
+rewrites avoid the slow paths:
 
 * ``SubpixelConvTranspose``: a stride-``s`` transposed convolution equals a
   stride-1 convolution producing ``s * s * Cout`` channels followed by
   ``depth_to_space`` (sub-pixel convolution).
-* ``SpaceToDepthConv``: a stride-``s`` convolution equals zero padding,
-  ``space_to_depth`` and a stride-1 ``VALID`` convolution.
-
 * ``SubpixelGradConv`` keeps the naive strided convolution and its weight
   gradient, and computes its *input* gradient (which XLA computes as a
   convolution of the dilated output gradient) as a stride-1 convolution and
@@ -24,7 +21,7 @@ kernel.
 
 The naive flax layers (``nn.ConvTranspose`` / ``nn.Conv`` with
 ``padding='SAME'``) remain the reference implementation: the fast layers are
-tested against them (``tests/test_layers.py``) for outputs and gradients. Use
+tested against them (``tests/test_fast_conv.py``) for outputs and gradients. Use
 the ``conv_transpose`` / ``conv`` factories to switch between the two with a
 hyperparameter.
 
@@ -79,25 +76,6 @@ def depth_to_space(x: Array, block: int) -> Array:
   x = x.reshape(b, h, w, block, block, cout)
   x = x.transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h * block, w * block, cout)
-
-
-def space_to_depth(x: Array, block: int) -> Array:
-  """Rearranges spatial blocks into channels (NHWC); inverse of depth_to_space.
-
-  Args:
-    x: array of shape ``(B, H, W, C)`` with ``H`` and ``W`` divisible by
-      ``block``.
-    block: spatial block size.
-
-  Returns:
-    Array of shape ``(B, H // block, W // block, block * block * C)``.
-  """
-  b, h, w, c = x.shape
-  if h % block or w % block:
-    raise ValueError(f'spatial shape {(h, w)} not divisible by {block}')
-  x = x.reshape(b, h // block, block, w // block, block, c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, h // block, w // block, block * block * c)
 
 
 def _same_transpose_pad_a(k: int, s: int) -> int:
@@ -160,29 +138,6 @@ def subpixel_kernel(kernel: Array, strides: int) -> Array:
   # (kp, s, kp, s, cin, cout) -> (kp, kp, cin, s, s, cout)
   gathered = gathered.transpose(0, 2, 4, 1, 3, 5)
   return gathered.reshape(kp, kp, cin, s * s * cout)
-
-
-def space_to_depth_kernel(kernel: Array, strides: int) -> Array:
-  """Rearranges a strided Conv kernel for a space-to-depth input.
-
-  Args:
-    kernel: ``(k, k, Cin, Cout)`` kernel of ``nn.Conv``.
-    strides: stride ``s`` of the convolution.
-
-  Returns:
-    ``(k'', k'', s * s * Cin, Cout)`` kernel with ``k'' = ceil(k / s)`` and
-    input channels ordered ``(bh, bw, cin)`` as produced by ``space_to_depth``.
-  """
-  kh, kw, cin, cout = kernel.shape
-  if kh != kw:
-    raise ValueError(f'square kernels only, got {(kh, kw)}')
-  s = strides
-  kq = -(-kh // s)
-  extra = kq * s - kh
-  padded = jnp.pad(kernel, ((0, extra), (0, extra), (0, 0), (0, 0)))
-  # (kq*s, kq*s, cin, cout) -> (kq, s, kq, s, cin, cout) -> (kq, kq, s, s, ...)
-  padded = padded.reshape(kq, s, kq, s, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-  return padded.reshape(kq, kq, s * s * cin, cout)
 
 
 def _check_input(x: Array, name: str) -> None:
@@ -252,41 +207,6 @@ class SubpixelConvTranspose(_SquareConv):
         padding=((pad_lo, pad_hi), (pad_lo, pad_hi)),
         dimension_numbers=_DN, precision=self.precision)
     y = depth_to_space(y, s)
-    if bias is not None:
-      y = y + bias.reshape(1, 1, 1, -1)
-    return y
-
-
-class SpaceToDepthConv(_SquareConv):
-  """``nn.Conv(padding='SAME', strides=s)`` as space_to_depth + stride-1 conv.
-
-  Parameters and outputs are identical to
-  ``nn.Conv(features, (k, k), strides=(s, s), padding='SAME')``; output spatial
-  size is ``ceil(input size / s)``. Odd input sizes are supported.
-
-  Attributes: see ``_SquareConv``.
-  """
-
-
-  @nn.compact
-  def __call__(self, inputs: Array) -> Array:
-    """Applies the strided convolution to NHWC ``inputs``."""
-    inputs, kernel, bias = self._promoted(inputs)
-    k, s = self.kernel_size, self.strides
-    kq = -(-k // s)
-    pads = []
-    for n in inputs.shape[1:3]:
-      out = -(-n // s)
-      lo, _ = same_padding(n, k, s)
-      # Padded length must be s * (out + kq - 1); taps past the 'SAME' high
-      # padding only ever meet zero kernel entries (negative = crop).
-      pads.append((lo, s * (out + kq - 1) - n - lo, 0))
-    x = jax.lax.pad(inputs, jnp.zeros((), inputs.dtype),
-                    [(0, 0, 0), pads[0], pads[1], (0, 0, 0)])
-    x = space_to_depth(x, s)
-    y = jax.lax.conv_general_dilated(
-        x, space_to_depth_kernel(kernel, s), window_strides=(1, 1),
-        padding='VALID', dimension_numbers=_DN, precision=self.precision)
     if bias is not None:
       y = y + bias.reshape(1, 1, 1, -1)
     return y
@@ -436,32 +356,26 @@ def conv_transpose(features: int, kernel_size: int, strides: int, fast: bool,
                           strides=(strides, strides), padding='SAME', **kw)
 
 
-def conv(features: int, kernel_size: int, strides: int, fast: bool | str,
+def conv(features: int, kernel_size: int, strides: int, fast: bool,
          **kw: Any) -> nn.Module:
-  """Returns a 'SAME' conv: the naive flax layer or one of its exact rewrites.
+  """Returns a 'SAME' conv: the naive flax layer or its exact rewrite.
 
-  All variants have identical parameters and outputs. With ``strides == 1``
-  the naive layer is returned (nothing to gain). Note: on XLA:CPU the naive
-  strided conv is faster than the space-to-depth rewrite (see module
-  docstring).
+  Both variants have identical parameters, outputs and gradients. With
+  ``strides == 1`` the naive layer is returned (nothing to gain).
 
   Args:
     features: output channels.
     kernel_size: square kernel size.
     strides: stride.
-    fast: ``False``: ``nn.Conv``; ``True``: ``SpaceToDepthConv``;
-      ``'subpixel_grad'``: ``SubpixelGradConv``.
+    fast: ``False``: ``nn.Conv``; ``True``: ``SubpixelGradConv`` (the naive
+      forward pass with a sub-pixel input gradient).
     **kw: forwarded to the layer (``use_bias``, ``kernel_init``, ``dtype``,
       ``name``, ...).
 
   Returns:
     A flax module.
   """
-  if fast == 'subpixel_grad' and strides > 1:
+  if fast and strides > 1:
     return SubpixelGradConv(features, kernel_size, strides, **kw)
-  if fast is True and strides > 1:
-    return SpaceToDepthConv(features, kernel_size, strides, **kw)
-  if fast not in (True, False, 'subpixel_grad'):
-    raise ValueError(f"fast must be a bool or 'subpixel_grad', got {fast!r}")
   return nn.Conv(features, (kernel_size, kernel_size),
                  strides=(strides, strides), padding='SAME', **kw)
