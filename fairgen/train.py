@@ -59,15 +59,16 @@ class TrainStep:
     self._jitted = jax.jit(
         step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl, repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0)
-    self._constants = (None if objective.constants is None else
-                       jax.device_put(objective.constants, repl))
+    # The arrays passed as the jitted function's last argument (None without constants).
+    self.constants = (None if objective.constants is None else
+                      jax.device_put(objective.constants, repl))
 
   def __call__(self, state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
-    return self._jitted(state, batch, rng, self._constants)
+    return self._jitted(state, batch, rng, self.constants)
 
   def lower(self, state: Any, batch: Any, rng: jax.Array) -> Any:
     """The lowered step (for cost and memory analysis)."""
-    return self._jitted.lower(state, batch, rng, self._constants)
+    return self._jitted.lower(state, batch, rng, self.constants)
 
 
 def make_train_step(exp: experiment.Experiment) -> TrainStep:
@@ -128,14 +129,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "preempted": False}
       # Importance weights or a group-balancing sampler (fair.method); cached in the workdir.
       source, sampler = fairness.prepare(config, source, workdir, exp.global_batch)
-      return _train_loop(exp, source, state, start_step, ckpt, workdir, sampler)
+      return loop(exp, source, state, start_step, ckpt, workdir, sampler)
     finally:
       ckpt.close()
 
 
-def _train_loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step: int,
-                ckpt: checkpoint.Checkpointer, workdir: str,
-                sampler: data.WeightedSampler | None = None) -> dict[str, Any]:
+def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step: int,
+         ckpt: checkpoint.Checkpointer, workdir: str,
+         sampler: data.WeightedSampler | None = None) -> dict[str, Any]:
+  """Runs steps ``start_step .. train.num_steps`` of ``exp`` from ``state``.
+
+  Every step: the next batch, the jitted step, metric accumulation on device. Every
+  ``log.every_steps`` (and at checkpoints): the guard and averages read to the host and a
+  ``metrics.jsonl`` line with ``steps_per_sec`` and ``input_wait_seconds`` of the window.
+  Sample grids, periodic evaluation with the best checkpoint, checkpoints and the
+  preemption stop follow their own cadences. ``tools/benchmark.py`` times this function.
+
+  Returns:
+    The summary of ``train_and_evaluate``.
+  """
   config = exp.config
   num_steps = config.train.num_steps
   summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step,

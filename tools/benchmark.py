@@ -16,10 +16,11 @@ Options: --config (required), --repeats R (default 5), --steps S per repeat (def
 "..." (appended to XLA_FLAGS, e.g. --xla_cpu_experimental_ynn_fusion_type=individual_dot,
 which sends convolutions to Eigen instead of YNNPACK: ~20% faster DCGAN steps here).
 
-The step is the one ``fairgen.train`` trains with: ``setup`` -> ``init_state`` ->
-``make_train_step`` on the config's own dataset. Timed repeats of the bare step and of the
-fairgen loop alternate, so that load from other processes hits both alike. On a shared
-machine, compare variants from interleaved runs and look at min/max, not the median alone.
+The step is the one ``fairgen.train`` trains with: ``experiment.setup`` -> ``init_state`` ->
+``make_train_step`` on the config's own dataset. The bare step is timed first, then the
+training loop itself (``fairgen.train.loop``) for as many windows of as many steps. On a
+shared machine, compare variants from interleaved runs and look at min/max, not the median
+alone.
 
 Output: one JSON object on stdout (progress goes to stderr). Its fields:
   config, overrides: the config file[:variant] and the ``--set`` overrides applied.
@@ -50,15 +51,15 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
     jax_matmul_gflop_per_s: jitted ``a @ b`` in JAX; numpy_matmul_gflop_per_s: NumPy's;
     achieved_over_peak: median achieved GFLOP/s of the step / the larger of the two;
     achieved_over_jax_peak: the same over the JAX peak.
-  loop: the same number of steps through a loop equivalent to the inner loop of
-    ``fairgen.train.train_and_evaluate``: ``fairgen.data.Loader`` (prefetch thread, host ->
-    device), the jitted step of ``make_train_step``, metric accumulation with ``jnp.add``,
-    and a host fetch of the accumulated metrics every ``log.every_steps`` and at the end.
-    Checkpoints, sample grids and evaluation are left out.
+  loop: ``fairgen.train.loop``, the training loop itself (``fairgen.data.Loader`` with its
+    prefetch thread, the jitted guarded step, metric accumulation, a metrics.jsonl line per
+    window), run in a scratch workdir for one warm-up window and ``repeats`` timed windows
+    of ``steps`` steps, each timed by the loop's own ``steps_per_sec``. Checkpoints, sample
+    grids and evaluation happen only after the last window.
     steps_per_s: {median, min, max}; seconds_per_repeat / bare_seconds_per_repeat: the
-    medians of the loop's and of the bare step's repeat times; overhead_pct: 100 x (loop /
+    medians of the loop's and of the bare step's window times; overhead_pct: 100 x (loop /
     bare - 1), from the medians; input_wait_share: {median, min, max} of the fraction of a
-    repeat the loop spent blocked on the Loader (its ``wait_seconds``).
+    window the loop spent blocked on the Loader (its ``input_wait_seconds``).
   first_step_metrics: the metrics of step 0 from the initial state (these must not depend
     on the device count).
 
@@ -235,28 +236,41 @@ def _time_bare(run: Callable[[Any], Any], state: Any, steps: int) -> tuple[Any, 
   return state, time.perf_counter() - start
 
 
-def _time_loop(train_step: Any, state: Any, it: Any, loader: Any, rng: Any, steps: int,
-               log_every: int) -> tuple[Any, float, float]:
-  """``steps`` steps as ``train.train_and_evaluate`` runs them; returns time and input wait."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fairgen import parallel  # pylint: disable=g-import-not-at-top
-  wait0 = loader.wait_seconds
-  start = time.perf_counter()
-  acc, n_acc = None, 0
-  for i in range(steps):
-    step, batch = next(it)
-    state, metrics = train_step(state, batch, rng)
-    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-    n_acc += 1
-    if (step + 1) % log_every == 0 or i == steps - 1:
-      # The loop reads the metric sums (and the non-finite guard, where the state has one).
-      _ = {k: float(v) / n_acc for k, v in parallel.to_host(acc).items()}
-      if isinstance(state, dict) and "guard" in state:
-        parallel.to_host(state["guard"])
-      acc, n_acc = None, 0
-  jax.block_until_ready(state)
-  return state, time.perf_counter() - start, loader.wait_seconds - wait0
+def _time_real_loop(exp: Any, source: Any, reps: int, steps: int) -> tuple[list[float], list[float]]:
+  """Times ``fairgen.train.loop`` itself: ``reps`` windows of ``steps`` steps after one warm-up.
+
+  The loop runs in a scratch workdir with a log line every ``steps`` steps and no
+  checkpoint, sample grid or evaluation before its last step; each ``metrics.jsonl`` line
+  is one window, timed by the loop (``steps_per_sec``, ``input_wait_seconds``). The first
+  window (compilation included) is the warm-up.
+
+  Returns:
+    Seconds per window and the share of each window spent waiting on input.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from fairgen import checkpoint  # pylint: disable=g-import-not-at-top
+  from fairgen import experiment  # pylint: disable=g-import-not-at-top
+  from fairgen import train  # pylint: disable=g-import-not-at-top
+  config = exp.config.copy_and_resolve_references()
+  total = (reps + 1) * steps
+  config.train.num_steps = total
+  config.train.checkpoint_every_steps = total
+  config.log.every_steps = steps
+  config.log.sample_every_steps = total
+  config.eval.every_steps = 0
+  exp = dataclasses.replace(exp, config=config)
+  workdir = tempfile.mkdtemp(prefix="fairgen_benchmark_")
+  ckpt = checkpoint.Checkpointer(workdir, 1, total)
+  try:
+    train.loop(exp, source, experiment.init_state(exp), 0, ckpt, workdir)
+    ckpt.close()
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      windows = [json.loads(line) for line in f][1:reps + 1]
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  seconds = [steps / w["steps_per_sec"] for w in windows]
+  return seconds, [w["input_wait_seconds"] / t for w, t in zip(windows, seconds)]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,9 +291,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
   reps, steps = args.repeats, args.steps
   # One Loader serves the warm-up and every timed loop repeat, as in a long training run.
-  warmup = 2  # Loop steps before timing: the accumulator's jnp.add compiles on first use.
-  loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0,
-                       1 + warmup + reps * steps, prefetch=config.data.prefetch)
+  loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0, 1,
+                       prefetch=config.data.prefetch)
   try:
     it = iter(loader)
     _, batch = next(it)  # Step 0's batch: the first-step metrics come from it.
@@ -287,7 +300,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[benchmark] {args.config} devices={exp.mesh.size} batch={exp.global_batch}: "
           "compiling", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    lowered = train.make_train_step(exp).lower(state, batch, rng)
+    lowering_step = train.make_train_step(exp)
+    lowered = lowering_step.lower(state, batch, rng)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -304,23 +318,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     first_call_s = time.perf_counter() - start
 
     fixed = jax.device_put(loader.host_batch(0), data_sharding)
-    bare = lambda s: compiled(s, fixed, rng)
-    log_every = config.log.every_steps or steps
+    bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)
     state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
-    state, _, _ = _time_loop(train_step, state, it, loader, rng, warmup, log_every)
-    bare_t, loop_t, waits, others = [], [], [], []
+    bare_t, others = [], []
     for r in range(reps):
       snap = cpu_snapshot()
       state, t = _time_bare(bare, state, steps)
       others.append(others_share(snap, cpu_snapshot()))
       bare_t.append(t)
-      state, t, wait = _time_loop(train_step, state, it, loader, rng, steps, log_every)
-      loop_t.append(t)
-      waits.append(wait / t)
-      print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / bare_t[-1]:.3f} steps/s, "
-            f"loop {steps / t:.3f} steps/s", file=sys.stderr, flush=True)
+      print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / t:.3f} steps/s",
+            file=sys.stderr, flush=True)
   finally:
     loader.close()
+  del state
+  loop_t, waits = _time_real_loop(exp, source, reps, steps)
+  print(f"[benchmark] the training loop: {[round(steps / t, 3) for t in loop_t]} steps/s",
+        file=sys.stderr, flush=True)
   peaks = matmul_peaks()
   step_s = [t / steps for t in bare_t]
   achieved = [flops / s / 1e9 for s in step_s]
