@@ -130,6 +130,32 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
   return exp
 
 
+def check_data(exp: Experiment, source: data.Source) -> None:
+  """Checks that a conditional model's labels fit its embedding, before anything compiles.
+
+  An embedding lookup past the table does not fail under jit (it yields NaN or clamps), so
+  a label/attribute mix-up would not crash where it happens. Sources that hold the column
+  in memory are checked whole; others (TFDS) are left to the step's non-finite guard.
+
+  Raises:
+    DataError: if ``source``'s condition column holds values outside
+      ``[0, objective.num_classes)``.
+  """
+  objective = exp.objective
+  if not objective.num_classes:
+    return
+  values = data.column_in_memory(source, objective.condition_key)
+  if values is None or not len(values):
+    return
+  low, high = int(values.min()), int(values.max())
+  if low < 0 or high >= objective.num_classes:
+    raise data.DataError(
+        f"The model is conditioned on {objective.condition_key!r} with "
+        f"{objective.num_classes} classes, but dataset {exp.spec.name!r} has "
+        f"{objective.condition_key!r} values in [{low}, {high}]. Check model.condition_key "
+        f"and the dataset's classes or groups.")
+
+
 def full_init(objective: objectives.Objective, rng: jax.Array) -> Any:
   """The objective's initial state plus the loop's non-finite guard counters."""
   return {**objective.init(rng), robust.GUARD_KEY: robust.init_guard()}

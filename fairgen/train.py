@@ -115,6 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   source = data.load(config.data, config.data.split)
   exp = experiment.setup(config, source.spec)
+  experiment.check_data(exp, source)
   checkpoint.ensure_writable(workdir)
   with robust.WorkdirLock(workdir):
     checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment)

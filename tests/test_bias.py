@@ -90,7 +90,7 @@ def test_invalid_arguments_raise(kwargs, message):
 
 
 def test_digit_group_biased_mnist():
-  union = bias.biased_mnist("train", subset="union", tfds_data_dir=None)
+  union = bias.biased_mnist("train", subset="union")
   biased = bias.biased_mnist("train")
   ref = bias.biased_mnist("train", subset="reference")
   assert biased.spec == base.DataSpec("biased_mnist", (28, 28, 1), 10, 2)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fairgen.classifiers import fit
 from fairgen.fairness import density_ratio as dr
 from fairgen.models.classifier import Classifier
 
@@ -152,7 +153,9 @@ def test_fit_is_deterministic_and_traced_once(monkeypatch):
   # Sets smaller than half a batch wrap within a batch.
   rng = np.random.default_rng(0)
   x_ref, x_bias = rng.normal(size=(5, 2)), rng.normal(size=(40, 2))
-  monkeypatch.setattr(dr, "_train_step", chex.assert_max_traces(dr._train_step, n=1))
+  # The shared fit routine of every auxiliary classifier (fairgen.classifiers.fit).
+  monkeypatch.setattr(fit, "classification_step",
+                      chex.assert_max_traces(fit.classification_step, n=1))
   fits = []
   for seed in (3, 3, 4):
     chex.clear_trace_counter()  # Each fit jits its own step: once per fit, not per step.

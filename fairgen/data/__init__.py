@@ -11,7 +11,8 @@ from fairgen.data import bias
 from fairgen.data import offline
 from fairgen.data import uci
 from fairgen.data import tfds_datasets
-from fairgen.data.base import ArraySource, DataError, DataSpec, Source, SubsetSource, read_column
+from fairgen.data.base import (ArraySource, DataError, DataSpec, Source, SubsetSource,
+                               column_in_memory, read_column)
 from fairgen.data.pipeline import IndexSampler, Loader, WeightedSampler
 from fairgen.registry import Registry
 
@@ -100,5 +101,5 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
 
 
 __all__ = ["ArraySource", "DATASETS", "DataError", "DataSpec", "IndexSampler", "Loader",
-           "Source", "SubsetSource", "WeightedSampler", "cache_tag", "load", "load_eval",
-           "read_column", "validate"]
+           "Source", "SubsetSource", "WeightedSampler", "cache_tag", "column_in_memory", "load",
+           "load_eval", "read_column", "validate"]

@@ -128,14 +128,19 @@ class SubsetSource:
     return out
 
 
+def column_in_memory(source: Source, key: str) -> np.ndarray | None:
+  """One column of ``source`` where it is held in memory, else None (nothing is decoded)."""
+  for holder in (getattr(source, "arrays", None), getattr(source, "columns", None)):
+    if holder is not None and key in holder:
+      return holder[key]
+  return None
+
+
 def read_column(source: Source, key: str, chunk: int = 1000) -> np.ndarray:
   """All values of one column of ``source`` (without decoding twice where it is in memory)."""
-  arrays = getattr(source, "arrays", None)
-  if arrays is not None and key in arrays:
-    return arrays[key]
-  columns = getattr(source, "columns", None)
-  if columns is not None and key in columns:
-    return columns[key]
+  values = column_in_memory(source, key)
+  if values is not None:
+    return values
   parts = []
   for start in range(0, len(source), chunk):
     batch = source.get(np.arange(start, min(start + chunk, len(source))))

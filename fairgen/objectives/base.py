@@ -43,6 +43,8 @@ class Objective:
     examples_per_step: how many examples one step consumes per unit of ``train.batch_size``
       (a GAN with ``n_disc`` discriminator steps takes ``n_disc`` real batches).
     num_classes: > 0 when ``generate`` uses its labels.
+    condition_key: the batch column a conditional model's labels come from (``label`` for
+      classes, ``attr`` for sensitive-attribute groups).
     predict: ``(state, batch) -> P(label = 1)`` for objectives that train a classifier
       (fair classifiers, VFAE's label head); None otherwise.
     label_probs: the distribution ``generate`` draws labels from for conditional models
@@ -59,6 +61,7 @@ class Objective:
   latent_dim: int
   examples_per_step: int = 1
   num_classes: int = 0
+  condition_key: str = "label"
   predict: Callable[[State, Batch], jax.Array] | None = None
   label_probs: tuple[float, ...] | None = None
   constants: Any = None

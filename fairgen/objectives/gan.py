@@ -122,4 +122,5 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       latent_dim=nets.latent_dim,
       examples_per_step=settings.n_disc,
       num_classes=nets.num_classes,
+      condition_key=nets.condition_key,
       constants=None if penalty is None else penalty.constants)
