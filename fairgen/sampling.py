@@ -28,10 +28,18 @@ def decode_images(exp: experiment.Experiment, state: Any,
   """Decodes latents to images on the mesh, in batches split over the data axis.
 
   Batches are padded to a multiple of the data-axis size, so one shape is compiled.
+
+  Raises:
+    ValueError: for a conditional model's label outside ``[0, num_classes)``.
   """
   n_dev = exp.mesh.shape[parallel.DATA_AXIS]
   batch = max(n_dev, (batch_size // n_dev) * n_dev)
   latents, labels = np.asarray(latents, np.float32), np.asarray(labels, np.int32)
+  classes = exp.objective.num_classes
+  if classes and len(labels) and (labels.min() < 0 or labels.max() >= classes):
+    # Under jit an embedding lookup past the table gives NaN (or a clamped row), not an error.
+    raise ValueError(f"Conditional labels must be in [0, {classes}), got "
+                     f"[{labels.min()}, {labels.max()}].")
   decode = exp.sharded_decode
   sharding = parallel.data_sharding(exp.mesh)
   out = []
