@@ -1,0 +1,596 @@
+"""Behaviour of the GAN objective and the training loop, in tests that fail when it breaks.
+
+- GAN mechanics: the non-saturating losses, the EMA warm-up recurrence over real steps,
+  samples drawn with the EMA weights, one real micro-batch per discriminator step.
+- The training batch is split over the data axis (8 devices), not replicated.
+- Exact resume (stop at N, resume to 2N == 2N in one go, bit for bit) for the VAE, the
+  resampling and importance-weighting mitigations and a tabular objective, and after SIGTERM.
+- The best checkpoint (``eval.best_mode``, kept across a resume) and ``--mode=evaluate`` of
+  one step.
+
+The GAN tests use a tiny MLP generator/discriminator (``_tiny_gan``) in place of the DCGAN,
+whose compilation takes tens of seconds on a CPU: the objective code is the same. Identical
+programs compile once: in-process through a module-scoped persistent XLA compilation cache,
+and the subprocesses of a test share one too (``_cache_env``). Resumed and uninterrupted runs
+are compared on the checkpoint files read by Orbax alone (``_saved_arrays``) as well as
+through fairgen's restore, so a restore bug cannot make both sides agree.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from conftest import REPO, final_state, load_config, run_main
+from fairgen import checkpoint
+from fairgen import data
+from fairgen import experiment
+from fairgen import parallel
+from fairgen import sampling
+from fairgen import train
+from fairgen.evaluation import modes
+from fairgen.evaluation import runner
+from fairgen.models import GanModules
+from fairgen.objectives import adversarial
+from fairgen.objectives import gan
+from fairgen.objectives import losses
+
+# --- Helpers. ------------------------------------------------------------------------------
+
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _persistent_compilation_cache(tmp_path_factory):
+  """Identical programs compile once in this module (e.g. the step of a run and its resume).
+
+  ``train_and_evaluate`` jits fresh closures on every call, so without this every run of a
+  test compiles its init, step and decode again (seconds each on a CPU).
+  """
+  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # Re-read the options at the next compilation.
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+class _TinyGenerator(nn.Module):
+  """Dense -> BatchNorm -> tanh; ``zero_init``: every output is exactly 0."""
+
+  image_shape: tuple
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, z, labels=None, train=True):
+    del labels
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    x = nn.Dense(int(np.prod(self.image_shape)), kernel_init=init)(z)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return jnp.tanh(x).reshape((z.shape[0],) + tuple(self.image_shape))
+
+
+class _TinyDiscriminator(nn.Module):
+  """A small MLP logit; ``linear``: the zero-initialised linear logit ``<w, x> + b``."""
+
+  linear: bool = False
+
+  @nn.compact
+  def __call__(self, x, labels=None, train=True):
+    del labels, train
+    h = x.reshape((x.shape[0], -1))
+    if self.linear:
+      return nn.Dense(1, kernel_init=nn.initializers.zeros)(h)[:, 0]
+    h = nn.leaky_relu(nn.Dense(8)(h), 0.2)
+    return nn.Dense(1)(h)[:, 0]
+
+
+def _tiny_gan(image_shape, zero_generator=False, linear_discriminator=False, latent_dim=4):
+  return GanModules(generator=_TinyGenerator(tuple(image_shape), zero_generator),
+                    discriminator=_TinyDiscriminator(linear_discriminator),
+                    latent_dim=latent_dim, num_classes=0)
+
+
+_GAN_OPTIM = {"gen": {"name": "adam", "lr": 1e-2, "b1": 0.5, "b2": 0.999},
+              "disc": {"name": "adam", "lr": 1e-2, "b1": 0.5, "b2": 0.999}}
+
+
+def _f64(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def _assert_trees_close(actual, expected, rtol=1e-5, atol=1e-7):
+  actual, expected = jax.tree.leaves(_f64(actual)), jax.tree.leaves(_f64(expected))
+  assert len(actual) == len(expected)
+  for a, e in zip(actual, expected):
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+def _max_abs_diff(a, b):
+  return max(float(np.max(np.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(_f64(a)), jax.tree.leaves(_f64(b))))
+
+
+def _wrap_objective_step(monkeypatch, before_step):
+  """Every objective built from now on calls ``before_step(batch)`` inside its (jitted) step."""
+  original = experiment.build_objective
+
+  def build(config, spec, for_training=True):
+    obj = original(config, spec, for_training)
+
+    def train_step(state, batch, rng):
+      before_step(batch)
+      return obj.train_step(state, batch, rng)
+
+    return dataclasses.replace(obj, train_step=train_step)
+
+  monkeypatch.setattr(experiment, "build_objective", build)
+
+
+def _register_evaluator(monkeypatch, name, fn):
+  """Registers ``fn`` as evaluator ``name`` for one test."""
+  monkeypatch.setitem(runner.EVALUATORS._entries, name, runner.Entry(fn))  # pylint: disable=protected-access
+
+
+def _cache_env(tmp_path):
+  """A persistent XLA compilation cache shared by the subprocesses of one test."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def _metric_records(workdir):
+  """{step: the last record of that step} of ``metrics.jsonl``."""
+  records = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.endswith("\n"):
+          record = json.loads(line)
+          records[record["step"]] = record
+  return records
+
+
+_TIMING_KEYS = ("steps_per_sec", "input_wait_seconds")
+
+
+def _saved_arrays(workdir, step):
+  """{path: array} of the checkpoint of ``step`` as written, read by Orbax alone.
+
+  Not through fairgen's restore: a restore bug would corrupt both sides of a comparison alike
+  (e.g. a restore that drops the EMA makes every restored state agree).
+  """
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
+  reader = ocp.StandardCheckpointer()
+  try:
+    tree = reader.restore(path)
+  finally:
+    reader.close()
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _assert_same_final_state(workdir_a, workdir_b, config, step):
+  """Both workdirs end at ``step`` with bit-identical checkpoints (all state leaves)."""
+  (step_a, a), (step_b, b) = final_state(workdir_a, config), final_state(workdir_b, config)
+  assert step_a == step_b == step
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  a, b = _saved_arrays(workdir_a, step), _saved_arrays(workdir_b, step)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --- 1. GAN mechanics. ---------------------------------------------------------------------
+
+
+def test_nonsaturating_losses_are_minus_log_sigmoid():
+  real = np.linspace(-12.0, 12.0, 25)
+  fake = np.linspace(9.0, -9.0, 25) + 0.3  # Other values than ``real``: a swap shows.
+  sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+  real_loss, fake_loss = losses.d_nonsaturating(jnp.asarray(real, jnp.float32),
+                                             jnp.asarray(fake, jnp.float32))
+  np.testing.assert_allclose(real_loss, -np.log(sigmoid(real)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fake_loss, -np.log(1.0 - sigmoid(fake)), rtol=1e-5, atol=1e-6)
+  g_loss = losses.g_nonsaturating(jnp.asarray(fake, jnp.float32))
+  np.testing.assert_allclose(g_loss, -np.log(sigmoid(fake)), rtol=1e-5, atol=1e-6)
+  # Non-saturating: where D rejects the fakes (logit -9), G's gradient is ~-1, not ~0.
+  grad = jax.grad(lambda x: jnp.sum(losses.g_nonsaturating(x)))(jnp.asarray(fake, jnp.float32))
+  np.testing.assert_allclose(grad, -sigmoid(-fake), rtol=1e-5, atol=1e-7)
+  assert grad[-1] < -0.99
+
+
+def test_ema_follows_the_warmup_recurrence_over_real_steps():
+  """ema_{t+1} = d_t ema_t + (1 - d_t) G_{t+1}, d_t = min(decay, (1 + t) / (10 + t)).
+
+  With decay 0.3 the warm-up term is smaller for t < 3 and the decay from t = 3 on, so both
+  sides of the min are exercised.
+  """
+  shape, decay = (4, 4, 1), 0.3
+  obj = gan.build(_tiny_gan(shape), types.SimpleNamespace(image_shape=shape),
+                  {**gan.DEFAULTS, "n_disc": 1, "ema_decay": decay}, _GAN_OPTIM)
+  state = jax.jit(obj.init)(jax.random.key(0))
+  _assert_trees_close(state["ema"], state["gen"]["params"], rtol=0, atol=0)
+  expected = _f64(state["gen"]["params"])
+  step = jax.jit(obj.train_step)
+  rng = np.random.default_rng(0)
+  for t in range(6):
+    batch = {"image": rng.uniform(-1, 1, (8,) + shape).astype(np.float32),
+             "label": np.zeros(8, np.int32)}
+    state, metrics = step(state, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["g_loss"]))
+    d = min(decay, (1.0 + t) / (10.0 + t))
+    expected = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, expected,
+                            _f64(state["gen"]["params"]))
+    _assert_trees_close(state["ema"], expected)
+  assert _max_abs_diff(state["ema"], state["gen"]["params"]) > 1e-3  # The EMA lags G.
+
+
+def test_samples_are_drawn_with_the_ema_generator(monkeypatch):
+  """``sampling.decode_images`` (grids, --mode=sample, evaluation) applies G with the EMA."""
+  monkeypatch.setattr(experiment, "build_model",
+                      lambda config, spec: _tiny_gan(spec.image_shape))
+  config = load_config("dcgan_mnist", "smoke", **{"mesh.data": 1, "optim.gen.lr": 0.05})
+  exp = experiment.setup(config)
+  state = experiment.init_state(exp)
+  step = train.make_train_step(exp)
+  rng = np.random.default_rng(0)
+  sharding = parallel.data_sharding(exp.mesh)
+  for _ in range(3):
+    batch = {"image": rng.uniform(-1, 1, (exp.global_batch,) + exp.spec.image_shape),
+             "label": np.zeros(exp.global_batch, np.int32)}
+    batch = {k: jax.device_put(v.astype(np.float32) if k == "image" else v, sharding)
+             for k, v in batch.items()}
+    state, _ = step(state, batch, exp.step_rng)
+  latents = rng.normal(size=(10, exp.objective.latent_dim)).astype(np.float32)
+  labels = np.zeros(10, np.int32)
+  images = sampling.decode_images(exp, state, latents, labels)
+  nets = _tiny_gan(exp.spec.image_shape)
+  stats = state["gen"]["batch_stats"]
+  with_ema = nets.generator.apply({"params": state["ema"], "batch_stats": stats}, latents,
+                                  labels, train=False)
+  with_gen = nets.generator.apply({"params": state["gen"]["params"], "batch_stats": stats},
+                                  latents, labels, train=False)
+  np.testing.assert_allclose(images, with_ema, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(images - np.asarray(with_gen))) > 1e-2
+
+
+def _recording_optimizer(num_updates):
+  """An optax transformation that stores each update's gradient and leaves params unchanged."""
+
+  def init(params):
+    return {"count": jnp.zeros((), jnp.int32),
+            "grads": jax.tree.map(lambda p: jnp.zeros((num_updates,) + p.shape, p.dtype),
+                                  params)}
+
+  def update(grads, state, params=None):
+    del params
+    recorded = jax.tree.map(lambda buf, g: buf.at[state["count"]].set(g), state["grads"], grads)
+    return (jax.tree.map(jnp.zeros_like, grads),
+            {"count": state["count"] + 1, "grads": recorded})
+
+  return optax.GradientTransformation(init, update)
+
+
+def test_each_discriminator_step_gets_its_own_real_micro_batch():
+  """n_disc=3: each D update sees B real rows of its own; together they are the batch.
+
+  Row r of the batch is the one-hot image e_r with importance weight w_r. D is the
+  zero-initialised linear logit <k, x> + b and G outputs exactly 0, so the kernel gradient
+  of D update i is -0.5 * w_r / sum(w of its micro-batch) at pixel r for each real row r it
+  used, and 0 elsewhere. A recording optimizer keeps the gradient of every D update (and
+  leaves D unchanged, so every update starts at logit 0).
+  """
+  n_disc, b, shape = 3, 4, (4, 4, 1)
+  rows = n_disc * b
+  nets = _tiny_gan(shape, zero_generator=True, linear_discriminator=True)
+  disc_tx, gen_tx = _recording_optimizer(n_disc), optax.sgd(0.1)
+  state = jax.jit(functools.partial(gan.init, nets, gen_tx, disc_tx, shape, True))(
+      jax.random.key(0))
+  images = np.zeros((rows, int(np.prod(shape))), np.float32)
+  images[np.arange(rows), np.arange(rows)] = 1.0
+  weights = np.arange(1.0, rows + 1.0, dtype=np.float32)
+  batch = {"image": images.reshape((rows,) + shape), "label": np.zeros(rows, np.int32),
+           "weight": weights}
+  settings = adversarial.Settings(losses.adversarial_loss("nonsaturating"), n_disc=n_disc,
+                                  ema_decay=0.9)
+  step = jax.jit(functools.partial(adversarial.train_step, adapter=gan.adapter(nets),
+                                   settings=settings, gen_tx=gen_tx, disc_tx=disc_tx))
+  new_state, metrics = step(state, batch, jax.random.key(1))
+  built = gan.build(nets, types.SimpleNamespace(image_shape=shape),
+                    {**gan.DEFAULTS, "n_disc": n_disc, "ema_decay": 0.9}, _GAN_OPTIM)
+  assert built.examples_per_step == n_disc  # The loop loads n_disc * batch_size rows.
+  opt = new_state["disc"]["opt"]
+  assert int(opt["count"]) == n_disc
+  grads = np.asarray(opt["grads"]["Dense_0"]["kernel"])[..., 0]  # [n_disc, pixels]
+  assert np.all(grads[:, rows:] == 0)  # Pixels no row lights.
+  used = [np.flatnonzero(g) for g in grads]
+  assert [len(u) for u in used] == [b] * n_disc, used  # B real rows per D update ...
+  assert sorted(np.concatenate(used).tolist()) == list(range(rows)), used  # ... disjoint, all.
+  for i, u in enumerate(used):  # Each row's weight stays with its image.
+    np.testing.assert_allclose(grads[i, u], -0.5 * weights[u] / weights[u].sum(), rtol=1e-6)
+  # At logit 0 the losses are their closed forms: D log 2 + log 2, non-saturating G log 2.
+  np.testing.assert_allclose(metrics["d_loss"], 2 * np.log(2.0), rtol=1e-6)
+  np.testing.assert_allclose(metrics["g_loss"], np.log(2.0), rtol=1e-6)
+
+
+# --- 2. Data parallelism. ------------------------------------------------------------------
+
+
+def test_training_batches_are_split_over_the_data_axis(monkeypatch, workdir):
+  """On 8 devices each device holds 1/8 of the batch the loop trains on, in the step too."""
+  config = load_config("vae_mnist", "smoke", **{
+      "mesh.data": 8, "train.num_steps": 2, "train.checkpoint_every_steps": 2,
+      "log.every_steps": 2, "log.sample_every_steps": 1000})
+  loaded, inside = [], []
+
+  class RecordingLoader(data.Loader):
+
+    def __iter__(self):
+      for step, batch in super().__iter__():
+        loaded.append((batch, self.host_batch(step)))
+        yield step, batch
+
+  monkeypatch.setattr(data, "Loader", RecordingLoader)
+  _wrap_objective_step(monkeypatch, lambda batch: jax.debug.inspect_array_sharding(
+      batch["image"], callback=inside.append))
+  train.train_and_evaluate(config, workdir)
+
+  mesh = parallel.make_mesh(8)
+  want = parallel.data_sharding(mesh)
+  n, per = config.train.batch_size, config.train.batch_size // 8
+  assert len(loaded) == 2
+  for batch, host in loaded:
+    for key, array in batch.items():
+      assert array.shape[0] == n, key
+      assert not array.sharding.is_fully_replicated, key
+      assert array.sharding.is_equivalent_to(want, array.ndim), (key, array.sharding)
+      shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+      assert len({s.device for s in shards}) == 8, key
+      for k, shard in enumerate(shards):
+        assert shard.data.shape == (per,) + array.shape[1:], (key, shard.data.shape)
+        np.testing.assert_array_equal(np.asarray(shard.data), host[key][k * per:(k + 1) * per])
+  # The compiled step takes the batch with the same split (reported while it compiles).
+  assert inside
+  image_shape = (n,) + tuple(loaded[0][0]["image"].shape[1:])
+  for sharding in inside:
+    assert not sharding.is_fully_replicated
+    assert sharding.shard_shape(image_shape) == (per,) + image_shape[1:]
+    assert sharding.is_equivalent_to(want, len(image_shape))
+
+
+# --- 3. Exact resume. ----------------------------------------------------------------------
+
+
+def _assert_resume_is_exact(config, tmp_path, n, after_stop=None):
+  """Stop at n and resume to 2n == 2n in one go: final state and per-step metrics, bitwise.
+
+  ``after_stop(split, straight)`` runs after the first part of the split run, before the
+  uninterrupted one.
+  """
+  config.mesh.data = 1
+  config.train.checkpoint_every_steps = n
+  config.log.every_steps = 1
+  config.log.sample_every_steps = 1000
+  config.eval.every_steps = 0
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  config.train.num_steps = n
+  assert train.train_and_evaluate(config, split)["final_step"] == n
+  if after_stop is not None:
+    after_stop(split, straight)
+  config.train.num_steps = 2 * n
+  train.train_and_evaluate(config, straight)
+  resumed = train.train_and_evaluate(config, split)
+  assert resumed["start_step"] == n and resumed["final_step"] == 2 * n  # Really resumed.
+  _assert_same_final_state(split, straight, config, 2 * n)
+  a, b = _metric_records(split), _metric_records(straight)
+  assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
+  for step in range(n + 1, 2 * n + 1):
+    for key in b[step]:
+      if key not in _TIMING_KEYS:
+        assert a[step][key] == b[step][key], (step, key)
+
+
+def test_vae_resume_is_exact(tmp_path):
+  _assert_resume_is_exact(load_config("vae_mnist", "smoke"), tmp_path, 3)
+
+
+def test_fair_resample_resume_is_exact(tmp_path):
+  _assert_resume_is_exact(load_config("fair_mnist", "method=resample,model=vae,smoke"),
+                          tmp_path, 3)
+
+
+def test_fair_importance_resume_is_exact(tmp_path):
+  """The first run fits and saves the weights; the resumed run must apply the saved ones."""
+
+  def reuse_weights(split, straight):  # The uninterrupted run skips a second fit.
+    shutil.copytree(os.path.join(split, "density_ratio"),
+                    os.path.join(straight, "density_ratio"))
+
+  _assert_resume_is_exact(load_config("fair_mnist", "method=importance,model=vae,smoke"),
+                          tmp_path, 3, reuse_weights)
+
+
+def test_gan_resume_is_exact(tmp_path, monkeypatch):
+  """Both optimizers, the EMA and BatchNorm statistics (tiny nets, n_disc=2)."""
+  monkeypatch.setattr(experiment, "build_model",
+                      lambda config, spec: _tiny_gan(spec.image_shape))
+  config = load_config("dcgan_mnist", "smoke", **{"objective.n_disc": 2,
+                                                  "objective.ema_decay": 0.9})
+  _assert_resume_is_exact(config, tmp_path, 3)
+
+
+def test_tabular_debiasing_resume_is_exact(tmp_path):
+  _assert_resume_is_exact(load_config("adult_debias", "smoke"), tmp_path, 3)
+
+
+def _launch(workdir, flags, env_extra, log_path):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env.update(env_extra)
+  with open(log_path, "w") as log:
+    return subprocess.Popen([sys.executable, "-m", "fairgen.main", f"--workdir={workdir}",
+                             *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+  flags = ("--config=experiments/vae_mnist.py:smoke", "--config.train.num_steps=60",
+           "--config.train.checkpoint_every_steps=1000", "--config.log.every_steps=1",
+           "--config.log.sample_every_steps=1000")
+  env = _cache_env(tmp_path)
+  straight, workdir = str(tmp_path / "straight"), str(tmp_path / "w")
+  result = run_main(*flags, f"--workdir={straight}", env_extra=env)  # Also fills the cache.
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  log_path = str(tmp_path / "stderr.txt")
+  proc = _launch(workdir, flags, env, log_path)
+  try:
+    deadline = time.monotonic() + 240
+    while not _metric_records(workdir) and proc.poll() is None:  # A step is logged.
+      assert time.monotonic() < deadline, "no step logged"
+      time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    returncode = proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  with open(log_path) as f:
+    stderr = f.read()
+  assert returncode == 0, stderr[-3000:]
+  match = re.search(r"stopped by a signal at step (\d+)", stderr)
+  assert match, stderr[-3000:]
+  stopped = int(match.group(1))
+  assert 1 <= stopped < 60
+  assert max(_metric_records(workdir)) == stopped
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    assert ckpt.all_steps() == [stopped]  # Saved where it stopped, and committed.
+  finally:
+    ckpt.close()
+
+  result = run_main(*flags, f"--workdir={workdir}", env_extra=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(rf"Resumed from \S+/checkpoints/{stopped}\b", result.stderr), (
+      result.stderr[-3000:])
+  _assert_same_final_state(workdir, straight, load_config("vae_mnist", "smoke"), 60)
+
+
+# --- 4. Best checkpoint and --mode=evaluate of one step. -----------------------------------
+
+_SCORES = {2: 0.5, 4: 0.9, 6: 0.3, 8: 0.7, 10: 0.95}
+
+
+def _scripted(monkeypatch, workdir, seen):
+  """Evaluator 'scripted': score by step, the evaluated state's step, best.json at the call."""
+
+  def scripted(ctx):
+    seen.append((ctx.step, checkpoint.read_best(workdir)))
+    yield "score", _SCORES[ctx.step] if ctx.step in _SCORES else 0.0
+    yield "state_step", float(ctx.state["step"])
+    yield "param_sum", float(sum(np.sum(np.asarray(x, np.float64))
+                                 for x in jax.tree.leaves(ctx.state["params"])))
+
+  _register_evaluator(monkeypatch, "scripted", scripted)
+
+
+def _best_config(**overrides):
+  return load_config("vae_mnist", "smoke", **{
+      "mesh.data": 1, "train.num_steps": 6, "train.checkpoint_every_steps": 2,
+      "train.max_to_keep": 3, "log.sample_every_steps": 1000, "eval.every_steps": 2,
+      "eval.metrics": ("scripted",), "eval.best_metric": "score", "eval.best_mode": "max",
+      **overrides})
+
+
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+  """A VAE workdir trained 6 steps with checkpoints 2, 4, 6 and scores 0.5, 0.9, 0.3."""
+  workdir = str(tmp_path_factory.mktemp("best") / "w")
+  with pytest.MonkeyPatch.context() as mp:
+    seen = []
+    _scripted(mp, workdir, seen)
+    train.train_and_evaluate(_best_config(), workdir)
+  return workdir
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def test_best_checkpoint_keeps_the_max_and_survives_a_resume(six_steps, tmp_path,
+                                                             monkeypatch):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(six_steps, workdir)
+  seen = []
+  _scripted(monkeypatch, workdir, seen)
+  config = _best_config()
+  exp = experiment.setup(config)
+  assert checkpoint.read_best(workdir) == {"step": 4, "metric": "score", "mode": "max",
+                                           "value": 0.9}
+  best_state, best_step = experiment.restore_checkpoint(exp, workdir, "best")
+  step4_state, _ = experiment.restore_checkpoint(exp, workdir, "4")
+  assert best_step == 4
+  for x, y in zip(_leaves(best_state), _leaves(step4_state)):
+    np.testing.assert_array_equal(x, y)
+
+  # Resume to 10: 0.7 at step 8 must not replace 0.9; 0.95 at step 10 must.
+  config.train.num_steps = 10
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["start_step"] == 6
+  at_call = dict(seen)
+  assert at_call[8]["step"] == 4 and at_call[10]["step"] == 4, at_call  # After step 8: 4.
+  assert checkpoint.read_best(workdir)["step"] == 10
+  assert checkpoint.read_best(workdir)["value"] == 0.95
+  best_state, best_step = experiment.restore_checkpoint(exp, workdir, "best")
+  last_state, _ = experiment.restore_checkpoint(exp, workdir, "10")
+  assert best_step == 10
+  for x, y in zip(_leaves(best_state), _leaves(last_state)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_evaluate_mode_evaluates_the_requested_step(six_steps, monkeypatch):
+  seen = []
+  _scripted(monkeypatch, six_steps, seen)
+  exp = experiment.setup(_best_config())
+  state2, _ = experiment.restore_checkpoint(exp, six_steps, "2")
+  param_sum = float(sum(np.sum(np.asarray(x, np.float64))
+                        for x in jax.tree.leaves(state2["params"])))
+  out = modes.evaluate(_best_config(**{"eval.checkpoint": "2"}), six_steps)
+  assert out["step"] == 2 and out["path"].endswith(os.path.join("eval", "step_000002.json"))
+  with open(out["path"]) as f:
+    report = json.load(f)
+  assert report["step"] == 2 and report["checkpoint"] == "2"
+  assert report["metrics"]["state_step"] == 2.0  # The state of step 2, not the latest (6).
+  assert report["metrics"]["param_sum"] == param_sum
+
+  with pytest.raises(checkpoint.WorkdirError, match=r"No checkpoint for step 5; available: "
+                     r"\[2, 4, 6\]"):
+    modes.evaluate(_best_config(**{"eval.checkpoint": "5"}), six_steps)
+  result = run_main("--config=experiments/vae_mnist.py:smoke", f"--workdir={six_steps}",
+                    "--mode=evaluate", "--config.eval.checkpoint=5")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "fairgen: error: No checkpoint for step 5; available: [2, 4, 6]" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(six_steps, "eval", "step_000005.json"))
