@@ -81,13 +81,23 @@ def _logged_steps(workdir, offset):
 
 
 def _checkpoint_entries(workdir):
-  """(committed steps, steps whose save is in progress) in WORKDIR/checkpoints."""
+  """(committed steps, steps whose save is in progress) in WORKDIR/checkpoints.
+
+  In progress: Orbax's temporary ``<step>.orbax-checkpoint-tmp*`` directory (atomic-rename
+  saves, local disks) or a ``<step>`` directory without its commit marker (in-place saves).
+  """
+  directory = os.path.join(workdir, "checkpoints")
   try:
-    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    names = os.listdir(directory)
   except FileNotFoundError:
     return [], []
-  committed = [int(n) for n in names if n.isdigit()]
-  saving = [int(m.group(1)) for m in map(re.compile(r"^(\d+)\D").match, names) if m]
+  committed, saving = [], []
+  for name in names:
+    if name.isdigit():
+      marker = os.path.join(directory, name, checkpoint.COMMIT_MARKER)
+      (committed if os.path.exists(marker) else saving).append(int(name))
+    elif re.match(r"^\d+\D", name):
+      saving.append(int(re.match(r"^\d+", name).group()))
   return committed, saving
 
 
@@ -173,6 +183,7 @@ def test_sigkill_at_steps_and_mid_save_resumes_bit_identically(tmp_path):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert all(n.isdigit() for n in names), names  # partial directories are cleaned up
+  assert not _checkpoint_entries(workdir)[1], names  # and every step directory is committed
 
 
 def _wrap_step(monkeypatch, transform):
