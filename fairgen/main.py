@@ -99,9 +99,8 @@ class _QuietLibraries(logging.logging.Filter):
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
-def main(argv: list[str], argv_all: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
   """Runs the mode named by ``--mode`` on the parsed flags."""
-  argv_all = argv_all if argv_all is not None else sys.argv
   logging.get_absl_logger().addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -110,9 +109,9 @@ def main(argv: list[str], argv_all: list[str] | None = None) -> None:
   try:
     config = _CONFIG.value
   except Exception as e:  # A broken config file, reported when the value is first read.
-    _fail(_load_error(e, argv_all))
+    _fail(_load_error(e, sys.argv))
   if not isinstance(config, ml_collections.ConfigDict):
-    _fail(f"--config={_config_path(argv_all)}: get_config() returned "
+    _fail(f"--config={_config_path(sys.argv)}: get_config() returned "
           f"{type(config).__name__}, not a ConfigDict.")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
