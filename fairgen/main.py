@@ -119,8 +119,11 @@ def main(argv: list[str]) -> None:
   from fairgen.classifiers import backbones
   from fairgen.evaluation import context, modes
 
-  if config.mesh.distributed:
-    jax.distributed.initialize()
+  if config.mesh.distributed or parallel.launched_locally():
+    try:
+      parallel.initialize_distributed()
+    except parallel.MeshError as e:
+      _fail(str(e))
   logging.info("fairgen on %d process(es), %d device(s): %s", jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:

@@ -8,6 +8,7 @@ adds parameter sharding rules here without touching models or objectives.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -16,10 +17,50 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+# Set by tools/launch_local.py (with JAX's own JAX_COORDINATOR_ADDRESS) for each process.
+NUM_PROCESSES_ENV, PROCESS_ID_ENV = "FAIRGEN_NUM_PROCESSES", "FAIRGEN_PROCESS_ID"
 
 
 class MeshError(ValueError):
   """The configured mesh does not fit the devices or the batch."""
+
+
+def launched_locally() -> bool:
+  """Whether this process is one of a job started by ``tools/launch_local.py``."""
+  return NUM_PROCESSES_ENV in os.environ
+
+
+def initialize_distributed() -> None:
+  """Joins this process to its multi-process job (``jax.distributed.initialize``).
+
+  The job is described by ``tools/launch_local.py``'s environment (coordinator address,
+  process count and index) where it is set, else by JAX's own detection of the cluster
+  (Cloud TPU, SLURM, Open MPI, Kubernetes). CPU devices exchange data with other
+  processes through gloo (JAX's CPU collectives); GPUs and TPUs use their own.
+
+  Raises:
+    MeshError: the job cannot be joined (no cluster detected, a bad environment, or the
+      coordinator did not answer), with the reason.
+  """
+  kwargs = {}
+  if launched_locally():
+    try:
+      kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+                "num_processes": int(os.environ[NUM_PROCESSES_ENV]),
+                "process_id": int(os.environ[PROCESS_ID_ENV])}
+    except (KeyError, ValueError) as e:
+      raise MeshError(f"{NUM_PROCESSES_ENV} is set, but the job's environment is incomplete "
+                      f"or malformed ({type(e).__name__}: {e}); start the processes with "
+                      f"tools/launch_local.py.") from None
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    message = " ".join(str(e).split())[:300].rstrip(".")
+    raise MeshError(f"mesh.distributed=True, but this process could not join a "
+                    f"multi-process job: {message}. On one machine, start the job with "
+                    f"tools/launch_local.py; on a cluster, launch it with the cluster's "
+                    f"scheduler (Cloud TPU, SLURM, Open MPI), which JAX detects.") from None
 
 
 def make_mesh(data: int = -1) -> Mesh:
@@ -48,6 +89,23 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
   """Parameters, optimizer state, RNG keys and metrics: replicated."""
   return NamedSharding(mesh, P())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host-side values, the same on every process, as arrays replicated over ``mesh``.
+
+  Unlike ``jax.device_put``, this also takes committed single-device arrays (and typed
+  PRNG keys) in a multi-process job, where the mesh spans devices of other processes.
+  """
+  sharding = replicated(mesh)
+
+  def put(x: Any) -> jax.Array:
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
 
 
 def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:

@@ -4,7 +4,8 @@
   checkpoint, waits for it to commit and exits 0. On multi-process runs all processes must
   stop at the same step, so the decision comes from JAX's preemption sync point
   (``multihost_utils.reached_preemption_sync_point``), which the distributed runtime
-  coordinates, and not from one process's signal.
+  coordinates, and not from one process's signal: there SIGTERM is left to JAX's notifier
+  and SIGINT is turned into a SIGTERM.
 - ``guard_step``: wraps any objective's step inside jit. A non-finite metric (every loss and
   gradient norm is a metric) marks the update bad: the update is dropped (the step counter
   still advances, so the data and RNG move on) and counted in ``state['guard']``. The host
@@ -50,12 +51,22 @@ class Preemption:
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> "Preemption":
+    # In a multi-process job, SIGTERM belongs to JAX's preemption notifier (installed by
+    # jax.distributed.initialize), which the sync point reads; a Python handler would
+    # replace it. SIGINT is passed on to it as a SIGTERM.
+    multi = jax.process_count() > 1
     for sig in self.SIGNALS:
+      if multi and sig == signal.SIGTERM:
+        continue
       try:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[sig] = signal.signal(sig, self._forward if multi else self._handle)
       except ValueError:  # Not the main thread (e.g. under some test runners).
         pass
     return self
+
+  def _forward(self, signum: int, frame: Any) -> None:
+    self._handle(signum, frame)
+    os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():

@@ -102,6 +102,9 @@ def interpolation_latents(rng: jax.Array, rows: int, steps: int, dim: int,
 
 def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
           labels: np.ndarray, ncols: int, scale: int) -> None:
+  """One grid as PNG and .npz (process 0 only: every process holds the same images)."""
+  if jax.process_index() != 0:
+    return
   logs.save_image_grid(images, os.path.join(out_dir, f"{name}.png"), ncols=ncols, scale=scale)
   np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), images=images, latents=latents,
                       labels=labels)
@@ -109,7 +112,11 @@ def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
 
 def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: str, num: int,
                   seed: int, truncation: float = 0.0, interpolation_steps: int = 8) -> list[str]:
-  """Writes the sample, interpolation and per-class grids; returns the files written."""
+  """Writes the sample, interpolation and per-class grids; returns the files written.
+
+  Every process of a multi-process job generates (the sharded decode needs them all);
+  process 0 writes.
+  """
   os.makedirs(out_dir, exist_ok=True)
   rng = jax.random.key(seed)
   k_grid, k_interp, k_class = jax.random.split(rng, 3)
@@ -136,7 +143,8 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
     y = np.repeat(np.arange(c, dtype=np.int32), per)
     images, z = generate_images(exp, state, k_class, len(y), labels=y, truncation=truncation)
     _save(out_dir, "per_class", images, z, y, per, scale)
-  files = sorted(os.listdir(out_dir))
+  names = ["grid", "interpolation"] + (["per_class"] if exp.objective.num_classes else [])
+  files = sorted(f"{name}.{ext}" for name in names for ext in ("npz", "png"))
   if jax.process_index() == 0:
     logging.info("Step %d samples in %s: %s", step, out_dir, ", ".join(files))
   return [os.path.join(out_dir, f) for f in files]

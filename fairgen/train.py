@@ -61,7 +61,7 @@ class TrainStep:
         out_shardings=(exp.state_shardings, repl), donate_argnums=0)
     # The arrays passed as the jitted function's last argument (None without constants).
     self.constants = (None if objective.constants is None else
-                      jax.device_put(objective.constants, repl))
+                      parallel.replicate(objective.constants, exp.mesh))
 
   def __call__(self, state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
     return self._jitted(state, batch, rng, self.constants)
@@ -162,7 +162,7 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
   grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes,
                                       exp.objective.label_probs)
-  rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
+  rng = parallel.replicate(exp.step_rng, exp.mesh)
   logger = logs.MetricLogger(workdir, num_steps, start_step)
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
@@ -198,6 +198,8 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
                                  scale=sampling.grid_scale(exp.spec))
         if evaluator is not None and (final or done % config.eval.every_steps == 0):
           results = evaluator(state, done)
+          runner.write_report(os.path.join(workdir, "eval", f"step_{done:06d}.json"), done,
+                              "training", results, evaluator.provenance())
           logger.write(done, {f"eval/{k}": v for k, v in results.items()})
           if best.update(done, results, state):
             logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)

@@ -122,7 +122,12 @@ def test_color_mnist_is_coloured_and_independent_of_shape():
                           proportions=(0.5, 0.3, 0.2), subset="union")
   a = src.arrays
   assert src.spec.image_shape == (28, 28, 3) and a["image"].dtype == np.float32
-  assert a["image"].min() >= -1.0 and a["image"].max() <= 1.0
+  # Each digit is drawn in its attribute's palette colour: its summed stroke intensity per
+  # channel points along that colour's RGB direction (the background adds nothing).
+  ink = ((a["image"] + 1.0) / 2.0).sum(axis=(1, 2))  # [N, 3]
+  palette = np.asarray([rgb for _, rgb in bias.PALETTE[:3]])
+  np.testing.assert_allclose(ink / ink.max(axis=1, keepdims=True), palette[a["attr"]],
+                             atol=1e-5)
   # Colour (the attribute) vs digit: no association beyond chance in the union...
   table = np.stack([np.bincount(a["attr"][a["label"] == c], minlength=3) for c in range(10)])
   assert stats.chi2_contingency(table).pvalue > 0.01

@@ -188,9 +188,10 @@ def test_importance_weights_rebalance_the_groups(classifiers):
   np.testing.assert_array_equal(weights[is_ref == 1], 1.0)
 
 
-# Every method trains in the Choi quick run below (one device); these three add a batch
-# column, a sampler or replicated constants, so they also run sharded on 8 devices.
-@pytest.mark.parametrize("method", ["importance", "resample", "penalty"])
+# Every method trains in the Choi quick run below (one device); these two add a batch
+# column or replicated constants, so they also run sharded on 8 devices (resample's sampler
+# runs as a 2-process, 8-device job in test_multiprocess.py).
+@pytest.mark.parametrize("method", ["importance", "penalty"])
 def test_mitigations_with_their_own_data_path_train_on_8_devices(method, classifiers,
                                                                   workdir):
   c = fair_config(method, classifiers, **{"mesh.data": 8, "eval.every_steps": 0})
@@ -204,14 +205,6 @@ def test_mitigations_with_their_own_data_path_train_on_8_devices(method, classif
     assert os.path.exists(os.path.join(workdir, "density_ratio", "weights.npy"))
     with open(os.path.join(workdir, "density_ratio", "info.json")) as f:
       assert "effective_proportions" in json.load(f)["diagnostics"]
-
-
-@pytest.mark.parametrize("method", ["importance", "resample"])
-def test_vae_mitigations_train(method, classifiers, workdir):
-  c = load_config("fair_mnist", f"method={method},model=vae,attribute=color,smoke")
-  c.eval.every_steps = 0
-  summary = train.train_and_evaluate(c, workdir)
-  assert summary["final_step"] == c.train.num_steps and np.isfinite(summary["scalars"]["loss"])
 
 
 def test_importance_resume_reuses_the_saved_weights(classifiers, workdir):
@@ -262,8 +255,14 @@ def test_trained_model_evaluates_with_fairness_metrics(classifiers, workdir):
   c = fair_config("resample", classifiers, **{"eval.every_steps": 4})
   summary = train.train_and_evaluate(c, workdir)
   ev = summary["eval"]
-  for key in ("fid", "fd_l2", "fd_kl", "fd_l2_std", "group_share_0", "n_gen_group_0"):
-    assert key in ev and np.isfinite(ev[key]), key
+  # The fairness numbers of one evaluation describe the same generated groups.
+  shares = np.array([ev["group_share_0"], ev["group_share_1"]])
+  counts = shares * c.eval.num_samples  # hard labels of eval.num_samples samples
+  np.testing.assert_allclose(counts, np.round(counts), atol=1e-6)
+  np.testing.assert_allclose(ev["fd_l2"], np.linalg.norm(shares - 0.5), atol=1e-5)
+  kl = np.sum(shares * np.log(np.where(shares > 0, shares, 1.0) / 0.5))  # 0 log 0 = 0
+  np.testing.assert_allclose(ev["fd_kl"], kl, atol=1e-5)
+  assert ev["fid"] > 0 and ev["fd_l2_std"] >= 0
   assert os.path.exists(os.path.join(workdir, "eval", "groups_step_000004.png"))
 
 
@@ -272,19 +271,30 @@ def test_choi_repro_script_quick_and_resumable(tmp_path):
   cmd = [sys.executable, "experiments/repro/choi2020_mnist.py", "--quick", f"--out={tmp_path}"]
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  for text in ("FD-L2 = 0.566", "34.6%", "| 0.25 | importance |", "| 0.25 | penalty |",
-               "training data (copy)", "attr classifier: test accuracy"):
-    assert text in result.stdout, text
+  assert "attr classifier: test accuracy" in result.stdout
   with open(tmp_path / "results.csv") as f:
     rows = f.read().splitlines()
   assert len(rows) == 1 + len(METHODS)
-  # Each method's run trained its own mechanism (this replaces five separate runs).
+  table = {line.split(" | ")[1]: line for line in result.stdout.splitlines()
+           if line.startswith("| 0.25 | ")}
+  # The copy-of-the-data row is measured: for two groups and a uniform target,
+  # FD-L2 = sqrt(2) * |share_1 - 1/2| of the copied data.
+  copy_cells = table["training data (copy)"].split(" | ")
+  share, fd = float(copy_cells[-1].rstrip(" |")), float(copy_cells[2])
+  assert 0.0 < share < 0.5
+  np.testing.assert_allclose(fd, np.sqrt(2) * abs(share - 0.5), atol=2e-3)
+  # Each method's row is its own run's evaluation, and its run trained its own mechanism.
   runs = tmp_path / "runs"
   for method in METHODS:
-    with open(runs / f"{method}_ref0.25_seed0" / "metrics.jsonl") as f:
+    run_dir = runs / f"{method}_ref0.25_seed0"
+    with open(run_dir / "metrics.jsonl") as f:
       logged = [json.loads(line) for line in f]
-    assert all(np.isfinite(r["g_loss"]) for r in logged if "g_loss" in r), method
     assert ("fair_penalty" in logged[0]) == (method == "penalty"), method
+    reports = sorted((run_dir / "eval").glob("step_*.json"))
+    with open(reports[-1]) as f:
+      ev = json.load(f)["metrics"]
+    cells = table[method].split(" | ")
+    assert cells[2] == f"{ev['fd_l2']:.3f}" and cells[4] == f"{ev['fid']:.1f}", method
   assert (runs / "importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert not (runs / "baseline_ref0.25_seed0" / "density_ratio").exists()
   # A second invocation reuses the finished runs instead of training them again.

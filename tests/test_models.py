@@ -25,8 +25,10 @@ def test_dcgan_matches_the_seeds_parameter_counts():
   d_vars = nets.discriminator.init(jax.random.key(1), jnp.zeros((2, 28, 28, 1)), train=False)
   assert _count(g_vars["params"]) == 2_305_472
   assert _count(d_vars["params"]) == 212_865
+  z = jax.random.normal(jax.random.key(2), (2, 100))
   images = nets.generator.apply(g_vars, z, train=False)
-  assert images.shape == (2, 28, 28, 1) and float(jnp.max(jnp.abs(images))) <= 1.0
+  assert images.shape == (2, 28, 28, 1)
+  assert float(jnp.mean(jnp.abs(images[0] - images[1]))) > 1e-3  # the image depends on z
   assert nets.discriminator.apply(d_vars, images, train=False).shape == (2,)
 
 
@@ -90,8 +92,22 @@ def test_vae_shapes_and_counts(arch, hidden, expected, likelihood):
   z = jnp.zeros((5, 32))
   decoded = model.apply({"params": params}, z, method=vae_lib.VAE.decode)
   assert decoded.shape == (5, 28, 28, 1)
-  mean = model.apply({"params": params}, decoded, method=vae_lib.VAE.mean_image)
-  assert float(jnp.max(jnp.abs(mean))) <= 1.0
+  # The mean image and log p(x|z) of the chosen likelihood, against their definitions.
+  p = np.asarray(decoded, np.float64) + np.linspace(-3, 3, 784).reshape(1, 28, 28, 1)
+  x = np.cos(np.arange(784.0)).reshape(1, 28, 28, 1) * np.ones_like(p)  # in [-1, 1]
+  mean = model.apply({"params": params}, jnp.asarray(p, jnp.float32),
+                     method=vae_lib.VAE.mean_image)
+  log_lik = model.apply({"params": params}, jnp.asarray(x, jnp.float32),
+                        jnp.asarray(p, jnp.float32), method=vae_lib.VAE.log_likelihood)
+  if likelihood == "bernoulli":
+    ref_mean = 2 / (1 + np.exp(-p)) - 1
+    prob = 1 / (1 + np.exp(-p))
+    ref_ll = np.sum(np.where(x > 0, np.log(prob), np.log1p(-prob)), axis=(1, 2, 3))
+  else:  # unit scale at initialisation
+    ref_mean = np.clip(p, -1, 1)
+    ref_ll = np.sum(-0.5 * (x - p) ** 2 - 0.5 * np.log(2 * np.pi), axis=(1, 2, 3))
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(log_lik, ref_ll, rtol=1e-5)
 
 
 def test_gaussian_kl_closed_form():

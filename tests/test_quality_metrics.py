@@ -91,7 +91,8 @@ def test_frechet_identical_stats_is_zero():
   assert abs(quality.frechet_distance(zeros, full32, zeros, full32)) < 1e-4
 
 
-def test_frechet_nonnegative_on_random_and_rank_deficient_cases():
+def test_frechet_matches_scipy_sqrtm_on_random_and_rank_deficient_cases():
+  """pytorch-fid's formula (scipy's sqrtm of C1 C2) on full-rank and rank-deficient pairs."""
   rng = np.random.default_rng(2)
   for trial in range(40):
     d = 64
@@ -101,9 +102,13 @@ def test_frechet_nonnegative_on_random_and_rank_deficient_cases():
       x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3.0, size=d) + rng.normal(size=d)
       covs.append(np.cov(x, rowvar=False))
     mu = rng.normal(size=d)
-    shift = 0.0 if trial % 3 == 0 else rng.normal(size=d) * 0.01
+    shift = (0.0, 0.01, 1.0)[trial % 3] * rng.normal(size=d)
     fd = quality.frechet_distance(mu, covs[0], mu + shift, covs[1])
-    assert np.isfinite(fd) and fd >= 0.0
+    dmu = np.asarray(shift, np.float64) * np.ones(d)
+    ref = (dmu @ dmu + np.trace(covs[0]) + np.trace(covs[1])
+           - 2 * np.trace(linalg.sqrtm(covs[0] @ covs[1])).real)
+    scale = np.trace(covs[0]) + np.trace(covs[1])
+    np.testing.assert_allclose(fd, ref, rtol=1e-4, atol=1e-4 * scale, err_msg=str(trial))
     # Identical rank-deficient stats (up to float32 rounding) stay at 0.
     cov32 = covs[0].astype(np.float32).astype(np.float64)
     assert abs(quality.frechet_distance(mu, covs[0], mu, cov32)) < 1e-3

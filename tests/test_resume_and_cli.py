@@ -1,28 +1,10 @@
-"""The launcher in real processes: exact resume, overrides, and clear errors."""
+"""The launcher in real processes: overrides and clear errors (resume: test_robust)."""
 
 import os
 
-import numpy as np
-
-from conftest import final_state, load_config, run_main
+from conftest import run_main
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
-
-
-def test_resume_in_a_new_process_is_bit_identical(tmp_path):
-  split, straight = str(tmp_path / "split"), str(tmp_path / "straight")
-  for workdir, steps, resumes in ((split, 3, False), (split, 6, True), (straight, 6, False)):
-    result = run_main(f"--config={CONFIG}", f"--workdir={workdir}",
-                      f"--config.train.num_steps={steps}",
-                      "--config.train.checkpoint_every_steps=3")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert ("Resumed from" in result.stderr) == resumes
-  config = load_config("dcgan_mnist", "smoke")
-  step_a, a = final_state(split, config)
-  step_b, b = final_state(straight, config)
-  assert step_a == step_b == 6
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
 
 
 def test_unknown_override_key_is_one_clear_line(tmp_path):
@@ -47,13 +29,14 @@ def test_ill_typed_and_impossible_values_fail_before_training(tmp_path):
 
 def test_override_sets_the_number_of_steps_and_a_changed_experiment_is_refused(tmp_path):
   workdir = str(tmp_path / "w")
-  result = run_main(f"--config={CONFIG}", f"--workdir={workdir}",
+  vae = "experiments/vae_mnist.py:smoke"  # (the cheapest model to compile)
+  result = run_main(f"--config={vae}", f"--workdir={workdir}",
                     "--config.train.num_steps=2", "--config.log.every_steps=1")
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert len(f.readlines()) == 2
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  result = run_main(f"--config={CONFIG}", f"--workdir={workdir}", "--config.model.width=0.25")
+  result = run_main(f"--config={vae}", f"--workdir={workdir}", "--config.model.latent_dim=4")
   assert result.returncode == 2
-  assert "different experiment" in result.stderr and "model.width" in result.stderr
+  assert "different experiment" in result.stderr and "model.latent_dim" in result.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before

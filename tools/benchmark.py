@@ -288,7 +288,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   exp = with_compute_dtype(experiment.setup(config, source.spec), args.compute_dtype)
   state = experiment.init_state(exp)
   data_sharding = parallel.data_sharding(exp.mesh)
-  rng = jax.device_put(exp.step_rng, parallel.replicated(exp.mesh))
+  rng = parallel.replicate(exp.step_rng, exp.mesh)
   reps, steps = args.repeats, args.steps
   # One Loader serves the warm-up and every timed loop repeat, as in a long training run.
   loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0, 1,

@@ -4,8 +4,8 @@
 ``(ctx: EvalContext) -> iterable of (name, value)`` and what it needs loaded (the feature
 backbone, the attribute classifier), so nothing switches on evaluator names. The same
 ``Evaluator`` runs periodically during training (``eval.every_steps``) and in
-``--mode=evaluate`` (``fairgen.evaluation.modes``), which writes
-``WORKDIR/eval/step_NNNNNN.json``.
+``--mode=evaluate`` (``fairgen.evaluation.modes``); both write
+``WORKDIR/eval/step_NNNNNN.json`` (numbers and provenance).
 
 ``eval.generator='train_data'`` evaluates training images in place of generated ones: the
 "copy of the training data" upper bound that a generator's numbers should be read against.
@@ -19,6 +19,7 @@ import os
 import time
 from typing import Any, Callable
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -142,7 +143,9 @@ def format_table(results: dict[str, float]) -> str:
 
 def write_report(path: str, step: int, checkpoint: str, results: dict[str, float],
                  provenance: dict[str, Any]) -> None:
-  """Writes one evaluation as JSON (atomically)."""
+  """Writes one evaluation as JSON (atomically; process 0 only)."""
+  if jax.process_index() != 0:
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
