@@ -101,13 +101,16 @@ def interpolation_latents(rng: jax.Array, rows: int, steps: int, dim: int,
 
 
 def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
-          labels: np.ndarray, ncols: int, scale: int) -> None:
-  """One grid as PNG and .npz (process 0 only: every process holds the same images)."""
-  if jax.process_index() != 0:
-    return
-  logs.save_image_grid(images, os.path.join(out_dir, f"{name}.png"), ncols=ncols, scale=scale)
-  np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), images=images, latents=latents,
-                      labels=labels)
+          labels: np.ndarray, ncols: int, scale: int) -> list[str]:
+  """One grid as PNG and .npz; returns their paths.
+
+  Process 0 writes: every process holds the same images.
+  """
+  png, npz = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "npz"))
+  if jax.process_index() == 0:
+    logs.save_image_grid(images, png, ncols=ncols, scale=scale)
+    np.savez_compressed(npz, images=images, latents=latents, labels=labels)
+  return [png, npz]
 
 
 def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: str, num: int,
@@ -129,22 +132,22 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
 
   labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
   images, latents = generate_images(exp, state, k_grid, num, labels, truncation=truncation)
-  _save(out_dir, "grid", images, latents, labels, ncols, scale)
+  files = _save(out_dir, "grid", images, latents, labels, ncols, scale)
 
   rows = max(1, min(8, num // interpolation_steps))
   z = interpolation_latents(k_interp, rows, interpolation_steps, exp.objective.latent_dim,
                             truncation)
   y = np.repeat(prior_labels(rows, exp.objective.num_classes), interpolation_steps)
-  _save(out_dir, "interpolation", decode_images(exp, state, z, y), z, y, interpolation_steps,
-        scale)
+  files += _save(out_dir, "interpolation", decode_images(exp, state, z, y), z, y,
+                 interpolation_steps, scale)
 
   if exp.objective.num_classes:
     c, per = exp.objective.num_classes, max(1, min(10, num // exp.objective.num_classes))
     y = np.repeat(np.arange(c, dtype=np.int32), per)
     images, z = generate_images(exp, state, k_class, len(y), labels=y, truncation=truncation)
-    _save(out_dir, "per_class", images, z, y, per, scale)
-  names = ["grid", "interpolation"] + (["per_class"] if exp.objective.num_classes else [])
-  files = sorted(f"{name}.{ext}" for name in names for ext in ("npz", "png"))
+    files += _save(out_dir, "per_class", images, z, y, per, scale)
+  files.sort()
   if jax.process_index() == 0:
-    logging.info("Step %d samples in %s: %s", step, out_dir, ", ".join(files))
-  return [os.path.join(out_dir, f) for f in files]
+    logging.info("Step %d samples in %s: %s", step, out_dir,
+                 ", ".join(os.path.basename(f) for f in files))
+  return files
