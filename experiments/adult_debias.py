@@ -18,7 +18,8 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.name = "adult_aif360"
   c.data.options = dict(split_seed=0, adult_dir=config_dict.placeholder(str))
-  c.model = dict(name="fair_mlp", hidden=(200,), dropout=0.2, equalized_odds=True)
+  c.model = dict(name="fair_mlp", hidden=(200,), dropout=0.2, equalized_odds=True,
+                 dtype="float32")
   c.objective = dict(name="adversarial_debiasing", debias=variant != "plain",
                      adversary_weight=0.1)
   # AIF360: Adam, lr 0.001 decayed by 0.96 every 1,000 steps (staircase).

@@ -39,7 +39,7 @@ def get_config(arg=None):
     # (35 steps/s). Tuned for short runs: no D dropout, lr 1e-3, a short EMA (0.999
     # would average in the generators of the first 1,000 steps).
     c.model = dict(name="dcgan", latent_dim=64, width=0.25, conditional=False, dropout=0.0,
-                   fast_conv=True, condition_key="label")
+                   fast_conv=True, condition_key="label", dtype="float32")
     c.objective = dict(name="gan", n_disc=1, ema_decay=0.99)
     c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
                    disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
@@ -48,7 +48,7 @@ def get_config(arg=None):
       c.model.condition_key = "attr"
   else:
     c.model = dict(name="vae", latent_dim=16, arch="mlp", hidden=(256, 128),
-                   likelihood="bernoulli")
+                   likelihood="bernoulli", dtype="float32")
     c.objective = dict(name="vae", beta=1.0)
     c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   c.train.num_steps = 2000

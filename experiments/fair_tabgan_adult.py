@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.data.options = dict(sensitive="sex", include_sensitive=False,
                         adult_dir=config_dict.placeholder(str))
   c.model = dict(name="tabgan", latent_dim=64, hidden=(256, 256), critic_hidden=(256, 256),
-                 temperature=0.2, hard=False)
+                 temperature=0.2, hard=False, dtype="float32")
   c.objective = dict(name="tabgan", n_critic=2, gp_weight=10.0,
                      lambda_fair=0.0 if variant == "plain" else 0.5, fair_start_step=3000)
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.9),

@@ -12,7 +12,7 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke", "conv", "digits"))
   c = config_lib.base_config()
   c.model = dict(name="vae", latent_dim=32, arch="mlp", hidden=(512, 256),
-                 likelihood="bernoulli")
+                 likelihood="bernoulli", dtype="float32")
   c.objective = dict(name="vae", beta=1.0)
   c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   c.train.num_steps = 3000

@@ -18,7 +18,8 @@ def get_config(arg=None):
   c.data.name = "adult"
   c.data.options = dict(sensitive="sex", include_sensitive=False,
                         adult_dir=config_dict.placeholder(str))
-  c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16)
+  c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16,
+                 dtype="float32")
   c.objective = dict(name="vfae", beta=1.0, alpha_y=1.0,
                      mmd_weight=0.0 if variant == "no_mmd" else 1000.0, mmd_sigma=0.0,
                      mmd_unbiased=False)

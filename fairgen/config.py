@@ -67,6 +67,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"train.max_nan_skips must be >= 1, got {train.max_nan_skips}.")
   require(config.mesh.data == -1 or config.mesh.data >= 1,
           f"mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}.")
+  for key in ("distributed", "fsdp"):
+    require(isinstance(config.mesh.get(key, False), bool),
+            f"mesh.{key} must be True or False, got {config.mesh.get(key)!r}.")
   if "sample" in config:
     sample = config.sample
     require(sample.num >= 1, f"sample.num must be >= 1, got {sample.num}.")
@@ -131,7 +134,8 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   # mesh.data: devices on the data axis (-1: all). distributed: call
   # jax.distributed.initialize() first (multi-host; arguments from the environment).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False))
+  # fsdp: shard parameters and optimizer state over the data axis (fairgen/parallel.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
   # Evaluation (fairgen/evaluate.py). metrics: evaluator names. every_steps: periodic
   # evaluation during training (0: never). backbone_dir: the feature/attribute classifier

@@ -124,7 +124,8 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
   exp = Experiment(
       config=config, mesh=mesh, spec=spec, objective=objective,
       abstract_state=abstract_state,
-      state_shardings=parallel.state_shardings(mesh, abstract_state),
+      state_shardings=parallel.state_shardings(
+          mesh, abstract_state, config.mesh.get("fsdp", False)),
       init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng)
   parallel.check_batch(exp.global_batch, mesh)
   return exp

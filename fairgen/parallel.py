@@ -2,8 +2,10 @@
 
 Also the host-side helpers that feed jitted functions: ``to_host`` and ``map_in_chunks``.
 
-One data axis today (``mesh.data``); parameters are replicated. A later ``mesh.fsdp`` axis
-adds parameter sharding rules here without touching models or objectives.
+One data axis (``mesh.data``). Parameters and optimizer state are replicated, or, with
+``mesh.fsdp=True``, sharded over the same data axis (fully sharded data parallelism, ZeRO-3
+style): XLA all-gathers each parameter where the step uses it and reduce-scatters its
+gradient. The rule (``fsdp_spec``) lives here; models and objectives never see it.
 """
 
 from __future__ import annotations
@@ -108,9 +110,52 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(put, tree)
 
 
-def state_shardings(mesh: Mesh, abstract_state: Any) -> Any:
-  """The sharding of every leaf of the train state (replicated for now)."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+# Leaves with fewer elements stay replicated under mesh.fsdp: biases, norm scales, scalars
+# and counters save little memory and would each cost a collective.
+FSDP_MIN_SIZE = 2**10
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """The FSDP partition of one state leaf of ``shape`` over ``n`` devices.
+
+  The rule (big_vision's ``fsdp`` rule): shard the largest dimension that ``n`` divides
+  (the last of equal ones), over the data axis; replicate the leaf if no dimension is
+  divisible, or if it has fewer than ``min_size`` elements. E.g. on 8 devices a
+  ``[5, 5, 64, 128]`` conv kernel is split along its 128 output channels, ``[3136, 1]``
+  along 3136, and a ``[100]`` bias is replicated.
+  """
+  if n <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  best = None
+  for axis, size in enumerate(shape):
+    if size % n == 0 and (best is None or size >= shape[best]):
+      best = axis
+  if best is None:
+    return P()
+  return P(*([None] * best + [DATA_AXIS]))
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, fsdp: bool = False) -> Any:
+  """The sharding of every leaf of the train state: replicated, or ``fsdp_spec``'s."""
+  n = mesh.shape[DATA_AXIS]
+
+  def sharding(leaf: Any) -> NamedSharding:
+    if not fsdp or jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+      return replicated(mesh)
+    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), n))
+
+  return jax.tree.map(sharding, abstract_state)
+
+
+def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
+  """Bytes of ``abstract_state`` that one device holds under ``shardings``."""
+  def leaf_bytes(leaf: Any, sharding: NamedSharding) -> int:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return 8  # Not used for sizing; a key's data is a couple of uint32s.
+    shard = sharding.shard_shape(tuple(leaf.shape))
+    return int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+
+  return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract_state, shardings)))
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:

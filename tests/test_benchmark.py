@@ -19,11 +19,13 @@ def _numbers(tree, prefix=""):
 
 
 def test_benchmark_smoke_and_scaling_losses_agree():
+  """Sharded parameters (mesh.fsdp, through --set), so that the memory report has
+  something to show: the 2-device state is half the 1-device one."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
        "--config=experiments/vae_mnist.py:smoke", "--repeats=1", "--steps=2",
-       "--scaling=1,2"],
+       "--scaling=1,2", "--set", "mesh.fsdp=True"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -32,6 +34,13 @@ def test_benchmark_smoke_and_scaling_losses_agree():
   losses = [row["first_step_losses"]["loss"] for row in out["scaling"]]
   assert math.isclose(losses[0], losses[1], rel_tol=1e-4), losses
   assert "global batch 16" in proc.stderr  # The table went to stderr.
+  one, two = (run["memory"] for run in out["runs"])
+  assert one["state_total"] == two["state_total"] == one["state_per_device"]
+  # The VAE's kernels split in two; only the small biases stay whole.
+  assert 0.5 < two["state_per_device"] / one["state_per_device"] < 0.51, (one, two)
+  # XLA's per-device program takes the sharded state (and half the batch) as arguments.
+  assert two["state_per_device"] < two["xla_argument"] < one["xla_argument"]
+  assert one["state_per_device"] < one["xla_argument"]
 
   for run, devices in zip(out["runs"], (1, 2)):
     assert run["devices"] == devices and run["global_batch"] == 16

@@ -30,3 +30,16 @@ def test_map_in_chunks_matches_one_call_and_keeps_one_shape(n):
 def test_map_in_chunks_rejects_a_bad_chunk_size():
   with pytest.raises(ValueError, match="chunk_size must be positive"):
     parallel.map_in_chunks(lambda a: a, (np.zeros(3),), chunk_size=0)
+
+
+@pytest.mark.parametrize("shape,n,expected", [
+    ((5, 5, 64, 128), 8, (None, None, None, "data")),  # The largest divisible dimension.
+    ((3136, 1), 8, ("data",)),
+    ((64, 64), 8, (None, "data")),  # Equal sizes: the last one.
+    ((100,), 8, ()),  # Too small to be worth a collective.
+    ((1001, 3), 8, ()),  # Nothing divides: replicated.
+    ((6, 1024), 4, (None, "data")),
+    ((5, 5, 64, 128), 1, ()),  # One device: nothing to shard.
+])
+def test_fsdp_rule_shards_the_largest_divisible_dimension(shape, n, expected):
+  assert tuple(parallel.fsdp_spec(shape, n)) == expected

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from fairgen import checkpoint, experiment, train
+from fairgen import checkpoint, experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
 
@@ -43,34 +43,68 @@ def test_smoke_train_writes_the_workdir_contract(name, workdir, max_traces):
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
-def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
-  assert jax.device_count() == 8
-  results = {}
-  for n in (1, 8):
-    config = load_config(name, "smoke", **{"mesh.data": n, "train.num_steps": 5,
-                                           "train.checkpoint_every_steps": 5,
-                                           "log.every_steps": 5})
-    workdir = str(tmp_path / f"d{n}")
-    summary = train.train_and_evaluate(config, workdir)
-    results[n] = (summary["scalars"], _final_state(config, workdir)[0])
-  (s1, p1), (s8, p8) = results[1], results[8]
-  for key in s1:
-    if key not in ("steps_per_sec", "input_wait_seconds"):
-      np.testing.assert_allclose(s8[key], s1[key], rtol=1e-5, err_msg=key)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+def _assert_same_state(a_leaves, b_leaves, rtol=1e-5, atol=1e-6):
+  for a, b in zip(a_leaves, b_leaves, strict=True):
     if a.dtype.kind == "f":
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
     else:
       np.testing.assert_array_equal(b, a)
 
 
-def test_eight_device_state_is_sharded_as_configured(tmp_path):
-  config = load_config("dcgan_mnist", "smoke", **{"mesh.data": 8})
-  exp = experiment.setup(config)
-  state = experiment.init_state(exp)
-  leaf = jax.tree.leaves(state["gen"]["params"])[0]
-  assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+# (devices, mesh.fsdp) of each run: 8 replicated devices for the VAE, 8 with sharded
+# parameters for the DCGAN (its convolution kernels and batch-norm statistics).
+RUNS = {"dcgan_mnist": ((1, False), (8, True)), "vae_mnist": ((1, False), (8, False))}
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
+def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
+  """1 device and 8 devices (replicated, or FSDP) train to the same numbers; an FSDP
+  checkpoint restores on another mesh (4 devices sharded, 1 device replicated)."""
+  assert jax.device_count() == 8
+  results = {}
+  for n, fsdp in RUNS[name]:
+    config = load_config(name, "smoke", **{"mesh.data": n, "mesh.fsdp": fsdp,
+                                           "train.num_steps": 5,
+                                           "train.checkpoint_every_steps": 5,
+                                           "log.every_steps": 5})
+    workdir = str(tmp_path / f"d{n}{fsdp}")
+    summary = train.train_and_evaluate(config, workdir)
+    results[n, fsdp] = (summary["scalars"], _final_state(config, workdir)[0])
+  s1, p1 = results[1, False]
+  for (n, fsdp), (s, p) in results.items():
+    for key in s1:
+      if key not in ("steps_per_sec", "input_wait_seconds"):
+        np.testing.assert_allclose(s[key], s1[key], rtol=1e-5, err_msg=f"{key} {n} {fsdp}")
+    _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p))
+  if (8, True) in results:
+    saved = jax.tree.leaves(results[8, True][1])
+    for n, fsdp in ((4, True), (1, False)):
+      config = load_config(name, "smoke", **{"mesh.data": n, "mesh.fsdp": fsdp})
+      exp = experiment.setup(config)
+      state, step = experiment.restore_checkpoint(exp, str(tmp_path / "d8True"))
+      assert step == 5
+      _assert_same_state(saved, [np.asarray(x) for x in jax.tree.leaves(state)], 0, 0)
+
+
+def test_eight_device_state_is_replicated_or_fully_sharded_as_configured():
+  shardings = {}
+  for fsdp in (False, True):
+    config = load_config("dcgan_mnist", "smoke", **{"mesh.data": 8, "mesh.fsdp": fsdp})
+    exp = experiment.setup(config)
+    state = experiment.init_state(exp)
+    shardings[fsdp] = jax.tree.map(lambda x: x.sharding, state)
+    kernel = state["gen"]["params"]["deconv_0"]["kernel"]  # [5, 5, 32, 16] at width 1/8.
+    assert len(kernel.sharding.device_set) == 8
+    if not fsdp:
+      assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings[fsdp]))
+    else:
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "data")
+      assert kernel.shape == (5, 5, 32, 16)
+      assert kernel.addressable_shards[0].data.shape == (5, 5, 4, 16)
+      total = parallel.bytes_per_device(exp.abstract_state, shardings[False])
+      per_device = parallel.bytes_per_device(exp.abstract_state, shardings[True])
+      # Everything but the small leaves (FSDP_MIN_SIZE) is split 8 ways.
+      assert total / 8 < per_device < total / 6, (total, per_device)
 
 
 def test_batch_not_divisible_by_data_axis_is_a_clear_error():

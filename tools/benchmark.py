@@ -6,13 +6,14 @@ Usage (from the repository root):
   python tools/benchmark.py --config=experiments/vae_mnist.py:smoke --devices 2
   python tools/benchmark.py --config=experiments/vae_mnist.py --scaling 1,2,4,8
   python tools/benchmark.py --config=experiments/dcgan_mnist.py --set model.width=0.5 \
-      --set train.batch_size=64 --compute_dtype bfloat16
+      --set train.batch_size=64 --set model.dtype=bfloat16
 
 Options: --config (required), --repeats R (default 5), --steps S per repeat (default 10),
 --batch_size B (train.batch_size), --set KEY=VALUE (any config key, repeatable),
 --devices N (N fake CPU devices, mesh.data=N), --scaling 1,2,4,8 (see below),
---compute_dtype bfloat16 (models compute in bf16, float32 parameters; note that XLA:CPU
-0.10 converts bf16 convolutions and matmuls to f32, so this is slower on CPU), --xla_flags
+--set model.dtype=bfloat16 (mixed precision: the models compute in bf16 with float32
+parameters; XLA:CPU 0.10 converts bf16 convolutions and matmuls to f32, so this is slower
+on CPU), --set mesh.fsdp=True (parameters and optimizer state sharded), --xla_flags
 "..." (appended to XLA_FLAGS, e.g. --xla_cpu_experimental_ynn_fusion_type=individual_dot,
 which sends convolutions to Eigen instead of YNNPACK: ~20% faster DCGAN steps here).
 
@@ -27,7 +28,7 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
   devices: devices on the mesh's data axis (``--devices N`` fakes N CPU devices).
   global_batch: examples per step (train.batch_size x the objective's examples_per_step).
   steps, repeats: each repeat times ``steps`` consecutive steps; statistics are over repeats.
-  compute_dtype: the models' computation dtype (parameters always stay float32).
+  model_dtype: the models' computation dtype, ``model.dtype`` (parameters stay float32).
   backend, jax_version, xla_flags, cpu_count, loadavg_start, loadavg_end: the conditions
     (a 1-minute load average above ``cpu_count`` means other processes competed for the CPU).
   others_cpu_share: {median, min, max} over the bare repeats of the share of all cores that
@@ -41,6 +42,14 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
   cost: XLA's cost analysis of the compiled step (``compiled.cost_analysis()``).
     gflop_per_step: 'flops' / 1e9 (multiply-adds count as 2; all the step's HLO ops);
     gbytes_accessed_per_step: 'bytes accessed' / 1e9.
+  memory: per-device memory of the compiled step, in MiB (2^20 bytes).
+    state_per_device: the train state (parameters, optimizer state, EMA, counters) that one
+      device holds under the state's shardings (``mesh.fsdp=True`` shards it, ~1/N);
+    state_total: the whole state, once;
+    xla_argument, xla_output, xla_temp, xla_alias: XLA's memory analysis of the compiled
+      per-device program (``compiled.memory_analysis()``): its arguments (the state, the
+      batch shard, the key and the objective's constants), outputs, scratch buffers, and
+      the outputs that reuse donated arguments. Null where the backend gives none.
   step: the bare compiled step on one fixed device-resident batch (no input, no metrics
     fetch), per repeat ``steps`` calls then ``block_until_ready``.
     steps_per_s, examples_per_s, achieved_gflop_per_s: {median, min, max} over repeats;
@@ -105,8 +114,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=0, help="override train.batch_size")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set model.width=0.5 (repeatable)")
-  p.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="the models' computation dtype (parameters stay float32)")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--scaling", default="", help="comma-separated device counts, e.g. 1,2,4,8")
   args = p.parse_args(argv)
@@ -154,9 +161,14 @@ def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0,
   return config
 
 
-def _stats(values: Sequence[float], digits: int = 4) -> dict[str, float]:
-  return {"median": round(statistics.median(values), digits),
-          "min": round(min(values), digits), "max": round(max(values), digits)}
+def _sig(value: float, digits: int = 5) -> float:
+  """``value`` to ``digits`` significant digits: small times keep their relative precision."""
+  return float(f"{value:.{digits}g}")
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+  return {"median": _sig(statistics.median(values)),
+          "min": _sig(min(values)), "max": _sig(max(values))}
 
 
 def _quiet_stats(values: Sequence[float], shares: Sequence[float]) -> dict[str, Any] | None:
@@ -194,36 +206,22 @@ def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
   return out
 
 
-def with_compute_dtype(exp: Any, dtype_name: str) -> Any:
-  """``exp`` with its models computing in ``dtype_name`` (float32 parameters unchanged).
-
-  The model builders do not take a dtype yet, so the modules are cloned here; the abstract
-  state (float32 parameters, optimizer state) is the same as the float32 one.
-  """
+def memory_report(exp: Any, compiled: Any) -> dict[str, float | None]:
+  """The ``memory`` section (see the module doc): the state's and XLA's bytes, in MiB."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fairgen import experiment  # pylint: disable=g-import-not-at-top
-  from fairgen import objectives  # pylint: disable=g-import-not-at-top
-  from fairgen.models import GanModules  # pylint: disable=g-import-not-at-top
-  if dtype_name == "float32":
-    return exp
-  dtype = jnp.dtype(dtype_name)
-  config = exp.config
-  modules = experiment.build_model(config, exp.spec)
-  if isinstance(modules, GanModules):
-    modules = dataclasses.replace(modules, generator=modules.generator.clone(dtype=dtype),
-                                  discriminator=modules.discriminator.clone(dtype=dtype))
-  elif hasattr(modules, "clone") and "dtype" in getattr(modules, "__dataclass_fields__", {}):
-    modules = modules.clone(dtype=dtype)
-  else:
-    raise ValueError(f"model {config.model.name!r} has no computation dtype to set.")
-  objective = objectives.build(config.objective, config.optim, modules, exp.spec)
-  abstract = jax.eval_shape(objective.init, exp.init_rng)
-  fp32 = jax.eval_shape(exp.objective.init, exp.init_rng)
-  if jax.tree.map(lambda s: (s.shape, s.dtype), abstract) != jax.tree.map(
-      lambda s: (s.shape, s.dtype), fp32):
-    raise ValueError(f"compute_dtype={dtype_name} changes the state's shapes or dtypes.")
-  return dataclasses.replace(exp, objective=objective)
+  from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  mib = lambda b: None if b is None else _sig(b / 2**20)
+  replicated = jax.tree.map(lambda _: parallel.replicated(exp.mesh), exp.abstract_state)
+  out = {"state_per_device": mib(parallel.bytes_per_device(exp.abstract_state,
+                                                           exp.state_shardings)),
+         "state_total": mib(parallel.bytes_per_device(exp.abstract_state, replicated))}
+  try:
+    stats = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    stats = None
+  for name in ("argument", "output", "temp", "alias"):
+    out[f"xla_{name}"] = mib(getattr(stats, f"{name}_size_in_bytes", None))
+  return out
 
 
 def _time_bare(run: Callable[[Any], Any], state: Any, steps: int) -> tuple[Any, float]:
@@ -285,7 +283,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   load_start = _loadavg()
   config = load_config(args.config, args.set, args.batch_size, args.devices)
   source = data.load(config.data, config.data.split)
-  exp = with_compute_dtype(experiment.setup(config, source.spec), args.compute_dtype)
+  exp = experiment.setup(config, source.spec)
   state = experiment.init_state(exp)
   data_sharding = parallel.data_sharding(exp.mesh)
   rng = parallel.replicate(exp.step_rng, exp.mesh)
@@ -309,6 +307,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
+    memory = memory_report(exp, compiled)
 
     # A fresh jit of the same step: its first call traces, compiles and runs step 0.
     train_step = train.make_train_step(exp)
@@ -347,39 +346,39 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       "global_batch": int(exp.global_batch),
       "steps": steps,
       "repeats": reps,
-      "compute_dtype": args.compute_dtype,
+      "model_dtype": config.model.get("dtype", "float32"),
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "cpu_count": os.cpu_count(),
       "loadavg_start": load_start,
       "loadavg_end": _loadavg(),
-      "others_cpu_share": _stats(others, 3),
+      "others_cpu_share": _stats(others),
       "compile": {
-          "lower_s": round(lower_s, 3),
-          "compile_s": round(compile_s, 3),
-          "first_call_s": round(first_call_s, 3),
-          "first_call_minus_step_s": round(first_call_s - statistics.median(step_s), 3),
+          "lower_s": _sig(lower_s),
+          "compile_s": _sig(compile_s),
+          "first_call_s": _sig(first_call_s),
+          "first_call_minus_step_s": _sig(first_call_s - statistics.median(step_s)),
       },
-      "cost": {"gflop_per_step": round(flops / 1e9, 4),
-               "gbytes_accessed_per_step": round(float(cost.get("bytes accessed", 0)) / 1e9,
-                                                 4)},
+      "cost": {"gflop_per_step": _sig(flops / 1e9),
+               "gbytes_accessed_per_step": _sig(float(cost.get("bytes accessed", 0)) / 1e9)},
+      "memory": memory,
       "step": {
           "steps_per_s": _stats([1 / s for s in step_s]),
           "steps_per_s_quiet": _quiet_stats([1 / s for s in step_s], others),
-          "examples_per_s": _stats([exp.global_batch / s for s in step_s], 1),
-          "achieved_gflop_per_s": _stats(achieved, 2),
-          "ms_per_step": round(1e3 * statistics.median(step_s), 3),
+          "examples_per_s": _stats([exp.global_batch / s for s in step_s]),
+          "achieved_gflop_per_s": _stats(achieved),
+          "ms_per_step": _sig(1e3 * statistics.median(step_s)),
       },
       "peak": {**peaks,
-               "achieved_over_peak": round(statistics.median(achieved) / peak, 4),
-               "achieved_over_jax_peak": round(
-                   statistics.median(achieved) / peaks["jax_matmul_gflop_per_s"], 4)},
+               "achieved_over_peak": _sig(statistics.median(achieved) / peak),
+               "achieved_over_jax_peak": _sig(
+                   statistics.median(achieved) / peaks["jax_matmul_gflop_per_s"])},
       "loop": {
           "steps_per_s": _stats([steps / t for t in loop_t]),
-          "seconds_per_repeat": round(med_loop, 4),
-          "bare_seconds_per_repeat": round(med_bare, 4),
-          "overhead_pct": round(100 * (med_loop / med_bare - 1), 2),
+          "seconds_per_repeat": _sig(med_loop),
+          "bare_seconds_per_repeat": _sig(med_bare),
+          "overhead_pct": _sig(100 * (med_loop / med_bare - 1)),
           "input_wait_share": _stats(waits),
       },
       "first_step_metrics": {k: float(np.float64(v)) for k, v in first_metrics.items()},
@@ -389,7 +388,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def _child_argv(args: argparse.Namespace, devices: int, batch_size: int) -> list[str]:
   argv = [sys.executable, os.path.abspath(__file__), f"--config={args.config}",
           f"--devices={devices}", f"--repeats={args.repeats}", f"--steps={args.steps}",
-          f"--batch_size={batch_size}", f"--compute_dtype={args.compute_dtype}"]
+          f"--batch_size={batch_size}"]
   if args.xla_flags:
     argv.append(f"--xla_flags={args.xla_flags}")
   for item in args.set:
@@ -433,14 +432,18 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
            "steps_per_s": r["step"]["steps_per_s"]["median"],
            "examples_per_s": r["step"]["examples_per_s"]["median"],
            "loop_overhead_pct": r["loop"]["overhead_pct"],
+           "state_mib_per_device": r["memory"]["state_per_device"],
+           "xla_argument_mib": r["memory"]["xla_argument"],
            "first_step_losses": {k: r["first_step_metrics"][k] for k in loss_keys}}
           for r in runs]
   header = (f"{'devices':>7} {'compile s':>9} {'steps/s':>9} {'examples/s':>11} "
-            f"{'overhead %':>10}  " + "  ".join(f"{k:>14}" for k in loss_keys))
+            f"{'overhead %':>10} {'state MiB':>9} {'XLA args MiB':>12}  " +
+            "  ".join(f"{k:>14}" for k in loss_keys))
   lines = [header, "-" * len(header)]
   for row in rows:
     lines.append(f"{row['devices']:>7} {row['compile_s']:>9.2f} {row['steps_per_s']:>9.3f} "
-                 f"{row['examples_per_s']:>11.1f} {row['loop_overhead_pct']:>10.1f}  " +
+                 f"{row['examples_per_s']:>11.1f} {row['loop_overhead_pct']:>10.1f} "
+                 f"{row['state_mib_per_device']:>9.3f} {row['xla_argument_mib'] or 0:>12.3f}  " +
                  "  ".join(f"{row['first_step_losses'][k]:>14.7g}" for k in loss_keys))
   lines.append(f"global batch {batch}; first-step metrics agree: {agree} "
                f"(max relative difference {worst:.2e}, rtol {SCALING_RTOL})")

@@ -89,19 +89,39 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int,
     out: where the prefixed lines go (default: stdout).
     timeout: seconds before the job is stopped (SIGTERM, then SIGKILL); None: no limit.
   """
-  out = out or sys.stdout
   port = port or free_port()
   base = dict(os.environ if env is None else env)
+  envs = [process_env(base, i, processes, port, devices_per_process) for i in range(processes)]
+  return run_processes([list(command)] * processes, envs, out, timeout)
+
+
+def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, str]] | None,
+                  out=None, timeout: float | None = None,
+                  label: str = "launch_local") -> list[int]:
+  """Runs one process per command as one job; returns their exit statuses.
+
+  Every line of process ``i`` is written to ``out`` as ``[i] line``. SIGTERM and SIGINT to
+  this process are forwarded to all of them; when one fails (or ``timeout`` passes) the
+  others get SIGTERM, then SIGKILL after ``GRACE_SECONDS``.
+
+  Args:
+    commands: one argv per process.
+    envs: one environment per process (None: this process's for all).
+    out: where the prefixed lines go (default: stdout).
+    timeout: seconds before the job is stopped; None: no limit.
+    label: the name in the ``[label] process i: pid N`` lines.
+  """
+  out = out or sys.stdout
   lock = threading.Lock()
   procs, threads = [], []
-  for index in range(processes):
+  for index, command in enumerate(commands):
     proc = subprocess.Popen(
-        list(command), env=process_env(base, index, processes, port, devices_per_process),
+        list(command), env=None if envs is None else envs[index],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     procs.append(proc)
     with lock:
-      out.write(f"[launch_local] process {index}: pid {proc.pid}\n")
+      out.write(f"[{label}] process {index}: pid {proc.pid}\n")
       out.flush()
     thread = threading.Thread(target=_stream, args=(index, proc.stdout, out, lock),
                               daemon=True)
@@ -167,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   codes = launch(command, args.processes, args.devices_per_process, args.port,
                  timeout=args.timeout)
   print(f"[launch_local] exit statuses: {codes}", file=sys.stderr)
-  # A process killed by signal S reports -S; a shell reports it as 128 + S.
+  return job_status(codes)
+
+
+def job_status(codes: Sequence[int]) -> int:
+  """The first nonzero status (a process killed by signal S reports -S: 128 + S), else 0."""
   return next((c if c > 0 else 128 - c for c in codes if c), 0)
 
 

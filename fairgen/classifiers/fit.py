@@ -153,6 +153,20 @@ def evaluate_accuracy(backbone: backbones.Backbone, source: Any, label_key: str 
   return correct / len(source)
 
 
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, rngs: Any,
+               example: Any, **kwargs: Any) -> dict[str, Any]:
+  """``fit``'s initial state ``{'step', 'params', 'opt'}`` for inputs shaped like ``example``.
+
+  Built in one jitted call: an eager Flax ``init`` compiles every initializer separately.
+  ``kwargs`` (e.g. ``train=False``) are passed to ``model.init`` as static arguments.
+  """
+  def make(rngs: Any, example: Any) -> dict[str, Any]:
+    params = model.init(rngs, example, **kwargs)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
+
+  return jax.jit(make)(rngs, example)
+
+
 def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "label",
                      num_classes: int | None = None, steps: int = 1000,
                      batch_size: int = 64, lr: float = 2e-3, width: int = 32,
@@ -205,8 +219,7 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   model = backbones.classifier_model(arch)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
   init_rng, base = jax.random.split(jax.random.key(seed))
-  params = model.init(init_rng, jnp.zeros((1, *image_shape)))["params"]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
+  state = init_state(model, optimizer, init_rng, jnp.zeros((1, *image_shape)))
   start_time = time.perf_counter()
   batches = _epoch_batches(train_source, label_key, int(num_classes), batch_size, seed)
   state, _ = fit(model, optimizer, state, base, batches, steps, max_shift=max_shift,

@@ -7,9 +7,8 @@ held-out images; IS uses the backbone's class probabilities (``fairgen.classifie
 
 from __future__ import annotations
 
-import jax
-
 from fairgen import experiment
+from fairgen import parallel
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
 from fairgen.metrics import likelihood
 from fairgen.metrics import quality
@@ -50,7 +49,7 @@ def vae_likelihood(ctx: EvalContext) -> Scalars:
   if not isinstance(model, VAE):
     raise EvalError(f"The 'likelihood' evaluator needs a VAE model; model.name="
                     f"{ctx.config.model.name!r} is not one.")
-  params = jax.device_get(ctx.state["params"])
+  params = parallel.to_host(ctx.state["params"])  # Also when sharded (mesh.fsdp).
   values = likelihood.evaluate_likelihood(
       model, params, ctx.real.source, num_samples=ctx.cfg.iwae_k,
       batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed,

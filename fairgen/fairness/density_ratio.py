@@ -29,7 +29,6 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -137,9 +136,8 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
   half = batch_size // 2
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
   init_rng, dropout_init_rng, base = jax.random.split(jax.random.key(seed), 3)
-  params = model.init({"params": init_rng, "dropout": dropout_init_rng}, x_ref[:1],
-                      train=False)["params"]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": optimizer.init(params)}
+  state = fit.init_state(model, optimizer, {"params": init_rng, "dropout": dropout_init_rng},
+                         x_ref[:1], train=False)
   start_time = time.perf_counter()
   state, recent = fit.fit(model, optimizer, state, base,
                           _balanced_batches(x_ref, x_bias, half, seed), steps,

@@ -16,6 +16,7 @@ import math
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
@@ -27,6 +28,9 @@ from fairgen.models import vae
 from fairgen.registry import Registry
 
 MODELS: Registry[Any] = Registry("model")
+# ``model.dtype``: every model computes in one of these; parameters, optimizer state, the
+# models' outputs and the losses stay float32 (mixed precision).
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +51,8 @@ class GanModules:
 @MODELS.register("dcgan")
 def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
                 conditional: bool = False, dropout: float = 0.3,
-                fast_conv: bool = True, condition_key: str = "label") -> GanModules:
+                fast_conv: bool = True, condition_key: str = "label",
+                dtype: str = "float32") -> GanModules:
   """The seeds' DCGAN; ``conditional`` conditions both nets on ``batch[condition_key]``.
 
   ``condition_key='label'`` conditions on the dataset's classes, ``'attr'`` on its
@@ -62,25 +67,29 @@ def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
   if conditional:
     num_classes = spec.num_groups if condition_key == "attr" else spec.num_classes
   return GanModules(
-      generator=dcgan.Generator(spec.image_shape, latent_dim, width, num_classes, fast_conv),
-      discriminator=dcgan.Discriminator(width, num_classes, dropout),
+      generator=dcgan.Generator(spec.image_shape, latent_dim, width, num_classes, fast_conv,
+                                dtype=jnp.dtype(dtype)),
+      discriminator=dcgan.Discriminator(width, num_classes, dropout, dtype=jnp.dtype(dtype)),
       latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)
 
 
 @MODELS.register("vae")
 def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
-              hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli") -> vae.VAE:
+              hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli",
+              dtype: str = "float32") -> vae.VAE:
   """A VAE over the dataset's images."""
-  return vae.VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood)
+  return vae.VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood,
+                 dtype=jnp.dtype(dtype))
 
 
 @MODELS.register("fair_mlp")
 def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float = 0.2,
-                   equalized_odds: bool = True) -> tabular.DebiasModules:
+                   equalized_odds: bool = True, dtype: str = "float32"
+                   ) -> tabular.DebiasModules:
   """A predictor MLP over encoded rows and the Zhang et al. 2018 adversary."""
   del spec  # Dense layers infer the input width.
-  return tabular.DebiasModules(tabular.Predictor(tuple(hidden), dropout),
-                               tabular.Adversary(equalized_odds))
+  return tabular.DebiasModules(tabular.Predictor(tuple(hidden), dropout, jnp.dtype(dtype)),
+                               tabular.Adversary(equalized_odds, jnp.dtype(dtype)))
 
 
 MODELS.register("vfae")(vfae.build_vfae)
@@ -107,6 +116,8 @@ def _check_value(key: str, value: Any) -> None:
             f"model.{key} must be positive layer widths, got {value!r}.")
   elif key.endswith("dropout"):
     require(number(value) and 0 <= value < 1, f"model.{key} must be in [0, 1), got {value!r}.")
+  elif key == "dtype":
+    require(value in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {value!r}.")
 
 
 def validate(model: Mapping[str, Any]) -> None:
@@ -127,4 +138,4 @@ def build(model: Mapping[str, Any], spec: Any) -> Any:
   return MODELS.get(model["name"])(spec, **hparams)
 
 
-__all__ = ["GanModules", "MODELS", "build", "validate"]
+__all__ = ["DTYPES", "GanModules", "MODELS", "build", "validate"]

@@ -22,7 +22,7 @@ gradients, which batch statistics would couple).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -87,6 +87,7 @@ class Generator(nn.Module):
     hidden: hidden-layer widths.
     temperature: the Gumbel-softmax temperature.
     hard: straight-through one-hot rows in training (soft ones otherwise).
+    dtype: computation dtype of the MLP (parameters and the Gumbel-softmax stay float32).
   """
 
   latent_dim: int
@@ -95,6 +96,7 @@ class Generator(nn.Module):
   hidden: Sequence[int] = (256, 256)
   temperature: float = 0.2
   hard: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, latents: jax.Array, train: bool = False) -> jax.Array:
@@ -102,8 +104,8 @@ class Generator(nn.Module):
     z, eps = latents[:, :self.latent_dim], latents[:, self.latent_dim:]
     h = z
     for width in self.hidden:
-      h = nn.relu(nn.Dense(width)(h))
-    out = nn.Dense(self.row_dim)(h)
+      h = nn.relu(nn.Dense(width, dtype=self.dtype)(h))
+    out = nn.Dense(self.row_dim, dtype=self.dtype)(h).astype(jnp.float32)
     noisy = out + jax.lax.stop_gradient(gumbel_from_normal(eps))
     pieces, pos = [], 0
     for start, width in self.categorical:
@@ -124,13 +126,14 @@ class Critic(nn.Module):
 
   hidden: Sequence[int] = (256, 256)
   negative_slope: float = 0.2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, rows: jax.Array) -> jax.Array:
     h = rows
     for width in self.hidden:
-      h = nn.leaky_relu(nn.Dense(width)(h), self.negative_slope)
-    return nn.Dense(1)(h)[:, 0]
+      h = nn.leaky_relu(nn.Dense(width, dtype=self.dtype)(h), self.negative_slope)
+    return nn.Dense(1, dtype=self.dtype)(h)[:, 0].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +164,7 @@ class TabGanModules:
 def build_tabgan(spec: tabular.TabularSpec, latent_dim: int = 128,
                  hidden: Sequence[int] = (256, 256),
                  critic_hidden: Sequence[int] = (256, 256), temperature: float = 0.2,
-                 hard: bool = False) -> TabGanModules:
+                 hard: bool = False, dtype: str = "float32") -> TabGanModules:
   """A row generator and a critic for the tabular dataset of ``spec`` (model builder).
 
   Args:
@@ -171,6 +174,7 @@ def build_tabgan(spec: tabular.TabularSpec, latent_dim: int = 128,
     critic_hidden: the critic's hidden widths.
     temperature: the Gumbel-softmax temperature (TabFairGAN and CTGAN: 0.2).
     hard: straight-through one-hot categoricals during training.
+    dtype: the computation dtype, 'float32' or 'bfloat16' (parameters stay float32).
 
   Returns:
     The :class:`TabGanModules`.
@@ -186,8 +190,9 @@ def build_tabgan(spec: tabular.TabularSpec, latent_dim: int = 128,
   width = row_dim(spec)
   return TabGanModules(
       generator=Generator(int(latent_dim), width, categorical,
-                          tuple(int(h) for h in hidden), float(temperature), bool(hard)),
-      discriminator=Critic(tuple(int(h) for h in critic_hidden)),
+                          tuple(int(h) for h in hidden), float(temperature), bool(hard),
+                          jnp.dtype(dtype)),
+      discriminator=Critic(tuple(int(h) for h in critic_hidden), dtype=jnp.dtype(dtype)),
       latent_dim=int(latent_dim) + width, row_dim=width,
       label_column=spec.feature_dim + 1,
       attr_column=spec.feature_dim + spec.num_classes + 1,

@@ -7,7 +7,7 @@ Inputs are encoded rows (one-hot categoricals, standardised continuous columns; 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -15,19 +15,24 @@ import jax.numpy as jnp
 
 
 class MLP(nn.Module):
-  """ReLU MLP with dropout; ``outputs`` units at the end (no activation)."""
+  """ReLU MLP with dropout; ``outputs`` float32 units at the end (no activation).
+
+  ``dtype`` is the computation dtype; parameters stay float32, and the outputs are cast
+  to float32 so that losses are computed in float32.
+  """
 
   hidden: Sequence[int]
   outputs: int
   dropout: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(nn.Dense(width, dtype=self.dtype)(x))
       if self.dropout:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.outputs)(x)
+    return nn.Dense(self.outputs, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class Predictor(nn.Module):
@@ -35,10 +40,11 @@ class Predictor(nn.Module):
 
   hidden: Sequence[int] = (200,)
   dropout: float = 0.2
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return MLP(self.hidden, 1, self.dropout)(x, train)[:, 0]
+    return MLP(self.hidden, 1, self.dropout, self.dtype)(x, train)[:, 0]
 
 
 class Adversary(nn.Module):
@@ -50,6 +56,7 @@ class Adversary(nn.Module):
   """
 
   equalized_odds: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, logit: jax.Array, label: jax.Array) -> jax.Array:
@@ -57,7 +64,7 @@ class Adversary(nn.Module):
     s = jax.nn.sigmoid((1.0 + jnp.abs(c)) * logit)
     y = label.astype(s.dtype)
     inputs = jnp.stack([s, s * y, s * (1.0 - y)] if self.equalized_odds else [s], axis=-1)
-    return nn.Dense(1)(inputs)[:, 0]
+    return nn.Dense(1, dtype=self.dtype)(inputs)[:, 0].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ and adds the MMD penalty between the groups' ``z1``.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -98,6 +98,7 @@ class VFAE(nn.Module):
     z2_dim: size of ``z2`` (used only when ``hierarchical``).
     num_groups: sensitive-attribute cardinality.
     num_classes: label cardinality (2).
+    dtype: computation dtype of the MLPs (their outputs, and the loss terms, are float32).
   """
 
   feature_dim: int
@@ -109,15 +110,16 @@ class VFAE(nn.Module):
   z2_dim: int = 16
   num_groups: int = 2
   num_classes: int = 2
+  dtype: Any = jnp.float32
 
   def setup(self):
-    hidden = tuple(self.hidden)
-    self.encoder = MLP(hidden, 2 * self.latent_dim)
-    self.label_head = MLP(hidden, 1)
-    self.decoder = MLP(hidden, self.feature_dim)
+    hidden, dtype = tuple(self.hidden), self.dtype
+    self.encoder = MLP(hidden, 2 * self.latent_dim, dtype=dtype)
+    self.label_head = MLP(hidden, 1, dtype=dtype)
+    self.decoder = MLP(hidden, self.feature_dim, dtype=dtype)
     if self.hierarchical:
-      self.z2_encoder = MLP(hidden, 2 * self.z2_dim)
-      self.z1_prior = MLP(hidden, 2 * self.latent_dim)
+      self.z2_encoder = MLP(hidden, 2 * self.z2_dim, dtype=dtype)
+      self.z1_prior = MLP(hidden, 2 * self.latent_dim, dtype=dtype)
 
   def _onehot(self, v: jax.Array, n: int) -> jax.Array:
     return jax.nn.one_hot(v, n, dtype=jnp.float32)
@@ -168,7 +170,7 @@ class VFAE(nn.Module):
 
 def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
                hidden: Sequence[int] = (100,), hierarchical: bool = False,
-               z2_dim: int = 16) -> VFAE:
+               z2_dim: int = 16, dtype: str = "float32") -> VFAE:
   """A VFAE for the tabular dataset of ``spec`` (model builder for ``MODELS``).
 
   Args:
@@ -177,6 +179,7 @@ def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
     hidden: hidden-layer widths of every MLP (the paper: one layer of 100 units).
     hierarchical: model the paper's ``z2`` level (else an ``N(0, I)`` prior on ``z1``).
     z2_dim: size of ``z2`` when ``hierarchical``.
+    dtype: the computation dtype, 'float32' or 'bfloat16' (parameters stay float32).
 
   Returns:
     The :class:`VFAE` module.
@@ -188,5 +191,6 @@ def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
   return VFAE(feature_dim=spec.feature_dim, categorical=categorical, continuous=continuous,
               latent_dim=int(latent_dim), hidden=tuple(int(h) for h in hidden),
               hierarchical=bool(hierarchical), z2_dim=int(z2_dim),
-              num_groups=spec.num_groups, num_classes=spec.num_classes)
+              num_groups=spec.num_groups, num_classes=spec.num_classes,
+              dtype=jnp.dtype(dtype))
 
