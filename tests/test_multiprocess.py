@@ -149,79 +149,9 @@ def test_two_processes_match_one_process(name, tmp_path, request):
     assert any("2 process(es), 8 device(s)" in line for line in lines[p]), lines[p][-20:]
 
 
-def test_resume_across_process_counts_then_evaluate_and_sample(tmp_path, partitionable_rng):
-  """Stop and resume on 2 processes: bit-identical to an uninterrupted 2-process run. A
-  2-process checkpoint resumes on 1 process and a 1-process one on 2, within the 1-vs-8
-  tolerance. Evaluation and sampling run as 2-process jobs; process 0 writes their files."""
-  name, n = "vae_mnist", 3
-  config = load_config(name, "smoke", **{"mesh.data": 8, "train.num_steps": n,
-                                         "train.checkpoint_every_steps": n,
-                                         "log.every_steps": 1})
-  paths = {k: str(tmp_path / k) for k in ("split", "straight", "two_then_one", "one_then_two")}
-
-  def job(workdir, steps, *extra, record=None):
-    code, lines, text = launch(*_flags(name, steps, n), "--config.log.every_steps=1",
-                               f"--workdir={workdir}", *extra, record=record)
-    assert code == 0, text[-4000:]
-    return lines
-
-  assert not any("Resumed from" in line for line in job(paths["split"], n)[0])
-  shutil.copytree(paths["split"], paths["two_then_one"])
-  assert any("Resumed from" in line for line in job(paths["split"], 2 * n)[0])
-  job(paths["straight"], 2 * n)
-  (step_a, a), (step_b, b) = final_state(paths["split"], config), final_state(
-      paths["straight"], config)
-  assert step_a == step_b == 2 * n
-  _assert_states_close(a, b, exact=True)
-  split_logs, straight_logs = _metrics(paths["split"]), _metrics(paths["straight"])
-  assert [r["step"] for r in split_logs] == [r["step"] for r in straight_logs] == list(
-      range(1, 2 * n + 1))
-  for x, y in zip(split_logs, straight_logs):
-    assert {k: v for k, v in x.items() if k not in _TIMING} == {
-        k: v for k, v in y.items() if k not in _TIMING}
-  # 2 processes -> 1 process, and 1 process -> 2 processes.
-  train.train_and_evaluate(config, paths["one_then_two"])
-  job(paths["one_then_two"], 2 * n)
-  config.train.num_steps = 2 * n
-  summary = train.train_and_evaluate(config, paths["two_then_one"])
-  assert summary["start_step"] == n
-  for key in ("two_then_one", "one_then_two"):
-    step, state = final_state(paths[key], config)
-    assert step == 2 * n
-    _assert_states_close(state, b)
-
-  # Evaluation and sampling as 2-process jobs, against evaluation in this process.
-  record = tmp_path / "record"
-  eval_flags = ("--config.eval.metrics=('likelihood',)", "--config.eval.likelihood_examples=64",
-                "--config.eval.iwae_k=8")
-  job(paths["straight"], 2 * n, "--mode=evaluate", *eval_flags, record=record)
-  with open(os.path.join(paths["straight"], "eval", f"step_{2 * n:06d}.json")) as f:
-    two_process = json.load(f)["metrics"]
-  written = _job_writes(record, paths["straight"])
-  assert f"eval/step_{2 * n:06d}.json.tmp" in written[0] and not written[1], written
-  config.eval.metrics, config.eval.likelihood_examples, config.eval.iwae_k = (
-      ("likelihood",), 64, 8)
-  from fairgen.evaluation import modes
-  here = modes.evaluate(config, paths["straight"])["metrics"]
-  for key, value in here.items():
-    np.testing.assert_allclose(two_process[key], value, rtol=1e-5, err_msg=key)
-  shutil.rmtree(record)
-  job(paths["straight"], 2 * n, "--mode=sample", "--config.sample.num=16", record=record)
-  grid = os.path.join(paths["straight"], "sample", f"step_{2 * n:06d}", "grid.npz")
-  with np.load(grid) as npz:
-    assert npz["images"].shape == (16, 28, 28, 1)
-  written = _job_writes(record, paths["straight"])
-  assert os.path.relpath(grid, paths["straight"]) in written[0] and not written[1], written
-
-
-def test_sigterm_to_one_process_stops_the_job_at_one_step_and_it_resumes(tmp_path,
-                                                                         partitionable_rng):
-  """A preemption notice reaching one host (SIGTERM to process 1 only): through JAX's
-  preemption sync point every process stops after the same step, the checkpoint of that step
-  commits, both exit 0, and the job resumes from it."""
-  workdir = str(tmp_path / "job")
-  flags = [*_flags("vae_mnist", 100000, 100000), "--config.log.every_steps=1000",
-           f"--workdir={workdir}"]
+def _sigterm_one_process(flags):
+  """Starts a 2-process job, SIGTERMs process 1 once both ran a step; returns the step at
+  which each process reports that it stopped (and the job's output)."""
   command, env = _command(flags)
   proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
@@ -251,16 +181,84 @@ def test_sigterm_to_one_process_stops_the_job_at_one_step_and_it_resumes(tmp_pat
       proc.kill()
   reader.join(timeout=10)
   stopped = _by_process("".join(out))
-  steps = [[int(line.split("at step ")[1].split(";")[0]) for line in stopped[p]
-            if "stopped by a signal at step" in line] for p in (0, 1)]
-  assert len(steps[0]) == 1 and steps[0] == steps[1], "".join(out[-40:])
-  step = steps[0][0]
-  assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [step]
-  code, lines, text = launch(*_flags("vae_mnist", step + 2, 100000), f"--workdir={workdir}")
-  assert code == 0, text[-4000:]
-  assert any("Resumed from" in line and line.endswith(f"/{step}.") for line in lines[0]), \
+  return [[int(line.split("at step ")[1].split(";")[0]) for line in stopped[p]
+           if "stopped by a signal at step" in line] for p in (0, 1)], "".join(out[-40:])
+
+
+def test_sigterm_resume_across_process_counts_then_evaluate_and_sample(tmp_path,
+                                                                       partitionable_rng):
+  """A preemption notice that reaches one host (SIGTERM to process 1 only): through JAX's
+  preemption sync point both processes stop after the same step, its checkpoint commits,
+  both exit 0. Resumed on 2 processes, the job ends bit-identical to an uninterrupted
+  2-process run; resumed on 1 process (and a 1-process checkpoint resumed on 2), within
+  the 1-vs-8 tolerance. Evaluation and sampling run as 2-process jobs; process 0 writes
+  their files."""
+  name, never = "vae_mnist", 100000
+  paths = {k: str(tmp_path / k) for k in ("split", "straight", "two_then_one", "one_then_two")}
+  steps, tail = _sigterm_one_process(
+      [*_flags(name, never, never), "--config.log.every_steps=1000",
+       f"--workdir={paths['split']}"])
+  assert len(steps[0]) == 1 and steps[0] == steps[1], tail
+  stop = steps[0][0]
+  assert checkpoint.Checkpointer(paths["split"], read_only=True).all_steps() == [stop]
+  shutil.copytree(paths["split"], paths["two_then_one"])
+
+  def job(workdir, *extra, record=None):
+    code, lines, text = launch(*_flags(name, stop + 2, never), "--config.log.every_steps=1",
+                               f"--workdir={workdir}", *extra, record=record)
+    assert code == 0, text[-4000:]
+    return lines
+
+  lines = job(paths["split"])
+  assert any("Resumed from" in line and line.endswith(f"/{stop}.") for line in lines[0]), \
       lines[0][-20:]
-  assert checkpoint.Checkpointer(workdir, read_only=True).all_steps()[-1] == step + 2
+  assert checkpoint.Checkpointer(paths["split"], read_only=True).all_steps()[-1] == stop + 2
+  job(paths["straight"])
+  config = load_config(name, "smoke", **{"mesh.data": 8, "train.num_steps": stop + 2,
+                                         "train.checkpoint_every_steps": never,
+                                         "log.every_steps": 1})
+  (step_a, a), (step_b, b) = final_state(paths["split"], config), final_state(
+      paths["straight"], config)
+  assert step_a == step_b == stop + 2
+  _assert_states_close(a, b, exact=True)
+  split_logs, straight_logs = _metrics(paths["split"]), _metrics(paths["straight"])
+  assert split_logs[-1]["step"] == straight_logs[-1]["step"] == stop + 2
+  assert {k: v for k, v in split_logs[-1].items() if k not in _TIMING} == {
+      k: v for k, v in straight_logs[-1].items() if k not in _TIMING}
+  # 2 processes -> 1 process, and 1 process -> 2 processes.
+  summary = train.train_and_evaluate(config, paths["two_then_one"])
+  assert summary["start_step"] == stop
+  config.train.num_steps = stop
+  train.train_and_evaluate(config, paths["one_then_two"])
+  job(paths["one_then_two"])
+  config.train.num_steps = stop + 2
+  for key in ("two_then_one", "one_then_two"):
+    step, state = final_state(paths[key], config)
+    assert step == stop + 2
+    _assert_states_close(state, b)
+
+  # Evaluation and sampling as 2-process jobs, against evaluation in this process.
+  record = tmp_path / "record"
+  eval_flags = ("--config.eval.metrics=('likelihood',)", "--config.eval.likelihood_examples=64",
+                "--config.eval.iwae_k=8")
+  job(paths["straight"], "--mode=evaluate", *eval_flags, record=record)
+  with open(os.path.join(paths["straight"], "eval", f"step_{stop + 2:06d}.json")) as f:
+    two_process = json.load(f)["metrics"]
+  written = _job_writes(record, paths["straight"])
+  assert f"eval/step_{stop + 2:06d}.json.tmp" in written[0] and not written[1], written
+  config.eval.metrics, config.eval.likelihood_examples, config.eval.iwae_k = (
+      ("likelihood",), 64, 8)
+  from fairgen.evaluation import modes
+  here = modes.evaluate(config, paths["straight"])["metrics"]
+  for key, value in here.items():
+    np.testing.assert_allclose(two_process[key], value, rtol=1e-5, err_msg=key)
+  shutil.rmtree(record)
+  job(paths["straight"], "--mode=sample", "--config.sample.num=16", record=record)
+  grid = os.path.join(paths["straight"], "sample", f"step_{stop + 2:06d}", "grid.npz")
+  with np.load(grid) as npz:
+    assert npz["images"].shape == (16, 28, 28, 1)
+  written = _job_writes(record, paths["straight"])
+  assert os.path.relpath(grid, paths["straight"]) in written[0] and not written[1], written
 
 
 def test_launcher_stops_the_job_when_a_process_fails_and_rejects_bad_flags(tmp_path):
