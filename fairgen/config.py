@@ -24,6 +24,10 @@ FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair")
 # not "another experiment".
 EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
                   "fair.group_samples")
+# Keys added to the configs after workdirs were written without them, at the value those
+# workdirs ran with: left out of the fingerprint at that value, so that such a workdir still
+# resumes, and a run with another value is still another experiment.
+ADDED_KEYS = {"model.dtype": "float32"}
 
 
 class ConfigError(ValueError):
@@ -87,6 +91,10 @@ def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str,
     section, field = key.split(".")
     if isinstance(out.get(section), dict):
       out[section].pop(field, None)
+  for key, value in ADDED_KEYS.items():
+    section, field = key.split(".")
+    if isinstance(out.get(section), dict) and out[section].get(field) == value:
+      out[section].pop(field)
   return out
 
 

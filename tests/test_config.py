@@ -72,3 +72,14 @@ def test_fingerprint_ignores_run_length_but_not_the_model(tmp_path):
   config.model.latent_dim = 7
   with pytest.raises(checkpoint.WorkdirError, match="model.latent_dim: 16 -> 7"):
     checkpoint.check_and_write_config(str(tmp_path), config)
+
+
+def test_a_workdir_from_before_model_dtype_resumes_in_float32_only(tmp_path):
+  config = load_config("vae_mnist", "smoke")
+  del config.model["dtype"]  # A config.json written before the key existed.
+  checkpoint.check_and_write_config(str(tmp_path), config)
+  config = load_config("vae_mnist", "smoke")
+  checkpoint.check_and_write_config(str(tmp_path), config)  # dtype='float32': the same run.
+  config.model.dtype = "bfloat16"
+  with pytest.raises(checkpoint.WorkdirError, match="model.dtype: None -> 'bfloat16'"):
+    checkpoint.check_and_write_config(str(tmp_path), config)
