@@ -140,7 +140,7 @@ def state_shardings(mesh: Mesh, abstract_state: Any, fsdp: bool = False) -> Any:
   n = mesh.shape[DATA_AXIS]
 
   def sharding(leaf: Any) -> NamedSharding:
-    if not fsdp or jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    if not fsdp:
       return replicated(mesh)
     return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), n))
 
@@ -150,10 +150,8 @@ def state_shardings(mesh: Mesh, abstract_state: Any, fsdp: bool = False) -> Any:
 def bytes_per_device(abstract_state: Any, shardings: Any) -> int:
   """Bytes of ``abstract_state`` that one device holds under ``shardings``."""
   def leaf_bytes(leaf: Any, sharding: NamedSharding) -> int:
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return 8  # Not used for sizing; a key's data is a couple of uint32s.
     shard = sharding.shard_shape(tuple(leaf.shape))
-    return int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize  # Keys too (8 bytes).
 
   return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, abstract_state, shardings)))
 

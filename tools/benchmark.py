@@ -208,10 +208,9 @@ def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 
 def memory_report(exp: Any, compiled: Any) -> dict[str, float | None]:
   """The ``memory`` section (see the module doc): the state's and XLA's bytes, in MiB."""
-  import jax  # pylint: disable=g-import-not-at-top
   from fairgen import parallel  # pylint: disable=g-import-not-at-top
   mib = lambda b: None if b is None else _sig(b / 2**20)
-  replicated = jax.tree.map(lambda _: parallel.replicated(exp.mesh), exp.abstract_state)
+  replicated = parallel.state_shardings(exp.mesh, exp.abstract_state, fsdp=False)
   out = {"state_per_device": mib(parallel.bytes_per_device(exp.abstract_state,
                                                            exp.state_shardings)),
          "state_total": mib(parallel.bytes_per_device(exp.abstract_state, replicated))}

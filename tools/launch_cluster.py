@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("main_args", nargs=argparse.REMAINDER,
                         help="after --: fairgen.main's flags (--config=... is required)")
   args = p.parse_args(argv)
-  args.main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+  args.main_args = launch_local.after_dashes(args.main_args)
   return args
 
 
@@ -141,8 +141,8 @@ def ssh_commands(args: argparse.Namespace) -> list[list[str]]:
   coordinator = f"{hosts[0]}:{args.port}"
   commands = []
   for index, host in enumerate(hosts):
-    env = (f"JAX_COORDINATOR_ADDRESS={coordinator} "
-           f"FAIRGEN_NUM_PROCESSES={len(hosts)} FAIRGEN_PROCESS_ID={index}")
+    env = " ".join(f"{k}={v}" for k, v in
+                   launch_local.job_env(coordinator, len(hosts), index).items())
     remote = f"cd {shlex.quote(args.repo)} && {env} {shlex.join(main_command(args))}"
     commands.append(["ssh", "-o", "BatchMode=yes", host, remote])
   return commands
@@ -153,8 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   problem = check_args(args)
   if problem:
-    print(f"fairgen: error: {problem}", file=sys.stderr)
-    return 2
+    return launch_local.usage_error(problem)
   if args.scheduler == "slurm":
     script = sbatch_script(args)
     if args.dry_run:

@@ -41,20 +41,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def job_env(coordinator: str, processes: int, index: int) -> dict[str, str]:
+  """What process ``index`` of a job needs to join it (``fairgen.main`` reads these): the
+  coordinator's ``HOST:PORT``, the process count and this process's index."""
+  return {"JAX_COORDINATOR_ADDRESS": coordinator, "FAIRGEN_NUM_PROCESSES": str(processes),
+          "FAIRGEN_PROCESS_ID": str(index)}
+
+
 def process_env(base: dict[str, str], index: int, processes: int, port: int,
                 devices_per_process: int) -> dict[str, str]:
-  """The environment of process ``index`` of the job."""
+  """The environment of local process ``index`` of the job: ``job_env`` and fake devices."""
   env = dict(base)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   flags.append(f"--xla_force_host_platform_device_count={devices_per_process}")
-  env.update({
-      "XLA_FLAGS": " ".join(flags),
-      "JAX_PLATFORMS": env.get("JAX_PLATFORMS", "cpu"),
-      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-      "FAIRGEN_NUM_PROCESSES": str(processes),
-      "FAIRGEN_PROCESS_ID": str(index),
-  })
+  env.update({"XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": env.get("JAX_PLATFORMS", "cpu"),
+              **job_env(f"127.0.0.1:{port}", processes, index)})
   return env
 
 
@@ -173,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("command", nargs=argparse.REMAINDER,
                       help="the command every process runs, after --")
   args = parser.parse_args(argv)
-  command = args.command[1:] if args.command[:1] == ["--"] else args.command
+  command = after_dashes(args.command)
   problem = None
   if not command:
     problem = "no command given; put it after --, e.g. -- python -m fairgen.main ..."
@@ -182,12 +184,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.devices_per_process < 1:
     problem = f"--devices_per_process must be >= 1, got {args.devices_per_process}."
   if problem:
-    print(f"fairgen: error: {problem}", file=sys.stderr)
-    return 2
+    return usage_error(problem)
   codes = launch(command, args.processes, args.devices_per_process, args.port,
                  timeout=args.timeout)
   print(f"[launch_local] exit statuses: {codes}", file=sys.stderr)
   return job_status(codes)
+
+
+def after_dashes(rest: Sequence[str]) -> list[str]:
+  """An ``argparse.REMAINDER`` without the ``--`` that separates it from the launcher's flags."""
+  return list(rest[1:] if rest[:1] == ["--"] else rest)
+
+
+def usage_error(problem: str) -> int:
+  """Prints ``fairgen: error: <problem>`` as one line; returns the exit status 2."""
+  print(f"fairgen: error: {problem}", file=sys.stderr)
+  return 2
 
 
 def job_status(codes: Sequence[int]) -> int:

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import launch_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
+import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REMOTE_DIR = "~/fairgen"
 REMOTE_ARCHIVE = "~/fairgen-code.tar.gz"
@@ -65,7 +66,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("main_args", nargs=argparse.REMAINDER,
                  help="after --: fairgen.main's flags (--config=... is required)")
   args = p.parse_args(argv)
-  args.main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
+  args.main_args = launch_local.after_dashes(args.main_args)
   return args
 
 
@@ -203,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   problem = check_args(args)
   if problem:
-    print(f"fairgen: error: {problem}", file=sys.stderr)
-    return 2
+    return launch_local.usage_error(problem)
   archive = os.path.join(tempfile.gettempdir(), f"fairgen-code-{args.name}.tar.gz")
   if args.dry_run:
     dry_run(args, archive)
