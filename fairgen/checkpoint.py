@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fairgen import config as config_lib
+from fairgen import storage
 
 COMMIT_MARKER = "commit_success.txt"
 CONFIG_FILE = "config.json"
@@ -38,9 +38,16 @@ def ensure_writable(directory: str, what: str = "--workdir") -> None:
     WorkdirError: one line naming the problem: ``directory`` is a file, lies below a
       file, or cannot be created or written (permissions, a read-only filesystem).
   """
+  try:
+    directory = storage.normalize(directory)
+  except storage.StorageError as e:
+    raise WorkdirError(f"{what}={e}") from None
+  if storage.is_remote(directory):
+    _ensure_writable_remote(directory, what)
+    return
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise WorkdirError(f"{what}={directory} is an existing file, not a directory.")
-  parent = os.path.abspath(directory)
+  parent = directory
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):
@@ -58,13 +65,33 @@ def ensure_writable(directory: str, what: str = "--workdir") -> None:
                        f"{e.errno}). Choose a writable directory.") from None
 
 
+def _ensure_writable_remote(directory: str, what: str) -> None:
+  """Writes and deletes a probe object (process 0): no bucket, no credentials or no write
+  permission fail here, in one line, before anything else is written."""
+  if jax.process_index() != 0:
+    return
+  probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+  try:
+    if storage.isfile(directory):
+      raise WorkdirError(f"{what}={directory} is an existing object, not a directory.")
+    storage.write_atomic(probe, "ok")
+    storage.remove(probe)
+  except WorkdirError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # gcsfs/google-auth errors vary.
+    reason = type(e).__name__ + (f" {str(e).strip().splitlines()[0][:300]}" if str(e).strip()
+                                 else "")
+    raise WorkdirError(f"{what}={directory} cannot be written ({reason}). Check the "
+                       f"bucket name and your credentials (gcloud auth "
+                       f"application-default login).") from None
+
+
 def _is_committed(step_dir: str) -> bool:
-  if os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+  if storage.exists(os.path.join(step_dir, COMMIT_MARKER)):
     return True
   meta = os.path.join(step_dir, "_CHECKPOINT_METADATA")
   try:
-    with open(meta) as f:
-      return bool(json.load(f).get("commit_timestamp_nsecs"))
+    return bool(json.loads(storage.read_text(meta)).get("commit_timestamp_nsecs"))
   except (OSError, ValueError):
     return False
 
@@ -72,13 +99,13 @@ def _is_committed(step_dir: str) -> bool:
 def remove_uncommitted(directory: str) -> list[str]:
   """Removes step directories that hold no committed checkpoint; returns their names."""
   removed = []
-  if jax.process_index() != 0 or not os.path.isdir(directory):
+  if jax.process_index() != 0:
     return removed
-  for name in os.listdir(directory):
+  for name in storage.listdir(directory):
     path = os.path.join(directory, name)
-    if name.isdigit() and os.path.isdir(path) and not _is_committed(path):
+    if name.isdigit() and storage.isdir(path) and not _is_committed(path):
       logging.warning("Removing incomplete checkpoint directory %s (no commit marker).", path)
-      shutil.rmtree(path)
+      storage.rmtree(path)
       removed.append(name)
   return removed
 
@@ -88,9 +115,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int = 1, save_every_steps: int = 1,
                async_save: bool = True, read_only: bool = False, subdir: str = "checkpoints"):
-    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    self.directory = os.path.join(storage.normalize(workdir), subdir)
     if read_only:
-      if not os.path.isdir(self.directory):
+      if not storage.isdir(self.directory):
         raise WorkdirError(f"{self.directory} does not exist: train this workdir first.")
     else:
       remove_uncommitted(self.directory)
@@ -133,8 +160,7 @@ class Checkpointer:
     target_dir = self.directory + "_damaged"
     target = os.path.join(target_dir, f"{step}.{int(time.time())}")
     if jax.process_index() == 0:
-      os.makedirs(target_dir, exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
+      storage.move(os.path.join(self.directory, str(step)), target)
     self._manager.reload()
     return target
 
@@ -205,17 +231,13 @@ class BestCheckpoint:
 def read_best(workdir: str) -> dict[str, Any] | None:
   """The ``best.json`` record of a workdir, or None."""
   path = os.path.join(workdir, BEST_FILE)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -241,13 +263,10 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
     logging.warning("Resuming with a different experiment as forced; the old config is kept "
                     "as %s.", kept)
     if jax.process_index() == 0:
-      os.replace(old, kept)
+      storage.move(old, kept)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    storage.write_atomic(os.path.join(workdir, CONFIG_FILE),
+                         config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -258,12 +277,11 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       differ from ``config``'s.
   """
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        saved = json.load(f)
-      except ValueError as e:
-        raise WorkdirError(f"{path} is not valid JSON ({e}); use a new --workdir.") from None
+  if storage.exists(path):
+    try:
+      saved = json.loads(storage.read_text(path))
+    except ValueError as e:
+      raise WorkdirError(f"{path} is not valid JSON ({e}); use a new --workdir.") from None
     changes = config_lib.diff(config_lib.fingerprint(saved), config_lib.fingerprint(config))
     if changes:
       raise WorkdirError(

@@ -1,12 +1,14 @@
 """Run logs on process 0: ``metrics.jsonl``, TensorBoard events, progress lines, PNG grids.
 
-TensorBoard events are written with tensorboardX (clu's writers import TensorFlow).
+TensorBoard events are written with tensorboardX (clu's writers import TensorFlow); on a
+gs:// workdir its GCS writer uploads the events file again at each flush.
 After a crash, steps between the last checkpoint and the crash are logged again on resume;
 readers take the last entry of each step.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -17,6 +19,8 @@ import jax
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from fairgen import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,8 +35,10 @@ class MetricLogger:
     self._last_time = time.perf_counter()
     self._last_step = start_step
     self._tb = None
+    self._metrics: storage.Appender | None = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
+      self._metrics = storage.Appender(os.path.join(workdir, METRICS_FILE))
       from tensorboardX import SummaryWriter  # Only process 0 writes events.
       self._tb = SummaryWriter(logdir=workdir, flush_secs=30)
 
@@ -41,8 +47,7 @@ class MetricLogger:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._metrics.append(json.dumps(record) + "\n")
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
 
@@ -95,5 +100,6 @@ def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None,
   image = Image.fromarray(grid)
   if scale > 1:
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  image.save(path)
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  storage.write_atomic(path, buf.getvalue())

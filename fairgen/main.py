@@ -95,7 +95,8 @@ class _QuietLibraries(logging.logging.Filter):
   """Drops the INFO chatter of Orbax and TFDS (several lines per checkpoint)."""
 
   def filter(self, record) -> bool:
-    noisy = "/orbax/" in record.pathname or "/tensorflow_datasets/" in record.pathname
+    noisy = any(f"/{name}/" in record.pathname
+                for name in ("orbax", "tensorflow_datasets", "fsspec", "gcsfs"))
     return record.levelno >= logging.logging.WARNING or not noisy
 
 
@@ -113,6 +114,11 @@ def main(argv: list[str]) -> None:
   if not isinstance(config, ml_collections.ConfigDict):
     _fail(f"--config={_config_path(sys.argv)}: get_config() returned "
           f"{type(config).__name__}, not a ConfigDict.")
+  from fairgen import storage  # The standard library only: a bad path fails fast.
+  try:
+    workdir = storage.normalize(_WORKDIR.value)
+  except storage.StorageError as e:
+    _fail(f"--workdir={e}")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
   from fairgen import checkpoint, data, parallel, registry, robust, train
@@ -128,19 +134,19 @@ def main(argv: list[str]) -> None:
                jax.device_count(), jax.devices()[0].platform)
   try:
     if _MODE.value == "train":
-      summary = train.train_and_evaluate(config, _WORKDIR.value, _ALLOW_NEW.value)
+      summary = train.train_and_evaluate(config, workdir, _ALLOW_NEW.value)
       if summary["preempted"]:
         print(f"fairgen: stopped by a signal at step {summary['final_step']}; the checkpoint "
               f"is committed. Run the same command to resume.", file=sys.stderr)
       else:
         logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
     elif _MODE.value == "evaluate":
-      modes.evaluate(config, _WORKDIR.value)
+      modes.evaluate(config, workdir)
     else:
-      modes.sample(config, _WORKDIR.value)
+      modes.sample(config, workdir)
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,
           parallel.MeshError, registry.UnknownNameError, robust.NonFiniteError,
-          robust.WorkdirLockedError,
+          robust.WorkdirLockedError, storage.StorageError,
           context.EvalError, backbones.BackboneNotFoundError) as e:
     _fail(str(e))
 

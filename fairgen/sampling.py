@@ -9,6 +9,7 @@ conditional models ``per_class.png`` (one row per class). Each image set is also
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any
 
@@ -19,6 +20,7 @@ from absl import logging
 from fairgen import experiment
 from fairgen import logs
 from fairgen import parallel
+from fairgen import storage
 from fairgen.config import ConfigError
 
 
@@ -109,7 +111,9 @@ def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
   png, npz = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "npz"))
   if jax.process_index() == 0:
     logs.save_image_grid(images, png, ncols=ncols, scale=scale)
-    np.savez_compressed(npz, images=images, latents=latents, labels=labels)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images, latents=latents, labels=labels)
+    storage.write_atomic(npz, buf.getvalue())
   return [png, npz]
 
 
@@ -120,7 +124,7 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
   Every process of a multi-process job generates (the sharded decode needs them all);
   process 0 writes.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   rng = jax.random.key(seed)
   k_grid, k_interp, k_class = jax.random.split(rng, 3)
   if not exp.makes_images:

@@ -28,6 +28,7 @@ from fairgen import logs
 from fairgen import parallel
 from fairgen import robust
 from fairgen import sampling
+from fairgen import storage
 from fairgen.evaluation import runner
 
 
@@ -113,11 +114,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     often the step was traced, and whether the run stopped for a preemption signal.
   """
   validate(config)
+  workdir = storage.normalize(workdir)
   source = data.load(config.data, config.data.split)
   exp = experiment.setup(config, source.spec)
   experiment.check_data(exp, source)
   checkpoint.ensure_writable(workdir)
-  with robust.WorkdirLock(workdir):
+  with robust.WorkdirLock(workdir) as lock:
     checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment)
     ckpt = checkpoint.Checkpointer(workdir, config.train.max_to_keep,
                                    config.train.checkpoint_every_steps)
@@ -130,14 +132,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "preempted": False}
       # Importance weights or a group-balancing sampler (fair.method); cached in the workdir.
       source, sampler = fairness.prepare(config, source, workdir, exp.global_batch)
-      return loop(exp, source, state, start_step, ckpt, workdir, sampler)
+      return loop(exp, source, state, start_step, ckpt, workdir, sampler, lock)
     finally:
       ckpt.close()
 
 
 def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step: int,
          ckpt: checkpoint.Checkpointer, workdir: str,
-         sampler: data.WeightedSampler | None = None) -> dict[str, Any]:
+         sampler: data.WeightedSampler | None = None,
+         lock: robust.WorkdirLock | None = None) -> dict[str, Any]:
   """Runs steps ``start_step .. train.num_steps`` of ``exp`` from ``state``.
 
   Every step: the next batch, the jitted step, metric accumulation on device. Every
@@ -205,6 +208,8 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
             logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
           summary["eval"] = results
         if save_due:
+          if lock is not None:
+            lock.check()  # Never write into a workdir whose lease another run took over.
           ckpt.save(done, state, force=True)
         if stop:
           ckpt.wait()

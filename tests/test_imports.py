@@ -15,7 +15,7 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
-    {"config", "registry", "parallel", "checkpoint", "logs", "robust"},
+    {"config", "registry", "parallel", "storage", "checkpoint", "logs", "robust"},
     {"data", "metrics", "models", "classifiers"},
     {"objectives", "fairness"},
     {"experiment"},

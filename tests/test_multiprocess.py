@@ -8,6 +8,7 @@ tolerance. Runs are tiny; each launch costs two interpreter starts and two compi
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,8 +67,11 @@ def _records(directory):
 
 
 def _job_writes(record, workdir):
-  """{process: the files under ``workdir`` it opened for writing}."""
-  return {p: {os.path.relpath(w, workdir) for w in r["writes"] if w.startswith(workdir + "/")}
+  """{process: the files under ``workdir`` it opened for writing}; a file written atomically
+  (``storage.write_atomic``: a temporary ``NAME.XXXXXXXX.tmp``, then renamed) counts as
+  NAME."""
+  return {p: {re.sub(r"\.[a-z0-9_]{8}\.tmp$", "", os.path.relpath(w, workdir))
+              for w in r["writes"] if w.startswith(workdir + "/")}
           for p, r in _records(record).items()}
 
 
@@ -138,7 +142,7 @@ def test_two_processes_match_one_process(name, tmp_path, request):
     assert rec[p]["reads"] == [sampler.indices(s)[half].tolist() for s in range(steps)]
   # Logs, TensorBoard events and sample grids come from process 0 only.
   written = _job_writes(record, job)
-  assert "metrics.jsonl" in written[0] and "config.json.tmp" in written[0]
+  assert {"metrics.jsonl", "config.json"} <= written[0], written[0]
   assert any(w.startswith("events.out.tfevents") for w in written[0])
   assert f"samples/step_{steps:06d}.png" in written[0]
   # Process 1 wrote its part of the checkpoint (Orbax: its array metadata), and nothing else.
@@ -245,7 +249,7 @@ def test_sigterm_resume_across_process_counts_then_evaluate_and_sample(tmp_path,
   with open(os.path.join(paths["straight"], "eval", f"step_{stop + 2:06d}.json")) as f:
     two_process = json.load(f)["metrics"]
   written = _job_writes(record, paths["straight"])
-  assert f"eval/step_{stop + 2:06d}.json.tmp" in written[0] and not written[1], written
+  assert f"eval/step_{stop + 2:06d}.json" in written[0] and not written[1], written
   config.eval.metrics, config.eval.likelihood_examples, config.eval.iwae_k = (
       ("likelihood",), 64, 8)
   from fairgen.evaluation import modes

@@ -9,7 +9,7 @@ instead of running it):
 
 1. ``describe`` the TPU; ``create`` it if it does not exist (``--spot`` for a Spot slice);
 2. pack this working tree (without .git and caches) and ``scp`` it to every worker;
-3. ``ssh --worker=all``: unpack and ``pip install -e . jax[tpu]`` on every worker;
+3. ``ssh --worker=all``: unpack and ``pip install -e '.[gcs]' jax[tpu]`` on every worker;
 4. ``ssh --worker=all``: the same ``python -m fairgen.main`` on every worker, with
    ``--config.mesh.distributed=True`` (JAX finds the slice's other hosts by itself) and the
    gs:// workdir every worker shares. gcloud streams every worker's output here.
@@ -114,7 +114,7 @@ def install_commands(args: argparse.Namespace, archive: str) -> list[list[str]]:
   copy = gcloud(args, "scp", archive, f"{args.name}:{REMOTE_ARCHIVE}", "--worker=all")
   install = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && "
              f"tar -xzf {REMOTE_ARCHIVE} -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
-             f"pip install -q -e . 'jax[tpu]'")
+             f"pip install -q -e '.[gcs]' 'jax[tpu]'")
   return [copy, gcloud(args, "ssh", "--worker=all", f"--command={install}")]
 
 

@@ -25,6 +25,7 @@ import time
 # Allow `python tools/train_classifier.py` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fairgen import data  # pylint: disable=g-import-not-at-top
+from fairgen import storage  # pylint: disable=g-import-not-at-top
 from fairgen.classifiers import backbones  # pylint: disable=g-import-not-at-top
 from fairgen.classifiers import fit  # pylint: disable=g-import-not-at-top
 
@@ -76,9 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
   args = parse_args(argv)
   data_config = {"name": args.dataset, "options": parse_options(args.option)}
   out = args.out or backbones.default_classifier_dir(data.cache_tag(data_config), args.label)
-  out = os.path.abspath(os.path.expanduser(out))
+  try:
+    out = storage.normalize(out)  # A local directory or gs://BUCKET/DIR.
+  except storage.StorageError as e:
+    sys.exit(f"--out={e}")
   # Fail before training, not after, when the result could not be saved.
-  if os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+  if storage.listdir(out) and not args.overwrite:
     sys.exit(f"{out} is not empty; pass --overwrite to replace it.")
   train = data.load(data_config, "train")
   test = data.load(data_config, "test")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import shlex
 from typing import Any, Callable, Mapping
 
@@ -33,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fairgen import parallel
+from fairgen import storage
 from fairgen.models.classifier import Classifier
 from fairgen.registry import Registry
 
@@ -134,8 +134,7 @@ def load_backbone(kind: str, path: str) -> Backbone:
 def default_classifier_dir(dataset: str, label_key: str = "label") -> str:
   """``$FAIRGEN_CACHE/classifier_<dataset>_<label_key>``; the cache defaults to ~/.cache/fairgen."""
   cache = os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
-  return os.path.abspath(os.path.expanduser(
-      os.path.join(cache, f"classifier_{dataset}_{label_key}")))
+  return storage.normalize(os.path.join(cache, f"classifier_{dataset}_{label_key}"))
 
 
 def train_command(data_config: Mapping[str, Any], label_key: str = "label",
@@ -220,26 +219,24 @@ def save_classifier(directory: str, params: Any, info: Mapping[str, Any],
   Raises:
     FileExistsError: if ``directory`` is not empty and ``overwrite`` is False.
   """
-  directory = os.path.abspath(os.path.expanduser(directory))
-  if os.path.isdir(directory) and os.listdir(directory):
+  directory = storage.normalize(directory)
+  if storage.listdir(directory):
     if not overwrite:
       raise FileExistsError(
           f"{directory} is not empty; pass overwrite=True (--overwrite) to replace it.")
     # Only what this function writes is removed, never the rest of a mistaken directory.
     for name in (INFO_FILE, PARAMS_DIR):
       path = os.path.join(directory, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-  os.makedirs(directory, exist_ok=True)
+      if storage.isdir(path):
+        storage.rmtree(path)
+      elif storage.exists(path):
+        storage.remove(path)
+  storage.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, PARAMS_DIR), jax.device_get(params))
     checkpointer.wait_until_finished()
-  tmp = os.path.join(directory, INFO_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(dict(info), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, INFO_FILE))
+  storage.write_atomic(os.path.join(directory, INFO_FILE),
+                       json.dumps(dict(info), indent=2, sort_keys=True))
   return directory
 
 
@@ -252,17 +249,16 @@ def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone
       ``backbone.json`` or its ``params`` checkpoint is missing; the message gives the
       ``tools/train_classifier.py`` command that creates it.
   """
-  directory = os.path.abspath(os.path.expanduser(directory))
+  directory = storage.normalize(directory)
   info_path = os.path.join(directory, INFO_FILE)
   params_path = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise _missing(directory, "the directory does not exist")
-  if not os.path.isfile(info_path):
+  if not storage.isfile(info_path):
     raise _missing(directory, f"{INFO_FILE} is missing (training never finished?)")
-  if not os.path.isdir(params_path):
+  if not storage.isdir(params_path):
     raise _missing(directory, f"the {PARAMS_DIR}/ checkpoint is missing")
-  with open(info_path) as f:
-    info = json.load(f)
+  info = json.loads(storage.read_text(info_path))
   if info.get("format_version") != FORMAT_VERSION:
     raise ValueError(f"{info_path} has format_version {info.get('format_version')!r}, "
                      f"expected {FORMAT_VERSION}; retrain it with {_TRAIN_TOOL}.")

@@ -16,6 +16,7 @@ from fairgen import checkpoint
 from fairgen import data
 from fairgen import experiment
 from fairgen import sampling
+from fairgen import storage
 from fairgen.evaluation import runner
 from fairgen.evaluation.context import RealData
 
@@ -28,6 +29,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   experiment.validate(config)
   runner.validate(config.eval)
+  workdir = storage.normalize(workdir)
   checkpoint.check_config(workdir, config)
   # The experiment is built from the held-out split's spec: evaluation reads neither the
   # training split (except as eval.generator='train_data') nor the penalty's classifier.
@@ -54,6 +56,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Writes sample, interpolation and (conditional) per-class grids as PNG and .npz."""
   experiment.validate(config)
+  workdir = storage.normalize(workdir)
   checkpoint.check_config(workdir, config)
   exp = experiment.setup(config, data.load_eval(config.data).spec, for_training=False)
   cfg = config.sample

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import ml_collections
 from absl import logging
 
 from fairgen import experiment
+from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.config import require
 from fairgen.evaluation import groups
@@ -146,9 +146,6 @@ def write_report(path: str, step: int, checkpoint: str, results: dict[str, float
   """Writes one evaluation as JSON (atomically; process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"step": step, "checkpoint": checkpoint, "metrics": results,
-               "provenance": provenance, "time": time.time()}, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(
+      {"step": step, "checkpoint": checkpoint, "metrics": results, "provenance": provenance,
+       "time": time.time()}, indent=2, sort_keys=True))

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from fairgen import data
+from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.fairness import density_ratio
 from fairgen.models.classifier import Classifier
@@ -69,8 +70,8 @@ def cached_weights(config: ml_collections.ConfigDict, source: data.Source,
   """
   directory = os.path.join(workdir, RATIO_DIR)
   path = os.path.join(directory, "weights.npy")
-  if os.path.exists(path):
-    weights = np.load(path, allow_pickle=False)
+  if storage.exists(path):
+    weights = storage.load_npy(path)
     if weights.shape != (len(source),):
       raise data.DataError(
           f"{path} holds {weights.shape} weights, the training split has {len(source)} "
@@ -80,12 +81,9 @@ def cached_weights(config: ml_collections.ConfigDict, source: data.Source,
   weights, info = fit_importance_weights(config, source)
   info["seconds"] = round(time.perf_counter() - start, 2)
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-      np.save(f, weights, allow_pickle=False)
-    with open(os.path.join(directory, "info.json"), "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(os.path.join(directory, "info.json"),
+                         json.dumps(info, indent=2, sort_keys=True))
+    storage.save_npy(path, weights)  # Last: its presence means the fit is complete.
   logging.info("Importance weights fitted in %.1f s: %s", info["seconds"],
                info.get("diagnostics"))
   return weights

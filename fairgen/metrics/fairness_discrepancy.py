@@ -38,10 +38,12 @@ Two deliberate differences from Choi et al.'s reference code:
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from fairgen import storage
 
 
 def group_distribution(pred_groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -209,6 +211,7 @@ def group_proportions_chart(distribution: Sequence[float] | np.ndarray,
   ax.set_title(f"Group proportions (FD-L2 = {l2:.3f})")
   ax.legend()
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format="png")
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  storage.write_atomic(path, buf.getvalue())
   return path
