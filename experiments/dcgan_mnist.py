@@ -12,7 +12,9 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=False, dropout=0.3,
                  fast_conv=True, dtype="float32")
-  c.objective = dict(name="gan", n_disc=1, ema_decay=0.999)
+  # loss: nonsaturating | wasserstein | hinge | ls; gp_weight: the gradient penalty.
+  c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.999,
+                     gp_weight=0.0)
   # TTUR-ready: separate generator and discriminator optimizers (DCGAN's Adam settings).
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999),
                  disc=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999))

@@ -27,7 +27,8 @@ EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
 # Keys added to the configs after workdirs were written without them, at the value those
 # workdirs ran with: left out of the fingerprint at that value, so that such a workdir still
 # resumes, and a run with another value is still another experiment.
-ADDED_KEYS = {"model.dtype": "float32"}
+ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
+              "objective.gp_weight": 0.0}
 
 
 class ConfigError(ValueError):

@@ -222,6 +222,28 @@ def test_nonsaturating_losses_are_minus_log_sigmoid():
   assert grad[-1] < -0.99
 
 
+def test_hinge_and_least_squares_losses_match_their_definitions():
+  real = np.array([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], np.float32)
+  fake = np.array([-3.0, -1.0, -0.5, 0.0, 1.0, 2.0], np.float32)
+  # Hinge (Lim & Ye 2017): D pays only for reals below +1 and fakes above -1.
+  d_real, d_fake = losses.d_hinge(jnp.asarray(real), jnp.asarray(fake))
+  np.testing.assert_allclose(d_real, [3.0, 2.0, 1.0, 0.5, 0.0, 0.0])
+  np.testing.assert_allclose(d_fake, [0.0, 0.0, 0.5, 1.0, 2.0, 3.0])
+  np.testing.assert_allclose(losses.g_hinge(jnp.asarray(fake)), -fake)
+  grad_real = jax.grad(lambda x: jnp.sum(losses.d_hinge(x, jnp.asarray(fake))[0]))(
+      jnp.asarray(real))
+  np.testing.assert_allclose(grad_real, [-1.0, -1.0, -1.0, -1.0, 0.0, 0.0])  # relu'(0) = 0.
+  # Least squares (Mao et al. 2017, a=0, b=c=1).
+  d_real, d_fake = losses.d_least_squares(jnp.asarray(real), jnp.asarray(fake))
+  np.testing.assert_allclose(d_real, [4.5, 2.0, 0.5, 0.125, 0.0, 2.0])
+  np.testing.assert_allclose(d_fake, [4.5, 0.5, 0.125, 0.0, 0.5, 2.0])
+  np.testing.assert_allclose(losses.g_least_squares(jnp.asarray(fake)),
+                             [8.0, 2.0, 1.125, 0.5, 0.0, 0.5])
+  # Every loss is in the family that objective.loss and the step read.
+  for name in ("nonsaturating", "wasserstein", "hinge", "ls"):
+    assert losses.adversarial_loss(name) is losses.ADVERSARIAL_LOSSES[name]
+
+
 def test_ema_follows_the_warmup_recurrence_over_real_steps():
   """ema_{t+1} = d_t ema_t + (1 - d_t) G_{t+1}, d_t = min(decay, (1 + t) / (10 + t)).
 
@@ -294,15 +316,26 @@ def _recording_optimizer(num_updates):
   return optax.GradientTransformation(init, update)
 
 
-def test_each_discriminator_step_gets_its_own_real_micro_batch():
-  """n_disc=3: each D update sees B real rows of its own; together they are the batch.
+# For each loss at D's output 0: the slope of the per-example real term, and the D and G
+# losses (the non-saturating D pays log 2 per term, hinge 1, least squares 1/2 on reals).
+_LOSSES_AT_ZERO = {"nonsaturating": (-0.5, 2 * np.log(2.0), np.log(2.0)),
+                   "wasserstein": (-1.0, 0.0, 0.0), "hinge": (-1.0, 2.0, 0.0),
+                   "ls": (-1.0, 0.5, 0.5)}
+
+
+@pytest.mark.parametrize("loss", sorted(_LOSSES_AT_ZERO))
+def test_each_discriminator_step_gets_its_own_real_micro_batch(loss):
+  """n_disc=3: each D update sees B real rows of its own; together they are the batch, and
+  the importance weight multiplies the real term whatever the loss.
 
   Row r of the batch is the one-hot image e_r with importance weight w_r. D is the
   zero-initialised linear logit <k, x> + b and G outputs exactly 0, so the kernel gradient
-  of D update i is -0.5 * w_r / sum(w of its micro-batch) at pixel r for each real row r it
-  used, and 0 elsewhere. A recording optimizer keeps the gradient of every D update (and
-  leaves D unchanged, so every update starts at logit 0).
+  of D update i is slope * w_r / sum(w of its micro-batch) at pixel r for each real row r
+  it used, and 0 elsewhere (slope: the real term's derivative at 0). A recording optimizer
+  keeps the gradient of every D update (and leaves D unchanged, so every update starts at
+  logit 0).
   """
+  slope, d_loss_at_zero, g_loss_at_zero = _LOSSES_AT_ZERO[loss]
   n_disc, b, shape = 3, 4, (4, 4, 1)
   rows = n_disc * b
   nets = _tiny_gan(shape, zero_generator=True, linear_discriminator=True)
@@ -314,8 +347,7 @@ def test_each_discriminator_step_gets_its_own_real_micro_batch():
   weights = np.arange(1.0, rows + 1.0, dtype=np.float32)
   batch = {"image": images.reshape((rows,) + shape), "label": np.zeros(rows, np.int32),
            "weight": weights}
-  settings = adversarial.Settings(losses.adversarial_loss("nonsaturating"), n_disc=n_disc,
-                                  ema_decay=0.9)
+  settings = adversarial.Settings(losses.adversarial_loss(loss), n_disc=n_disc, ema_decay=0.9)
   step = jax.jit(functools.partial(adversarial.train_step, adapter=gan.adapter(nets),
                                    settings=settings, gen_tx=gen_tx, disc_tx=disc_tx))
   new_state, metrics = step(state, batch, jax.random.key(1))
@@ -330,10 +362,10 @@ def test_each_discriminator_step_gets_its_own_real_micro_batch():
   assert [len(u) for u in used] == [b] * n_disc, used  # B real rows per D update ...
   assert sorted(np.concatenate(used).tolist()) == list(range(rows)), used  # ... disjoint, all.
   for i, u in enumerate(used):  # Each row's weight stays with its image.
-    np.testing.assert_allclose(grads[i, u], -0.5 * weights[u] / weights[u].sum(), rtol=1e-6)
-  # At logit 0 the losses are their closed forms: D log 2 + log 2, non-saturating G log 2.
-  np.testing.assert_allclose(metrics["d_loss"], 2 * np.log(2.0), rtol=1e-6)
-  np.testing.assert_allclose(metrics["g_loss"], np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(grads[i, u], slope * weights[u] / weights[u].sum(), rtol=1e-6)
+  # At logit 0 the losses are their closed forms.
+  np.testing.assert_allclose(metrics["d_loss"], d_loss_at_zero, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics["g_loss"], g_loss_at_zero, rtol=1e-6, atol=1e-7)
 
 
 # --- 2. Data parallelism. ------------------------------------------------------------------

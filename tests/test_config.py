@@ -83,3 +83,14 @@ def test_a_workdir_from_before_model_dtype_resumes_in_float32_only(tmp_path):
   config.model.dtype = "bfloat16"
   with pytest.raises(checkpoint.WorkdirError, match="model.dtype: None -> 'bfloat16'"):
     checkpoint.check_and_write_config(str(tmp_path), config)
+
+
+def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_only(tmp_path):
+  config = load_config("dcgan_mnist", "smoke")
+  del config.objective["loss"], config.objective["gp_weight"]  # Written before the keys.
+  checkpoint.check_and_write_config(str(tmp_path), config)
+  config = load_config("dcgan_mnist", "smoke")
+  checkpoint.check_and_write_config(str(tmp_path), config)  # The defaults: the same run.
+  config.objective.loss = "hinge"
+  with pytest.raises(checkpoint.WorkdirError, match="objective.loss: None -> 'hinge'"):
+    checkpoint.check_and_write_config(str(tmp_path), config)

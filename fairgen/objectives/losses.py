@@ -3,7 +3,8 @@
 The step functions in this package only wire data, models and optimizers; what they
 minimise lives here, as pure per-example functions:
 
-- the adversarial loss family: ``ADVERSARIAL_LOSSES`` maps a name to a pair of
+- the adversarial loss family (non-saturating, Wasserstein, hinge, least squares):
+  ``ADVERSARIAL_LOSSES`` maps a name to a pair of
   per-example functions ``d_loss(real_logits, fake_logits) -> (real_term, fake_term)`` and
   ``g_loss(fake_logits) -> term``. The discriminator's loss is split into a real and a
   fake term so that importance weights multiply the real term only (Choi et al. 2020);
@@ -75,9 +76,33 @@ def g_wasserstein(fake_critic: jax.Array) -> jax.Array:
   return -fake_critic
 
 
+def d_hinge(real_logits: jax.Array, fake_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example hinge losses (Lim & Ye 2017; SAGAN, BigGAN): ``max(0, 1 - D(x))`` on reals,
+  ``max(0, 1 + D(G(z)))`` on fakes."""
+  return jax.nn.relu(1.0 - real_logits), jax.nn.relu(1.0 + fake_logits)
+
+
+def g_hinge(fake_logits: jax.Array) -> jax.Array:
+  """Per-example hinge generator loss: ``-D(G(z))``."""
+  return -fake_logits
+
+
+def d_least_squares(real_out: jax.Array, fake_out: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-example least-squares losses (Mao et al. 2017, targets a=0, b=c=1):
+  ``(D(x) - 1)^2 / 2`` on reals, ``D(G(z))^2 / 2`` on fakes."""
+  return 0.5 * (real_out - 1.0)**2, 0.5 * fake_out**2
+
+
+def g_least_squares(fake_out: jax.Array) -> jax.Array:
+  """Per-example least-squares generator loss: ``(D(G(z)) - 1)^2 / 2``."""
+  return 0.5 * (fake_out - 1.0)**2
+
+
 ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
     "nonsaturating": AdversarialLoss(d_nonsaturating, g_nonsaturating),
     "wasserstein": AdversarialLoss(d_wasserstein, g_wasserstein),
+    "hinge": AdversarialLoss(d_hinge, g_hinge),
+    "ls": AdversarialLoss(d_least_squares, g_least_squares),
 }
 
 
