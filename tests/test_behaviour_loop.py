@@ -45,6 +45,7 @@ from fairgen import parallel
 from fairgen import sampling
 from fairgen import train
 from fairgen.evaluation import modes
+from fairgen.config import ConfigError
 from fairgen.evaluation import runner
 from fairgen.models import GanModules
 from fairgen.objectives import adversarial
@@ -242,6 +243,57 @@ def test_hinge_and_least_squares_losses_match_their_definitions():
   # Every loss is in the family that objective.loss and the step read.
   for name in ("nonsaturating", "wasserstein", "hinge", "ls"):
     assert losses.adversarial_loss(name) is losses.ADVERSARIAL_LOSSES[name]
+
+
+def test_one_sided_label_smoothing_moves_only_the_real_target():
+  real = np.array([-4.0, 0.0, 2.5], np.float32)
+  fake = np.array([1.0, -2.0, 0.5], np.float32)
+  sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+  loss = losses.adversarial_loss("nonsaturating", label_smoothing=0.1)
+  d_real, d_fake = loss.d_loss(jnp.asarray(real), jnp.asarray(fake))
+  np.testing.assert_allclose(
+      d_real, -0.9 * np.log(sigmoid(real)) - 0.1 * np.log(1.0 - sigmoid(real)), rtol=1e-5)
+  np.testing.assert_allclose(d_fake, -np.log(1.0 - sigmoid(fake)), rtol=1e-5)  # Target 0.
+  np.testing.assert_allclose(loss.g_loss(jnp.asarray(fake)), -np.log(sigmoid(fake)), rtol=1e-5)
+  # The optimum moves from D(x) = 1 to D(x) = 0.9: the real term's slope is 0 at logit(0.9).
+  slope = jax.grad(lambda x: loss.d_loss(x, jnp.zeros(()))[0])(jnp.float32(np.log(9.0)))
+  assert abs(float(slope)) < 1e-6
+  with pytest.raises(ValueError, match="non-saturating"):
+    losses.adversarial_loss("hinge", label_smoothing=0.1)
+  for bad in ({"label_smoothing": 0.1, "loss": "hinge"}, {"label_smoothing": 0.5},
+              {"r1_every": 0}, {"r1_gamma": -1.0}):
+    with pytest.raises(ConfigError):
+      gan.check({**gan.DEFAULTS, **bad})
+
+
+def test_r1_is_the_squared_input_gradient_at_the_reals_and_lazy_r1_skips_steps():
+  """A linear D(x) = <k, x> + b has input gradient k for every example: R1 = |k|^2, so the
+  D loss grows by gamma / 2 * |k|^2 (times k_lazy on the steps lazy R1 runs, 0 between)."""
+  shape, rows = (4, 4, 1), 6
+  nets = _tiny_gan(shape, zero_generator=True, linear_discriminator=True)
+  tx = optax.sgd(0.0)  # Nothing moves: every step sees the same D.
+  state = jax.jit(functools.partial(gan.init, nets, tx, tx, shape, False))(jax.random.key(0))
+  kernel = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(16, 1)
+  state["disc"]["params"]["Dense_0"]["kernel"] = jnp.asarray(kernel)
+  k_sq = float(np.sum(kernel**2))
+  images = np.random.default_rng(0).uniform(-1, 1, (rows,) + shape).astype(np.float32)
+  batch = {"image": images, "label": np.zeros(rows, np.int32)}
+
+  def d_loss(step, **settings):
+    s = adversarial.Settings(losses.adversarial_loss("nonsaturating"), n_disc=1, **settings)
+    fn = jax.jit(functools.partial(adversarial.train_step, adapter=gan.adapter(nets),
+                                   settings=s, gen_tx=tx, disc_tx=tx))
+    metrics = fn({**state, "step": jnp.int32(step)}, batch, jax.random.key(1))[1]
+    return float(metrics["d_loss"]), float(metrics.get("r1", np.nan))
+
+  base_loss, _ = d_loss(0)
+  loss, r1 = d_loss(0, r1_gamma=0.5)
+  np.testing.assert_allclose(r1, k_sq, rtol=1e-5)
+  np.testing.assert_allclose(loss - base_loss, 0.25 * k_sq, rtol=1e-4)
+  lazy_on, _ = d_loss(8, r1_gamma=0.5, r1_every=4)  # 8 % 4 == 0: runs, scaled by 4.
+  np.testing.assert_allclose(lazy_on - d_loss(8)[0], 4 * 0.25 * k_sq, rtol=1e-4)
+  lazy_off, r1_off = d_loss(9, r1_gamma=0.5, r1_every=4)
+  assert r1_off == 0.0 and lazy_off == d_loss(9)[0]
 
 
 def test_ema_follows_the_warmup_recurrence_over_real_steps():

@@ -9,9 +9,11 @@ generator penalty and the EMA are the same for both.
 Per step, with ``rng = fold_in(base, step)``:
 - discriminator update ``i`` (of ``n_disc``) takes its own real micro-batch
   (``losses.split_microbatches``) and the keys ``adapter.d_keys(fold_in(rng, i))``. Its loss
-  is ``weighted_mean(real_term, w) + mean(fake_term) + gp_weight * mean(gp)``: importance
-  weights ``w`` multiply the real term only (Choi et al. 2020), self-normalised; ``gp`` is
-  the gradient penalty at random interpolates of real and fake inputs (any rank);
+  is ``weighted_mean(real_term, w) + mean(fake_term) + gp_weight * mean(gp)
+  + r1_gamma / 2 * mean(r1)``: importance weights ``w`` multiply the real term only (Choi et
+  al. 2020), self-normalised; ``gp`` is the gradient penalty at random interpolates of real
+  and fake inputs (any rank), ``r1`` the squared input gradient at the reals (lazy: every
+  ``r1_every`` steps, scaled by it);
 - the generator update uses ``adapter.g_keys(fold_in(rng, n_disc))`` and minimises
   ``mean(g_term) + penalty`` where ``penalty(fake, step, constants)`` is an optional extra
   term (the fairness penalty; ``constants`` are its frozen arrays, jit arguments). ``g_loss`` is that total, ``g_adv_loss`` the adversarial part.
@@ -90,6 +92,8 @@ class Settings:
   n_disc: int
   gp_weight: float = 0.0
   ema_decay: float = 0.0
+  r1_gamma: float = 0.0
+  r1_every: int = 1
 
 
 def init_nets(gen_vars: Mapping[str, Any], disc_params: Any,
@@ -136,6 +140,17 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
             lambda x: adapter.discriminate(params, x, y, None), mixed))
         total = total + settings.gp_weight * gp
         aux["gp"] = gp
+      if settings.r1_gamma:
+        # Lazy R1 (StyleGAN2): every r1_every steps, scaled by r1_every; skipped (not
+        # computed) on the other steps.
+        def r1_fn():
+          return jnp.mean(losses.r1_penalty(
+              lambda x: adapter.discriminate(params, x, y, None), x_real))
+
+        r1 = r1_fn() if settings.r1_every == 1 else jax.lax.cond(
+            state["step"] % settings.r1_every == 0, r1_fn, lambda: jnp.zeros((), jnp.float32))
+        total = total + 0.5 * settings.r1_gamma * settings.r1_every * r1
+        aux["r1"] = r1
       return total, aux
 
     (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)

@@ -1,8 +1,10 @@
 """Image GANs: the adversarial step (``adversarial.py``) adapted to image batches.
 
-A loss of ``losses.ADVERSARIAL_LOSSES`` (``objective.loss``, non-saturating by default),
-``n_disc`` discriminator updates per generator update (each on its own real micro-batch),
-an optional gradient penalty (``gp_weight``), conditional nets (labels or groups from
+A loss of ``losses.ADVERSARIAL_LOSSES`` (``objective.loss``: non-saturating by default,
+Wasserstein, hinge or least squares), ``n_disc`` discriminator updates per generator update
+(each on its own real micro-batch), optional regularisers of D (the gradient penalty at
+interpolates, ``gp_weight``; R1 at reals, ``r1_gamma``, lazily every ``r1_every`` steps;
+one-sided label smoothing, ``label_smoothing``), conditional nets (labels or groups from
 ``batch[condition_key]``), dropout in the discriminator, batch statistics in the generator,
 and a generator EMA (``ema_decay``; 0 disables it, and samples then use the raw weights).
 Importance weights multiply the discriminator's real-data term only (Choi et al. 2020).
@@ -28,6 +30,9 @@ DEFAULTS = {
     "n_disc": 1,  # Discriminator updates per generator update.
     "ema_decay": 0.999,  # Generator EMA (0: none).
     "gp_weight": 0.0,  # Weight of the gradient penalty at real/fake interpolates.
+    "r1_gamma": 0.0,  # R1 on reals: gamma / 2 * E|grad D(x)|^2 (0: off).
+    "r1_every": 1,  # Lazy R1: applied every k steps, scaled by k (StyleGAN2 uses 16).
+    "label_smoothing": 0.0,  # One-sided: D's target for reals is 1 - this (nonsaturating).
 }
 OPTIMIZERS = ("gen", "disc")
 
@@ -41,6 +46,14 @@ def check(cfg: Mapping[str, Any]) -> None:
   require(0 <= cfg["ema_decay"] < 1,
           f"objective.ema_decay must be in [0, 1), got {cfg['ema_decay']}.")
   require(cfg["gp_weight"] >= 0, f"objective.gp_weight must be >= 0, got {cfg['gp_weight']}.")
+  require(cfg["r1_gamma"] >= 0, f"objective.r1_gamma must be >= 0, got {cfg['r1_gamma']}.")
+  require(isinstance(cfg["r1_every"], int) and cfg["r1_every"] >= 1,
+          f"objective.r1_every must be an integer >= 1, got {cfg['r1_every']!r}.")
+  require(0 <= cfg["label_smoothing"] < 0.5,
+          f"objective.label_smoothing must be in [0, 0.5), got {cfg['label_smoothing']}.")
+  require(not cfg["label_smoothing"] or cfg["loss"] == "nonsaturating",
+          f"objective.label_smoothing is defined for loss='nonsaturating' (a cross-entropy "
+          f"target), not for loss={cfg['loss']!r}.")
 
 
 def adapter(nets: GanModules) -> adversarial.Adapter:
@@ -110,8 +123,10 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   gen_tx = base.make_optimizer(optim["gen"])
   disc_tx = base.make_optimizer(optim["disc"])
   settings = adversarial.Settings(
-      loss=losses.adversarial_loss(objective["loss"]), n_disc=int(objective["n_disc"]),
-      gp_weight=float(objective["gp_weight"]), ema_decay=float(objective["ema_decay"]))
+      loss=losses.adversarial_loss(objective["loss"], float(objective["label_smoothing"])),
+      n_disc=int(objective["n_disc"]), gp_weight=float(objective["gp_weight"]),
+      ema_decay=float(objective["ema_decay"]), r1_gamma=float(objective["r1_gamma"]),
+      r1_every=int(objective["r1_every"]))
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),
                              settings.ema_decay > 0),

@@ -10,6 +10,7 @@ minimise lives here, as pure per-example functions:
   fake term so that importance weights multiply the real term only (Choi et al. 2020);
 - ``gradient_penalty``: ``(|d f(x) / d x| - 1)^2`` per example, for inputs of any rank
   (image batches as well as table rows), at random interpolates of real and fake inputs;
+  ``r1_penalty``: ``|d f(x) / d x|^2`` at real inputs;
 - ``split_microbatches``: one real micro-batch per discriminator/critic update;
 - ``soft_dp_gap``: the demographic-parity gap of a batch (AIF360's sign: unprivileged
   minus privileged), differentiable with soft labels and group weights; ``hard_dp_gap`` is
@@ -106,12 +107,28 @@ ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
 }
 
 
-def adversarial_loss(name: str) -> AdversarialLoss:
-  """The loss pair called ``name``; ValueError lists the valid names."""
+def adversarial_loss(name: str, label_smoothing: float = 0.0) -> AdversarialLoss:
+  """The loss pair called ``name``; ValueError lists the valid names.
+
+  ``label_smoothing`` > 0 (non-saturating only): one-sided label smoothing (Salimans et al.
+  2016), the discriminator's target for reals is ``1 - label_smoothing``; fakes keep 0.
+  """
   if name not in ADVERSARIAL_LOSSES:
     raise ValueError(f"Unknown adversarial loss {name!r}; valid: "
                      f"{', '.join(sorted(ADVERSARIAL_LOSSES))}.")
-  return ADVERSARIAL_LOSSES[name]
+  if not label_smoothing:
+    return ADVERSARIAL_LOSSES[name]
+  if name != "nonsaturating":
+    raise ValueError(f"Label smoothing is defined for the non-saturating loss (a "
+                     f"cross-entropy target), not for {name!r}.")
+  alpha = float(label_smoothing)
+
+  def d_smoothed(real_logits, fake_logits):
+    # Cross-entropy with target 1 - alpha: -(1 - a) log D(x) - a log(1 - D(x)).
+    real = (1.0 - alpha) * jax.nn.softplus(-real_logits) + alpha * jax.nn.softplus(real_logits)
+    return real, jax.nn.softplus(fake_logits)
+
+  return AdversarialLoss(d_smoothed, g_nonsaturating)
 
 
 # --- Regularisers. -----------------------------------------------------------------------
@@ -126,9 +143,20 @@ def gradient_penalty(fn: Callable[[jax.Array], jax.Array], inputs: jax.Array,
   is example ``i``'s own gradient. Works for inputs of any rank: the norm is over every
   axis but the first.
   """
+  return (jnp.sqrt(input_grad_sq_norm(fn, inputs) + 1e-12) - target)**2
+
+
+def r1_penalty(fn: Callable[[jax.Array], jax.Array], reals: jax.Array) -> jax.Array:
+  """Per-example ``|d fn(x)_i / d x_i|^2`` at real inputs (Mescheder et al. 2018's R1;
+  the loss adds ``gamma / 2`` times its mean). Same contract for ``fn`` as
+  ``gradient_penalty``."""
+  return input_grad_sq_norm(fn, reals)
+
+
+def input_grad_sq_norm(fn: Callable[[jax.Array], jax.Array], inputs: jax.Array) -> jax.Array:
+  """Per-example squared norm of the gradient of ``fn``'s output with respect to its input."""
   grads = jax.grad(lambda x: jnp.sum(fn(x)))(inputs)
-  sq = jnp.sum(jnp.reshape(grads**2, (grads.shape[0], -1)), axis=-1)
-  return (jnp.sqrt(sq + 1e-12) - target)**2
+  return jnp.sum(jnp.reshape(grads**2, (grads.shape[0], -1)), axis=-1)
 
 
 def interpolate(real: jax.Array, fake: jax.Array, rng: jax.Array) -> jax.Array:
