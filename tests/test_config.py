@@ -87,7 +87,7 @@ def test_a_workdir_from_before_model_dtype_resumes_in_float32_only(tmp_path):
 
 def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_only(tmp_path):
   config = load_config("dcgan_mnist", "smoke")
-  for key in ("loss", "gp_weight", "r1_gamma", "r1_every", "label_smoothing"):
+  for key in ("loss", "gp_weight", "r1_gamma", "r1_every", "label_smoothing", "diffaugment"):
     del config.objective[key]  # A config.json written before the keys existed.
   checkpoint.check_and_write_config(str(tmp_path), config)
   config = load_config("dcgan_mnist", "smoke")

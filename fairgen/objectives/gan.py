@@ -4,7 +4,8 @@ A loss of ``losses.ADVERSARIAL_LOSSES`` (``objective.loss``: non-saturating by d
 Wasserstein, hinge or least squares), ``n_disc`` discriminator updates per generator update
 (each on its own real micro-batch), optional regularisers of D (the gradient penalty at
 interpolates, ``gp_weight``; R1 at reals, ``r1_gamma``, lazily every ``r1_every`` steps;
-one-sided label smoothing, ``label_smoothing``), conditional nets (labels or groups from
+one-sided label smoothing, ``label_smoothing``), DiffAugment of every image D sees
+(``diffaugment``), conditional nets (labels or groups from
 ``batch[condition_key]``), dropout in the discriminator, batch statistics in the generator,
 and a generator EMA (``ema_decay``; 0 disables it, and samples then use the raw weights).
 Importance weights multiply the discriminator's real-data term only (Choi et al. 2020).
@@ -23,6 +24,7 @@ from fairgen.config import ConfigError, require
 from fairgen.models import GanModules
 from fairgen.objectives import adversarial
 from fairgen.objectives import base
+from fairgen.objectives import diffaugment
 from fairgen.objectives import losses
 
 DEFAULTS = {
@@ -33,6 +35,7 @@ DEFAULTS = {
     "r1_gamma": 0.0,  # R1 on reals: gamma / 2 * E|grad D(x)|^2 (0: off).
     "r1_every": 1,  # Lazy R1: applied every k steps, scaled by k (StyleGAN2 uses 16).
     "label_smoothing": 0.0,  # One-sided: D's target for reals is 1 - this (nonsaturating).
+    "diffaugment": "",  # DiffAugment policy of D's inputs, e.g. "color,translation,cutout".
 }
 OPTIMIZERS = ("gen", "disc")
 
@@ -51,13 +54,21 @@ def check(cfg: Mapping[str, Any]) -> None:
           f"objective.r1_every must be an integer >= 1, got {cfg['r1_every']!r}.")
   require(0 <= cfg["label_smoothing"] < 0.5,
           f"objective.label_smoothing must be in [0, 0.5), got {cfg['label_smoothing']}.")
+  try:
+    diffaugment.parse(cfg["diffaugment"])
+  except (ValueError, AttributeError) as e:
+    raise ConfigError(f"objective.diffaugment={cfg['diffaugment']!r}: {e}") from None
   require(not cfg["label_smoothing"] or cfg["loss"] == "nonsaturating",
           f"objective.label_smoothing is defined for loss='nonsaturating' (a cross-entropy "
           f"target), not for loss={cfg['loss']!r}.")
 
 
-def adapter(nets: GanModules) -> adversarial.Adapter:
-  """How image batches and the DCGAN-style nets plug into the adversarial step."""
+def adapter(nets: GanModules, augment: tuple[str, ...] = ()) -> adversarial.Adapter:
+  """How image batches and the DCGAN-style nets plug into the adversarial step.
+
+  ``augment``: a DiffAugment policy applied to every input of D that comes with a key (reals
+  and fakes in D's update, fakes in G's); the regularisers (rng None) see raw inputs.
+  """
 
   def generate(gen: Mapping[str, Any], z: jax.Array, y: jax.Array):
     collections = {k: v for k, v in gen.items() if k != "opt"}
@@ -65,6 +76,8 @@ def adapter(nets: GanModules) -> adversarial.Adapter:
                                 mutable=[k for k in collections if k != "params"])
 
   def discriminate(params, x, y, rng):
+    if augment and rng is not None:  # fold_in: dropout keeps the keys it had without it.
+      x = diffaugment.augment(x, jax.random.fold_in(rng, 1), augment)
     rngs = {"dropout": rng} if rng is not None else {}
     return nets.discriminator.apply({"params": params}, x, y, train=rng is not None, rngs=rngs)
 
@@ -127,10 +140,11 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       n_disc=int(objective["n_disc"]), gp_weight=float(objective["gp_weight"]),
       ema_decay=float(objective["ema_decay"]), r1_gamma=float(objective["r1_gamma"]),
       r1_every=int(objective["r1_every"]))
+  policy = diffaugment.parse(objective["diffaugment"])
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),
                              settings.ema_decay > 0),
-      train_step=functools.partial(adversarial.train_step, adapter=adapter(nets),
+      train_step=functools.partial(adversarial.train_step, adapter=adapter(nets, policy),
                                    settings=settings, gen_tx=gen_tx, disc_tx=disc_tx,
                                    penalty=None if penalty is None else penalty.fn),
       decode=functools.partial(decode, nets=nets),
