@@ -1,8 +1,8 @@
 """DiffAugment (Zhao et al. 2020): differentiable augmentations of every image D sees.
 
 The discriminator sees reals and fakes through the same random policy, in its own update and
-in the generator's, so the generator's gradient flows through the augmentation. It matters
-for small datasets such as mnist_5k. Each operation draws its parameters per example from
+in the generator's, so the generator's gradient flows through the augmentation (Zhao et al.
+made it for small datasets, such as mnist_5k here). Each operation draws its parameters per example from
 one key, so the step stays a function of (seed, step). Images are NHWC in [-1, 1]. The
 operations follow the reference implementation (``DiffAugment_tf.py``):
 
