@@ -266,9 +266,11 @@ def test_one_sided_label_smoothing_moves_only_the_real_target():
       gan.check({**gan.DEFAULTS, **bad})
 
 
-def test_r1_is_the_squared_input_gradient_at_the_reals_and_lazy_r1_skips_steps():
-  """A linear D(x) = <k, x> + b has input gradient k for every example: R1 = |k|^2, so the
-  D loss grows by gamma / 2 * |k|^2 (times k_lazy on the steps lazy R1 runs, 0 between)."""
+def test_gradient_penalty_and_r1_of_a_linear_critic_and_lazy_r1_skips_steps():
+  """A linear D(x) = <k, x> + b has input gradient k for every example and every input, so
+  the gradient penalty at any interpolate is (|k| - 1)^2 and R1 = |k|^2: the D loss grows by
+  gp_weight * (|k| - 1)^2, and by gamma / 2 * |k|^2 (times k_lazy on the steps lazy R1 runs,
+  0 between)."""
   shape, rows = (4, 4, 1), 6
   nets = _tiny_gan(shape, zero_generator=True, linear_discriminator=True)
   tx = optax.sgd(0.0)  # Nothing moves: every step sees the same D.
@@ -284,9 +286,12 @@ def test_r1_is_the_squared_input_gradient_at_the_reals_and_lazy_r1_skips_steps()
     fn = jax.jit(functools.partial(adversarial.train_step, adapter=gan.adapter(nets),
                                    settings=s, gen_tx=tx, disc_tx=tx))
     metrics = fn({**state, "step": jnp.int32(step)}, batch, jax.random.key(1))[1]
-    return float(metrics["d_loss"]), float(metrics.get("r1", np.nan))
+    return float(metrics["d_loss"]), float(metrics.get("r1", metrics.get("gp", np.nan)))
 
   base_loss, _ = d_loss(0)
+  loss, gp = d_loss(0, gp_weight=10.0)
+  np.testing.assert_allclose(gp, (np.sqrt(k_sq) - 1.0)**2, rtol=1e-5)
+  np.testing.assert_allclose(loss - base_loss, 10.0 * (np.sqrt(k_sq) - 1.0)**2, rtol=1e-4)
   loss, r1 = d_loss(0, r1_gamma=0.5)
   np.testing.assert_allclose(r1, k_sq, rtol=1e-5)
   np.testing.assert_allclose(loss - base_loss, 0.25 * k_sq, rtol=1e-4)
