@@ -37,7 +37,6 @@ class MetricLogger:
     self._tb = None
     self._metrics: storage.Appender | None = None
     if self.enabled:
-      storage.makedirs(workdir)
       self._metrics = storage.Appender(os.path.join(workdir, METRICS_FILE))
       from tensorboardX import SummaryWriter  # Only process 0 writes events.
       self._tb = SummaryWriter(logdir=workdir, flush_secs=30)

@@ -155,17 +155,16 @@ class WorkdirLock:
   use a ``LeaseLock``. ``check()`` raises if the lease was lost.
   """
 
-  def __init__(self, workdir: str, lease_seconds: float | None = None):
+  def __init__(self, workdir: str):
     self.path = os.path.join(workdir, ".lock")
     self._fd: int | None = None
     self._lease: LeaseLock | None = None
-    if storage.is_remote(workdir):
-      self._lease = LeaseLock(self.path, lease_seconds or LeaseLock.DEFAULT_SECONDS)
 
   def __enter__(self) -> "WorkdirLock":
     if jax.process_index() != 0:
       return self
-    if self._lease is not None:
+    if storage.is_remote(self.path):
+      self._lease = LeaseLock(self.path)
       self._lease.acquire()
       return self
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -267,6 +266,7 @@ class LeaseLock:
       except Exception:  # pylint: disable=broad-except
         holder = {}  # Changed under us or unreadable; treated as an unknown holder.
       lease = float(holder.get("lease_seconds", self.DEFAULT_SECONDS))
+      dead_here = self._holder_is_dead_here(holder)
       if watched is not None and watched[0] != blob.generation:
         raise WorkdirLockedError(
             f"{os.path.dirname(self.path)} is in use by another fairgen process "
@@ -274,11 +274,11 @@ class LeaseLock:
             f"lease. Wait for it to finish or stop it; two runs must not share a workdir.")
       if watched is None:
         watched = (blob.generation, time.monotonic())
-        if not self._holder_is_dead_here(holder):
+        if not dead_here:
           logging.warning("%s is held by %s pid %s; taking it over if the holder does not "
                           "renew it within %.0f s.", self.path, holder.get("host", "?"),
                           holder.get("pid", "?"), lease)
-      if (self._holder_is_dead_here(holder) or time.monotonic() - watched[1] >= lease):
+      if dead_here or time.monotonic() - watched[1] >= lease:
         if self._write(if_generation_match=blob.generation):
           logging.warning("Took over %s from %s pid %s, which is gone.", self.path,
                           holder.get("host", "?"), holder.get("pid", "?"))

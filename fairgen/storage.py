@@ -193,7 +193,10 @@ def move(src: str, dst: str) -> None:
     os.replace(src, dst)
     return
   _copy(_epath(src), _epath(dst))
-  rmtree(src) if isdir(src) else remove(src)
+  if isdir(src):
+    rmtree(src)
+  else:
+    remove(src)
 
 
 def _copy(source: Any, target: Any) -> None:

@@ -96,12 +96,18 @@ def workdir(tmp_path):
   return str(tmp_path / "workdir")
 
 
+def subprocess_env(extra: dict | None = None) -> dict:
+  """The environment of a process the tests start: this one's without the tests' XLA_FLAGS
+  (8 fake devices), so the child sees one device unless ``extra`` says otherwise."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(extra or {})
+  return env
+
+
 def run_main(*args: str, env_extra: dict | None = None, timeout: int = 300):
   """Runs ``python -m fairgen.main`` in a fresh process; returns CompletedProcess."""
   import subprocess
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update(env_extra or {})
+  env = subprocess_env(env_extra)
   return subprocess.run([sys.executable, "-m", "fairgen.main", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

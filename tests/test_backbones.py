@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO, subprocess_env
 from fairgen import data
 from fairgen.classifiers import backbones
 from fairgen.classifiers import fit
 from fairgen.models.classifier import Classifier
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +151,7 @@ def test_tool_trains_saves_and_refuses_to_overwrite(tmp_path):
   out = str(tmp_path / "digits")
   cmd = [sys.executable, "tools/train_classifier.py", "--dataset=digits", f"--out={out}",
          "--steps=40", "--width=8", "--log_every=0"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
   summary = json.loads(done.stdout.strip().splitlines()[-1])

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from conftest import REPO, final_state, load_config, run_main
+from conftest import REPO, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint
 from fairgen import data
 from fairgen import experiment
@@ -536,9 +536,7 @@ def test_tabular_debiasing_resume_is_exact(tmp_path):
 
 
 def _launch(workdir, flags, env_extra, log_path):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update(env_extra)
+  env = subprocess_env(env_extra)
   with open(log_path, "w") as log:
     return subprocess.Popen([sys.executable, "-m", "fairgen.main", f"--workdir={workdir}",
                              *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,

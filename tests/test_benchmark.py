@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 def _numbers(tree, prefix=""):
@@ -21,7 +21,7 @@ def _numbers(tree, prefix=""):
 def test_benchmark_smoke_and_scaling_losses_agree():
   """Sharded parameters (mesh.fsdp, through --set), so that the memory report has
   something to show: the 2-device state is half the 1-device one."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
        "--config=experiments/vae_mnist.py:smoke", "--repeats=1", "--steps=2",

@@ -10,7 +10,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, subprocess_env
 from fairgen import data, experiment, train
 from fairgen.objectives import debias
 
@@ -91,7 +91,7 @@ def test_debiasing_on_eight_devices_matches_one(tmp_path):
 
 def test_repro_script_quick_prints_what_its_runs_measured(tmp_path):
   """Each table row is the mean over seeds of the runs' own eval JSONs, beside the paper's."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, "experiments/repro/aif360_adversarial_debiasing.py", "--quick",
        f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, subprocess_env
 from fairgen import config as config_lib
 from fairgen import data
 from fairgen import fairness as fair
@@ -273,7 +273,7 @@ REPRO_METHODS = ("baseline", "importance", "penalty")
 
 
 def test_choi_repro_script_quick_and_resumable(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = subprocess_env()
   cmd = [sys.executable, "experiments/repro/choi2020_mnist.py", "--quick", f"--out={tmp_path}",
          f"--methods={','.join(REPRO_METHODS)}"]
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

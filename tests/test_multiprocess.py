@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main
+from conftest import REPO, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint, data, fairness, train
 
 LAUNCH = os.path.join(REPO, "tools", "launch_local.py")
@@ -31,8 +31,7 @@ def _command(args, record=None, processes=2, devices=4):
   command = [sys.executable, LAUNCH, f"--processes={processes}",
              f"--devices_per_process={devices}", "--", sys.executable,
              WORKER if record else "-m", *([] if record else ["fairgen.main"]), *args]
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env = subprocess_env()
   if record:
     os.makedirs(record, exist_ok=True)
     env["FAIRGEN_TEST_RECORD"] = str(record)

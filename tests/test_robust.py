@@ -15,16 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main
+from conftest import REPO, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint, experiment, robust, train
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
 
 
 def _launch(workdir, *extra, env_extra=None, stderr=subprocess.PIPE):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  env.update(env_extra or {})
+  env = subprocess_env(env_extra)
   return subprocess.Popen(
       [sys.executable, "-m", "fairgen.main", f"--config={CONFIG}", f"--workdir={workdir}",
        *extra], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)

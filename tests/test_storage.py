@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main
+from conftest import REPO, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint, data, robust, storage
 from fairgen.classifiers import backbones, fit
 from fairgen.fairness import importance
@@ -191,12 +191,6 @@ def _tiny_classifier():
                               width=4, feature_dim=8, augment=False)
 
 
-def _subprocess_env(extra):
-  """The environment run_main gives its process (one device: no XLA_FLAGS of the tests)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return {**env, **extra}
-
-
 def _objects(prefix):
   import gcsfs
   fs = gcsfs.GCSFileSystem()
@@ -226,7 +220,7 @@ def test_gs_workdir_resumes_after_sigkill_bit_identically_then_evaluates_and_sam
   ckpt_dir = f"{workdir}/checkpoints"
   proc = subprocess.Popen(
       [sys.executable, "-m", "fairgen.main", f"--config={CONFIG}", f"--workdir={workdir}",
-       *flags], cwd=REPO, env=_subprocess_env(env), stdout=subprocess.DEVNULL,
+       *flags], cwd=REPO, env=subprocess_env(env), stdout=subprocess.DEVNULL,
       stderr=open(tmp_path / "killed.txt", "w"))
   try:
     # Kill once a step directory exists without its commit marker: in the middle of a save
