@@ -14,10 +14,13 @@ def get_config(arg=None):
                  fast_conv=True, dtype="float32")
   # loss: nonsaturating | wasserstein | hinge | ls. Regularisers of D: gp_weight (WGAN-GP at
   # interpolates), r1_gamma and r1_every (R1 at reals, lazy every k steps), label_smoothing;
-  # diffaugment: "color,translation,cutout" or a part (DiffAugment of D's inputs).
+  # diffaugment: "color,translation,cutout" or a part (DiffAugment of D's inputs);
+  # spectral_norm: "disc" or "gen,disc" (spectral normalisation of those nets' weights);
+  # ema_batch_stats: the EMA generator keeps its own batch-norm statistics (False: the raw
+  # generator's, as the README's numbers were measured).
   c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.999,
                      gp_weight=0.0, r1_gamma=0.0, r1_every=1, label_smoothing=0.0,
-                     diffaugment="")
+                     diffaugment="", spectral_norm="", ema_batch_stats=False)
   # TTUR-ready: separate generator and discriminator optimizers (DCGAN's Adam settings).
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999),
                  disc=dict(name="adam", lr=2e-4, b1=0.5, b2=0.999))

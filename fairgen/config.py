@@ -29,7 +29,8 @@ EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
 # resumes, and a run with another value is still another experiment.
 ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
               "objective.gp_weight": 0.0, "objective.r1_gamma": 0.0, "objective.r1_every": 1,
-              "objective.label_smoothing": 0.0, "objective.diffaugment": ""}
+              "objective.label_smoothing": 0.0, "objective.diffaugment": "",
+              "objective.spectral_norm": "", "objective.ema_batch_stats": False}
 
 
 class ConfigError(ValueError):

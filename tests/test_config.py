@@ -15,7 +15,9 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
             "fair_tabgan_adult": [None, "smoke", "plain"],
             "fair_mnist": [None, "smoke", "method=importance", "method=resample",
                            "method=conditional", "method=penalty,smoke",
-                           "method=importance,model=vae", "method=resample,attribute=color"]}
+                           "method=importance,model=vae", "method=resample,attribute=color"],
+            "resnet_gan_mnist": [None, "smoke"],
+            "sngan_cifar10": [None, "smoke"]}
 
 
 def test_every_experiment_file_is_covered():

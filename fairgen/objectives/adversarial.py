@@ -18,6 +18,11 @@ Per step, with ``rng = fold_in(base, step)``:
   ``mean(g_term) + penalty`` where ``penalty(fake, step, constants)`` is an optional extra
   term (the fairness penalty; ``constants`` are its frozen arrays, jit arguments). ``g_loss`` is that total, ``g_adv_loss`` the adversarial part.
 
+Spectrally normalised nets (``state['spectral']``, ``fairgen.models.spectral``) take one
+power iteration per update of their own, on the parameters before it, and are applied with
+their weights divided by the estimate: D in its updates and in G's, G in its update and
+for D's fakes; a normalised G's EMA gets one iteration per step on the updated EMA.
+
 Image GANs loop over the discriminator updates in Python, not ``lax.scan``: XLA:CPU leaves
 the convolutions of a while-loop body on a slow path (measured: a full-width DCGAN step 16 s
 instead of 0.4 s), and ``n_disc`` is small. Dense nets (``Adapter.scan_disc``) scan.
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fairgen.models import spectral
 from fairgen.objectives import base
 from fairgen.objectives import losses
 
@@ -96,17 +102,42 @@ class Settings:
   r1_every: int = 1
 
 
+SPECTRAL_NETS = ("gen", "disc")  # What ``spectral_norm`` may name.
+
+
 def init_nets(gen_vars: Mapping[str, Any], disc_params: Any,
               gen_tx: optax.GradientTransformation, disc_tx: optax.GradientTransformation,
-              ema: bool) -> base.State:
-  """The state: step, gen {params, opt, other collections}, disc {params, opt}, [ema]."""
+              ema: bool, spectral_norm: tuple[str, ...] = (),
+              rng: jax.Array | None = None, ema_stats: bool = False) -> base.State:
+  """The state: step, gen {params, opt, other collections}, disc {params, opt}, [ema],
+  [ema_stats: the EMA generator's own collections, e.g. batch_stats, where ``ema_stats``],
+  and [spectral {net: power-iteration state}] for the nets in ``spectral_norm`` (a subset
+  of ``SPECTRAL_NETS``; the EMA of a normalised generator gets its own, key 'ema').
+  """
   gen = {"params": gen_vars["params"], "opt": gen_tx.init(gen_vars["params"]),
          **{k: v for k, v in gen_vars.items() if k != "params"}}
   state = {"step": jnp.zeros((), jnp.int32), "gen": gen,
            "disc": {"params": disc_params, "opt": disc_tx.init(disc_params)}}
   if ema:
     state["ema"] = jax.tree.map(jnp.copy, gen_vars["params"])
+    collections = {k: v for k, v in gen_vars.items() if k != "params"}
+    if ema_stats and collections:
+      state["ema_stats"] = jax.tree.map(jnp.copy, collections)
+  if spectral_norm:
+    if rng is None:
+      raise ValueError("Spectral normalisation needs an rng for its initial vectors.")
+    nets = {"gen": gen["params"], "disc": disc_params}
+    sn = {net: spectral.init_state(nets[net], jax.random.fold_in(rng, i))
+          for i, net in enumerate(SPECTRAL_NETS) if net in spectral_norm}
+    if "gen" in sn and ema:
+      sn["ema"] = jax.tree.map(jnp.copy, sn["gen"])
+    state["spectral"] = sn
   return state
+
+
+def _normalized(params: Any, sn: spectral.State | None) -> Any:
+  """``params`` spectrally normalised with ``sn``, or as they are without it."""
+  return params if sn is None else spectral.normalize(params, sn)
 
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter: Adapter,
@@ -123,13 +154,18 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
              else jnp.ones(conds.shape, jnp.float32))
   b = reals.shape[1]
   p = adapter.prefix
+  sn = dict(state.get("spectral", {}))
+  gen_now = {**gen, "params": _normalized(gen["params"], sn.get("gen"))}
 
-  def d_update(d_params, d_opt, x_real, y, w, keys):
+  def d_update(d_params, d_opt, d_sn, x_real, y, w, keys):
     z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
-    fake = jax.lax.stop_gradient(adapter.generate(gen, z, y)[0])
+    fake = jax.lax.stop_gradient(adapter.generate(gen_now, z, y)[0])
     mixed = (losses.interpolate(x_real, fake, keys["mix"]) if settings.gp_weight else None)
+    if d_sn is not None:  # One power iteration per update (Miyato et al.'s Algorithm 1).
+      d_sn = spectral.power_iteration(d_params, d_sn)
 
-    def loss_fn(params):
+    def loss_fn(raw_params):
+      params = _normalized(raw_params, d_sn)
       real_out = adapter.discriminate(params, x_real, y, keys.get("real"))
       fake_out = adapter.discriminate(params, fake, y, keys.get("fake"))
       real_term, fake_term = loss.d_loss(real_out, fake_out)
@@ -156,31 +192,36 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
     updates, d_opt = disc_tx.update(grads, d_opt, d_params)
     d_params = optax.apply_updates(d_params, updates)
-    return d_params, d_opt, {f"{p}_loss": value, **aux,
-                             f"{p}_grad_norm": base.global_norm(grads)}
+    return d_params, d_opt, d_sn, {f"{p}_loss": value, **aux,
+                                   f"{p}_grad_norm": base.global_norm(grads)}
 
-  d_params, d_opt = state["disc"]["params"], state["disc"]["opt"]
+  d_params, d_opt, d_sn = state["disc"]["params"], state["disc"]["opt"], sn.get("disc")
   if adapter.scan_disc:
     def body(carry, inputs):
       x, y, w, i = inputs
       *carry, metrics = d_update(*carry, x, y, w, adapter.d_keys(jax.random.fold_in(rng, i)))
       return tuple(carry), metrics
 
-    (d_params, d_opt), d_metrics = jax.lax.scan(
-        body, (d_params, d_opt), (reals, conds, weights, jnp.arange(n_disc)))
+    (d_params, d_opt, d_sn), d_metrics = jax.lax.scan(
+        body, (d_params, d_opt, d_sn), (reals, conds, weights, jnp.arange(n_disc)))
     d_metrics = jax.tree.map(lambda m: m[-1], d_metrics)
   else:
     for i in range(n_disc):
-      d_params, d_opt, d_metrics = d_update(d_params, d_opt, reals[i], conds[i], weights[i],
-                                            adapter.d_keys(jax.random.fold_in(rng, i)))
+      d_params, d_opt, d_sn, d_metrics = d_update(
+          d_params, d_opt, d_sn, reals[i], conds[i], weights[i],
+          adapter.d_keys(jax.random.fold_in(rng, i)))
 
   keys = adapter.g_keys(jax.random.fold_in(rng, n_disc))
   z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
   y_fake = conds[-1]
+  d_final = _normalized(d_params, d_sn)
+  g_sn = sn.get("gen")
+  if g_sn is not None:
+    g_sn = spectral.power_iteration(gen["params"], g_sn)
 
   def g_loss_fn(g_params):
-    fake, updates = adapter.generate({**gen, "params": g_params}, z, y_fake)
-    out = adapter.discriminate(d_params, fake, y_fake, keys.get("disc"))
+    fake, updates = adapter.generate({**gen, "params": _normalized(g_params, g_sn)}, z, y_fake)
+    out = adapter.discriminate(d_final, fake, y_fake, keys.get("disc"))
     adv = jnp.mean(loss.g_loss(out))
     aux = {}
     total = adv
@@ -202,5 +243,17 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
   if "ema" in state:
     new_state["ema"] = base.ema_update(state["ema"], g_params, state["step"],
                                        settings.ema_decay)
+  if sn:
+    new_sn = {"disc": d_sn, "gen": g_sn}
+    if "ema" in sn:
+      new_sn["ema"] = spectral.power_iteration(new_state["ema"], sn["ema"])
+    new_state["spectral"] = {k: v for k, v in new_sn.items() if k in sn}
+  if "ema_stats" in state:
+    # The EMA generator's own batch-norm statistics: it runs once in training mode on the
+    # generator update's latents, so its running averages are of its own activations,
+    # not of the raw generator's (which sampling with the EMA would otherwise use).
+    ema_params = _normalized(new_state["ema"], new_state.get("spectral", {}).get("ema"))
+    new_state["ema_stats"] = adapter.generate(
+        {**state["ema_stats"], "params": ema_params}, z, y_fake)[1]
   metrics = {"g_loss": g_loss, "g_grad_norm": base.global_norm(g_grads), **d_metrics, **g_aux}
   return new_state, metrics

@@ -82,11 +82,14 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   """Adam (or AdamW) from an optimizer config section.
 
   Keys: name, lr, b1, b2, weight_decay, and optionally decay_rate/decay_steps for a
-  staircase exponential learning-rate decay (AIF360's schedule).
+  staircase exponential learning-rate decay (AIF360's schedule), or linear_decay_steps for
+  a linear decay to 0 over that many updates of this optimizer (SNGAN's schedule).
   """
   name = cfg.get("name", "adam")
   lr = cfg["lr"]
-  if cfg.get("decay_steps"):
+  if cfg.get("linear_decay_steps"):
+    lr = optax.linear_schedule(lr, 0.0, cfg["linear_decay_steps"])
+  elif cfg.get("decay_steps"):
     lr = optax.exponential_decay(lr, cfg["decay_steps"], cfg.get("decay_rate", 0.96),
                                  staircase=True)
   if name == "adam":
@@ -107,9 +110,12 @@ def check_optimizer(cfg: Mapping[str, Any], path: str) -> None:
   for b in ("b1", "b2"):
     if b in cfg:
       require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
-  for key in ("weight_decay", "decay_steps"):
+  for key in ("weight_decay", "decay_steps", "linear_decay_steps"):
     if cfg.get(key) is not None:
       require(cfg[key] >= 0, f"{path}.{key} must be >= 0, got {cfg[key]}.")
+  require(not (cfg.get("decay_steps") and cfg.get("linear_decay_steps")),
+          f"{path}: decay_steps (exponential) and linear_decay_steps are two schedules; "
+          f"set one.")
   if cfg.get("decay_rate") is not None:
     require(0 < cfg["decay_rate"] <= 1,
             f"{path}.decay_rate must be in (0, 1], got {cfg['decay_rate']}.")

@@ -5,9 +5,11 @@ Wasserstein, hinge or least squares), ``n_disc`` discriminator updates per gener
 (each on its own real micro-batch), optional regularisers of D (the gradient penalty at
 interpolates, ``gp_weight``; R1 at reals, ``r1_gamma``, lazily every ``r1_every`` steps;
 one-sided label smoothing, ``label_smoothing``), DiffAugment of every image D sees
-(``diffaugment``), conditional nets (labels or groups from
+(``diffaugment``), spectral normalisation of D and optionally G (``spectral_norm``,
+``fairgen.models.spectral``), conditional nets (labels or groups from
 ``batch[condition_key]``), dropout in the discriminator, batch statistics in the generator,
-and a generator EMA (``ema_decay``; 0 disables it, and samples then use the raw weights).
+and a generator EMA (``ema_decay``; 0 disables it, and samples then use the raw weights;
+``ema_batch_stats`` gives it batch-norm statistics of its own).
 Importance weights multiply the discriminator's real-data term only (Choi et al. 2020).
 """
 
@@ -22,6 +24,7 @@ import optax
 
 from fairgen.config import ConfigError, require
 from fairgen.models import GanModules
+from fairgen.models import spectral
 from fairgen.objectives import adversarial
 from fairgen.objectives import base
 from fairgen.objectives import diffaugment
@@ -36,6 +39,10 @@ DEFAULTS = {
     "r1_every": 1,  # Lazy R1: applied every k steps, scaled by k (StyleGAN2 uses 16).
     "label_smoothing": 0.0,  # One-sided: D's target for reals is 1 - this (nonsaturating).
     "diffaugment": "",  # DiffAugment policy of D's inputs, e.g. "color,translation,cutout".
+    "spectral_norm": "",  # Spectrally normalised nets: "", "disc" or "gen,disc".
+    # The EMA generator keeps batch-norm statistics of its own (one extra forward pass per
+    # step); False samples it with the raw generator's statistics.
+    "ema_batch_stats": False,
 }
 OPTIMIZERS = ("gen", "disc")
 
@@ -52,15 +59,33 @@ def check(cfg: Mapping[str, Any]) -> None:
   require(cfg["r1_gamma"] >= 0, f"objective.r1_gamma must be >= 0, got {cfg['r1_gamma']}.")
   require(isinstance(cfg["r1_every"], int) and cfg["r1_every"] >= 1,
           f"objective.r1_every must be an integer >= 1, got {cfg['r1_every']!r}.")
+  require(isinstance(cfg["ema_batch_stats"], bool),
+          f"objective.ema_batch_stats must be True or False, got {cfg['ema_batch_stats']!r}.")
+  require(not cfg["ema_batch_stats"] or cfg["ema_decay"] > 0,
+          "objective.ema_batch_stats keeps statistics for the generator EMA; it needs "
+          "objective.ema_decay > 0.")
   require(0 <= cfg["label_smoothing"] < 0.5,
           f"objective.label_smoothing must be in [0, 0.5), got {cfg['label_smoothing']}.")
   try:
     diffaugment.parse(cfg["diffaugment"])
   except (ValueError, AttributeError) as e:
     raise ConfigError(f"objective.diffaugment={cfg['diffaugment']!r}: {e}") from None
+  nets = spectral_nets(cfg["spectral_norm"])
+  require(nets is not None, f"objective.spectral_norm={cfg['spectral_norm']!r}: name nets "
+          f"among {', '.join(adversarial.SPECTRAL_NETS)}, comma-separated ('' for none).")
   require(not cfg["label_smoothing"] or cfg["loss"] == "nonsaturating",
           f"objective.label_smoothing is defined for loss='nonsaturating' (a cross-entropy "
           f"target), not for loss={cfg['loss']!r}.")
+
+
+def spectral_nets(value: Any) -> tuple[str, ...] | None:
+  """The nets named by ``objective.spectral_norm`` ('gen,disc' -> ('gen', 'disc')), or None
+  if it names anything else."""
+  if not isinstance(value, str):
+    return None
+  names = tuple(n.strip() for n in value.split(",") if n.strip())
+  ok = all(n in adversarial.SPECTRAL_NETS for n in names) and len(set(names)) == len(names)
+  return names if ok else None
 
 
 def adapter(nets: GanModules, augment: tuple[str, ...] = ()) -> adversarial.Adapter:
@@ -104,22 +129,33 @@ def adapter(nets: GanModules, augment: tuple[str, ...] = ()) -> adversarial.Adap
 
 def init(nets: GanModules, gen_tx: optax.GradientTransformation,
          disc_tx: optax.GradientTransformation, image_shape: tuple[int, int, int], ema: bool,
-         rng: jax.Array) -> base.State:
-  """The initial state: step, gen {params, batch_stats, opt}, disc {params, opt}, ema."""
+         rng: jax.Array, *, spectral_norm: tuple[str, ...] = (),
+         ema_batch_stats: bool = False) -> base.State:
+  """The initial state: step, gen {params, batch_stats, opt}, disc {params, opt}, ema,
+  the EMA's own batch statistics where ``ema_batch_stats``, and the spectral-norm state of
+  the nets in ``spectral_norm``."""
   g_rng, d_rng = jax.random.split(rng)
   z = jnp.zeros((1, nets.latent_dim))
   labels = jnp.zeros((1,), jnp.int32)
   g_vars = nets.generator.init(g_rng, z, labels, train=False)
   d_vars = nets.discriminator.init(d_rng, jnp.zeros((1,) + image_shape), labels, train=False)
-  return adversarial.init_nets(g_vars, d_vars["params"], gen_tx, disc_tx, ema)
+  # fold_in leaves the two nets' keys as they were without spectral norm.
+  return adversarial.init_nets(g_vars, d_vars["params"], gen_tx, disc_tx, ema, spectral_norm,
+                               jax.random.fold_in(rng, 2), ema_batch_stats)
 
 
 def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
            nets: GanModules) -> jax.Array:
-  """Generator images for latents ``z``: EMA weights where kept, BN running statistics."""
+  """Generator images for latents ``z``: EMA weights where kept (spectrally normalised with
+  their own vectors where G is), with BN running statistics: the EMA's own where kept."""
   variables = {k: v for k, v in state["gen"].items() if k != "opt"}
+  sn = state.get("spectral", {})
   if "ema" in state:
     variables["params"] = state["ema"]
+    variables.update(state.get("ema_stats", {}))
+  sn_key = "ema" if "ema" in state else "gen"
+  if sn_key in sn:
+    variables["params"] = spectral.normalize(variables["params"], sn[sn_key])
   return nets.generator.apply(variables, z, labels, train=False)
 
 
@@ -143,7 +179,9 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   policy = diffaugment.parse(objective["diffaugment"])
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),
-                             settings.ema_decay > 0),
+                             settings.ema_decay > 0,
+                             spectral_norm=spectral_nets(objective["spectral_norm"]),
+                             ema_batch_stats=bool(objective["ema_batch_stats"])),
       train_step=functools.partial(adversarial.train_step, adapter=adapter(nets, policy),
                                    settings=settings, gen_tx=gen_tx, disc_tx=disc_tx,
                                    penalty=None if penalty is None else penalty.fn),
