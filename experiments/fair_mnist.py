@@ -64,16 +64,8 @@ def get_config(arg=None):
   c.fair.penalty.weight = 1.0
   if args["smoke"]:
     config_lib.make_smoke(c)
+    fairness.make_smoke(c)
     c.data.options.biased_size = 200
-    c.fair.ratio.steps = 4
-    c.fair.ratio.batch_size = 16
-    c.fair.ratio.width = 4
-    c.fair.ratio.feature_dim = 8
-    c.fair.bootstrap = 10
-    c.fair.group_samples = 20
-    c.eval.num_samples = 64
-    c.eval.batch_size = 32
-    c.eval.kid_subset_size = 32
     if args["model"] == "dcgan":
       c.model.width = 0.125
       c.model.latent_dim = 16

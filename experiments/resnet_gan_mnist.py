@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.data.options = dict(pad_to=32)
   c.data.eval_options = dict(pad_to=32)
   c.model = dict(name="resnet_gan", latent_dim=64, g_ch=16, d_ch=16, attention=16,
-                 conditional=False, condition_key="label", orthogonal=True, dtype="float32")
+                 conditional=False, condition_key="label", weight_init="ortho", dtype="float32")
   c.objective = dict(name="gan", loss="hinge", n_disc=2, ema_decay=0.999, gp_weight=0.0,
                      r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="translation",
                      spectral_norm="disc", ema_batch_stats=True)

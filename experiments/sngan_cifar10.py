@@ -26,7 +26,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.name = "cifar10"
   c.model = dict(name="resnet_gan", latent_dim=128, g_ch=64, d_ch=32, attention=0,
-                 conditional=False, condition_key="label", orthogonal=False, dtype="float32")
+                 conditional=False, condition_key="label", weight_init="xavier", dtype="float32")
   c.objective = dict(name="gan", loss="hinge", n_disc=N_DISC, ema_decay=0.0, gp_weight=0.0,
                      r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="",
                      spectral_norm="disc", ema_batch_stats=False)

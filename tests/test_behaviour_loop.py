@@ -531,6 +531,14 @@ def test_gan_resume_is_exact(tmp_path, monkeypatch):
   _assert_resume_is_exact(config, tmp_path, 3)
 
 
+def test_resnet_gan_resume_is_exact(tmp_path):
+  """The ResNet smoke config: spectral-norm vectors of G, D and the EMA, the EMA's own
+  batch statistics, DiffAugment, self-attention and conditional batch norm."""
+  config = load_config("resnet_gan_mnist", "smoke")
+  assert config.objective.spectral_norm == "gen,disc" and config.objective.ema_batch_stats
+  _assert_resume_is_exact(config, tmp_path, 2)
+
+
 def test_tabular_debiasing_resume_is_exact(tmp_path):
   _assert_resume_is_exact(load_config("adult_debias", "smoke"), tmp_path, 3)
 

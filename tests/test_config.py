@@ -17,7 +17,9 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
                            "method=conditional", "method=penalty,smoke",
                            "method=importance,model=vae", "method=resample,attribute=color"],
             "resnet_gan_mnist": [None, "smoke"],
-            "sngan_cifar10": [None, "smoke"]}
+            "sngan_cifar10": [None, "smoke"],
+            "fair_celeba": [None, "smoke", "method=importance,bias=multi",
+                            "method=conditional,bias=80_20", "method=penalty,smoke"]}
 
 
 def test_every_experiment_file_is_covered():

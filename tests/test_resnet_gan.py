@@ -1,5 +1,5 @@
 """The SNGAN/BigGAN ResNets: parameter counts against the references, and each part against
-its definition (self-attention, conditional batch norm, the projection, orthogonal init)."""
+its definition (self-attention, conditional batch norm, the projection, the initialisers)."""
 
 import jax
 import jax.numpy as jnp
@@ -134,15 +134,24 @@ def test_projection_discriminator_adds_the_label_embedding_inner_product():
                                rtol=1e-4, atol=1e-4)
 
 
-def test_orthogonal_initialisation():
+def test_weight_initialisers():
+  """ortho: orthonormal columns of each [fan_in, out] kernel; N02: std 0.02; xavier: Glorot
+  uniform's bound sqrt(6 / (fan_in + fan_out))."""
   spec = DataSpec("x", (32, 32, 3), 1)
-  for orthogonal in (True, False):
-    nets = MODELS.get("resnet_gan")(spec, g_ch=4, d_ch=4, orthogonal=orthogonal)
+  kernels = {}
+  for name in resnet_gan.INITS:
+    nets = MODELS.get("resnet_gan")(spec, g_ch=4, d_ch=4, weight_init=name)
     params = nets.discriminator.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     kernel = np.asarray(params["block_1"]["conv_0"]["kernel"], np.float64)
-    m = kernel.reshape(-1, kernel.shape[-1])  # [fan_in 144, out 16]: orthonormal columns
-    is_orthonormal = np.allclose(m.T @ m, np.eye(m.shape[1]), atol=1e-5)
-    assert is_orthonormal == orthogonal
+    kernels[name] = kernel.reshape(-1, kernel.shape[-1])  # [fan_in 144, out 16]
+  m = kernels["ortho"]
+  np.testing.assert_allclose(m.T @ m, np.eye(16), atol=1e-5)
+  assert not np.allclose(kernels["N02"].T @ kernels["N02"], np.eye(16), atol=1e-2)
+  assert abs(kernels["N02"].std() - 0.02) < 0.002
+  bound = np.sqrt(6 / (144 + 16 * 9))  # fan_out of a 3x3 conv counts its receptive field
+  assert np.abs(kernels["xavier"]).max() <= bound and np.abs(kernels["xavier"]).max() > 0.9 * bound
+  with pytest.raises(ConfigError, match="weight_init"):
+    MODELS.get("resnet_gan")(spec, weight_init="orthogonal")
 
 
 def test_unsupported_sides_and_attention_are_config_errors():

@@ -57,10 +57,12 @@ def _assert_same_state(a_leaves, b_leaves, rtol=1e-5, atol=1e-6):
 # self-attention, conditional batch norm and a projection discriminator).
 RUNS = {"dcgan_mnist": ((1, False), (8, True)), "vae_mnist": ((1, False), (8, False)),
         "resnet_gan_mnist": ((1, False), (8, True))}
-# Adam with b1 = 0 (SNGAN's) scales each update by 1 / |that element's gradient|, so where a
-# gradient is near Adam's eps, the reduction-order rounding of 8 devices reaches the
-# parameter (seen: 1 element of 2,304 at 2.5e-6 absolute after 5 steps).
-STATE_ATOL = {"resnet_gan_mnist": 1e-5}
+# Adam's early updates are sign-like (+-lr wherever the gradient is small), and the ResNet
+# smoke config has many near-zero gradients (SNGAN's b1 = 0; per-class BN tables of classes
+# with one or two examples; the attention gate, a sum that cancels). The rounding of 8
+# devices' reductions flips some of those signs, so its parameters may differ by up to
+# 2 lr (4e-4) per step (seen: 5e-5 after 5 steps); the losses still agree to 1e-5.
+STATE_TOLERANCE = {"resnet_gan_mnist": dict(rtol=1e-3, atol=1e-3)}
 
 
 @pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
@@ -82,7 +84,7 @@ def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
     for key in s1:
       if key not in ("steps_per_sec", "input_wait_seconds"):
         np.testing.assert_allclose(s[key], s1[key], rtol=1e-5, err_msg=f"{key} {n} {fsdp}")
-    _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p), atol=STATE_ATOL.get(name, 1e-6))
+    _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p), **STATE_TOLERANCE.get(name, {}))
   if (8, True) in results:
     saved = jax.tree.leaves(results[8, True][1])
     for n, fsdp in ((4, True), (1, False)):

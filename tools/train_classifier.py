@@ -48,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=2e-3, help="Peak Adam learning rate.")
-  parser.add_argument("--width", type=int, default=32)
+  parser.add_argument("--width", type=int, default=32,
+                      help="Channels of the first layers (cnn) or of the first stage (resnet).")
+  parser.add_argument("--arch", default="cnn", choices=backbones.ARCHITECTURES,
+                      help="cnn: the small convolutional classifier; resnet: a ResNet-18-style "
+                           "one (e.g. CelebA attributes, as in Choi et al. 2020).")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no_augment", dest="augment", action="store_false",
                       help="Disable random translations of the training images.")
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
   params, info = fit.train_classifier(
       train, test, label_key=args.label, num_classes=args.num_classes, steps=args.steps,
       batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
-      augment=args.augment, log_every=args.log_every)
+      augment=args.augment, log_every=args.log_every, arch=args.arch)
   seconds = time.perf_counter() - start
   backbones.save_classifier(out, params, info, overwrite=args.overwrite)
   print(f"Held-out accuracy on {args.dataset} test: {info['test_accuracy']:.4f}")

@@ -30,7 +30,6 @@ nothing).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -40,11 +39,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import choi_common  # noqa: E402
 
 from fairgen import config as config_lib  # noqa: E402
 from fairgen import data  # noqa: E402
 from fairgen import fairness  # noqa: E402
-from fairgen import train  # noqa: E402
 from fairgen.classifiers import backbones  # noqa: E402
 from fairgen.classifiers import fit  # noqa: E402
 from fairgen.evaluation import modes  # noqa: E402
@@ -103,42 +104,26 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
         quick: bool, steps: int | None) -> dict[str, float]:
   """Trains and evaluates one run, or reads the result of a finished one."""
   workdir = os.path.join(out, "runs", f"{method}_ref{ref_fraction}_seed{seed}")
-  result_path = os.path.join(workdir, "repro_result.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+
+  def extra(config, workdir: str) -> dict[str, float]:
+    result = {}
+    if method == "baseline":
+      # The copy-of-the-training-data reference: the union's own groups and FD.
+      config.eval.generator = "train_data"
+      copy = modes.evaluate(config, workdir)["metrics"]
+      result["data_fd_l2"] = float(copy["fd_l2"])
+      result["data_share_1"] = float(copy["group_share_1"])
+    ratio_info = os.path.join(workdir, importance.RATIO_DIR, "info.json")
+    if os.path.exists(ratio_info):
+      with open(ratio_info) as f:
+        diag = json.load(f).get("diagnostics", {})
+      result["weighted_share_1"] = float(
+          diag.get("effective_proportions", [0, float("nan")])[1])
+    return result
+
   config = make_config(method, ref_fraction, seed, classifiers, quick, steps)
-  start = time.perf_counter()
-  summary = train.train_and_evaluate(config, workdir)
-  if summary["preempted"]:  # SIGTERM/SIGINT: the run saved its state; stop here.
-    sys.exit(f"Interrupted during {workdir}; run the same command again to resume.")
-  result = {k: float(summary["eval"].get(k, float("nan"))) for k in METRICS}
-  result["seconds"] = time.perf_counter() - start
-  if method == "baseline":
-    # The copy-of-the-training-data reference: the union's own groups and FD.
-    config.eval.generator = "train_data"
-    copy = modes.evaluate(config, workdir)["metrics"]
-    result["data_fd_l2"] = float(copy["fd_l2"])
-    result["data_share_1"] = float(copy["group_share_1"])
-  ratio_info = os.path.join(workdir, importance.RATIO_DIR, "info.json")
-  if os.path.exists(ratio_info):
-    with open(ratio_info) as f:
-      diag = json.load(f).get("diagnostics", {})
-    result["weighted_share_1"] = float(diag.get("effective_proportions", [0, float("nan")])[1])
-  with open(result_path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"{method:<11} ref {ref_fraction:<4} seed {seed}: "
-        + " ".join(f"{k}={v:.4g}" for k, v in result.items()), flush=True)
-  return result
-
-
-def _cell(values: list[float], digits: int = 3) -> str:
-  values = [v for v in values if np.isfinite(v)]
-  if not values:
-    return "–"
-  if len(values) == 1:
-    return f"{values[0]:.{digits}f}"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+  return choi_common.run_or_load(workdir, config, METRICS, extra,
+                                 label=f"{method:<11} ref {ref_fraction:<4} seed {seed}")
 
 
 def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
@@ -149,11 +134,11 @@ def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
   for rf in fractions:
     if "baseline" in methods:
       rows = [results[("baseline", rf, s)] for s in range(seeds)]
-      lines.append(f"| {rf} | training data (copy) | {_cell([r['data_fd_l2'] for r in rows])} "
-                   f"| | | | | {_cell([r['data_share_1'] for r in rows])} |")
+      lines.append(f"| {rf} | training data (copy) | {choi_common.cell([r['data_fd_l2'] for r in rows])} "
+                   f"| | | | | {choi_common.cell([r['data_share_1'] for r in rows])} |")
     for m in methods:
       rows = [results[(m, rf, s)] for s in range(seeds)]
-      cells = [_cell([r[k] for r in rows], 1 if k.startswith("fid") else 3) for k in METRICS]
+      cells = [choi_common.cell([r[k] for r in rows], 1 if k.startswith("fid") else 3) for k in METRICS]
       lines.append(f"| {rf} | {m} | " + " | ".join(cells) + " |")
   lines += ["", "Reference anchors:",
             f"- a generator that copies the 90/10 split: FD-L2 = {COPY_FD_L2:.3f} "
@@ -203,25 +188,13 @@ def main() -> None:
       for m in methods:
         results[(m, rf, seed)] = run(m, rf, seed, args.out, classifiers, args.quick,
                                      args.steps)
-  total = time.time() - start
-  run_seconds = [r["seconds"] for r in results.values()]
   lines = table(results, methods, fractions, seeds)
   lines += ["", f"Attribute classifier: test accuracy {classifiers['attr']['test_accuracy']:.4f}; "
             f"FID classifier: {classifiers['label']['test_accuracy']:.4f}.",
-            f"{len(results)} runs, {seeds} seeds. Run times (train + evaluation, as recorded "
-            f"by each run, across invocations): median {np.median(run_seconds):.0f} s, "
-            f"min {np.min(run_seconds):.0f} s, max {np.max(run_seconds):.0f} s, "
-            f"sum {np.sum(run_seconds):.0f} s; this invocation took {total:.0f} s."]
-  text = "\n".join(lines)
-  print(text)
-  with open(os.path.join(args.out, "results.md"), "w") as f:
-    f.write(text + "\n")
-  with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    extra = ["weighted_share_1", "data_fd_l2", "data_share_1", "seconds"]
-    writer.writerow(["method", "ref_fraction", "seed", *METRICS, *extra])
-    for (m, rf, seed), r in sorted(results.items()):
-      writer.writerow([m, rf, seed, *(r.get(k, "") for k in (*METRICS, *extra))])
+            choi_common.run_time_line(results, seeds, time.time() - start)]
+  extra = ["weighted_share_1", "data_fd_l2", "data_share_1", "seconds"]
+  choi_common.write_outputs(args.out, "\n".join(lines), ("method", "ref_fraction", "seed"),
+                            results, (*METRICS, *extra))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ a registry from a *kind* to a loader ``(path) -> Backbone``, so callers only eve
 ``load_backbone(kind, path)`` and report ``backbone.describe()`` next to every number.
 
 Kinds:
-  - ``classifier``: the small convolutional ``fairgen.models.classifier.Classifier``,
-    trained on an offline dataset by ``tools/train_classifier.py`` and saved as an Orbax
+  - ``classifier``: the small convolutional ``fairgen.models.classifier.Classifier`` (or
+    its ``ResNetClassifier``, ``architecture.kind='resnet'``), trained on an offline dataset by ``tools/train_classifier.py`` and saved as an Orbax
     checkpoint (``<dir>/params``) plus ``<dir>/backbone.json`` (what it was trained on, its
     held-out accuracy and its hyperparameters). ``fairgen.classifiers.fit`` trains it.
 
@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from fairgen import parallel
 from fairgen import storage
-from fairgen.models.classifier import Classifier
+from fairgen.models.classifier import Classifier, ResNetClassifier
 from fairgen.registry import Registry
 
 # (variables, images [N, H, W, C]) -> (features [N, F], probs [N, C]).
@@ -167,13 +167,25 @@ def load_backbone_or_explain(kind: str, path: str, command: str) -> Backbone:
 # --- The "classifier" kind. -------------------------------------------------------------
 
 
-def classifier_model(arch: Mapping[str, Any]) -> Classifier:
-  """The ``Classifier`` of a backbone's ``info['architecture']``."""
+ARCHITECTURES = ("cnn", "resnet")  # ``info['architecture']['kind']``; 'cnn' if absent.
+
+
+def classifier_model(arch: Mapping[str, Any]) -> Classifier | ResNetClassifier:
+  """The network of a backbone's ``info['architecture']``: a ``Classifier`` ('cnn', the
+  default of files written before the key existed) or a ``ResNetClassifier`` ('resnet')."""
+  kind = arch.get("kind", "cnn")
+  if kind == "resnet":
+    return ResNetClassifier(num_classes=int(arch["num_classes"]), width=int(arch["width"]),
+                            blocks=tuple(int(b) for b in arch["blocks"]),
+                            dropout=float(arch["dropout"]))
+  if kind != "cnn":
+    raise ValueError(f"Unknown classifier architecture {kind!r}; valid: "
+                     f"{', '.join(ARCHITECTURES)}.")
   return Classifier(num_classes=int(arch["num_classes"]), width=int(arch["width"]),
                     feature_dim=int(arch["feature_dim"]), dropout=float(arch["dropout"]))
 
 
-def _classifier_apply(model: Classifier) -> ApplyFn:
+def _classifier_apply(model: Classifier | ResNetClassifier) -> ApplyFn:
 
   def apply(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     out = model.apply({"params": params}, images, train=False)

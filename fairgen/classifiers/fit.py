@@ -172,7 +172,8 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
                      batch_size: int = 64, lr: float = 2e-3, width: int = 32,
                      feature_dim: int = 128, dropout: float = 0.25, seed: int = 0,
                      augment: bool = True, max_shift: int | None = None,
-                     log_every: int = 0) -> tuple[Any, dict[str, Any]]:
+                     log_every: int = 0, arch: str = "cnn",
+                     blocks: tuple[int, ...] = (2, 2, 2, 2)) -> tuple[Any, dict[str, Any]]:
   """Trains a ``Classifier`` with Adam (cosine-decayed lr) and measures test accuracy.
 
   Batches are drawn without replacement from per-epoch permutations of ``train_source``;
@@ -197,6 +198,10 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
     max_shift: the largest translation, in pixels; by default 2, or 1 for images with a
       side under 16 pixels (2 of 8 pixels would cut off the strokes of a small digit).
     log_every: print the running train loss every this many steps (0: never).
+    arch: 'cnn' (``Classifier``) or 'resnet' (``ResNetClassifier``: ``width`` channels in
+      its first stage, ``blocks`` per stage; its features are 8 x ``width``, so
+      ``feature_dim`` does not apply).
+    blocks: the ResNet's basic blocks per stage.
 
   Returns:
     ``(params, info)``: the trained parameters and a JSON-serialisable dict with the
@@ -214,8 +219,12 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   if max_shift is None:
     max_shift = 2 if min(image_shape[:2]) >= 16 else 1
   max_shift = max_shift if augment else 0
-  arch = {"num_classes": int(num_classes), "width": int(width),
+  if arch == "resnet":
+    feature_dim = 8 * int(width)
+  arch = {"kind": arch, "num_classes": int(num_classes), "width": int(width),
           "feature_dim": int(feature_dim), "dropout": float(dropout)}
+  if arch["kind"] == "resnet":
+    arch["blocks"] = [int(b) for b in blocks]
   model = backbones.classifier_model(arch)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
   init_rng, base = jax.random.split(jax.random.key(seed))

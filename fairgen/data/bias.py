@@ -367,15 +367,16 @@ def biased_mnist(split: str, attribute: str = "digit_group",
 
 
 # Choi et al.'s CelebA settings (ermongroup/fairgen, ``src/dataset_splits.py``); their
-# ``perc`` (0.1, 0.25, 0.5, 1.0) is ``ref_fraction``. The 'multi' proportions are the
-# reference code's biased-set counts, 26,216 / 24,878 / 3,784 / 5,122 of 60,000 for groups
-# 0-3 (group = 2 * Black_Hair + Male, the code's labelling), rounded to 3 decimals (the
-# exact shares have denominators up to 30,000); not checked against the paper's text.
+# ``perc`` (0.1, 0.25, 0.5, 1.0) is ``ref_fraction``. The 'multi' proportions are the ones
+# the reference code marks "true proportions used in paper" (``get_density_ratios.py``) for
+# groups 0-3 (group = 2 * Black_Hair + Male, the code's labelling: other-hair female,
+# other-hair male, black-hair female, black-hair male); its biased-set counts, 26,216 /
+# 24,878 / 3,784 / 5,122 of 60,000, round to 0.437 / 0.415 / 0.063 / 0.085.
 CHOI_CELEB_A = {
     "90_10": {"attribute": "Male", "proportions": (0.9, 0.1)},
     "80_20": {"attribute": "Male", "proportions": (0.8, 0.2)},
     "multi": {"attribute": ("Black_Hair", "Male"),
-              "proportions": (0.437, 0.415, 0.063, 0.085)},
+              "proportions": (0.436, 0.415, 0.064, 0.085)},
 }
 
 

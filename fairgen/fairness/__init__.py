@@ -31,10 +31,10 @@ dispatch ``prepare``), ``importance`` and ``density_ratio`` (importance weights)
 """
 
 from fairgen.fairness.methods import (METHODS, attribute_classifier, fair_section, label_probs,
-                                      method, prepare, resample_probs, target_distribution,
-                                      validate)
+                                      make_smoke, method, prepare, resample_probs,
+                                      target_distribution, validate)
 from fairgen.fairness.penalty import Penalty, attribute_penalty, generator_penalty
 
 __all__ = ["METHODS", "Penalty", "attribute_classifier", "attribute_penalty", "fair_section",
-           "generator_penalty", "label_probs", "method", "prepare", "resample_probs",
+           "generator_penalty", "label_probs", "make_smoke", "method", "prepare", "resample_probs",
            "target_distribution", "validate"]

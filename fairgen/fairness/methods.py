@@ -43,6 +43,15 @@ def fair_section(method: str = "baseline") -> ml_collections.ConfigDict:
   ))
 
 
+def make_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks the ``fair`` section and the fairness evaluation of ``c`` for a smoke variant."""
+  c.fair.ratio.update(steps=4, batch_size=16, width=4, feature_dim=8)
+  c.fair.bootstrap = 10
+  c.fair.group_samples = 20
+  c.eval.update(num_samples=64, batch_size=32, kid_subset_size=32)
+  return c
+
+
 def validate(config: ml_collections.ConfigDict, objective: Any) -> None:
   """Raises ConfigError for an impossible ``fair`` section.
 

@@ -82,22 +82,25 @@ def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
 @MODELS.register("resnet_gan")
 def build_resnet_gan(spec: DataSpec, latent_dim: int = 128, g_ch: int = 64, d_ch: int = 64,
                      attention: int = 0, conditional: bool = False,
-                     condition_key: str = "label", orthogonal: bool = True,
+                     condition_key: str = "label", weight_init: str = "ortho",
                      dtype: str = "float32") -> GanModules:
   """The SNGAN/BigGAN ResNet pair for 32x32 or 64x64 images (``resnet_gan.py``).
 
   ``g_ch``/``d_ch``: base channels (SNGAN at 32x32: 64 and 32; BigGAN at 64x64: 64 and
   64); ``attention``: the side at which a self-attention block runs in G and D (0: none);
   ``conditional``: conditional batch norm in G and a projection D on
-  ``batch[condition_key]``; ``orthogonal``: orthogonal initialisation.
+  ``batch[condition_key]``; ``weight_init``: 'ortho' (BigGAN), 'N02' (Choi et al.) or
+  'xavier' (SNGAN).
   """
   num_classes = _num_conditions(spec, conditional, condition_key)
   resnet_gan.check_shape(tuple(spec.image_shape), attention)
+  require(weight_init in resnet_gan.INITS, f"model.weight_init must be one of "
+          f"{', '.join(resnet_gan.INITS)}, got {weight_init!r}.")
   dt = jnp.dtype(dtype)
   return GanModules(
       generator=resnet_gan.Generator(tuple(spec.image_shape), latent_dim, g_ch, num_classes,
-                                     attention, orthogonal, dt),
-      discriminator=resnet_gan.Discriminator(d_ch, num_classes, attention, orthogonal, dt),
+                                     attention, weight_init, dt),
+      discriminator=resnet_gan.Discriminator(d_ch, num_classes, attention, weight_init, dt),
       latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)
 
 

@@ -19,7 +19,8 @@ which for 32x32 with ``g_ch=64, d_ch=32`` is the SNGAN ResNet of Miyato et al. 2
   ``<embed(y), h>`` when conditional (Miyato & Koyama 2018).
 - An optional SAGAN self-attention block (Zhang et al. 2019) after the block whose output
   has side ``attention``.
-- Orthogonal initialisation of every conv, linear and embedding (BigGAN's ``G_init=ortho``).
+- Weight initialisation by name (``INITS``: orthogonal, BigGAN's default; N(0, 0.02);
+  Glorot uniform) for every conv, linear and embedding.
 
 Spectral normalisation is not a layer here: ``objective.spectral_norm`` applies it to any
 GAN's parameters (``fairgen.models.spectral``).
@@ -47,8 +48,11 @@ _BN_MOMENTUM = 0.9  # PyTorch's 0.1.
 _BN_EPSILON = 1e-5
 
 
-def _init(orthogonal: bool) -> Any:
-  return nn.initializers.orthogonal() if orthogonal else nn.initializers.lecun_normal()
+# Weight initialisers by BigGAN-PyTorch's names (``--G_init``/``--D_init``): orthogonal
+# (BigGAN's default), N(0, 0.02) (Choi et al.'s CelebA runs), Glorot uniform (SNGAN's Chainer
+# code). Biases start at 0.
+INITS = {"ortho": nn.initializers.orthogonal(), "N02": nn.initializers.normal(0.02),
+         "xavier": nn.initializers.glorot_uniform()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +60,14 @@ class _Layers:
   """Layer factories sharing the dtype and initialiser."""
 
   dtype: Any
-  orthogonal: bool
+  weight_init: str
 
   def conv(self, features: int, size: int, name: str, use_bias: bool = True) -> nn.Conv:
     return nn.Conv(features, (size, size), padding="SAME", use_bias=use_bias,
-                   kernel_init=_init(self.orthogonal), dtype=self.dtype, name=name)
+                   kernel_init=INITS[self.weight_init], dtype=self.dtype, name=name)
 
   def dense(self, features: int, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=_init(self.orthogonal), dtype=self.dtype, name=name)
+    return nn.Dense(features, kernel_init=INITS[self.weight_init], dtype=self.dtype, name=name)
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -98,13 +102,13 @@ class SelfAttention(nn.Module):
   """SAGAN self-attention as in BigGAN-PyTorch: theta, phi (ch/8) and g (ch/2) 1x1 convs,
   phi and g max-pooled 2x2, an output 1x1 conv, and a gate gamma that starts at 0."""
 
-  orthogonal: bool = True
+  weight_init: str = "ortho"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
-    layers = _Layers(self.dtype, self.orthogonal)
+    layers = _Layers(self.dtype, self.weight_init)
     pool = lambda t: nn.max_pool(t, (2, 2), (2, 2))
     theta = layers.conv(max(1, c // 8), 1, "theta", use_bias=False)(x).reshape(b, h * w, -1)
     phi = pool(layers.conv(max(1, c // 8), 1, "phi", use_bias=False)(x)).reshape(
@@ -122,12 +126,12 @@ class GBlock(nn.Module):
 
   features: int
   num_classes: int = 0
-  orthogonal: bool = True
+  weight_init: str = "ortho"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None, train: bool) -> jax.Array:
-    layers = _Layers(self.dtype, self.orthogonal)
+    layers = _Layers(self.dtype, self.weight_init)
     up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)
     h = nn.relu(ConditionalBatchNorm(self.num_classes, self.dtype, name="bn_0")(x, labels, train))
     h = layers.conv(self.features, 3, "conv_0", use_bias=False)(up(h))
@@ -142,12 +146,12 @@ class DBlock(nn.Module):
   features: int
   down: bool = True
   first: bool = False
-  orthogonal: bool = True
+  weight_init: str = "ortho"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    layers = _Layers(self.dtype, self.orthogonal)
+    layers = _Layers(self.dtype, self.weight_init)
     pool = (lambda t: nn.avg_pool(t, (2, 2), (2, 2))) if self.down else (lambda t: t)
     h = x if self.first else nn.relu(x)
     h = layers.conv(self.features, 3, "conv_0")(h)
@@ -189,7 +193,7 @@ class Generator(nn.Module):
     ch: base channel count (the block channels are multiples of it).
     num_classes: > 0 conditions every block's batch norm on the label.
     attention: side of the block after which a self-attention block runs (0: none).
-    orthogonal: orthogonal initialisation.
+    weight_init: the weight initialiser, a name in ``INITS``.
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -198,7 +202,7 @@ class Generator(nn.Module):
   ch: int = 64
   num_classes: int = 0
   attention: int = 0
-  orthogonal: bool = True
+  weight_init: str = "ortho"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -207,14 +211,14 @@ class Generator(nn.Module):
     arch = check_shape(self.image_shape, self.attention)
     if self.num_classes and labels is None:
       raise ValueError("A conditional generator needs labels.")
-    layers = _Layers(self.dtype, self.orthogonal)
+    layers = _Layers(self.dtype, self.weight_init)
     x = layers.dense(4 * 4 * self.ch * arch["g_in"], "linear")(z.astype(self.dtype))
     x = x.reshape(z.shape[0], 4, 4, self.ch * arch["g_in"])
     for i, mult in enumerate(arch["g_out"]):
-      x = GBlock(self.ch * mult, self.num_classes, self.orthogonal, self.dtype,
+      x = GBlock(self.ch * mult, self.num_classes, self.weight_init, self.dtype,
                  name=f"block_{i}")(x, labels, train)
       if self.attention == x.shape[1]:
-        x = SelfAttention(self.orthogonal, self.dtype, name="attention")(x)
+        x = SelfAttention(self.weight_init, self.dtype, name="attention")(x)
     x = nn.relu(ConditionalBatchNorm(0, self.dtype, name="bn_out")(x, None, train))
     x = layers.conv(self.image_shape[-1], 3, "conv_out")(x)
     return jnp.tanh(x).astype(jnp.float32)
@@ -227,14 +231,14 @@ class Discriminator(nn.Module):
     ch: base channel count.
     num_classes: > 0 adds the projection term ``<embed(y), h>``.
     attention: side of the block input at which a self-attention block runs (0: none).
-    orthogonal: orthogonal initialisation.
+    weight_init: the weight initialiser, a name in ``INITS``.
     dtype: computation dtype (parameters stay float32).
   """
 
   ch: int = 64
   num_classes: int = 0
   attention: int = 0
-  orthogonal: bool = True
+  weight_init: str = "ortho"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -242,19 +246,19 @@ class Discriminator(nn.Module):
                train: bool = True) -> jax.Array:
     del train  # No dropout or batch statistics in D.
     arch = check_shape(x.shape[1:], 0)
-    layers = _Layers(self.dtype, self.orthogonal)
+    layers = _Layers(self.dtype, self.weight_init)
     h = x.astype(self.dtype)
     for i, (mult, down) in enumerate(zip(arch["d_out"], arch["d_down"])):
       if self.attention and self.attention == h.shape[1] and i > 0:
-        h = SelfAttention(self.orthogonal, self.dtype, name="attention")(h)
-      h = DBlock(self.ch * mult, down, i == 0, self.orthogonal, self.dtype,
+        h = SelfAttention(self.weight_init, self.dtype, name="attention")(h)
+      h = DBlock(self.ch * mult, down, i == 0, self.weight_init, self.dtype,
                  name=f"block_{i}")(h)
     h = jnp.sum(nn.relu(h), axis=(1, 2))
     logit = layers.dense(1, "linear")(h)[:, 0]
     if self.num_classes:
       if labels is None:
         raise ValueError("A conditional discriminator needs labels.")
-      embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=_init(self.orthogonal),
+      embed = nn.Embed(self.num_classes, h.shape[-1], embedding_init=INITS[self.weight_init],
                        name="projection")(labels)
       logit = logit + jnp.sum(embed.astype(h.dtype) * h, axis=-1)
     return logit.astype(jnp.float32)
