@@ -2,8 +2,8 @@
 
 Every weight matrix of a network (each ``kernel`` of a dense or convolution layer and each
 ``embedding`` table; any leaf of rank >= 2) is divided by an estimate of its largest
-singular value before the network is applied, so the network needs no layers of its own:
-the DCGAN, the ResNets and the tabular critic are all normalised the same way.
+singular value before the network is applied, so no network needs layers of its own: the
+GAN objective normalises the DCGAN and the ResNets the same way.
 
 A leaf of shape ``[..., out]`` is read as the matrix ``M = leaf.reshape(-1, out).T`` of
 shape ``[out, fan_in]`` (PyTorch's ``weight.reshape(out, -1)`` layout; the singular values
@@ -13,9 +13,9 @@ same rule and checkpointed with them), in a flat dict keyed by the leaf's '/'-jo
 
 - ``init_state``: random unit vectors and one iteration, as ``torch.nn.utils.spectral_norm``,
   BigGAN-PyTorch and StudioGAN do before their first use; the estimate converges over the
-  first updates. (Newer
-  PyTorch runs 15 iterations at registration; here a loop of them inside the jitted init
-  doubled a BigGAN's compile time on CPU, 24 s to 47 s, and unrolled it was 85 s.)
+  first updates. (Newer PyTorch runs 15 iterations at registration; here a loop of them
+  inside the jitted init doubled a BigGAN's compile time on CPU, 24 s to 47 s, and
+  unrolled they took 85 s.)
 - ``power_iteration``: ``v <- M^T u / |M^T u|``, ``u <- M v / |M v|``; one per optimizer
   update of the network (Miyato et al.'s Algorithm 1), outside the gradient.
 - ``normalize``: ``leaf / sigma`` with ``sigma = u^T M v``; ``u`` and ``v`` are constants of
