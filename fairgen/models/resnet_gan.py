@@ -17,8 +17,9 @@ which for 32x32 with ``g_ch=64, d_ch=32`` is the SNGAN ResNet of Miyato et al. 2
 - Generator: linear z -> 4x4 -> GBlocks -> BN -> ReLU -> conv3x3 -> tanh.
 - Discriminator: DBlocks -> ReLU -> global sum pool -> linear, plus the projection
   ``<embed(y), h>`` when conditional (Miyato & Koyama 2018).
-- An optional SAGAN self-attention block (Zhang et al. 2019) after the block whose output
-  has side ``attention``.
+- An optional SAGAN self-attention block (Zhang et al. 2019): in G after the block whose
+  output has side ``attention``, in D before the block (other than the first) whose input
+  has that side.
 - Weight initialisation by name (``INITS``: orthogonal, BigGAN's default; N(0, 0.02);
   Glorot uniform) for every conv, linear and embedding.
 
