@@ -7,9 +7,10 @@ a registry from a *kind* to a loader ``(path) -> Backbone``, so callers only eve
 
 Kinds:
   - ``classifier``: the small convolutional ``fairgen.models.classifier.Classifier`` (or
-    its ``ResNetClassifier``, ``architecture.kind='resnet'``), trained on an offline dataset by ``tools/train_classifier.py`` and saved as an Orbax
-    checkpoint (``<dir>/params``) plus ``<dir>/backbone.json`` (what it was trained on, its
-    held-out accuracy and its hyperparameters). ``fairgen.classifiers.fit`` trains it.
+    its ``ResNetClassifier``, ``architecture.kind='resnet'``), trained on an offline
+    dataset by ``tools/train_classifier.py`` and saved as an Orbax checkpoint
+    (``<dir>/params``) plus ``<dir>/backbone.json`` (what it was trained on, its held-out
+    accuracy and its hyperparameters). ``fairgen.classifiers.fit`` trains it.
 
 An ``inception_v3`` kind that reads its weights from a local, user-supplied file (e.g. an
 ``.npz``) fits the same contract: register a loader that builds a ``Backbone`` from an apply

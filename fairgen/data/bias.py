@@ -400,8 +400,9 @@ def group_ids(bits: np.ndarray) -> np.ndarray:
 
 def check_celeb_a_options(attribute: str | Sequence[str] = "Male",
                           proportions: Sequence[float] = (0.9, 0.1), subset: str = "biased",
-                          label_attribute: str | None = None, **_: object) -> int:
-  """Checks ``biased_celeb_a``'s group options; returns the number of groups, 2**k.
+                          label_attribute: str | None = None,
+                          **_: object) -> tuple[str, ...]:
+  """Checks ``biased_celeb_a``'s group options; returns the k attribute names (2**k groups).
 
   Raises:
     DataError: for an unknown attribute or subset, or proportions that are not one per
@@ -416,7 +417,7 @@ def check_celeb_a_options(attribute: str | Sequence[str] = "Male",
   if subset not in ("all", "balanced"):
     _check_proportions(attribute if isinstance(attribute, str) else names, groups,
                        proportions)
-  return groups
+  return names
 
 
 def biased_celeb_a(split: str, attribute: str | Sequence[str] = "Male",
@@ -452,8 +453,8 @@ def biased_celeb_a(split: str, attribute: str | Sequence[str] = "Male",
     DataError: for an unknown attribute or subset, proportions that are not one per
       group, data that is not prepared, or a group too small for the requested sizes.
   """
-  groups = check_celeb_a_options(attribute, proportions, subset, label_attribute)
-  names = tfds_datasets.check_celeb_a_attributes(attribute)
+  names = check_celeb_a_options(attribute, proportions, subset, label_attribute)
+  groups = 2 ** len(names)
   source = tfds_datasets.celeb_a(split, tfds_data_dir, image_size=image_size,
                                  label_attribute=label_attribute or names[0])
   attr = group_ids(tfds_datasets.celeb_a_attributes(split, tfds_data_dir, names))

@@ -136,10 +136,7 @@ def _check_value(key: str, value: Any) -> None:
   def number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-  if key.endswith("_dim"):
-    require(number(value) and value >= 1 and value == int(value),
-            f"model.{key} must be a positive integer, got {value!r}.")
-  elif key.endswith("_ch"):
+  if key.endswith(("_dim", "_ch")):
     require(number(value) and value >= 1 and value == int(value),
             f"model.{key} must be a positive integer, got {value!r}.")
   elif key == "attention":
