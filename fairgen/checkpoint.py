@@ -181,14 +181,23 @@ class Checkpointer:
 class BestCheckpoint:
   """Keeps the best state by one evaluation metric in ``WORKDIR/best/``, beside the latest.
 
-  ``WORKDIR/best.json`` records {step, metric, mode, value}; it is written only after the
-  checkpoint it describes is committed.
+  ``WORKDIR/best.json`` records {step, metric, mode, value, provenance}; it is written only
+  after the checkpoint it describes is committed. ``provenance`` is the evaluation's (backbone,
+  weights digest, preprocessing, sample count, reference data): a run whose evaluations
+  differ from the record in any of it is refused, since its numbers and the recorded best
+  would not be comparable.
+
+  Raises:
+    WorkdirError: (at construction) if ``best.json`` was measured with another provenance.
   """
 
-  def __init__(self, workdir: str, metric: str, mode: str):
+  def __init__(self, workdir: str, metric: str, mode: str,
+               provenance: dict[str, Any] | None = None):
     if mode not in ("min", "max"):
       raise ValueError(f"eval.best_mode must be 'min' or 'max', got {mode!r}.")
     self.metric, self.mode = metric, mode
+    # Through JSON, as best.json stores it (tuples become lists).
+    self.provenance = None if provenance is None else json.loads(json.dumps(provenance))
     self.path = os.path.join(workdir, BEST_FILE)
     self.workdir = workdir
     self._checkpointer: Checkpointer | None = None
@@ -197,6 +206,15 @@ class BestCheckpoint:
       logging.warning("best.json tracks %s (%s); now tracking %s (%s) from scratch.",
                       self.record["metric"], self.record["mode"], metric, mode)
       self.record = None
+    recorded = (self.record or {}).get("provenance")
+    if recorded is not None and self.provenance is not None and recorded != self.provenance:
+      differ = sorted(k for k in set(recorded) | set(self.provenance)
+                      if recorded.get(k) != self.provenance.get(k))
+      raise WorkdirError(
+          f"{self.path} holds the best {metric} measured with another evaluation setup "
+          f"({', '.join(differ)} differ: recorded {[recorded.get(k) for k in differ]}, now "
+          f"{[self.provenance.get(k) for k in differ]}); the two cannot be compared. Evaluate "
+          "with the recorded setup, or train in a new workdir.")
 
   def is_better(self, value: float) -> bool:
     if not math.isfinite(value):
@@ -218,7 +236,8 @@ class BestCheckpoint:
       self._checkpointer = Checkpointer(self.workdir, max_to_keep=1, subdir="best")
     self._checkpointer.save(step, state, force=True)
     self._checkpointer.wait()
-    self.record = {"step": int(step), "metric": self.metric, "mode": self.mode, "value": value}
+    self.record = {"step": int(step), "metric": self.metric, "mode": self.mode, "value": value,
+                   "provenance": self.provenance}
     if jax.process_index() == 0:
       _write_json(self.path, self.record)
     return True

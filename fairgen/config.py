@@ -153,6 +153,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (default: ~/.cache/fairgen/classifier_<dataset>_label, made by tools/train_classifier.py).
   # checkpoint: which one --mode=evaluate/sample loads: 'latest', 'best' or a step number.
   # generator: 'model', or 'train_data' for the copy-of-the-training-data reference.
+  # backbone: 'classifier' (backbone_dir) or 'inception_v3' (inception_weights, default
+  # $FAIRGEN_CACHE/pt_inception-2015-12-05.npz from tools/convert_inception.py), whose
+  # preprocessing is resize ('bilinear': pytorch-fid; 'pil_bicubic': clean-fid) and quantize
+  # (round samples to uint8 levels first). reference_stats: an .npz of (mu, sigma) (pytorch-fid's
+  # layout, tools/fid_stats.py) that FID uses in place of real images' features.
   c.eval = ml_collections.ConfigDict(dict(
       metrics=("fid", "kid", "prdc", "is"),
       every_steps=0,
@@ -163,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
       generator="model",
       backbone="classifier",
       backbone_dir=ml_collections.config_dict.placeholder(str),
+      inception_weights=ml_collections.config_dict.placeholder(str),
+      reference_stats=ml_collections.config_dict.placeholder(str),
+      resize="bilinear",
+      quantize=True,
       checkpoint="latest",
       best_metric="fid",
       best_mode="min",
@@ -170,6 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
       kid_subset_size=500,
       is_splits=10,
       prdc_k=5,
+      cleam_batches=10,  # CLEAM's s: batches of the samples whose shares give its interval.
       iwae_k=1000,
       likelihood_examples=0,  # 0: the whole eval split.
   ))

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from fairgen import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs).")
 _ALLOW_NEW = flags.DEFINE_bool(
@@ -31,7 +31,7 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"],
                           "sample (writes grids and .npz under WORKDIR/sample/).")
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
   """Prints ``fairgen: error: <message>`` on one line and exits with status 2."""
   text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
   print(f"fairgen: error: {text}", file=sys.stderr)
@@ -61,33 +61,33 @@ def _load_error(error: BaseException, argv: list[str]) -> str:
   return f"cannot load --config={path}: {config_lib.one_line(error)}"
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; every mistake becomes one ``fairgen: error:`` line and status 2."""
   path = _config_path(argv)
   if path is not None and not os.path.isfile(path):
-    _fail(f"--config={path}: no such file" + (" (it is a directory)." if os.path.isdir(path)
+    fail(f"--config={path}: no such file" + (" (it is a directory)." if os.path.isdir(path)
                                               else "."))
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:
     if "get_config" in str(e):
-      _fail(_load_error(e, argv))
+      fail(_load_error(e, argv))
     # ml_collections: an override names an unknown field.
     key = str(e.args[0]).strip("'\"") if e.args else str(e)
     culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and
                 key in a.split("=")[0].split(".")] or ["--config"]
-    _fail(f"unknown config key '{key}' ({', '.join(culprits)}); see the config file for the "
+    fail(f"unknown config key '{key}' ({', '.join(culprits)}); see the config file for the "
           f"valid keys.")
   except flags.Error as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     if "Traceback" in str(e) and lines:
       # ml_collections reports an error raised in get_config as its traceback text.
       kind, _, message = lines[-1].partition(": ")
-      _fail(message if kind.endswith("ConfigError") else
+      fail(message if kind.endswith("ConfigError") else
             f"cannot load --config={_config_path(argv)}: {kind.rpartition('.')[2]}: {message}")
-    _fail(str(e))
+    fail(str(e))
   except Exception as e:  # The config file raised while loading or in get_config.
-    _fail(_load_error(e, argv))
+    fail(_load_error(e, argv))
   return []
 
 
@@ -104,21 +104,21 @@ def main(argv: list[str]) -> None:
   """Runs the mode named by ``--mode`` on the parsed flags."""
   logging.get_absl_logger().addFilter(_QuietLibraries())
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
-    _fail("--workdir is required.")
+    fail("--workdir is required.")
   try:
-    config = _CONFIG.value
+    config = CONFIG.value
   except Exception as e:  # A broken config file, reported when the value is first read.
-    _fail(_load_error(e, sys.argv))
+    fail(_load_error(e, sys.argv))
   if not isinstance(config, ml_collections.ConfigDict):
-    _fail(f"--config={_config_path(sys.argv)}: get_config() returned "
+    fail(f"--config={_config_path(sys.argv)}: get_config() returned "
           f"{type(config).__name__}, not a ConfigDict.")
   from fairgen import storage  # The standard library only: a bad path fails fast.
   try:
     workdir = storage.normalize(_WORKDIR.value)
   except storage.StorageError as e:
-    _fail(f"--workdir={e}")
+    fail(f"--workdir={e}")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
   from fairgen import checkpoint, data, parallel, registry, robust, train
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> None:
     try:
       parallel.initialize_distributed()
     except parallel.MeshError as e:
-      _fail(str(e))
+      fail(str(e))
   logging.info("fairgen on %d process(es), %d device(s): %s", jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
@@ -148,8 +148,8 @@ def main(argv: list[str]) -> None:
           parallel.MeshError, registry.UnknownNameError, robust.NonFiniteError,
           robust.WorkdirLockedError, storage.StorageError,
           context.EvalError, backbones.BackboneNotFoundError) as e:
-    _fail(str(e))
+    fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -81,14 +81,34 @@ def prior_labels(num: int, num_classes: int, probs: Any = None, seed: int = 0) -
   return np.random.default_rng(seed).permutation(labels)
 
 
+def _prior(exp: experiment.Experiment, rng: jax.Array, num: int, labels: np.ndarray | None,
+           truncation: float) -> tuple[np.ndarray, np.ndarray]:
+  latents = np.asarray(exp.objective.sample_latents(rng, num, truncation))
+  if labels is None:
+    labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
+  return latents, np.asarray(labels)
+
+
 def generate_images(exp: experiment.Experiment, state: Any, rng: jax.Array, num: int,
                     labels: np.ndarray | None = None, truncation: float = 0.0,
                     batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
   """``num`` samples (and their latents) from prior latents drawn with ``rng``."""
-  latents = np.asarray(exp.objective.sample_latents(rng, num, truncation))
-  if labels is None:
-    labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
+  latents, labels = _prior(exp, rng, num, labels, truncation)
   return decode_images(exp, state, latents, labels, batch_size), latents
+
+
+def iterate_images(exp: experiment.Experiment, state: Any, rng: jax.Array, num: int,
+                   truncation: float = 0.0, batch_size: int = 256) -> Iterator[np.ndarray]:
+  """``generate_images``'s samples, ``batch_size`` at a time: the same images in the same
+  order, without holding them all (only the latents are drawn up front)."""
+  latents, labels = _prior(exp, rng, num, None, truncation)
+  for start in range(0, num, batch_size):
+    z, y = latents[start:start + batch_size], labels[start:start + batch_size]
+    m = len(z)
+    if m < batch_size < num:  # One compiled shape, as generate_images pads its last batch.
+      z = np.concatenate([z, np.zeros((batch_size - m,) + z.shape[1:], z.dtype)])
+      y = np.concatenate([y, np.zeros((batch_size - m,), y.dtype)])
+    yield decode_images(exp, state, z, y, batch_size)[:m]
 
 
 def interpolation_latents(rng: jax.Array, rows: int, steps: int, dim: int,

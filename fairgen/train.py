@@ -160,7 +160,8 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   if config.eval.every_steps:
     evaluator = runner.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
     evaluator.check()  # A missing backbone fails now, not after hours of training.
-    best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode)
+    best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode,
+                                     evaluator.provenance())
   train_step = make_train_step(exp)
   grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
   grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes,

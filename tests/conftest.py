@@ -104,11 +104,14 @@ def subprocess_env(extra: dict | None = None) -> dict:
   return env
 
 
-def run_main(*args: str, env_extra: dict | None = None, timeout: int = 300):
-  """Runs ``python -m fairgen.main`` in a fresh process; returns CompletedProcess."""
+def run_main(*args: str, env_extra: dict | None = None, timeout: int = 300,
+             script: str | None = None):
+  """Runs ``python -m fairgen.main`` (or ``python SCRIPT``, a path under the repository) in
+  a fresh process; returns CompletedProcess."""
   import subprocess
   env = subprocess_env(env_extra)
-  return subprocess.run([sys.executable, "-m", "fairgen.main", *args], cwd=REPO, env=env,
+  command = [sys.executable, script] if script else [sys.executable, "-m", "fairgen.main"]
+  return subprocess.run([*command, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 

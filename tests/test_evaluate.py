@@ -98,6 +98,11 @@ def test_sampling_is_seeded_and_truncation_bounds_latents(backbone_dir, workdir)
   b, zb = sampling.generate_images(exp, state, jax.random.key(3), 10, truncation=0.5)
   np.testing.assert_array_equal(a, b)
   assert np.abs(za).max() <= 0.5
+  # Streaming (evaluation's path, memory bounded by a chunk) gives the same samples in order.
+  whole, _ = sampling.generate_images(exp, state, jax.random.key(4), 70, batch_size=32)
+  chunks = list(sampling.iterate_images(exp, state, jax.random.key(4), 70, batch_size=32))
+  assert [len(c) for c in chunks] == [32, 32, 6]
+  np.testing.assert_allclose(np.concatenate(chunks), whole, atol=1e-6)
 
 
 def test_conditional_model_writes_a_per_class_grid(backbone_dir, workdir):
@@ -139,3 +144,65 @@ def test_unknown_evaluator_is_a_config_error():
   config = load_config("dcgan_mnist", "smoke", **{"eval.metrics": ("fid", "fud")})
   with pytest.raises(config_lib.ConfigError, match="fud"):
     train.validate(config)
+
+
+def test_fid_from_a_statistics_file_equals_fid_from_features(backbone_dir, workdir, tmp_path):
+  config = _gan_config(backbone_dir, **{"eval.metrics": ("fid", "kid")})
+  train.train_and_evaluate(config, workdir)
+  stats = str(tmp_path / "mnist_5k_test.npz")
+  out = run_main("--config=experiments/dcgan_mnist.py:smoke", f"--out={stats}",
+                 f"--config.eval.backbone_dir={backbone_dir}", "--num=64",
+                 script="tools/fid_stats.py")
+  assert out.returncode == 0, out.stderr
+  assert json.loads(out.stdout.strip().splitlines()[-1])["num_samples"] == 64
+  direct = modes.evaluate(config, workdir)["metrics"]
+  config.eval.reference_stats = stats
+  from_file = modes.evaluate(config, workdir)
+  # The same 64 test images (eval.seed's order), summarised by the tool or in the evaluation.
+  assert from_file["metrics"]["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+  assert from_file["metrics"]["kid"] == pytest.approx(direct["kid"], rel=1e-9)
+  recorded = from_file["provenance"]["reference_stats"]
+  assert recorded["num_samples"] == 64 and recorded["provenance"]["split"] == "test"
+  # pytorch-fid's layout alone (a published file) is accepted as it is.
+  with np.load(stats) as npz:
+    np.savez(tmp_path / "published.npz", mu=npz["mu"], sigma=npz["sigma"])
+  config.eval.reference_stats = str(tmp_path / "published.npz")
+  assert modes.evaluate(config, workdir)["metrics"]["fid"] == pytest.approx(direct["fid"])
+
+
+def test_a_statistics_file_of_another_backbone_is_refused(backbone_dir, workdir, tmp_path):
+  from fairgen.evaluation import context, reference_stats
+  config = _gan_config(backbone_dir, **{"eval.metrics": ("fid",)})
+  train.train_and_evaluate(config, workdir)
+  dim = backbones.load_backbone("classifier", backbone_dir).feature_dim
+  other = {"kind": "inception_v3", "weights_sha256": "ab" * 32, "resize": "bilinear",
+           "quantize": True}
+  cases = {"other.npz": (np.zeros(dim), np.eye(dim), {"backbone": other}, "another backbone"),
+           "wide.npz": (np.zeros(dim + 1), np.eye(dim + 1), {}, f"{dim + 1}-d features")}
+  for name, (mu, sigma, provenance, message) in cases.items():
+    reference_stats.save(str(tmp_path / name), mu, sigma, 10, provenance)
+    config.eval.reference_stats = str(tmp_path / name)
+    with pytest.raises(context.EvalError, match=message):
+      modes.evaluate(config, workdir)
+
+
+def test_another_evaluation_setup_never_mixes_with_the_recorded_best(backbone_dir, workdir):
+  config = _gan_config(backbone_dir, **{"eval.every_steps": 2, "eval.metrics": ("fid",)})
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, checkpoint.BEST_FILE)) as f:
+    before = f.read()
+  assert json.loads(before)["provenance"]["num_samples"] == 64
+  config.train.num_steps = 6
+  config.eval.num_samples = 48  # FIDs of 48 and 64 samples are not comparable.
+  with pytest.raises(checkpoint.WorkdirError, match="num_real, num_samples differ"):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, checkpoint.BEST_FILE)) as f:
+    assert f.read() == before
+  # --mode=evaluate with the other setup writes beside the earlier report, not over it.
+  first = os.path.join(workdir, "eval", "step_000004.json")
+  with open(first) as f:
+    earlier = f.read()
+  out = modes.evaluate(config, workdir)
+  assert out["path"] != first and out["path"].startswith(first[:-len(".json")] + "-")
+  with open(first) as f:
+    assert f.read() == earlier

@@ -193,6 +193,47 @@ def test_fairness_evaluators_score_four_groups(tmp_path):
   np.testing.assert_allclose(groups.describe(c, _GroupInFirstPixel())["target"], t)
 
 
+class _FlippingClassifier:
+  """Two groups: an image's group is its first pixel, flipped where its second pixel is 1."""
+
+  num_classes = 2
+
+  def probs(self, images):
+    x = np.asarray(images)
+    g = x[:, 0, 0, 0].astype(int)
+    return np.eye(2)[np.where(x[:, 0, 1, 0] > 0.5, 1 - g, g)]
+
+
+def _images(groups, flips):
+  x = np.zeros((len(groups), 2, 2, 1), np.float32)
+  x[:, 0, 0, 0], x[:, 0, 1, 0] = groups, flips
+  return x
+
+
+def test_cleam_corrects_the_shares_for_the_classifiers_confusions(tmp_path):
+  c = load_config("fair_mnist", "method=baseline,smoke")
+  c.eval.generator, c.eval.num_samples = "train_data", 1000
+  # Held-out real data: the classifier is 90% right on group 0 and 95% on group 1.
+  real_groups = np.repeat([0, 1], 100)
+  real_flips = np.concatenate([np.arange(100) < 10, np.arange(100) < 5])
+  real = types.SimpleNamespace(
+      attribute_classifier=_FlippingClassifier(), batch={"attr": real_groups},
+      chunks=lambda: iter([{"image": _images(real_groups, real_flips), "attr": real_groups}]))
+  ctx = context.EvalContext(types.SimpleNamespace(config=c), None, real, 0, None)
+  # A fair generator (500/500) with the same error rates: the classifier sees 475/525.
+  fake_groups = np.repeat([0, 1], 500)
+  fake_flips = np.concatenate([np.arange(500) < 50, np.arange(500) < 25])
+  order = np.random.default_rng(0).permutation(1000)
+  ctx.__dict__["fake_images"] = _images(fake_groups[order], fake_flips[order])
+  out = dict(groups.cleam(ctx))
+  assert (out["classifier_accuracy_0"], out["classifier_accuracy_1"]) == (0.9, 0.95)
+  assert out["naive_share_0"] == pytest.approx(0.475)
+  assert out["cleam_share_0"] == pytest.approx(0.5)  # (0.475 - 0.05) / (0.9 + 0.95 - 1)
+  assert out["cleam_low_share_0"] < 0.5 < out["cleam_high_share_0"]
+  assert out["naive_fd_l2"] == pytest.approx(np.sqrt(2) * 0.025)
+  assert out["cleam_fd_l2"] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_bias_subsets_all_and_balanced():
   all_rows = bias.biased_mnist("test", subset="all")
   balanced = bias.biased_mnist("test", attribute="color", num_colors=3, subset="balanced")
@@ -304,10 +345,13 @@ def test_fairness_evaluators_on_a_copy_of_the_biased_data(classifiers, workdir):
   assert classifiers["attr_accuracy"] > 0.99  # Colour is easy: the FD below is exact.
   c = fair_config("baseline", classifiers, **{
       "eval.generator": "train_data", "eval.num_samples": 200, "data.options.subset": "biased",
-      "eval.metrics": ("fairness_discrepancy", "group_quality")})
+      "eval.metrics": ("fairness_discrepancy", "group_quality", "cleam")})
   out = modes.evaluate(c, workdir)
   m = out["metrics"]
   np.testing.assert_allclose(m["fd_l2"], np.sqrt(2) * 0.4, atol=0.01)
+  # An accurate classifier: CLEAM's shares are the naive ones, both near the true 10%.
+  assert m["naive_share_1"] == pytest.approx(m["group_share_1"])
+  np.testing.assert_allclose(m["cleam_share_1"], 0.1, atol=0.01)
   np.testing.assert_allclose(m["group_share_1"], 0.1, atol=0.01)
   assert 0 < m["fd_l2_std"] < 0.05
   assert m["n_gen_group_1"] == 20  # The 200 copies hold exactly 20 of group 1.

@@ -12,16 +12,22 @@ Kinds:
     (``<dir>/params``) plus ``<dir>/backbone.json`` (what it was trained on, its held-out
     accuracy and its hyperparameters). ``fairgen.classifiers.fit`` trains it.
 
-An ``inception_v3`` kind that reads its weights from a local, user-supplied file (e.g. an
-``.npz``) fits the same contract: register a loader that builds a ``Backbone`` from an apply
-function ``(variables, images) -> (features, probs)`` and its variables, and every caller
-works unchanged.
+  - ``inception_v3``: the FID Inception-v3 of pytorch-fid and TF's FID code
+    (``fairgen.classifiers.inception``), from a local ``.npz`` that
+    ``tools/convert_inception.py`` writes from pytorch-fid's weights file. It takes images
+    of any size with 1 or 3 channels, and resizes them to 299x299 itself (``resize``,
+    ``quantize``: the preprocessing protocol, recorded in ``describe()``).
+
+A loader takes the path and keyword options; ``describe()`` returns everything that must
+match for two numbers to be comparable (``info['provenance']``).
 
 Images are float32 NHWC in [-1, 1], fairgen's convention throughout.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shlex
@@ -34,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from fairgen import parallel
 from fairgen import storage
+from fairgen.classifiers import inception
 from fairgen.models.classifier import Classifier, ResNetClassifier
 from fairgen.registry import Registry
 
@@ -59,7 +66,8 @@ class Backbone:
     path: where its weights were loaded from (or "" before saving).
     info: what it was trained on: dataset, label key, num_classes, image_shape,
       test_accuracy, train steps and hyperparameters.
-    image_shape: the (H, W, C) the backbone accepts.
+    image_shape: the (H, W, C) the backbone accepts, or None for any size with 1 or 3
+      channels (a backbone that resizes its inputs).
     feature_dim: length of a feature vector.
     num_classes: length of a probability vector.
     chunk_size: images per jitted call; the last chunk is padded to it, so one shape is
@@ -67,14 +75,14 @@ class Backbone:
   """
 
   def __init__(self, name: str, path: str, info: Mapping[str, Any], apply_fn: ApplyFn,
-               variables: Any, *, image_shape: tuple[int, ...], feature_dim: int,
+               variables: Any, *, image_shape: tuple[int, ...] | None, feature_dim: int,
                num_classes: int, chunk_size: int = DEFAULT_CHUNK):
     if chunk_size < 1:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     self.name = name
     self.path = path
     self.info = dict(info)
-    self.image_shape = tuple(int(s) for s in image_shape)
+    self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
     self.feature_dim = int(feature_dim)
     self.num_classes = int(num_classes)
     self.chunk_size = int(chunk_size)
@@ -84,6 +92,11 @@ class Backbone:
 
   def _check(self, images: Any) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
+    if self.image_shape is None:
+      if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"Backbone {self.name!r} takes NHWC images with 1 or 3 channels, "
+                         f"got a batch of shape {images.shape}.")
+      return images
     if images.ndim != 4 or images.shape[1:] != self.image_shape:
       raise ValueError(
           f"Backbone {self.name!r} ({self.path or 'unsaved'}) was trained on images of shape "
@@ -116,20 +129,23 @@ class Backbone:
     return self.features_and_probs(images)[1]
 
   def describe(self) -> dict[str, Any]:
-    """Which backbone and checkpoint produced a number: kind, path, dataset, accuracy."""
+    """Which backbone and checkpoint produced a number: kind, path, dataset, accuracy, and
+    whatever else the loader put in ``info['provenance']`` (weights digest, preprocessing)."""
     return {"kind": self.name, "path": self.path, "dataset": self.info.get("dataset"),
-            "test_accuracy": self.info.get("test_accuracy")}
+            "test_accuracy": self.info.get("test_accuracy"),
+            **self.info.get("provenance", {})}
 
   def __repr__(self) -> str:
     return f"Backbone({', '.join(f'{k}={v!r}' for k, v in self.describe().items())})"
 
 
-BACKBONES: Registry[Callable[[str], Backbone]] = Registry("backbone")
+BACKBONES: Registry[Callable[..., Backbone]] = Registry("backbone")
 
 
-def load_backbone(kind: str, path: str) -> Backbone:
-  """Loads the backbone of ``kind`` (a ``BACKBONES`` name) from ``path``."""
-  return BACKBONES.get(kind)(path)
+def load_backbone(kind: str, path: str, **options: Any) -> Backbone:
+  """Loads the backbone of ``kind`` (a ``BACKBONES`` name) from ``path``, with the loader's
+  keyword ``options`` (e.g. ``resize`` for ``inception_v3``)."""
+  return BACKBONES.get(kind)(path, **options)
 
 
 def default_classifier_dir(dataset: str, label_key: str = "label") -> str:
@@ -156,11 +172,13 @@ def train_command(data_config: Mapping[str, Any], label_key: str = "label",
   return " ".join(parts)
 
 
-def load_backbone_or_explain(kind: str, path: str, command: str) -> Backbone:
-  """``load_backbone``, re-raising a missing backbone with the command that makes it."""
+def load_backbone_or_explain(kind: str, path: str, command: str, **options: Any) -> Backbone:
+  """``load_backbone``, re-raising a missing classifier with the command that makes it."""
   try:
-    return load_backbone(kind, path)
+    return load_backbone(kind, path, **options)
   except BackboneNotFoundError as e:
+    if " Train one with" not in str(e):
+      raise
     message = str(e).split(" Train one with")[0]
     raise BackboneNotFoundError(f"{message} Train one with `{command} --out={path}`.") from None
 
@@ -284,3 +302,94 @@ def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(params_path, abstract)
   return classifier_backbone(params, info, path=directory, chunk_size=chunk_size)
+
+
+# --- The "inception_v3" kind. -----------------------------------------------------------
+
+INCEPTION_FILE = "pt_inception-2015-12-05.npz"
+# pytorch-fid's release of the TF FID graph's weights, which tools/convert_inception.py reads.
+INCEPTION_SOURCE_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/"
+                        "fid_weights/pt_inception-2015-12-05-6726825d.pth")
+INCEPTION_CHUNK = 50  # Images per call: about 1.5 GB of activations at 299x299 on CPU.
+
+
+def default_inception_path() -> str:
+  """``$FAIRGEN_CACHE/pt_inception-2015-12-05.npz`` (the cache defaults to ~/.cache/fairgen)."""
+  cache = os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
+  return storage.normalize(os.path.join(cache, INCEPTION_FILE))
+
+
+def inception_variables(arrays: Mapping[str, np.ndarray], source: str = "") -> dict[str, Any]:
+  """Checks flattened Inception arrays (``inception.flax_arrays_from_torch``'s layout)
+  against the network's variables and returns them as a tree.
+
+  Raises:
+    ValueError: naming the missing, unexpected or mis-shaped arrays.
+  """
+  expected = jax.eval_shape(inception.FIDInceptionV3().init, jax.random.key(0),
+                            jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
+  want = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {k: tuple(v.shape) for k, v in arrays.items() if not k.startswith("__")}
+  where = f" in {source}" if source else ""
+  missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  if missing or extra:
+    raise ValueError(f"Not the FID Inception-v3's weights{where}: {len(missing)} arrays "
+                     f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}).")
+  wrong = [f"{k} {got[k]} != {tuple(want[k])}" for k in want if got[k] != tuple(want[k])]
+  if wrong:
+    raise ValueError(f"Mis-shaped Inception arrays{where}: {'; '.join(wrong[:3])}.")
+  return inception.unflatten({k: np.asarray(arrays[k], np.float32) for k in want})
+
+
+def _inception_apply(resize: str, quantize: bool) -> ApplyFn:
+  model = inception.FIDInceptionV3()
+
+  def apply(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rows = inception.resize_matrix(resize, images.shape[1])
+    cols = inception.resize_matrix(resize, images.shape[2])
+    x = inception.preprocess(images, rows, cols, quantize=quantize,
+                             clip=resize == "pil_bicubic")
+    out = model.apply(variables, x)
+    return out["pool"], jax.nn.softmax(out["logits"], axis=-1)
+
+  return apply
+
+
+@BACKBONES.register("inception_v3")
+def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
+                   chunk_size: int = INCEPTION_CHUNK) -> Backbone:
+  """Loads the FID Inception-v3 from the ``.npz`` that ``tools/convert_inception.py`` wrote.
+
+  Args:
+    path: the ``.npz`` file (local or gs://); read without pickle.
+    resize: ``'bilinear'`` (pytorch-fid) or ``'pil_bicubic'`` (clean-fid); see
+      ``fairgen.classifiers.inception``.
+    quantize: round samples to uint8 levels before resizing.
+    chunk_size: images per jitted call.
+
+  Raises:
+    BackboneNotFoundError: if the file is missing; the message says how to make it.
+    ValueError: for an unknown resize or a file that is not these weights.
+  """
+  if resize not in inception.RESIZE_MODES:
+    raise ValueError(f"Unknown Inception resize {resize!r}; valid: "
+                     f"{', '.join(inception.RESIZE_MODES)}.")
+  path = storage.normalize(path)
+  if not storage.isfile(path):
+    raise BackboneNotFoundError(
+        f"No Inception weights at {path}. Nothing is downloaded at run time: fetch "
+        f"{INCEPTION_SOURCE_URL} where there is internet, then run `python "
+        f"tools/convert_inception.py --weights=<that .pth> --out={path}`.")
+  raw = storage.read_bytes(path)
+  with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  variables = inception_variables(arrays, path)
+  source = str(arrays["__source__"]) if "__source__" in arrays else ""
+  info = {"dataset": "imagenet (inception-2015-12-05)", "source": source,
+          "provenance": {"weights_sha256": hashlib.sha256(raw).hexdigest(),
+                         "resize": resize, "quantize": bool(quantize),
+                         "input_size": inception.INPUT_SIZE}}
+  return Backbone("inception_v3", path, info, _inception_apply(resize, bool(quantize)),
+                  variables, image_shape=None, feature_dim=inception.FEATURE_DIM,
+                  num_classes=inception.NUM_CLASSES, chunk_size=chunk_size)

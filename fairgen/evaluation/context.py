@@ -8,7 +8,7 @@ caches features, so FID, KID, precision/recall and IS share one pass.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import jax
 import ml_collections
@@ -19,6 +19,8 @@ from fairgen import experiment
 from fairgen import fairness
 from fairgen import sampling
 from fairgen.classifiers import backbones
+from fairgen.evaluation import reference_stats
+from fairgen.metrics import quality
 
 Scalars = Iterable[tuple[str, float]]
 
@@ -39,26 +41,60 @@ class RealData:
     return data.load_eval(self.config.data)
 
   @functools.cached_property
-  def batch(self) -> dict[str, np.ndarray]:
-    # A seeded random subset, in random order: dataset files are often sorted by class.
+  def indices(self) -> np.ndarray:
+    """The evaluated examples: a seeded random subset of ``eval.num_samples``, in random
+    order (dataset files are often sorted by class)."""
     n = min(len(self.source), self.config.eval.num_samples)
-    idx = np.random.default_rng(self.config.eval.seed).permutation(len(self.source))[:n]
-    return self.source.get(idx)
+    return np.random.default_rng(self.config.eval.seed).permutation(len(self.source))[:n]
 
-  @property
-  def images(self) -> np.ndarray:
-    return self.batch["image"]
+  def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+    """The evaluated examples, ``eval.batch_size`` at a time (memory bounded by a chunk)."""
+    size = self.config.eval.batch_size
+    for start in range(0, len(self.indices), size):
+      yield self.source.get(self.indices[start:start + size])
+
+  @functools.cached_property
+  def batch(self) -> dict[str, np.ndarray]:
+    """Every field of the evaluated examples except the images (labels, attributes)."""
+    parts = [{k: v for k, v in chunk.items() if k != "image"} for chunk in self.chunks()]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   @property
   def backbone(self) -> backbones.Backbone:
     if self._backbone is None:
       cfg = self.config.eval
       data_cfg = self.config.data
+      if cfg.backbone == "inception_v3":
+        self._backbone = backbones.load_backbone(
+            cfg.backbone, cfg.inception_weights or backbones.default_inception_path(),
+            resize=cfg.resize, quantize=cfg.quantize)
+        return self._backbone
       path = cfg.backbone_dir or backbones.default_classifier_dir(data.cache_tag(data_cfg))
       extra = {"subset": "all"} if "subset" in data_cfg.options else None
       self._backbone = backbones.load_backbone_or_explain(
           cfg.backbone, path, backbones.train_command(data_cfg, "label", extra))
     return self._backbone
+
+  @functools.cached_property
+  def reference(self) -> reference_stats.ReferenceStats | None:
+    """``eval.reference_stats`` loaded and checked against the backbone, or None."""
+    path = self.config.eval.reference_stats
+    if not path:
+      return None
+    try:
+      stats = reference_stats.load(path, self.backbone.feature_dim)
+      reference_stats.check_backbone(stats, self.backbone.describe())
+    except (FileNotFoundError, ValueError) as e:
+      raise EvalError(f"eval.reference_stats: {e}") from None
+    return stats
+
+  def moments(self) -> tuple[np.ndarray, np.ndarray]:
+    """FID's real-data Gaussian: from the statistics file where given, else from features."""
+    if self.reference is not None:
+      return self.reference.mu, self.reference.sigma
+    stats = quality.FeatureStats()
+    stats.update(self.outputs[0])
+    return stats.mean(), stats.cov()
 
   @functools.cached_property
   def attribute_classifier(self) -> backbones.Backbone:
@@ -67,7 +103,8 @@ class RealData:
 
   @functools.cached_property
   def outputs(self) -> tuple[np.ndarray, np.ndarray]:
-    return self.backbone.features_and_probs(self.images)
+    """Backbone features and probabilities of the evaluated examples, streamed in chunks."""
+    return _concat(self.backbone.features_and_probs(c["image"]) for c in self.chunks())
 
 
 class EvalContext:
@@ -105,4 +142,16 @@ class EvalContext:
 
   @functools.cached_property
   def fake_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-    return self.real.backbone.features_and_probs(self.fake_images)
+    """Backbone features and probabilities of the samples. Generated samples stream through
+    the backbone ``eval.batch_size`` at a time unless ``fake_images`` holds them already."""
+    backbone = self.real.backbone
+    if self.cfg.generator == "train_data" or "fake_images" in self.__dict__:
+      return backbone.features_and_probs(self.fake_images)
+    return _concat(backbone.features_and_probs(images) for images in sampling.iterate_images(
+        self.exp, self.state, jax.random.key(self.cfg.seed), self.cfg.num_samples,
+        truncation=self.cfg.truncation, batch_size=self.cfg.batch_size))
+
+
+def _concat(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+  features, probs = zip(*pairs)
+  return np.concatenate(features), np.concatenate(probs)

@@ -17,6 +17,11 @@ sample to a group, and ``fair.target`` (uniform by default) as the target distri
   more generated samples (up to 20 rounds of ``eval.num_samples``) until the rarest group
   has that many. A group the generator (almost) never produces gets ``n_gen_group_<g>``
   and no quality numbers.
+- ``cleam``: the generated group shares and FD corrected for the attribute classifier's
+  errors (CLEAM, ``fairgen.metrics.cleam``), beside the naive ones, each share with its 95%
+  interval over ``eval.cleam_batches`` batches of the samples. The classifier's confusion
+  matrix is estimated on the real held-out examples (their ``attr`` labels), and its
+  per-group accuracies are reported as ``classifier_accuracy_<g>``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import numpy as np
 from fairgen import fairness
 from fairgen import sampling
 from fairgen.classifiers import backbones
-from fairgen.evaluation.context import EvalContext, Scalars
+from fairgen.evaluation.context import EvalContext, EvalError, Scalars
+from fairgen.metrics import cleam as cleam_lib
 from fairgen.metrics import fairness_discrepancy as fd_lib
 from fairgen.metrics import quality
 
@@ -136,6 +142,28 @@ def group_quality(ctx: EvalContext) -> Scalars:
     yield f"recall_group_{g}", values["recall"]
   if len(fids) == groups.num_groups:
     yield "fid_group_max", max(fids)
+
+
+def cleam(ctx: EvalContext) -> Scalars:
+  """Naive and CLEAM-corrected group shares (with 95% intervals) and fairness discrepancies."""
+  groups = _groups(ctx)
+  k = groups.num_groups
+  true = np.asarray(ctx.real.batch["attr"], np.int64)
+  predicted = np.concatenate([groups.predict(c["image"]) for c in ctx.real.chunks()])
+  try:
+    confusion = cleam_lib.confusion_matrix(true, predicted, k)
+    out = cleam_lib.estimate(
+        cleam_lib.batch_proportions(groups.fake, k, ctx.cfg.cleam_batches), confusion)
+  except ValueError as e:
+    raise EvalError(f"cleam: {e}") from None
+  for g in range(k):
+    yield f"classifier_accuracy_{g}", confusion[g, g]
+    for key in ("naive", "naive_low", "naive_high", "cleam", "cleam_low", "cleam_high"):
+      yield f"{key}_share_{g}", out[key][g]
+  for name, values in (("naive", fd_lib.discrepancy(out["naive"], groups.target)),
+                       ("cleam", cleam_lib.corrected_discrepancy(out["cleam"], groups.target))):
+    for key, value in values.items():
+      yield f"{name}_{key}", value
 
 
 def describe(config: Any, classifier: backbones.Backbone) -> dict[str, Any]:

@@ -16,8 +16,11 @@ from fairgen.models.vae import VAE
 
 
 def fid(ctx: EvalContext) -> Scalars:
-  """Fréchet distance between backbone features of generated and real held-out images."""
-  yield "fid", quality.fid_from_features(ctx.real.outputs[0], ctx.fake_outputs[0])
+  """Fréchet distance between backbone features of generated and real held-out images
+  (or the Gaussian of ``eval.reference_stats``)."""
+  fake = quality.FeatureStats()
+  fake.update(ctx.fake_outputs[0])
+  yield "fid", quality.frechet_distance(*ctx.real.moments(), fake.mean(), fake.cov())
 
 
 def kid(ctx: EvalContext) -> Scalars:

@@ -44,13 +44,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     name = f"step_{step:06d}.json" if which != "best" else f"best_step_{step:06d}.json"
   checkpoint.ensure_writable(os.path.join(workdir, "eval"), "the eval directory")
   results = evaluator(state, step)
-  path = os.path.join(workdir, "eval", name)
-  runner.write_report(path, step, which, results, evaluator.provenance())
+  provenance = evaluator.provenance()
+  path = runner.report_path(os.path.join(workdir, "eval", name), provenance)
+  runner.write_report(path, step, which, results, provenance)
   print(f"Evaluation of {workdir} ({which} checkpoint, step {step}):")
   print(runner.format_table(results))
-  print(f"Provenance: {evaluator.provenance()}")
+  print(f"Provenance: {provenance}")
   logging.info("Wrote %s.", path)
-  return {"step": step, "metrics": results, "path": path}
+  return {"step": step, "metrics": results, "path": path, "provenance": provenance}
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:

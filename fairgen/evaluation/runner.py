@@ -14,6 +14,7 @@ backbone, the attribute classifier), so nothing switches on evaluator names. The
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from absl import logging
 from fairgen import experiment
 from fairgen import storage
 from fairgen.classifiers import backbones
+from fairgen.classifiers import inception
 from fairgen.config import require
 from fairgen.evaluation import groups
 from fairgen.evaluation import image
@@ -57,6 +59,7 @@ EVALUATORS.register("fairness_discrepancy")(Entry(groups.fairness_discrepancy,
                                                   needs_attribute_classifier=True))
 EVALUATORS.register("group_quality")(Entry(groups.group_quality, needs_backbone=True,
                                            needs_attribute_classifier=True))
+EVALUATORS.register("cleam")(Entry(groups.cleam, needs_attribute_classifier=True))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -67,6 +70,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(cfg.backbone in backbones.BACKBONES,
           f"Unknown eval.backbone={cfg.backbone!r}; valid: "
           f"{', '.join(backbones.BACKBONES.names())}.")
+  require(cfg.resize in inception.RESIZE_MODES,
+          f"eval.resize must be one of {inception.RESIZE_MODES}, got {cfg.resize!r}.")
+  require(isinstance(cfg.quantize, bool),
+          f"eval.quantize must be True or False, got {cfg.quantize!r}.")
   require(cfg.generator in GENERATORS,
           f"eval.generator must be one of {GENERATORS}, got {cfg.generator!r}.")
   require(cfg.every_steps >= 0, f"eval.every_steps must be >= 0, got {cfg.every_steps}.")
@@ -79,7 +86,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(cfg.kid_subset_size >= 2,
           f"eval.kid_subset_size must be >= 2, got {cfg.kid_subset_size}.")
   require(cfg.is_splits >= 1, f"eval.is_splits must be >= 1, got {cfg.is_splits}.")
+  require("is" not in cfg.metrics or cfg.num_samples >= cfg.is_splits,
+          f"eval.num_samples={cfg.num_samples} cannot be split into eval.is_splits="
+          f"{cfg.is_splits} Inception Score splits.")
   require(cfg.prdc_k >= 1, f"eval.prdc_k must be >= 1, got {cfg.prdc_k}.")
+  require(cfg.cleam_batches >= 2, f"eval.cleam_batches must be >= 2, got {cfg.cleam_batches}.")
+  require("cleam" not in cfg.metrics or cfg.cleam_batches <= cfg.num_samples,
+          f"eval.cleam_batches={cfg.cleam_batches} batches need eval.num_samples >= that, got "
+          f"{cfg.num_samples}.")
   require(cfg.truncation >= 0, f"eval.truncation must be >= 0, got {cfg.truncation}.")
   require(cfg.likelihood_examples >= 0,
           f"eval.likelihood_examples must be >= 0, got {cfg.likelihood_examples}.")
@@ -103,9 +117,10 @@ class Evaluator:
     self.needs_groups = any(e.needs_attribute_classifier for _, e in self.evaluators)
 
   def check(self) -> None:
-    """Loads what the evaluators need now, so a missing backbone fails before training."""
+    """Loads what the evaluators need now, so a missing backbone or statistics file fails
+    before training."""
     if self.needs_backbone:
-      self.real.backbone  # pylint: disable=pointless-statement
+      self.real.reference  # pylint: disable=pointless-statement
     if self.needs_groups:
       # Loads the attribute classifier and checks fair.target against its groups.
       groups.describe(self.exp.config, self.real.attribute_classifier)
@@ -126,7 +141,9 @@ class Evaluator:
            "real_split": self.exp.config.data.eval_split, "seed": self.cfg.seed}
     if self.needs_backbone:
       out["backbone"] = self.real.backbone.describe()
-      out["num_real"] = len(self.real.images)
+      out["num_real"] = len(self.real.indices)
+      if self.real.reference is not None:
+        out["reference_stats"] = self.real.reference.describe()
     if "likelihood" in self.cfg.metrics:
       out["iwae_k"] = self.cfg.iwae_k
     if self.needs_groups:
@@ -139,6 +156,18 @@ def format_table(results: dict[str, float]) -> str:
   width = max((len(k) for k in results), default=6)
   return "\n".join([f"{'metric':<{width}}  value", "-" * (width + 14)] +
                    [f"{k:<{width}}  {v:.6g}" for k, v in results.items()])
+
+
+def report_path(path: str, provenance: dict[str, Any]) -> str:
+  """``path``, or ``<stem>-<digest>.json`` when ``path`` holds a report of another
+  provenance: an evaluation with another backbone, preprocessing or sample count never
+  replaces an earlier one (the digest is of the provenance's JSON)."""
+  if storage.exists(path):
+    old = json.loads(storage.read_text(path)).get("provenance")
+    if json.loads(json.dumps(old)) != json.loads(json.dumps(provenance)):
+      digest = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:8]
+      return f"{path[:-len('.json')]}-{digest}.json"
+  return path
 
 
 def write_report(path: str, step: int, checkpoint: str, results: dict[str, float],
