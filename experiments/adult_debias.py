@@ -35,7 +35,9 @@ def get_config(arg=None):
   c.eval.batch_size = 4096
   if variant == "full_features":
     c.data.name = "adult"
-    c.data.options = dict(sensitive="sex", adult_dir=config_dict.placeholder(str))
+    # audit_groups: e.g. ('sex', 'race'), evaluated as k-way intersectional groups.
+    c.data.options = dict(sensitive="sex", adult_dir=config_dict.placeholder(str),
+                          audit_groups=())
   elif variant == "smoke":
     config_lib.make_smoke(c, num_steps=6, batch_size=32, every=3)
     c.eval.every_steps = 6

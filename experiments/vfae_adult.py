@@ -16,8 +16,9 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("no_mmd", "smoke"))
   c = config_lib.base_config()
   c.data.name = "adult"
+  # audit_groups: e.g. ('sex', 'race'), evaluated as k-way intersectional groups.
   c.data.options = dict(sensitive="sex", include_sensitive=False,
-                        adult_dir=config_dict.placeholder(str))
+                        adult_dir=config_dict.placeholder(str), audit_groups=())
   c.model = dict(name="vfae", latent_dim=32, hidden=(100,), hierarchical=False, z2_dim=16,
                  dtype="float32")
   c.objective = dict(name="vfae", beta=1.0, alpha_y=1.0,

@@ -12,6 +12,7 @@ import numpy as np
 
 from conftest import REPO, load_config, subprocess_env
 from fairgen import data, experiment, train
+from fairgen.metrics import fairness
 from fairgen.objectives import debias
 
 
@@ -60,6 +61,9 @@ def test_debiasing_trains_and_its_eval_reports_the_models_own_decisions(workdir,
     if variant == "plain":
       config.train.num_steps, config.eval.every_steps = 6, 6
       config.train.batch_size, config.log.every_steps = 32, 3
+      # UCI Adult with its 10 sex x race intersections as k-way audit groups.
+      config.data.name = "adult"
+      config.data.options = {"sensitive": "sex", "audit_groups": ("sex", "race")}
     max_traces(1)
     run_dir = os.path.join(workdir, variant)
     summary = train.train_and_evaluate(config, run_dir)
@@ -78,6 +82,15 @@ def test_debiasing_trains_and_its_eval_reports_the_models_own_decisions(workdir,
     hand = _hand_report(arrays["label"], y_hat, arrays["attr"])
     for key, value in hand.items():
       np.testing.assert_allclose(ev[key], value, rtol=1e-6, atol=1e-6, err_msg=key)
+    assert any(k.startswith("groups_") for k in ev) == (variant == "plain")
+    if variant == "plain":
+      spec = split.spec
+      assert spec.audit_groups[spec.audit_privileged] == ("Male", "White")
+      k_way = fairness.multigroup_report(arrays["label"], y_hat, arrays["groups"],
+                                         len(spec.audit_groups), spec.audit_privileged)
+      assert len(k_way) > 60
+      for key, value in k_way.items():
+        np.testing.assert_allclose(ev[f"groups_{key}"], value, rtol=1e-6, err_msg=key)
 
 
 def test_debiasing_on_eight_devices_matches_one(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from fairlearn import metrics as flm
 from sklearn import metrics as skm
 
+from fairgen.data import tabular
 from fairgen.metrics import fairness
 
 
@@ -147,3 +148,50 @@ def test_jax_arrays_under_jit_match_numpy():
   nan = jax.jit(fairness.equal_opportunity_difference)(
       jnp.asarray(y_true), jnp.asarray(y_pred), jnp.ones_like(jnp.asarray(attr)))
   assert jnp.isnan(nan)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_intersectional_groups_agree_with_fairlearn_on_two_sensitive_features(seed):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  n = 3000
+  sex = rng.choice(["Female", "Male"], n, p=[0.35, 0.65])
+  race = rng.choice(["Black", "Other", "White"], n, p=[0.1, 0.1, 0.8])
+  base = 0.15 + 0.15 * (sex == "Male") + 0.1 * (race == "White")
+  y_true = (rng.random(n) < base).astype(int)
+  y_pred = np.where(rng.random(n) < 0.25 - 0.1 * (sex == "Male"), 1 - y_true, y_true)
+  groups, values = tabular.intersectional_groups(sex, race)
+  assert len(values) == 6 and values[0] == ("Female", "Black")
+  priv = values.index(("Male", "White"))
+  report = fairness.multigroup_report(y_true, y_pred, groups, len(values), privileged=priv)
+  features = pd.DataFrame({"sex": sex, "race": race})
+  for name, fn in (("demographic_parity_difference", flm.demographic_parity_difference),
+                   ("equalized_odds_difference", flm.equalized_odds_difference)):
+    assert report[name] == pytest.approx(fn(y_true, y_pred, sensitive_features=features))
+  assert report["demographic_parity_ratio"] == pytest.approx(
+      flm.demographic_parity_ratio(y_true, y_pred, sensitive_features=features))
+  frame = flm.MetricFrame(metrics={"sr": flm.selection_rate, "tpr": flm.true_positive_rate},
+                          y_true=y_true, y_pred=y_pred, sensitive_features=features).by_group
+  for g, key in enumerate(values):
+    assert report[f"selection_rate_{g}"] == pytest.approx(frame.loc[key, "sr"])
+    if g != priv:
+      assert report[f"statistical_parity_difference_{g}"] == pytest.approx(
+          frame.loc[key, "sr"] - frame.loc[("Male", "White"), "sr"])
+  assert report["worst_statistical_parity_difference"] == min(
+      report[f"statistical_parity_difference_{g}"] for g in range(6) if g != priv)
+
+
+def test_two_groups_reduce_to_the_binary_metrics():
+  y_true, y_pred, attr = _random_case(7)
+  report = fairness.multigroup_report(y_true, y_pred, attr, 2, privileged=1)
+  for name in ("statistical_parity_difference", "disparate_impact",
+               "equal_opportunity_difference", "average_odds_difference"):
+    assert report[f"{name}_0"] == pytest.approx(getattr(fairness, name)(*(
+        (y_pred, attr) if name in ("statistical_parity_difference", "disparate_impact")
+        else (y_true, y_pred, attr))))
+  assert report["equalized_odds_difference"] == pytest.approx(
+      fairness.equalized_odds_difference(y_true, y_pred, attr))
+  assert report["demographic_parity_difference"] == pytest.approx(
+      fairness.demographic_parity_difference(y_pred, attr))
+  with pytest.raises(ValueError, match="Group ids"):
+    fairness.multigroup_report(y_true, y_pred, attr + 1, 2)

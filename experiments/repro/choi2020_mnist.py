@@ -15,8 +15,9 @@ sets, through fairgen's own loop:
   penalty      L_G + lambda * KL(mean predicted groups || uniform), the frozen classifier.
 
 Each run is evaluated on the balanced held-out digits: FD-L2/FD-KL (the attribute
-classifier's hard labels over 1,000 samples), FID, and per-group FID (generated group g
-against real group g). The script first trains the attribute classifier and the FID
+classifier's hard labels over 1,000 samples), FID, per-group FID (generated group g
+against real group g), and CLEAM's FD-L2 and group-1 share (the shares corrected for the
+attribute classifier's confusion matrix on the held-out digits, ``fairgen.metrics.cleam``). The script first trains the attribute classifier and the FID
 classifier into ``OUT/classifiers/`` and reports their accuracy.
 
 Writes ``OUT/results.csv`` (one row per run), ``OUT/results.md`` (mean ± std over seeds per
@@ -54,7 +55,8 @@ from fairgen.fairness import importance  # noqa: E402
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "fair_mnist.py")
 REF_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-METRICS = ("fd_l2", "fd_kl", "fid", "fid_group_0", "fid_group_1", "group_share_1")
+METRICS = ("fd_l2", "cleam_fd_l2", "fd_kl", "fid", "fid_group_0", "fid_group_1",
+           "group_share_1", "cleam_share_1")
 COPY_FD_L2 = math.sqrt(2) * 0.4  # A generator that copies the 90/10 split: 0.566.
 CHOI_REDUCTION = 0.346  # Choi et al.: importance weighting reduces bias by up to 34.6%.
 
@@ -92,7 +94,7 @@ def make_config(method: str, ref_fraction: float, seed: int, classifiers: dict,
   c.fair.ratio.seed = seed
   c.fair.classifier_dir = classifiers["attr"]["dir"]
   c.eval.backbone_dir = classifiers["label"]["dir"]
-  c.eval.metrics = ("fid", "fairness_discrepancy", "group_quality")
+  c.eval.metrics = ("fid", "fairness_discrepancy", "group_quality", "cleam")
   if steps:
     c.train.num_steps = steps
   c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
@@ -129,13 +131,14 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
 def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
           seeds: int) -> list[str]:
   """The markdown table (mean ± std over seeds) and the target check lines."""
-  lines = ["| ref_fraction | method | FD-L2 | FD-KL | FID | FID group 0 | FID group 1 | "
-           "share of group 1 |", "|---" * 8 + "|"]
+  lines = ["| ref_fraction | method | FD-L2 | FD-L2 (CLEAM) | FD-KL | FID | FID group 0 | "
+           "FID group 1 | share of group 1 | (CLEAM) |", "|---" * 10 + "|"]
   for rf in fractions:
     if "baseline" in methods:
       rows = [results[("baseline", rf, s)] for s in range(seeds)]
       lines.append(f"| {rf} | training data (copy) | {choi_common.cell([r['data_fd_l2'] for r in rows])} "
-                   f"| | | | | {choi_common.cell([r['data_share_1'] for r in rows])} |")
+                   "| – | – | – | – | – | "
+                   f"{choi_common.cell([r['data_share_1'] for r in rows])} | – |")
     for m in methods:
       rows = [results[(m, rf, s)] for s in range(seeds)]
       cells = [choi_common.cell([r[k] for r in rows], 1 if k.startswith("fid") else 3) for k in METRICS]

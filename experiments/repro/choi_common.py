@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fairgen import train  # The scripts put the repository on sys.path first.
+from fairgen.evaluation import modes
 
 
 def run_or_load(workdir: str, config: Any, metrics: Sequence[str],
@@ -25,12 +26,21 @@ def run_or_load(workdir: str, config: Any, metrics: Sequence[str],
   The result (``metrics`` from the final evaluation, the run's seconds, and what ``extra
   (config, workdir)`` adds) is saved as ``workdir/repro_result.json`` last, so a run whose
   workdir holds it is not repeated, and an interrupted one resumes from its checkpoint.
+  A finished run lacking some of ``metrics`` (added to the script since) has its final
+  checkpoint evaluated again for them, without retraining.
   A preempted run (SIGTERM/SIGINT) exits the script with the command to resume.
   """
   result_path = os.path.join(workdir, "repro_result.json")
   if os.path.exists(result_path):
     with open(result_path) as f:
-      return json.load(f)
+      result = json.load(f)
+    missing = [k for k in metrics if k not in result]
+    if missing:  # A metric added since the run finished: evaluate its final checkpoint.
+      fresh = modes.evaluate(config, workdir)["metrics"]
+      result.update({k: float(fresh.get(k, float("nan"))) for k in missing})
+      with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, workdir)
   if summary["preempted"]:  # The run saved its state; stop here.

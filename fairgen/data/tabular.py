@@ -16,7 +16,7 @@ The datasets themselves are read by ``uci.py`` (Adult, German) and ``adult_aif36
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -61,6 +61,10 @@ class TabularSpec:
     privileged: which rows have ``attr == 1``, e.g. ``"sex == 'Male'"``.
     label_name: which rows have ``label == 1``, e.g. ``"income == '>50K'"``.
     columns: the layout of ``features``, in order, covering ``[0, feature_dim)``.
+    audit_groups: for splits with a ``groups`` array (k-way or intersectional groups that
+      evaluation reports on, beside the binary ``attr``): the attribute values of each
+      group id, e.g. ``(('Female', 'Black'), ...)``; empty otherwise.
+    audit_privileged: the privileged group's id among ``audit_groups``, or -1 for none.
   """
 
   name: str
@@ -71,6 +75,8 @@ class TabularSpec:
   privileged: str
   label_name: str
   columns: tuple[Column, ...]
+  audit_groups: tuple[tuple[str, ...], ...] = ()
+  audit_privileged: int = -1
 
   @property
   def feature_shape(self) -> tuple[int]:
@@ -197,6 +203,15 @@ def validate_tabular(spec: TabularSpec, arrays: Mapping[str, np.ndarray]) -> Non
     if values.min() < 0 or values.max() >= count:
       raise base.DataError(f"Dataset {name!r}: {key} values must be in [0, {count}), got "
                            f"[{values.min()}, {values.max()}].")
+  if ("groups" in arrays) != bool(spec.audit_groups):
+    raise base.DataError(f"Dataset {name!r}: a 'groups' array and spec.audit_groups go "
+                         "together.")
+  if "groups" in arrays:
+    groups = arrays["groups"]
+    if (groups.shape != (len(features),) or groups.dtype != np.int32 or groups.min() < 0
+        or groups.max() >= len(spec.audit_groups)):
+      raise base.DataError(f"Dataset {name!r}: groups must be int32 ids in "
+                           f"[0, {len(spec.audit_groups)}), one per row.")
 
 
 class TabularSource:
@@ -216,3 +231,24 @@ class TabularSource:
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     """Returns the examples at ``indices`` (copies) as a dict of stacked arrays."""
     return {k: v[indices] for k, v in self.arrays.items()}
+
+
+def intersectional_groups(*attributes: np.ndarray) -> tuple[np.ndarray, list[tuple[Any, ...]]]:
+  """One group id per row for the combination of several sensitive attributes.
+
+  Args:
+    *attributes: ``[n]`` arrays of any hashable values (e.g. sex and race strings).
+
+  Returns:
+    ``(groups [n] int32, values)``: ``values[g]`` is the tuple of attribute values of group
+    ``g``, in sorted order of the combinations that occur.
+  """
+  if not attributes:
+    raise ValueError("intersectional_groups needs at least one attribute.")
+  columns = [np.asarray(a).ravel() for a in attributes]
+  if any(len(c) != len(columns[0]) for c in columns):
+    raise ValueError(f"Attributes differ in length: {[len(c) for c in columns]}.")
+  rows = list(zip(*[c.tolist() for c in columns]))
+  values = sorted(set(rows))
+  index = {v: i for i, v in enumerate(values)}
+  return np.array([index[r] for r in rows], np.int32), values

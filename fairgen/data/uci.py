@@ -29,12 +29,13 @@ import functools
 import gzip
 import importlib.util
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from fairgen.data import base
-from fairgen.data.tabular import TabularSource, TabularSpec, build_layout, encode_rows
+from fairgen.data.tabular import (TabularSource, TabularSpec, build_layout, encode_rows,
+                                  intersectional_groups)
 
 ADULT_COLUMNS = ("age", "workclass", "fnlwgt", "education", "education-num",
                  "marital-status", "occupation", "relationship", "race", "sex",
@@ -175,9 +176,25 @@ def _adult_table(raw: np.ndarray, drop_missing: bool, path: str) -> dict[str, np
   return table
 
 
+def _audit_groups(tables: Mapping[str, Mapping[str, np.ndarray]], columns: tuple[str, ...]
+                  ) -> tuple[tuple[tuple[str, ...], ...], int, dict[str, np.ndarray]]:
+  """Intersectional group ids of ``columns`` over every split (one id space), the groups'
+  values, and the id of the all-privileged combination (-1 if a column has none)."""
+  if not columns:
+    return (), -1, {}
+  splits = list(tables)
+  values = {c: np.concatenate([np.asarray(tables[s][c]) for s in splits]) for c in columns}
+  ids, combos = intersectional_groups(*(values[c] for c in columns))
+  names = tuple(tuple(str(v) for v in combo) for combo in combos)
+  privileged = tuple(ADULT_PRIVILEGED.get(c) for c in columns)
+  priv = names.index(privileged) if privileged in names else -1
+  bounds = np.cumsum([0] + [len(tables[s][columns[0]]) for s in splits])
+  return names, priv, {s: ids[bounds[i]:bounds[i + 1]] for i, s in enumerate(splits)}
+
+
 @functools.lru_cache(maxsize=16)
 def _adult_arrays(adult_dir: str | None, sensitive: str, drop_missing: bool,
-                  include_sensitive: bool
+                  include_sensitive: bool, audit_groups: tuple[str, ...] = ()
                   ) -> tuple[TabularSpec, dict[str, dict[str, np.ndarray]]]:
   files = "adult.data and adult.test"
   paths = {split: data_file(adult_dir, filename, "adult", "adult_dir", files)
@@ -189,24 +206,28 @@ def _adult_arrays(adult_dir: str | None, sensitive: str, drop_missing: bool,
            if c not in ADULT_DROPPED and (include_sensitive or c != sensitive)]
   categorical = [c for c in order if c not in ADULT_CONTINUOUS]
   columns = build_layout(tables["train"], categorical, ADULT_CONTINUOUS, order)
+  group_names, group_priv, group_ids = _audit_groups(tables, audit_groups)
   spec = TabularSpec(
       name="adult", feature_dim=columns[-1].stop, num_classes=2, num_groups=2,
       sensitive=sensitive, privileged=f"{sensitive} == {privileged!r}",
-      label_name="income == '>50K'", columns=columns)
+      label_name="income == '>50K'", columns=columns, audit_groups=group_names,
+      audit_privileged=group_priv)
   parts = {}
   for split, table in tables.items():
     parts[split] = _freeze({
         "features": encode_rows(columns, table),
         "label": np.array([_ADULT_LABELS[v] for v in table["income"].tolist()], np.int32),
         "attr": (table[sensitive] == privileged).astype(np.int32),
+        **({"groups": group_ids[split]} if audit_groups else {}),
     })
   parts["all"] = _freeze({k: np.concatenate([parts["train"][k], parts["test"][k]])
-                          for k in ("features", "label", "attr")})
+                          for k in parts["train"]})
   return spec, parts
 
 
 def adult(split: str, adult_dir: str | None = None, sensitive: str = "sex",
-          drop_missing: bool = True, include_sensitive: bool = False) -> TabularSource:
+          drop_missing: bool = True, include_sensitive: bool = False,
+          audit_groups: Sequence[str] = ()) -> TabularSource:
   """UCI Adult (census income): predict income > $50K with a binary sensitive attribute.
 
   ``train`` is adult.data (32,561 rows; 30,162 without missing values), ``test`` is
@@ -225,6 +246,10 @@ def adult(split: str, adult_dir: str | None = None, sensitive: str = "sex",
       category of its own.
     include_sensitive: whether the sensitive column is also one-hot encoded among the
       features (default False: it is only in ``attr``).
+    audit_groups: categorical columns (e.g. ``('sex', 'race')``: 2 x 5 values) whose
+      intersections become a ``groups`` array of ids, named in ``spec.audit_groups``;
+      evaluation reports k-way fairness over them beside the binary ``attr``'s (the
+      privileged group: every column's privileged value, where each has one).
 
   Returns:
     The split, with ``label`` 1 for income > 50K.
@@ -235,9 +260,16 @@ def adult(split: str, adult_dir: str | None = None, sensitive: str = "sex",
   if sensitive not in ADULT_PRIVILEGED:
     raise base.DataError(f"Dataset 'adult': sensitive must be one of "
                          f"{sorted(ADULT_PRIVILEGED)}, not {sensitive!r}.")
+  audit_groups = (audit_groups,) if isinstance(audit_groups, str) else tuple(audit_groups)
+  categorical = [c for c in ADULT_COLUMNS[:-1]
+                 if c not in ADULT_CONTINUOUS and c not in ADULT_DROPPED]
+  unknown = [c for c in audit_groups if c not in categorical]
+  if unknown or len(set(audit_groups)) != len(audit_groups):
+    raise base.DataError(f"Dataset 'adult': audit_groups must be distinct categorical "
+                         f"columns ({', '.join(categorical)}), got {list(audit_groups)}.")
   adult_dir = os.path.abspath(adult_dir) if adult_dir is not None else None
   spec, parts = _adult_arrays(adult_dir, sensitive, bool(drop_missing),
-                              bool(include_sensitive))
+                              bool(include_sensitive), audit_groups)
   return TabularSource(spec, _select("adult", split, parts))
 
 

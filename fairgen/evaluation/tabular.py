@@ -158,7 +158,9 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
   """Accuracy and group-fairness of a classifier's decisions (P(y=1) > 0.5) on the eval split.
 
   AIF360 sign conventions (unprivileged minus privileged; attr 1 is privileged), see
-  ``fairgen/metrics/fairness.py``.
+  ``fairgen/metrics/fairness.py``. Where the split has k-way or intersectional ``groups``
+  (e.g. Adult's ``audit_groups=('sex', 'race')``), also ``groups_<metric>``: the
+  ``multigroup_report`` over them, against ``spec.audit_privileged``.
   """
   predict = ctx.exp.objective.predict
   if predict is None:
@@ -166,13 +168,21 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
                     f"trains a classifier; {ctx.config.objective.name!r} does not.")
   source = ctx.real.source
   fn = jax.jit(predict)
-  probs, labels, attrs = [], [], []
+  probs, columns = [], {"label": [], "attr": [], "groups": []}
   for start in range(0, len(source), ctx.cfg.batch_size):
     batch = source.get(np.arange(start, min(start + ctx.cfg.batch_size, len(source))))
     probs.append(np.asarray(fn(ctx.state, {k: batch[k] for k in ("features", "attr")})))
-    labels.append(batch["label"])
-    attrs.append(batch["attr"])
+    for key, values in columns.items():
+      if key in batch:
+        values.append(batch[key])
   y_pred = (np.concatenate(probs) > 0.5).astype(np.int32)
-  report = fairness.classification_report(np.concatenate(labels), y_pred,
-                                          np.concatenate(attrs))
-  yield from report.items()
+  y_true = np.concatenate(columns["label"])
+  yield from fairness.classification_report(y_true, y_pred,
+                                            np.concatenate(columns["attr"])).items()
+  spec = source.spec
+  if columns["groups"]:
+    report = fairness.multigroup_report(
+        y_true, y_pred, np.concatenate(columns["groups"]), len(spec.audit_groups),
+        privileged=spec.audit_privileged if spec.audit_privileged >= 0 else None)
+    for key, value in report.items():
+      yield f"groups_{key}", value

@@ -223,3 +223,79 @@ def classification_report(y_true: Array, y_pred: Array, attr: Array) -> dict[str
   }
   report.update(group_rates(y_true, y_pred, attr))
   return {k: float(v) for k, v in report.items()}
+
+
+# --- k groups: several values of one attribute, or intersections of several. -------------
+
+
+def multigroup_report(y_true: Array, y_pred: Array, groups: Array, num_groups: int,
+                      privileged: int | None = None) -> dict[str, float]:
+  """Fairness of binary decisions across ``num_groups`` groups (k values of one attribute, or
+  intersections from ``fairgen.data.tabular.intersectional_groups``).
+
+  fairlearn's between-group aggregates over the groups that occur: ``demographic_parity_
+  difference`` (max - min selection rate), ``demographic_parity_ratio`` (min / max),
+  ``equal_opportunity_difference`` (max - min TPR) and ``equalized_odds_difference``
+  (the larger of the TPR and FPR ranges); with two groups they equal the binary functions'
+  absolute values. With ``privileged`` (a group id), also AIF360's signed differences of
+  every other group ``g`` against it, ``statistical_parity_difference_<g>``,
+  ``disparate_impact_<g>``, ``equal_opportunity_difference_<g>`` and
+  ``average_odds_difference_<g>`` (group ``g`` minus privileged, as the binary functions),
+  and the worst of each (the most negative difference, the smallest impact ratio).
+  Per-group ``n_<g>``, ``selection_rate_<g>``, ``tpr_<g>``, ``fpr_<g>`` are included. A
+  rate of an empty group (or a TPR/FPR without positives/negatives) is NaN and is left out
+  of the aggregates.
+  """
+  y_true = np.asarray(y_true, np.float64).ravel()
+  y_pred = np.asarray(y_pred, np.float64).ravel()
+  groups = np.asarray(groups).ravel()
+  if not (len(y_true) == len(y_pred) == len(groups)):
+    raise ValueError(f"Expected arrays of one length, got {len(y_true)}, {len(y_pred)}, "
+                     f"{len(groups)}.")
+  for name, a in (("y_true", y_true), ("y_pred", y_pred)):
+    if a.size and not np.all((a == 0) | (a == 1)):
+      raise ValueError(f"{name} must be binary (0/1), got {np.unique(a)[:5]}.")
+  if groups.size and (groups.min() < 0 or groups.max() >= num_groups):
+    raise ValueError(f"Group ids must be in [0, {num_groups}).")
+  if privileged is not None and not 0 <= privileged < num_groups:
+    raise ValueError(f"privileged={privileged} is not a group id in [0, {num_groups}).")
+  rates = {}
+  report: dict[str, float] = {}
+  for g in range(num_groups):
+    m = (groups == g).astype(np.float64)
+    rates[g] = r = _rates(np, y_pred, m, y_true)
+    report[f"n_{g}"] = float(m.sum())
+    for key in ("selection_rate", "tpr", "fpr"):
+      report[f"{key}_{g}"] = float(r[f"{key}_priv"])
+
+  def spread(key: str) -> tuple[float, float]:
+    values = [report[f"{key}_{g}"] for g in range(num_groups)]
+    values = [v for v in values if not np.isnan(v)]
+    return (max(values) - min(values), min(values) / max(values) if max(values) > 0
+            else np.nan) if values else (np.nan, np.nan)
+
+  report["demographic_parity_difference"], report["demographic_parity_ratio"] = spread(
+      "selection_rate")
+  report["equal_opportunity_difference"] = spread("tpr")[0]
+  report["equalized_odds_difference"] = max(spread("tpr")[0], spread("fpr")[0])
+  if privileged is not None:
+    p = {k: report[f"{k}_{privileged}"] for k in ("selection_rate", "tpr", "fpr")}
+    worst: dict[str, list[float]] = {}
+    for g in range(num_groups):
+      if g == privileged:
+        continue
+      s = {k: report[f"{k}_{g}"] for k in ("selection_rate", "tpr", "fpr")}
+      values = {
+          "statistical_parity_difference": s["selection_rate"] - p["selection_rate"],
+          "disparate_impact": (s["selection_rate"] / p["selection_rate"]
+                               if p["selection_rate"] > 0 else np.nan),
+          "equal_opportunity_difference": s["tpr"] - p["tpr"],
+          "average_odds_difference": 0.5 * ((s["fpr"] - p["fpr"]) + (s["tpr"] - p["tpr"])),
+      }
+      for key, value in values.items():
+        report[f"{key}_{g}"] = float(value)
+        worst.setdefault(key, []).append(float(value))
+    for key, values in worst.items():
+      values = [v for v in values if not np.isnan(v)]
+      report[f"worst_{key}"] = min(values) if values else np.nan
+  return report
