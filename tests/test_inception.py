@@ -204,3 +204,19 @@ def test_evaluation_with_inception_records_its_protocol(reference, workdir):
   assert (described["resize"], described["quantize"]) == ("pil_bicubic", True)
   assert report["provenance"]["num_samples"] == 8 and report["provenance"]["real_split"] == "test"
   assert np.isfinite(report["metrics"]["fid"]) and report["metrics"]["is"] >= 1.0
+
+
+def test_a_wrong_weights_file_is_one_error_line(reference, tmp_path):
+  from conftest import run_main  # pylint: disable=g-import-not-at-top
+  wrong = tmp_path / "wrong.npz"
+  np.savez(wrong, **{"params/fc/kernel": np.zeros((3, 3), np.float32)})
+  for path, message in ((wrong, "Not the FID Inception-v3's weights"),
+                        (tmp_path / "none.npz", "No Inception weights at")):
+    out = run_main("--config=experiments/dcgan_mnist.py:smoke", f"--workdir={tmp_path / 'w'}",
+                   "--config.eval.every_steps=2", "--config.eval.backbone=inception_v3",
+                   f"--config.eval.inception_weights={path}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("fairgen: error: ")
+    assert message in out.stderr
+    ckpts = tmp_path / "w" / "checkpoints"
+    assert not ckpts.exists() or not list(ckpts.iterdir())  # It failed before training.

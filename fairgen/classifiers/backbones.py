@@ -70,8 +70,9 @@ class Backbone:
       channels (a backbone that resizes its inputs).
     feature_dim: length of a feature vector.
     num_classes: length of a probability vector.
-    chunk_size: images per jitted call; the last chunk is padded to it, so one shape is
-      compiled per backbone.
+    chunk_size: images per jitted call, split over this process's devices (rounded up to a
+      multiple of their number); the last chunk is padded to it, so one shape is compiled
+      per backbone.
   """
 
   def __init__(self, name: str, path: str, info: Mapping[str, Any], apply_fn: ApplyFn,
@@ -85,10 +86,15 @@ class Backbone:
     self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
     self.feature_dim = int(feature_dim)
     self.num_classes = int(num_classes)
-    self.chunk_size = int(chunk_size)
+    # Chunks are split over this process's devices (variables replicated on each), so a
+    # chunk is a multiple of their number.
+    self._mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (parallel.DATA_AXIS,))
+    n = self._mesh.size
+    self.chunk_size = -(-int(chunk_size) // n) * n
     # On device once, not transferred again by every chunk's call.
-    self.variables = jax.device_put(variables)
+    self.variables = jax.device_put(variables, parallel.replicated(self._mesh))
     self._apply = jax.jit(apply_fn)
+    self._sharding = parallel.data_sharding(self._mesh)
 
   def _check(self, images: Any) -> np.ndarray:
     images = np.asarray(images, dtype=np.float32)
@@ -116,8 +122,15 @@ class Backbone:
       ValueError: if the image shape differs from the one the backbone was trained on.
     """
     images = self._check(images)
-    features, probs = parallel.map_in_chunks(lambda x: self._apply(self.variables, x),
-                                             (images,), self.chunk_size)
+    n = self._mesh.size
+
+    def apply(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      m = len(x)
+      x = np.concatenate([x, np.zeros((-m % n, *x.shape[1:]), x.dtype)])  # Split n ways.
+      out = self._apply(self.variables, jax.device_put(x, self._sharding))
+      return tuple(np.asarray(o)[:m] for o in out)
+
+    features, probs = parallel.map_in_chunks(apply, (images,), self.chunk_size)
     return features.astype(np.float32), probs.astype(np.float32)
 
   def features(self, images: Any) -> np.ndarray:

@@ -65,9 +65,12 @@ class RealData:
       cfg = self.config.eval
       data_cfg = self.config.data
       if cfg.backbone == "inception_v3":
-        self._backbone = backbones.load_backbone(
-            cfg.backbone, cfg.inception_weights or backbones.default_inception_path(),
-            resize=cfg.resize, quantize=cfg.quantize)
+        try:
+          self._backbone = backbones.load_backbone(
+              cfg.backbone, cfg.inception_weights or backbones.default_inception_path(),
+              resize=cfg.resize, quantize=cfg.quantize)
+        except ValueError as e:  # A file that is not the converted weights.
+          raise EvalError(f"eval.inception_weights: {e}") from None
         return self._backbone
       path = cfg.backbone_dir or backbones.default_classifier_dir(data.cache_tag(data_cfg))
       extra = {"subset": "all"} if "subset" in data_cfg.options else None
