@@ -51,7 +51,7 @@ def get_config(arg=None):
                  dtype="float32")
   c.objective = dict(name="gan", loss="hinge", n_disc=4, ema_decay=0.9999, gp_weight=0.0,
                      r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="",
-                     spectral_norm="gen,disc", ema_batch_stats=True)
+                     spectral_norm="gen,disc", ema_batch_stats=True, standing_stats=0)
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.999),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.999))
   c.train.num_steps = 50_000

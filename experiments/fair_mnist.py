@@ -42,7 +42,7 @@ def get_config(arg=None):
                    fast_conv=True, condition_key="label", dtype="float32")
     c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.99,
                        gp_weight=0.0, r1_gamma=0.0, r1_every=1, label_smoothing=0.0,
-                       diffaugment="", spectral_norm="", ema_batch_stats=False)
+                       diffaugment="", spectral_norm="", ema_batch_stats=False, standing_stats=0)
     c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
                    disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
     if method == "conditional":

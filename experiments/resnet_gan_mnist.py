@@ -23,7 +23,7 @@ def get_config(arg=None):
                  conditional=False, condition_key="label", weight_init="ortho", dtype="float32")
   c.objective = dict(name="gan", loss="hinge", n_disc=2, ema_decay=0.999, gp_weight=0.0,
                      r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="translation",
-                     spectral_norm="disc", ema_batch_stats=True)
+                     spectral_norm="disc", ema_batch_stats=True, standing_stats=0)
   # SNGAN's Adam (Miyato et al. 2018: lr 2e-4, betas (0, 0.9)).
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9))

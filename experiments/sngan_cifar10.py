@@ -29,7 +29,7 @@ def get_config(arg=None):
                  conditional=False, condition_key="label", weight_init="xavier", dtype="float32")
   c.objective = dict(name="gan", loss="hinge", n_disc=N_DISC, ema_decay=0.0, gp_weight=0.0,
                      r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="",
-                     spectral_norm="disc", ema_batch_stats=False)
+                     spectral_norm="disc", ema_batch_stats=False, standing_stats=0)
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9, linear_decay_steps=G_STEPS),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9,
                            linear_decay_steps=G_STEPS * N_DISC))

@@ -23,7 +23,7 @@ FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair")
 # Keys of those sections that only affect evaluation, so evaluating with other values is
 # not "another experiment".
 EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
-                  "fair.group_samples")
+                  "fair.group_samples", "objective.standing_stats")
 # Keys added to the configs after workdirs were written without them, at the value those
 # workdirs ran with: left out of the fingerprint at that value, so that such a workdir still
 # resumes, and a run with another value is still another experiment.

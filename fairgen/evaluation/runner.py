@@ -139,6 +139,9 @@ class Evaluator:
     """Which backbone, data and sample count produced the numbers."""
     out = {"num_samples": self.cfg.num_samples, "generator": self.cfg.generator,
            "real_split": self.exp.config.data.eval_split, "seed": self.cfg.seed}
+    if self.cfg.generator == "model":  # How the samples were drawn.
+      out["truncation"] = self.cfg.truncation
+      out["standing_stats"] = self.exp.config.objective.get("standing_stats", 0)
     if self.needs_backbone:
       out["backbone"] = self.real.backbone.describe()
       out["num_real"] = len(self.real.indices)

@@ -44,6 +44,8 @@ class Generator(nn.Module):
     num_classes: > 0 makes the generator class-conditional.
     fast_conv: use the exact stride-1 reformulation of the stride-2 ConvTranspose.
     dtype: computation dtype (parameters stay float32).
+    bn_momentum: of the batch norms' running statistics (Keras' 0.99; 0 for standing
+      statistics: ``fairgen.objectives.gan``).
   """
 
   image_shape: tuple[int, int, int]
@@ -52,6 +54,7 @@ class Generator(nn.Module):
   num_classes: int = 0
   fast_conv: bool = True
   dtype: Any = jnp.float32
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, z: jax.Array, labels: jax.Array | None = None,
@@ -66,7 +69,7 @@ class Generator(nn.Module):
           labels).astype(z.dtype)], axis=-1)
 
     def bn_act(x):
-      x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+      x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=_BN_EPSILON, dtype=self.dtype)(x)
       return nn.leaky_relu(x, _LEAKY_SLOPE)
 

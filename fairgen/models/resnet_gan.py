@@ -30,6 +30,7 @@ GAN's parameters (``fairgen.models.spectral``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -77,15 +78,17 @@ class ConditionalBatchNorm(nn.Module):
   Attributes:
     num_classes: 0 for plain batch norm.
     dtype: computation dtype.
+    momentum: of the running statistics (0: a training-mode call stores its batch's).
   """
 
   num_classes: int = 0
   dtype: Any = jnp.float32
+  momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None, train: bool) -> jax.Array:
     affine = not self.num_classes
-    x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
                      epsilon=_BN_EPSILON, use_scale=affine, use_bias=affine,
                      dtype=self.dtype, name="bn")(x)
     if affine:
@@ -129,14 +132,17 @@ class GBlock(nn.Module):
   num_classes: int = 0
   weight_init: str = "ortho"
   dtype: Any = jnp.float32
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None, train: bool) -> jax.Array:
     layers = _Layers(self.dtype, self.weight_init)
     up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)
-    h = nn.relu(ConditionalBatchNorm(self.num_classes, self.dtype, name="bn_0")(x, labels, train))
+    bn = functools.partial(ConditionalBatchNorm, self.num_classes, self.dtype,
+                           momentum=self.bn_momentum)
+    h = nn.relu(bn(name="bn_0")(x, labels, train))
     h = layers.conv(self.features, 3, "conv_0", use_bias=False)(up(h))
-    h = nn.relu(ConditionalBatchNorm(self.num_classes, self.dtype, name="bn_1")(h, labels, train))
+    h = nn.relu(bn(name="bn_1")(h, labels, train))
     h = layers.conv(self.features, 3, "conv_1", use_bias=False)(h)
     return h + layers.conv(self.features, 1, "shortcut", use_bias=False)(up(x))
 
@@ -196,6 +202,8 @@ class Generator(nn.Module):
     attention: side of the block after which a self-attention block runs (0: none).
     weight_init: the weight initialiser, a name in ``INITS``.
     dtype: computation dtype (parameters stay float32).
+    bn_momentum: of the batch norms' running statistics (0 for standing statistics:
+      ``fairgen.objectives.gan``).
   """
 
   image_shape: tuple[int, int, int]
@@ -205,6 +213,7 @@ class Generator(nn.Module):
   attention: int = 0
   weight_init: str = "ortho"
   dtype: Any = jnp.float32
+  bn_momentum: float = _BN_MOMENTUM
 
   @nn.compact
   def __call__(self, z: jax.Array, labels: jax.Array | None = None,
@@ -217,10 +226,11 @@ class Generator(nn.Module):
     x = x.reshape(z.shape[0], 4, 4, self.ch * arch["g_in"])
     for i, mult in enumerate(arch["g_out"]):
       x = GBlock(self.ch * mult, self.num_classes, self.weight_init, self.dtype,
-                 name=f"block_{i}")(x, labels, train)
+                 self.bn_momentum, name=f"block_{i}")(x, labels, train)
       if self.attention == x.shape[1]:
         x = SelfAttention(self.weight_init, self.dtype, name="attention")(x)
-    x = nn.relu(ConditionalBatchNorm(0, self.dtype, name="bn_out")(x, None, train))
+    x = nn.relu(ConditionalBatchNorm(0, self.dtype, self.bn_momentum, name="bn_out")(
+        x, None, train))
     x = layers.conv(self.image_shape[-1], 3, "conv_out")(x)
     return jnp.tanh(x).astype(jnp.float32)
 

@@ -9,7 +9,8 @@ one-sided label smoothing, ``label_smoothing``), DiffAugment of every image D se
 ``fairgen.models.spectral``), conditional nets (labels or groups from
 ``batch[condition_key]``), dropout in the discriminator, batch statistics in the generator,
 and a generator EMA (``ema_decay``; 0 disables it, and samples then use the raw weights;
-``ema_batch_stats`` gives it batch-norm statistics of its own).
+``ema_batch_stats`` gives it batch-norm statistics of its own; ``standing_stats`` samples
+with the statistics the sampling weights give on a fixed batch of latents).
 Importance weights multiply the discriminator's real-data term only (Choi et al. 2020).
 """
 
@@ -43,6 +44,10 @@ DEFAULTS = {
     # The EMA generator keeps batch-norm statistics of its own (one extra forward pass per
     # step); False samples it with the raw generator's statistics.
     "ema_batch_stats": False,
+    # Standing statistics (BigGAN): samples use batch-norm statistics that the sampling
+    # weights themselves give on this many prior latents, instead of running averages
+    # gathered during training (0: the running averages).
+    "standing_stats": 0,
 }
 OPTIMIZERS = ("gen", "disc")
 
@@ -64,6 +69,8 @@ def check(cfg: Mapping[str, Any]) -> None:
   require(not cfg["ema_batch_stats"] or cfg["ema_decay"] > 0,
           "objective.ema_batch_stats keeps statistics for the generator EMA; it needs "
           "objective.ema_decay > 0.")
+  require(isinstance(cfg["standing_stats"], int) and cfg["standing_stats"] >= 0,
+          f"objective.standing_stats must be an integer >= 0, got {cfg['standing_stats']!r}.")
   require(0 <= cfg["label_smoothing"] < 0.5,
           f"objective.label_smoothing must be in [0, 0.5), got {cfg['label_smoothing']}.")
   try:
@@ -144,10 +151,28 @@ def init(nets: GanModules, gen_tx: optax.GradientTransformation,
                                jax.random.fold_in(rng, 2), ema_batch_stats)
 
 
+def standing_statistics(nets: GanModules, variables: Mapping[str, Any],
+                        num: int) -> dict[str, Any]:
+  """``variables`` with batch-norm statistics measured on ``num`` prior latents with these
+  very weights (BigGAN's "standing statistics"), in place of the running averages.
+
+  The running averages follow the raw generator over the last ~1/(1 - momentum) steps, so
+  they fit neither the EMA weights nor, late in a fast run, the final raw weights; samples
+  then come out blurred or malformed. One training-mode pass with momentum 0 stores the
+  statistics of a fixed batch of ``num`` latents (and classes in turn, if conditional).
+  """
+  z = jax.random.normal(jax.random.key(0), (num, nets.latent_dim), jnp.float32)
+  y = (jnp.arange(num) % max(nets.num_classes, 1)).astype(jnp.int32)
+  _, stats = nets.generator.clone(bn_momentum=0.0).apply(
+      dict(variables), z, y, train=True, mutable=["batch_stats"])
+  return {**variables, **stats}
+
+
 def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
-           nets: GanModules) -> jax.Array:
+           nets: GanModules, standing_stats: int = 0) -> jax.Array:
   """Generator images for latents ``z``: EMA weights where kept (spectrally normalised with
-  their own vectors where G is), with BN running statistics: the EMA's own where kept."""
+  their own vectors where G is), with BN running statistics (the EMA's own where kept), or
+  standing statistics of ``standing_stats`` latents."""
   variables = {k: v for k, v in state["gen"].items() if k != "opt"}
   sn = state.get("spectral", {})
   if "ema" in state:
@@ -156,6 +181,8 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
   sn_key = "ema" if "ema" in state else "gen"
   if sn_key in sn:
     variables["params"] = spectral.normalize(variables["params"], sn[sn_key])
+  if standing_stats:
+    variables = standing_statistics(nets, variables, standing_stats)
   return nets.generator.apply(variables, z, labels, train=False)
 
 
@@ -169,6 +196,9 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   """
   if not isinstance(nets, GanModules):
     raise ConfigError("The 'gan' objective needs an image GAN model (e.g. model.name='dcgan').")
+  if objective["standing_stats"] and not hasattr(nets.generator, "bn_momentum"):
+    raise ConfigError("objective.standing_stats needs a generator with batch norm "
+                      "(a bn_momentum attribute); this one has none.")
   gen_tx = base.make_optimizer(optim["gen"])
   disc_tx = base.make_optimizer(optim["disc"])
   settings = adversarial.Settings(
@@ -185,7 +215,8 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       train_step=functools.partial(adversarial.train_step, adapter=adapter(nets, policy),
                                    settings=settings, gen_tx=gen_tx, disc_tx=disc_tx,
                                    penalty=None if penalty is None else penalty.fn),
-      decode=functools.partial(decode, nets=nets),
+      decode=functools.partial(decode, nets=nets,
+                               standing_stats=int(objective["standing_stats"])),
       latent_dim=nets.latent_dim,
       examples_per_step=settings.n_disc,
       num_classes=nets.num_classes,
