@@ -49,3 +49,41 @@ def test_the_ema_generator_keeps_batch_statistics_of_its_own():
   without = {k: v for k, v in state.items() if k != "ema_stats"}
   assert np.max(np.abs(np.asarray(obj.decode(without, latents, labels)) -
                        np.asarray(expected))) > 1e-3
+
+
+def _models(name):
+  from fairgen.models import MODELS  # pylint: disable=g-import-not-at-top
+  if name == "dcgan":
+    spec = types.SimpleNamespace(image_shape=(28, 28, 1), num_classes=10, num_groups=2)
+    return MODELS.get("dcgan")(spec, latent_dim=8, width=0.125), spec
+  spec = types.SimpleNamespace(image_shape=(32, 32, 1), num_classes=10, num_groups=2)
+  return MODELS.get("resnet_gan")(spec, latent_dim=8, g_ch=4, d_ch=4, conditional=True), spec
+
+
+def test_standing_statistics_are_the_sampling_weights_own_and_ignore_running_averages():
+  """objective.standing_stats: BN statistics come from one momentum-0 pass of the sampling
+  weights over a fixed batch of prior latents, whatever the running averages hold."""
+  for name in ("dcgan", "resnet_gan"):
+    nets, spec = _models(name)
+    settings = {**gan.DEFAULTS, "standing_stats": 256}
+    obj = gan.build(nets, spec, settings, _GAN_OPTIM)
+    plain = gan.build(nets, spec, gan.DEFAULTS, _GAN_OPTIM)
+    state = jax.jit(obj.init)(jax.random.key(0))
+    z = jax.random.normal(jax.random.key(5), (6, nets.latent_dim))
+    y = np.arange(6, dtype=np.int32) % max(nets.num_classes, 1)
+    garbage = jax.tree.map(lambda s: s + 3.0, state["gen"]["batch_stats"])
+    spoiled = {**state, "gen": {**state["gen"], "batch_stats": garbage}}
+    np.testing.assert_allclose(obj.decode(spoiled, z, y), obj.decode(state, z, y), atol=1e-5)
+    assert np.abs(np.asarray(plain.decode(spoiled, z, y)) -
+                  np.asarray(plain.decode(state, z, y))).max() > 1e-2, name
+    if name == "dcgan":  # Dense (no bias) -> BatchNorm_0: its statistics, by hand.
+      standing = gan.standing_statistics(nets, {"params": state["ema"], "batch_stats": garbage},
+                                         256)
+      latents = np.asarray(jax.random.normal(jax.random.key(0), (256, nets.latent_dim)),
+                           np.float64)
+      h = latents @ np.asarray(state["ema"]["Dense_0"]["kernel"], np.float64)
+      stats = standing["batch_stats"]["BatchNorm_0"]
+      np.testing.assert_allclose(stats["mean"], h.mean(0), rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(stats["var"], h.var(0), rtol=1e-4, atol=1e-5)
+      expected = nets.generator.apply(standing, z, y, train=False)
+      np.testing.assert_allclose(obj.decode(state, z, y), expected, atol=1e-6)
