@@ -331,7 +331,9 @@ def test_samples_are_drawn_with_the_ema_generator(monkeypatch):
   """``sampling.decode_images`` (grids, --mode=sample, evaluation) applies G with the EMA."""
   monkeypatch.setattr(experiment, "build_model",
                       lambda config, spec: _tiny_gan(spec.image_shape))
-  config = load_config("dcgan_mnist", "smoke", **{"mesh.data": 1, "optim.gen.lr": 0.05})
+  # The tiny G has no bn_momentum, so it samples with the running statistics.
+  config = load_config("dcgan_mnist", "smoke", **{"mesh.data": 1, "optim.gen.lr": 0.05,
+                                                  "objective.standing_stats": 0})
   exp = experiment.setup(config)
   state = experiment.init_state(exp)
   step = train.make_train_step(exp)
@@ -527,7 +529,8 @@ def test_gan_resume_is_exact(tmp_path, monkeypatch):
   monkeypatch.setattr(experiment, "build_model",
                       lambda config, spec: _tiny_gan(spec.image_shape))
   config = load_config("dcgan_mnist", "smoke", **{"objective.n_disc": 2,
-                                                  "objective.ema_decay": 0.9})
+                                                  "objective.ema_decay": 0.9,
+                                                  "objective.standing_stats": 0})
   _assert_resume_is_exact(config, tmp_path, 3)
 
 
@@ -642,8 +645,10 @@ def test_best_checkpoint_keeps_the_max_and_survives_a_resume(six_steps, tmp_path
   _scripted(monkeypatch, workdir, seen)
   config = _best_config()
   exp = experiment.setup(config)
-  assert checkpoint.read_best(workdir) == {"step": 4, "metric": "score", "mode": "max",
-                                           "value": 0.9}
+  record = checkpoint.read_best(workdir)
+  assert {k: record[k] for k in ("step", "metric", "mode", "value")} == {
+      "step": 4, "metric": "score", "mode": "max", "value": 0.9}
+  assert record["provenance"]["num_samples"] == config.eval.num_samples
   best_state, best_step = experiment.restore_checkpoint(exp, workdir, "best")
   step4_state, _ = experiment.restore_checkpoint(exp, workdir, "4")
   assert best_step == 4

@@ -8,7 +8,7 @@ import pytest
 from conftest import EXPERIMENTS, load_config
 from fairgen import checkpoint, config as config_lib, parallel, train
 
-VARIANTS = {"dcgan_mnist": [None, "smoke", "full"],
+VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "vae_mnist": [None, "smoke", "conv", "digits"],
             "adult_debias": [None, "smoke", "plain", "full_features"],
             "vfae_adult": [None, "smoke", "no_mmd"],
@@ -90,11 +90,12 @@ def test_a_workdir_from_before_model_dtype_resumes_in_float32_only(tmp_path):
 
 
 def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_only(tmp_path):
-  config = load_config("dcgan_mnist", "smoke")
+  # The seeds' recipe: the keys below at the values such workdirs ran with.
+  config = load_config("dcgan_mnist", "seeds")
   for key in ("loss", "gp_weight", "r1_gamma", "r1_every", "label_smoothing", "diffaugment"):
     del config.objective[key]  # A config.json written before the keys existed.
   checkpoint.check_and_write_config(str(tmp_path), config)
-  config = load_config("dcgan_mnist", "smoke")
+  config = load_config("dcgan_mnist", "seeds")
   checkpoint.check_and_write_config(str(tmp_path), config)  # The defaults: the same run.
   config.objective.loss = "hinge"
   with pytest.raises(checkpoint.WorkdirError, match="objective.loss: None -> 'hinge'"):

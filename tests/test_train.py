@@ -101,9 +101,10 @@ def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
 # (replicated) devices: the Wasserstein loss with the gradient penalty at interpolates;
 # least squares with lazy R1 (steps 0 and 2 of 4); one-sided label smoothing with n_disc 2.
 REGULARISER_CASES = {
-    "wasserstein_gp": ({"objective.loss": "wasserstein", "objective.gp_weight": 10.0}, "gp"),
+    "wasserstein_gp": ({"objective.loss": "wasserstein", "objective.gp_weight": 10.0,
+                        "objective.label_smoothing": 0.0}, "gp"),
     "ls_lazy_r1": ({"objective.loss": "ls", "objective.r1_gamma": 1.0,
-                    "objective.r1_every": 2}, "r1"),
+                    "objective.r1_every": 2, "objective.label_smoothing": 0.0}, "r1"),
     "label_smoothing": ({"objective.label_smoothing": 0.1, "objective.n_disc": 2}, "d_loss"),
 }
 
