@@ -191,3 +191,13 @@ def test_resnet_classifier_trains_saves_and_reloads(tmp_path):
   assert isinstance(backbones.classifier_model(legacy), Classifier)
   with pytest.raises(ValueError, match="resnet"):
     backbones.classifier_model({**legacy, "kind": "vgg"})
+
+
+def test_a_backbone_splits_each_call_over_the_devices_it_is_given(trained, mnist):
+  params, info = trained
+  images = mnist[1].get(np.arange(21))["image"]
+  one = backbones.classifier_backbone(params, info, chunk_size=10)
+  eight = backbones.classifier_backbone(params, info, chunk_size=10, devices=8)
+  assert one.chunk_size == 10 and eight.chunk_size == 16  # Rounded up to split 8 ways.
+  for a, b in zip(one.features_and_probs(images), eight.features_and_probs(images)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -70,14 +70,15 @@ class Backbone:
       channels (a backbone that resizes its inputs).
     feature_dim: length of a feature vector.
     num_classes: length of a probability vector.
-    chunk_size: images per jitted call, split over this process's devices (rounded up to a
-      multiple of their number); the last chunk is padded to it, so one shape is compiled
-      per backbone.
+    chunk_size: images per jitted call, split over ``devices`` (rounded up to a multiple of
+      their number); the last chunk is padded to it, so one shape is compiled per backbone.
+    devices: how many of this process's devices each call is split over (-1: all; evaluation
+      passes its mesh's data-axis size).
   """
 
   def __init__(self, name: str, path: str, info: Mapping[str, Any], apply_fn: ApplyFn,
                variables: Any, *, image_shape: tuple[int, ...] | None, feature_dim: int,
-               num_classes: int, chunk_size: int = DEFAULT_CHUNK):
+               num_classes: int, chunk_size: int = DEFAULT_CHUNK, devices: int = 1):
     if chunk_size < 1:
       raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     self.name = name
@@ -86,9 +87,11 @@ class Backbone:
     self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
     self.feature_dim = int(feature_dim)
     self.num_classes = int(num_classes)
-    # Chunks are split over this process's devices (variables replicated on each), so a
-    # chunk is a multiple of their number.
-    self._mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (parallel.DATA_AXIS,))
+    # Chunks are split over ``devices`` of this process's devices (variables replicated on
+    # each), so a chunk is a multiple of their number.
+    local = jax.local_devices()
+    n = len(local) if devices in (-1, 0) else min(int(devices), len(local))
+    self._mesh = jax.sharding.Mesh(np.array(local[:n]), (parallel.DATA_AXIS,))
     n = self._mesh.size
     self.chunk_size = -(-int(chunk_size) // n) * n
     # On device once, not transferred again by every chunk's call.
@@ -227,12 +230,12 @@ def _classifier_apply(model: Classifier | ResNetClassifier) -> ApplyFn:
 
 
 def classifier_backbone(params: Any, info: Mapping[str, Any], path: str = "",
-                        chunk_size: int = DEFAULT_CHUNK) -> Backbone:
+                        chunk_size: int = DEFAULT_CHUNK, devices: int = 1) -> Backbone:
   """Wraps trained ``Classifier`` params and their info dict as a ``Backbone``."""
   arch = info["architecture"]
   return Backbone("classifier", path, info, _classifier_apply(classifier_model(arch)), params,
                   image_shape=tuple(info["image_shape"]), feature_dim=arch["feature_dim"],
-                  num_classes=arch["num_classes"], chunk_size=chunk_size)
+                  num_classes=arch["num_classes"], chunk_size=chunk_size, devices=devices)
 
 
 def _missing(directory: str, what: str) -> BackboneNotFoundError:
@@ -285,7 +288,8 @@ def save_classifier(directory: str, params: Any, info: Mapping[str, Any],
 
 
 @BACKBONES.register("classifier")
-def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone:
+def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK,
+                    devices: int = 1) -> Backbone:
   """Loads a classifier saved by ``save_classifier`` (the ``classifier`` backbone kind).
 
   Raises:
@@ -314,7 +318,8 @@ def load_classifier(directory: str, chunk_size: int = DEFAULT_CHUNK) -> Backbone
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(params_path, abstract)
-  return classifier_backbone(params, info, path=directory, chunk_size=chunk_size)
+  return classifier_backbone(params, info, path=directory, chunk_size=chunk_size,
+                             devices=devices)
 
 
 # --- The "inception_v3" kind. -----------------------------------------------------------
@@ -371,7 +376,7 @@ def _inception_apply(resize: str, quantize: bool) -> ApplyFn:
 
 @BACKBONES.register("inception_v3")
 def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
-                   chunk_size: int = INCEPTION_CHUNK) -> Backbone:
+                   chunk_size: int = INCEPTION_CHUNK, devices: int = 1) -> Backbone:
   """Loads the FID Inception-v3 from the ``.npz`` that ``tools/convert_inception.py`` wrote.
 
   Args:
@@ -380,6 +385,7 @@ def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
       ``fairgen.classifiers.inception``.
     quantize: round samples to uint8 levels before resizing.
     chunk_size: images per jitted call.
+    devices: how many local devices each call is split over (-1: all).
 
   Raises:
     BackboneNotFoundError: if the file is missing; the message says how to make it.
@@ -405,4 +411,5 @@ def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
                          "input_size": inception.INPUT_SIZE}}
   return Backbone("inception_v3", path, info, _inception_apply(resize, bool(quantize)),
                   variables, image_shape=None, feature_dim=inception.FEATURE_DIM,
-                  num_classes=inception.NUM_CLASSES, chunk_size=chunk_size)
+                  num_classes=inception.NUM_CLASSES, chunk_size=chunk_size,
+                  devices=devices)

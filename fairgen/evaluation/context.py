@@ -68,14 +68,15 @@ class RealData:
         try:
           self._backbone = backbones.load_backbone(
               cfg.backbone, cfg.inception_weights or backbones.default_inception_path(),
-              resize=cfg.resize, quantize=cfg.quantize)
+              resize=cfg.resize, quantize=cfg.quantize, devices=self.config.mesh.data)
         except ValueError as e:  # A file that is not the converted weights.
           raise EvalError(f"eval.inception_weights: {e}") from None
         return self._backbone
       path = cfg.backbone_dir or backbones.default_classifier_dir(data.cache_tag(data_cfg))
       extra = {"subset": "all"} if "subset" in data_cfg.options else None
       self._backbone = backbones.load_backbone_or_explain(
-          cfg.backbone, path, backbones.train_command(data_cfg, "label", extra))
+          cfg.backbone, path, backbones.train_command(data_cfg, "label", extra),
+          devices=self.config.mesh.data)
     return self._backbone
 
   @functools.cached_property
