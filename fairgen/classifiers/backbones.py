@@ -164,10 +164,14 @@ def load_backbone(kind: str, path: str, **options: Any) -> Backbone:
   return BACKBONES.get(kind)(path, **options)
 
 
+def cache_dir() -> str:
+  """``$FAIRGEN_CACHE``, or ``~/.cache/fairgen``: where backbones live by default."""
+  return os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
+
+
 def default_classifier_dir(dataset: str, label_key: str = "label") -> str:
   """``$FAIRGEN_CACHE/classifier_<dataset>_<label_key>``; the cache defaults to ~/.cache/fairgen."""
-  cache = os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
-  return storage.normalize(os.path.join(cache, f"classifier_{dataset}_{label_key}"))
+  return storage.normalize(os.path.join(cache_dir(), f"classifier_{dataset}_{label_key}"))
 
 
 def train_command(data_config: Mapping[str, Any], label_key: str = "label",
@@ -333,8 +337,7 @@ INCEPTION_CHUNK = 50  # Images per call: about 1.5 GB of activations at 299x299 
 
 def default_inception_path() -> str:
   """``$FAIRGEN_CACHE/pt_inception-2015-12-05.npz`` (the cache defaults to ~/.cache/fairgen)."""
-  cache = os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
-  return storage.normalize(os.path.join(cache, INCEPTION_FILE))
+  return storage.normalize(os.path.join(cache_dir(), INCEPTION_FILE))
 
 
 def inception_variables(arrays: Mapping[str, np.ndarray], source: str = "") -> dict[str, Any]:

@@ -148,8 +148,11 @@ def cleam(ctx: EvalContext) -> Scalars:
   """Naive and CLEAM-corrected group shares (with 95% intervals) and fairness discrepancies."""
   groups = _groups(ctx)
   k = groups.num_groups
-  true = np.asarray(ctx.real.batch["attr"], np.int64)
-  predicted = np.concatenate([groups.predict(c["image"]) for c in ctx.real.chunks()])
+  true, predicted = [], []
+  for chunk in ctx.real.chunks():  # One pass: each chunk's labels and predictions.
+    true.append(np.asarray(chunk["attr"], np.int64))
+    predicted.append(groups.predict(chunk["image"]))
+  true, predicted = np.concatenate(true), np.concatenate(predicted)
   try:
     confusion = cleam_lib.confusion_matrix(true, predicted, k)
     out = cleam_lib.estimate(
