@@ -28,6 +28,7 @@ from fairgen import fairness
 from fairgen import models
 from fairgen import objectives
 from fairgen import parallel
+from fairgen import privacy
 from fairgen import robust
 
 
@@ -44,6 +45,8 @@ class Experiment:
   init_rng: jax.Array
   step_rng: jax.Array
   sample_rng: jax.Array
+  # DP-SGD's resolved parameters when the config has a privacy section (None otherwise).
+  privacy: privacy.DpSettings | None = None
 
   @functools.cached_property
   def sharded_decode(self) -> Any:
@@ -77,6 +80,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   objectives.validate(config.objective, config.optim)
   if "fair" in config:
     fairness.validate(config, objectives.OBJECTIVES.get(config.objective.name))
+  if "privacy" in config:
+    privacy.validate(config, objectives.OBJECTIVES.get(config.objective.name).private)
 
 
 def build_model(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
@@ -85,13 +90,14 @@ def build_model(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
 
 
 def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
-                    for_training: bool = True) -> objectives.Objective:
+                    for_training: bool = True,
+                    dp: privacy.DpSettings | None = None) -> objectives.Objective:
   """The objective of ``config`` for data of ``spec``, with its fairness mitigation.
 
   ``fair.method='penalty'`` adds the frozen attribute classifier's penalty to the
   generator's loss (only ``for_training``: evaluation and sampling never run the step, so
   they do not load the classifier); a group-conditional generator samples its groups from
-  ``fair.target``.
+  ``fair.target``. ``dp``: train with DP-SGD (``fairgen.privacy``).
   """
   modules = build_model(config, spec)
   extras = {}
@@ -99,25 +105,35 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
     penalty = fairness.generator_penalty(config, spec)
     if penalty is not None:
       extras["penalty"] = penalty
+  if dp is not None:
+    extras["privacy"] = dp
   objective = objectives.build(config.objective, config.optim, modules, spec, **extras)
   probs = fairness.label_probs(config, objective.num_classes)
   return dataclasses.replace(objective, label_probs=probs) if probs else objective
 
 
 def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
-          for_training: bool = True) -> Experiment:
+          for_training: bool = True, num_examples: int | None = None) -> Experiment:
   """Validates ``config`` and builds the mesh, objective and abstract sharded state.
 
   Args:
     config: the experiment config.
     spec: the dataset's spec; by default that of the training split (which is read).
     for_training: build the training step's extras too (the penalty's classifier).
+    num_examples: the training split's size, which DP-SGD's accountant needs for a config
+      with a privacy section (read from the split when not given).
   """
   validate(config)
   mesh = parallel.make_mesh(config.mesh.data)
-  if spec is None:
-    spec = data.load(config.data, config.data.split).spec
+  if spec is None or ("privacy" in config and num_examples is None):
+    source = data.load(config.data, config.data.split)
+    spec, num_examples = source.spec, len(source)
   objective = build_objective(config, spec, for_training)
+  dp = None
+  if "privacy" in config:
+    dp = privacy.resolve(config, num_examples, objective.examples_per_step,
+                         fairness.weight_bound(config))
+    objective = build_objective(config, spec, for_training, dp)
   root = jax.random.key(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
   abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
@@ -126,7 +142,7 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
       abstract_state=abstract_state,
       state_shardings=parallel.state_shardings(
           mesh, abstract_state, config.mesh.get("fsdp", False)),
-      init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng)
+      init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng, privacy=dp)
   parallel.check_batch(exp.global_batch, mesh)
   return exp
 

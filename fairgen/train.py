@@ -10,6 +10,7 @@ they build (pure functions, see ``objectives/base.py``).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from fairgen import experiment
 from fairgen import fairness
 from fairgen import logs
 from fairgen import parallel
+from fairgen import privacy
 from fairgen import robust
 from fairgen import sampling
 from fairgen import storage
@@ -116,11 +118,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   validate(config)
   workdir = storage.normalize(workdir)
   source = data.load(config.data, config.data.split)
-  exp = experiment.setup(config, source.spec)
+  exp = experiment.setup(config, source.spec, num_examples=len(source))
   experiment.check_data(exp, source)
   checkpoint.ensure_writable(workdir)
   with robust.WorkdirLock(workdir) as lock:
     checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment)
+    if exp.privacy is not None:
+      _check_and_write_privacy(workdir, exp.privacy)
     ckpt = checkpoint.Checkpointer(workdir, config.train.max_to_keep,
                                    config.train.checkpoint_every_steps)
     try:
@@ -132,9 +136,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "preempted": False}
       # Importance weights or a group-balancing sampler (fair.method); cached in the workdir.
       source, sampler = fairness.prepare(config, source, workdir, exp.global_batch)
+      if exp.privacy is not None:  # Poisson batches, as the accountant assumes.
+        sampler = data.PoissonSampler(len(source), config.train.batch_size,
+                                      exp.privacy.sampling_rate, config.seed,
+                                      exp.objective.examples_per_step)
       return loop(exp, source, state, start_step, ckpt, workdir, sampler, lock)
     finally:
       ckpt.close()
+
+
+PRIVACY_RECORD = "privacy.json"
+
+
+def _check_and_write_privacy(workdir: str, settings: privacy.DpSettings) -> None:
+  """Refuses to resume a DP run with another mechanism; records the mechanism."""
+  path = os.path.join(workdir, PRIVACY_RECORD)
+  record = json.loads(storage.read_text(path)) if storage.exists(path) else None
+  changed = privacy.check_record(record, settings)
+  if changed:
+    raise checkpoint.WorkdirError(
+        f"{workdir} was trained with another DP mechanism ({'; '.join(changed)}); steps of "
+        f"two mechanisms cannot be accounted as one run. Use a new workdir.")
+  if record is None and jax.process_index() == 0:
+    storage.write_atomic(path, json.dumps(privacy.mechanism(settings), indent=2))
 
 
 def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step: int,
@@ -193,6 +217,8 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
           wait, wait_mark = loader.wait_seconds - wait_mark, loader.wait_seconds
           scalars.update(logger.progress(done, scalars), input_wait_seconds=wait,
                          nan_skipped=float(guard["skipped"]))
+          if exp.privacy is not None:
+            scalars["epsilon"] = privacy.epsilon(exp.privacy, done)
           logger.write(done, scalars)
           summary.update(final_step=done, scalars=scalars)
         if exp.makes_images and (final or done % config.log.sample_every_steps == 0):

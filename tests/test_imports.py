@@ -16,7 +16,7 @@ from conftest import REPO
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
     {"config", "registry", "parallel", "storage", "checkpoint", "logs", "robust"},
-    {"data", "metrics", "models", "classifiers"},
+    {"data", "metrics", "models", "classifiers", "privacy"},
     {"objectives", "fairness"},
     {"experiment"},
     {"sampling"},

@@ -13,7 +13,7 @@ from fairgen.data import uci
 from fairgen.data import tfds_datasets
 from fairgen.data.base import (ArraySource, DataError, DataSpec, Source, SubsetSource,
                                column_in_memory, read_column)
-from fairgen.data.pipeline import IndexSampler, Loader, WeightedSampler
+from fairgen.data.pipeline import IndexSampler, Loader, PoissonSampler, WeightedSampler
 from fairgen.registry import Registry
 
 DATASETS: Registry[Callable[..., Source]] = Registry("dataset")
@@ -126,5 +126,5 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
 
 
 __all__ = ["ArraySource", "DATASETS", "DataError", "DataSpec", "IndexSampler", "Loader",
-           "Source", "SubsetSource", "WeightedSampler", "cache_tag", "column_in_memory", "load",
-           "load_eval", "read_column", "validate"]
+           "PoissonSampler", "Source", "SubsetSource", "WeightedSampler", "cache_tag",
+           "column_in_memory", "load", "load_eval", "read_column", "validate"]

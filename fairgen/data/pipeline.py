@@ -82,6 +82,52 @@ class WeightedSampler:
     return np.minimum(idx, self.num_examples - 1).astype(np.int64)
 
 
+class PoissonSampler:
+  """Poisson sampling for DP-SGD, padded to fixed shapes.
+
+  Each of ``draws`` batches per step takes every example independently with probability
+  ``rate``; the sampled indices fill the first rows of a ``batch_size`` block, padding rows
+  repeat index 0 with mask 0, and a draw of more than ``batch_size`` examples keeps a
+  uniformly random subset of them (truncation, which ``fairgen.privacy.accounting``
+  accounts for). The step's batches are a pure function of ``(seed, step)``, so
+  resumption stays exact. ``mask(step)`` is the batch's ``mask`` column.
+  """
+
+  def __init__(self, num_examples: int, batch_size: int, rate: float, seed: int,
+               draws: int = 1):
+    if num_examples <= 0:
+      raise base.DataError("Cannot sample batches from an empty split.")
+    if not 0 < rate <= 1:
+      raise ValueError(f"The Poisson sampling rate must be in (0, 1], got {rate}.")
+    self.num_examples, self.batch_size, self.rate = num_examples, batch_size, rate
+    self.seed, self.draws = seed, draws
+    self.global_batch = batch_size * draws
+    self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+
+  def _sample(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    if self._cached is None or self._cached[0] != step:
+      idx = np.zeros(self.global_batch, np.int64)
+      mask = np.zeros(self.global_batch, np.float32)
+      for d in range(self.draws):
+        rng = np.random.default_rng([self.seed, step, 2, d])
+        chosen = np.flatnonzero(rng.random(self.num_examples) < self.rate)
+        if len(chosen) > self.batch_size:
+          chosen = np.sort(rng.choice(chosen, self.batch_size, replace=False))
+        start = d * self.batch_size
+        idx[start:start + len(chosen)] = chosen
+        mask[start:start + len(chosen)] = 1.0
+      self._cached = (step, idx, mask)
+    return self._cached[1], self._cached[2]
+
+  def indices(self, step: int) -> np.ndarray:
+    """The ``global_batch`` example indices of ``step`` (padding rows: index 0)."""
+    return self._sample(step)[0]
+
+  def mask(self, step: int) -> np.ndarray:
+    """1.0 for the sampled rows of ``step``'s batch, 0.0 for its padding rows."""
+    return self._sample(step)[1]
+
+
 def process_slice(global_batch: int, process_index: int, process_count: int) -> slice:
   """The part of a global batch that one process loads."""
   if global_batch % process_count:
@@ -103,7 +149,8 @@ class Loader:
 
   def __init__(self, source: base.Source, global_batch: int, seed: int,
                sharding: jax.sharding.Sharding, start_step: int, end_step: int,
-               prefetch: int = 2, sampler: IndexSampler | WeightedSampler | None = None):
+               prefetch: int = 2,
+               sampler: IndexSampler | WeightedSampler | PoissonSampler | None = None):
     self.source = source
     self.sampler = sampler or IndexSampler(len(source), global_batch, seed)
     if self.sampler.global_batch != global_batch:
@@ -119,8 +166,12 @@ class Loader:
     self._thread.start()
 
   def host_batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's slice of the batch of ``step``, as NumPy arrays."""
-    return self.source.get(self.sampler.indices(step)[self._slice])
+    """This process's slice of the batch of ``step``, as NumPy arrays (with the ``mask``
+    column of a Poisson sampler)."""
+    batch = self.source.get(self.sampler.indices(step)[self._slice])
+    if isinstance(self.sampler, PoissonSampler):
+      batch["mask"] = self.sampler.mask(step)[self._slice]
+    return batch
 
   def _produce(self) -> None:
     try:

@@ -24,6 +24,7 @@ import ml_collections
 from absl import logging
 
 from fairgen import experiment
+from fairgen import privacy
 from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.classifiers import inception
@@ -133,6 +134,10 @@ class Evaluator:
       for key, value in entry.fn(ctx):
         results[key] = float(value)
       logging.info("Evaluator %s took %.1f s.", name, time.perf_counter() - start)
+    if self.exp.privacy is not None and self.cfg.generator == "model":
+      # The privacy the evaluated weights were trained with: epsilon of ``step`` steps.
+      results["epsilon"] = privacy.epsilon(self.exp.privacy, step)
+      results["delta"] = self.exp.privacy.delta
     return results
 
   def provenance(self) -> dict[str, Any]:
@@ -151,6 +156,8 @@ class Evaluator:
       out["iwae_k"] = self.cfg.iwae_k
     if self.needs_groups:
       out.update(groups.describe(self.exp.config, self.real.attribute_classifier))
+    if self.exp.privacy is not None and self.cfg.generator == "model":
+      out["privacy"] = privacy.mechanism(self.exp.privacy)
     return out
 
 

@@ -105,6 +105,14 @@ def method(config: ml_collections.ConfigDict) -> str:
   return config.fair.method if "fair" in config else "baseline"
 
 
+def weight_bound(config: ml_collections.ConfigDict) -> float:
+  """The largest importance weight a batch can carry: ``fair.clip`` for the importance
+  method (weights are clipped to [1/clip, clip]; 0 means unbounded: inf), 1 otherwise."""
+  if method(config) != "importance":
+    return 1.0
+  return float(config.fair.clip) if config.fair.clip else float("inf")
+
+
 def target_distribution(config: ml_collections.ConfigDict, num_groups: int) -> np.ndarray:
   """``fair.target`` as a float64 [num_groups] array (uniform when unset)."""
   target = config.fair.target if "fair" in config else None

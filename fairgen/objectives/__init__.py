@@ -39,6 +39,8 @@ class Entry:
     optimizers: named optimizer sections under ``optim`` (e.g. ``gen``, ``disc``); empty
       for one optimizer given by ``optim`` itself.
     fair_methods: the ``fair.method`` values the objective supports.
+    private: whether ``build`` takes ``privacy`` (``fairgen.privacy.DpSettings``) and
+      trains the networks that see data with DP-SGD.
   """
 
   build: Callable[..., Objective]
@@ -46,12 +48,13 @@ class Entry:
   check: Callable[[Mapping[str, Any]], None]
   optimizers: tuple[str, ...] = ()
   fair_methods: tuple[str, ...] = DATA_METHODS
+  private: bool = False
 
 
 OBJECTIVES: Registry[Entry] = Registry("objective")
 OBJECTIVES.register("gan")(Entry(gan.build, gan.DEFAULTS, gan.check, gan.OPTIMIZERS,
-                                 ALL_METHODS))
-OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check))
+                                 ALL_METHODS, private=True))
+OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check, private=True))
 OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check))
 OBJECTIVES.register("vfae")(Entry(vfae.build, vfae.DEFAULTS, vfae.check))
 OBJECTIVES.register("tabgan")(Entry(tabgan.build, tabgan.DEFAULTS, tabgan.check,

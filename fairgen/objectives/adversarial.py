@@ -40,6 +40,8 @@ import optax
 from fairgen.models import spectral
 from fairgen.objectives import base
 from fairgen.objectives import losses
+from fairgen.privacy import DpSettings
+from fairgen.privacy import dpsgd
 
 # (fake inputs, state['step'], constants) -> (loss, metrics): an extra generator loss term.
 Penalty = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
@@ -100,6 +102,10 @@ class Settings:
   ema_decay: float = 0.0
   r1_gamma: float = 0.0
   r1_every: int = 1
+  # DP-SGD for the discriminator (``fairgen.privacy``): its real-data terms (the real loss,
+  # the gradient penalty, R1) are clipped per example and noised; the fake term sees no
+  # data and keeps its exact gradient.
+  privacy: DpSettings | None = None
 
 
 SPECTRAL_NETS = ("gen", "disc")  # What ``spectral_norm`` may name.
@@ -157,7 +163,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
   sn = dict(state.get("spectral", {}))
   gen_now = {**gen, "params": _normalized(gen["params"], sn.get("gen"))}
 
-  def d_update(d_params, d_opt, d_sn, x_real, y, w, keys):
+  def d_update(d_params, d_opt, d_sn, x_real, y, w, m, keys):
     z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
     fake = jax.lax.stop_gradient(adapter.generate(gen_now, z, y)[0])
     mixed = (losses.interpolate(x_real, fake, keys["mix"]) if settings.gp_weight else None)
@@ -189,26 +195,80 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         aux["r1"] = r1
       return total, aux
 
-    (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
+    if settings.privacy is None:
+      (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
+    else:
+      value, aux, grads = _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, w, m, keys)
     updates, d_opt = disc_tx.update(grads, d_opt, d_params)
     d_params = optax.apply_updates(d_params, updates)
     return d_params, d_opt, d_sn, {f"{p}_loss": value, **aux,
                                    f"{p}_grad_norm": base.global_norm(grads)}
 
+  def _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, w, m, keys):
+    """The DP-SGD gradient of D's loss: private real-data terms plus the exact fake term."""
+    privacy = settings.privacy
+
+    def example_loss(raw_params, ex, key):
+      params = _normalized(raw_params, d_sn)
+      one = lambda v: v[None]
+      disc = lambda x: adapter.discriminate(params, x, one(ex["y"]), None)
+      real_out = adapter.discriminate(params, one(ex["x"]), one(ex["y"]), key)
+      real_term = loss.d_loss(real_out, real_out)[0][0]
+      total, aux = real_term, {"real_out": real_out[0], "real_term": real_term}
+      if settings.gp_weight:
+        aux["gp"] = losses.gradient_penalty(disc, one(ex["mixed"]))[0]
+        total = total + settings.gp_weight * aux["gp"]
+      if settings.r1_gamma:
+        r1 = losses.r1_penalty(disc, one(ex["x"]))[0]
+        if settings.r1_every > 1:
+          r1 = jnp.where(state["step"] % settings.r1_every == 0, r1, 0.0)
+        total = total + 0.5 * settings.r1_gamma * settings.r1_every * r1
+        aux["r1"] = r1
+      return total, aux
+
+    examples = {"x": x_real, "y": y}
+    if mixed is not None:
+      examples["mixed"] = mixed
+    private, aux, stats = dpsgd.private_gradient(
+        example_loss, d_params, examples, keys["real"], clip_norm=privacy.clip_norm,
+        noise_multiplier=privacy.noise_multiplier,
+        expected_batch_size=privacy.expected_batch_size, mask=m,
+        scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size)
+
+    def fake_fn(raw_params):
+      fake_out = adapter.discriminate(_normalized(raw_params, d_sn), fake, y, keys.get("fake"))
+      return jnp.mean(loss.d_loss(fake_out, fake_out)[1]), fake_out
+
+    (fake_loss, fake_out), public = jax.value_and_grad(fake_fn, has_aux=True)(d_params)
+    grads = jax.tree.map(jnp.add, private, public)
+    # The losses are means over the sampled rows; the adapter's metrics (d_real) also
+    # average the padding rows. All are computed from private data without noise, so they
+    # stay in the workdir (see fairgen.privacy).
+    value = dpsgd.masked_mean(aux["real_term"], m) + fake_loss
+    metrics = {**adapter.d_metrics(aux["real_out"], fake_out, w), **stats,
+               "batch_examples": jnp.sum(m)}
+    for name in ("gp", "r1"):
+      if name in aux:
+        metrics[name] = dpsgd.masked_mean(aux[name], m)
+    return value, metrics, grads
+
+  masks = (losses.split_microbatches(batch["mask"], n_disc) if settings.privacy is not None
+           else jnp.ones(conds.shape, jnp.float32))
   d_params, d_opt, d_sn = state["disc"]["params"], state["disc"]["opt"], sn.get("disc")
   if adapter.scan_disc:
     def body(carry, inputs):
-      x, y, w, i = inputs
-      *carry, metrics = d_update(*carry, x, y, w, adapter.d_keys(jax.random.fold_in(rng, i)))
+      x, y, w, m, i = inputs
+      *carry, metrics = d_update(*carry, x, y, w, m,
+                                 adapter.d_keys(jax.random.fold_in(rng, i)))
       return tuple(carry), metrics
 
     (d_params, d_opt, d_sn), d_metrics = jax.lax.scan(
-        body, (d_params, d_opt, d_sn), (reals, conds, weights, jnp.arange(n_disc)))
+        body, (d_params, d_opt, d_sn), (reals, conds, weights, masks, jnp.arange(n_disc)))
     d_metrics = jax.tree.map(lambda m: m[-1], d_metrics)
   else:
     for i in range(n_disc):
       d_params, d_opt, d_sn, d_metrics = d_update(
-          d_params, d_opt, d_sn, reals[i], conds[i], weights[i],
+          d_params, d_opt, d_sn, reals[i], conds[i], weights[i], masks[i],
           adapter.d_keys(jax.random.fold_in(rng, i)))
 
   keys = adapter.g_keys(jax.random.fold_in(rng, n_disc))

@@ -30,6 +30,8 @@ from fairgen.objectives import adversarial
 from fairgen.objectives import base
 from fairgen.objectives import diffaugment
 from fairgen.objectives import losses
+from fairgen.privacy import DpSettings
+from fairgen.privacy import dpsgd
 
 DEFAULTS = {
     "loss": "nonsaturating",  # A name in losses.ADVERSARIAL_LOSSES.
@@ -187,15 +189,25 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
 
 
 def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any], penalty: adversarial.GeneratorPenalty | None = None
-          ) -> base.Objective:
+          optim: Mapping[str, Any], penalty: adversarial.GeneratorPenalty | None = None,
+          privacy: DpSettings | None = None) -> base.Objective:
   """The GAN objective from the objective (keys: ``DEFAULTS``) and optim sections.
 
   ``penalty``: an optional term of the generator's loss (the fairness penalty of
-  ``fairgen.fairness.penalty``) with the frozen arrays it reads.
+  ``fairgen.fairness.penalty``) with the frozen arrays it reads. ``privacy``: train the
+  discriminator, the only network that sees data, with DP-SGD.
   """
   if not isinstance(nets, GanModules):
     raise ConfigError("The 'gan' objective needs an image GAN model (e.g. model.name='dcgan').")
+  if privacy is not None:
+    if nets.num_classes:
+      raise ConfigError("privacy with a conditional GAN is not supported: its fakes take the "
+                        "real batch's labels.")
+    dpsgd.check_no_batch_stats(jax.eval_shape(
+        lambda: nets.discriminator.init(jax.random.key(0),
+                                        jnp.zeros((1,) + tuple(spec.image_shape)),
+                                        jnp.zeros((1,), jnp.int32), train=False)),
+        "discriminator")
   if objective["standing_stats"] and not hasattr(nets.generator, "bn_momentum"):
     raise ConfigError("objective.standing_stats needs a generator with batch norm "
                       "(a bn_momentum attribute); this one has none.")
@@ -205,7 +217,7 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       loss=losses.adversarial_loss(objective["loss"], float(objective["label_smoothing"])),
       n_disc=int(objective["n_disc"]), gp_weight=float(objective["gp_weight"]),
       ema_decay=float(objective["ema_decay"]), r1_gamma=float(objective["r1_gamma"]),
-      r1_every=int(objective["r1_every"]))
+      r1_every=int(objective["r1_every"]), privacy=privacy)
   policy = diffaugment.parse(objective["diffaugment"])
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),

@@ -13,6 +13,8 @@ from fairgen.config import ConfigError, require
 from fairgen.models.vae import VAE
 from fairgen.objectives import base
 from fairgen.objectives import losses
+from fairgen.privacy import DpSettings
+from fairgen.privacy import dpsgd
 
 
 DEFAULTS = {"beta": 1.0}  # Weight of the KL term (a beta-VAE for beta != 1).
@@ -40,11 +42,14 @@ def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
 
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
-               tx: optax.GradientTransformation, beta: float
-               ) -> tuple[base.State, base.Metrics]:
-  """One update of the (beta-)ELBO."""
+               tx: optax.GradientTransformation, beta: float,
+               privacy: DpSettings | None = None) -> tuple[base.State, base.Metrics]:
+  """One update of the (beta-)ELBO; with ``privacy``, a DP-SGD update of the whole VAE
+  (per-example clipped ELBO gradients, importance weights scaling the clipped gradients)."""
   rng = jax.random.fold_in(rng, state["step"])
   weight = batch.get("weight")
+  if privacy is not None:
+    return _private_step(state, batch, rng, model=model, tx=tx, beta=beta, privacy=privacy)
 
   def loss_fn(params):
     terms = per_example_loss(model, params, batch["image"], rng, beta)
@@ -58,6 +63,31 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
+def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
+                  tx: optax.GradientTransformation, beta: float, privacy: DpSettings
+                  ) -> tuple[base.State, base.Metrics]:
+  """The DP-SGD update (``fairgen.privacy.dpsgd``) of ``train_step``."""
+
+  def example_loss(params, image, key):
+    terms = per_example_loss(model, params, image[None], key, beta)
+    return terms["loss"][0], jax.tree.map(lambda t: t[0], terms)
+
+  mask = batch["mask"]
+  scale = batch["weight"] / privacy.weight_bound if "weight" in batch else None
+  grads, terms, stats = dpsgd.private_gradient(
+      example_loss, state["params"], batch["image"], rng, clip_norm=privacy.clip_norm,
+      noise_multiplier=privacy.noise_multiplier,
+      expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
+      microbatch_size=privacy.microbatch_size)
+  updates, opt = tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": dpsgd.masked_mean(terms["loss"], mask),
+             "recon": dpsgd.masked_mean(terms["recon"], mask),
+             "kl": dpsgd.masked_mean(terms["kl"], mask), "grad_norm": base.global_norm(grads),
+             "batch_examples": jnp.sum(mask), **stats}
+  return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
+
+
 def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) -> jax.Array:
   """Decoder mean images for latents ``z`` (``labels`` unused: the VAE is unconditional)."""
   del labels
@@ -66,15 +96,20 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) ->
 
 
 def build(model: VAE, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any]) -> base.Objective:
-  """The VAE objective from the config's objective and optim sections."""
+          optim: Mapping[str, Any], privacy: DpSettings | None = None) -> base.Objective:
+  """The VAE objective from the config's objective and optim sections (DP-SGD of the whole
+  VAE with ``privacy``)."""
   del spec  # The model carries the image shape.
   if not isinstance(model, VAE):
     raise ConfigError("The 'vae' objective needs a VAE model (model.name='vae').")
+  if privacy is not None:
+    dpsgd.check_no_batch_stats(jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0), "latent": jax.random.key(1)},
+                           jnp.zeros((1,) + tuple(model.image_shape)))), "VAE")
   tx = base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, model, tx),
       train_step=functools.partial(train_step, model=model, tx=tx,
-                                   beta=float(objective["beta"])),
+                                   beta=float(objective["beta"]), privacy=privacy),
       decode=functools.partial(decode, model=model),
       latent_dim=model.latent_dim)

@@ -1,0 +1,243 @@
+"""Differential privacy: DP-SGD (``dpsgd``), its accountant (``accounting``) and the
+``privacy`` config section.
+
+A config with a ``privacy`` section trains the networks that see data with DP-SGD (Abadi et
+al. 2016): every example's gradient is clipped to ``clip_norm``, the clipped gradients are
+summed, Gaussian noise of standard deviation ``noise_multiplier * clip_norm`` is added to the
+sum, and the result is divided by the expected batch size. Which networks those are is the
+objective's business: a GAN's discriminator (the generator only sees the discriminator, so
+its samples are post-processing), the whole VAE.
+
+Batches are drawn by Poisson sampling: each training example independently with probability
+``q = expected_batch_size / N`` (per discriminator update, for ``n_disc`` > 1), padded with
+masked rows to ``train.batch_size`` so that the step compiles once, and cut down to a
+random subset of ``train.batch_size`` examples when more are drawn (rarely, by choosing
+``train.batch_size`` a few standard deviations above the expected size). The accountant
+(``dp-accounting``'s PLD accountant by default) accounts for exactly this: Poisson sampling
+with truncation. With the RDP accountant, which has no truncated event, the probability that
+any step truncates is added to delta. Shuffled (epoch) batches are refused: no accountant
+in dp-accounting covers them, and accounting them as Poisson underestimates epsilon (Chua et
+al. 2024, "How Private are DP-SGD Implementations?").
+
+What the guarantee covers: the weights of the private networks and everything computed
+from them (the generator, samples, evaluation). The training metrics logged from private
+batches (losses, ``d_real``) are not privatised; they stay in the workdir. Epsilon is a pure
+function of the step, recomputed (not accumulated) wherever it is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import ml_collections
+
+from fairgen.config import ConfigError, require
+from fairgen.privacy import accounting
+
+SAMPLINGS = ("poisson",)
+ACCOUNTANTS = ("pld", "rdp")
+DEFAULTS = {
+    "clip_norm": 1.0,  # Per-example gradient norm bound C.
+    # Noise standard deviation / clip_norm (sigma). -1: solved from target_epsilon.
+    "noise_multiplier": -1.0,
+    "target_epsilon": 0.0,  # > 0: solve sigma so that the whole run spends this epsilon.
+    "delta": 1e-5,  # Must be below 1 / N.
+    "expected_batch_size": 0,  # q * N, the mean Poisson batch (<= train.batch_size).
+    "sampling": "poisson",  # How batches are drawn (must match the accountant).
+    "accountant": "pld",  # 'pld' (exact for truncated Poisson sampling) or 'rdp'.
+    "epsilon_budget": 0.0,  # > 0: refuse a run whose epsilon would exceed it.
+    "microbatch_size": 0,  # Per-example gradients this many at a time (0: the batch).
+}
+# A run's truncation probability (any step drawing more than train.batch_size) above this
+# share of delta is refused for the RDP accountant, which has to add it to delta.
+MAX_TRUNCATION_SHARE = 0.1
+
+
+def section(**overrides: Any) -> ml_collections.ConfigDict:
+  """A ``privacy`` config section: ``DEFAULTS`` with ``overrides``."""
+  unknown = sorted(set(overrides) - set(DEFAULTS))
+  if unknown:
+    raise ConfigError(f"Unknown privacy keys {unknown}; valid: {', '.join(DEFAULTS)}.")
+  return ml_collections.ConfigDict({**DEFAULTS, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class DpSettings:
+  """A run's resolved DP-SGD parameters (``resolve``).
+
+  Attributes:
+    clip_norm: C.
+    noise_multiplier: sigma (0: clipping only, epsilon is infinite).
+    expected_batch_size: q * N, what the noisy sum is divided by.
+    batch_size: rows per draw (the padded, truncated Poisson batch).
+    num_examples: N, the training split's size.
+    draws_per_step: Poisson batches per train step (``n_disc`` for a GAN).
+    num_steps: the run's train steps.
+    delta: the target delta.
+    accountant: 'pld' or 'rdp'.
+    microbatch_size: examples per vmapped per-example-gradient call.
+    weight_bound: importance weights are divided by this before they scale the clipped
+      gradients, so each example's contribution stays within C (1: no weights).
+  """
+
+  clip_norm: float
+  noise_multiplier: float
+  expected_batch_size: int
+  batch_size: int
+  num_examples: int
+  draws_per_step: int
+  num_steps: int
+  delta: float
+  accountant: str = "pld"
+  microbatch_size: int = 0
+  weight_bound: float = 1.0
+
+  @property
+  def sampling_rate(self) -> float:
+    """q: each example's probability of joining a Poisson batch."""
+    return self.expected_batch_size / self.num_examples
+
+
+def validate(config: ml_collections.ConfigDict, private_objective: bool) -> None:
+  """Raises ConfigError for an impossible ``privacy`` section (what needs no data).
+
+  Args:
+    config: the experiment config (with a ``privacy`` section).
+    private_objective: whether the objective can train with DP-SGD.
+  """
+  p = config.privacy
+  unknown = sorted(set(p.keys()) - set(DEFAULTS))
+  require(not unknown, f"Unknown privacy keys {unknown}; valid: {', '.join(DEFAULTS)}.")
+  p = {**DEFAULTS, **p.to_dict()}
+  require(private_objective, f"The {config.objective.name!r} objective has no DP-SGD step; "
+          f"remove the privacy section or use the 'gan' or 'vae' objective.")
+  require(p["clip_norm"] > 0, f"privacy.clip_norm must be > 0, got {p['clip_norm']}.")
+  sigma, target = p["noise_multiplier"], p["target_epsilon"]
+  require(target >= 0, f"privacy.target_epsilon must be > 0 (or 0: off), got {target}.")
+  if target > 0:
+    require(sigma == -1, "Set one of privacy.noise_multiplier and privacy.target_epsilon "
+            f"(got noise_multiplier={sigma} and target_epsilon={target}).")
+  else:
+    require(sigma >= 0, f"privacy.noise_multiplier must be >= 0 (0: no noise), got {sigma}; "
+            "or set privacy.target_epsilon to solve for it.")
+  require(0 < p["delta"] < 1, f"privacy.delta must be in (0, 1), got {p['delta']}.")
+  if p["sampling"] == "shuffle":
+    raise ConfigError("privacy.sampling='shuffle' is refused: no accountant covers shuffled "
+                      "batches, and accounting them as Poisson sampling underestimates epsilon "
+                      "(Chua et al. 2024). Use 'poisson'.")
+  require(p["sampling"] in SAMPLINGS,
+          f"Unknown privacy.sampling={p['sampling']!r}; valid: {', '.join(SAMPLINGS)}.")
+  require(p["accountant"] in ACCOUNTANTS,
+          f"Unknown privacy.accountant={p['accountant']!r}; valid: {', '.join(ACCOUNTANTS)}.")
+  batch = config.train.batch_size
+  expected = p["expected_batch_size"]
+  require(isinstance(expected, int) and 1 <= expected <= batch,
+          f"privacy.expected_batch_size must be an integer in [1, train.batch_size={batch}] "
+          f"(Poisson batches are padded to train.batch_size), got {expected!r}.")
+  micro = p["microbatch_size"]
+  require(isinstance(micro, int) and micro >= 0 and (micro == 0 or batch % micro == 0),
+          f"privacy.microbatch_size must be 0 or divide train.batch_size={batch}, got {micro!r}.")
+  require(p["epsilon_budget"] >= 0,
+          f"privacy.epsilon_budget must be >= 0 (0: none), got {p['epsilon_budget']}.")
+  fair = config.get("fair")
+  if fair is not None and fair.method == "resample":
+    raise ConfigError("fair.method='resample' draws batches by group weight, which Poisson "
+                      "sampling's accountant does not cover; with privacy use "
+                      "fair.method='importance' (with fair.clip) instead.")
+  if fair is not None and fair.method == "importance":
+    require(fair.clip > 0, "fair.method='importance' with privacy needs fair.clip > 0: the "
+            "weights must be bounded for each example's contribution to stay within "
+            "privacy.clip_norm.")
+  require(not config.model.get("conditional", False),
+          "privacy with a conditional model is not supported: its fakes take the real "
+          "batch's labels, which would leave the discriminator's fake term unprotected.")
+
+
+def resolve(config: ml_collections.ConfigDict, num_examples: int,
+            draws_per_step: int, weight_bound: float = 1.0) -> DpSettings:
+  """The run's ``DpSettings``: checks what needs the data, solves sigma, checks the budget.
+
+  Args:
+    config: the experiment config (validated, with a ``privacy`` section).
+    num_examples: N, the size of the split batches are drawn from.
+    draws_per_step: Poisson batches per train step (the objective's examples_per_step).
+    weight_bound: the bound of the batches' importance weights (1: none).
+
+  Raises:
+    ConfigError: delta >= 1/N, an expected batch above N, a truncation probability the RDP
+      accountant cannot absorb, or an epsilon above ``privacy.epsilon_budget``.
+  """
+  p = {**DEFAULTS, **config.privacy.to_dict()}
+  n, batch = int(num_examples), int(config.train.batch_size)
+  require(p["expected_batch_size"] <= n, f"privacy.expected_batch_size="
+          f"{p['expected_batch_size']} exceeds the training split's {n} examples.")
+  require(p["delta"] < 1.0 / n, f"privacy.delta={p['delta']:g} must be below 1/N = "
+          f"{1.0 / n:.3g} (N = {n} training examples): a larger delta allows releasing an "
+          f"example outright.")
+  rate = p["expected_batch_size"] / n
+  draws = int(config.train.num_steps) * draws_per_step
+  if p["accountant"] == "rdp":
+    trunc = accounting.truncation_probability(n, rate, batch, draws)
+    require(trunc <= MAX_TRUNCATION_SHARE * p["delta"],
+            f"privacy.accountant='rdp': the run truncates a Poisson batch of "
+            f"expected_batch_size={p['expected_batch_size']} to train.batch_size={batch} with "
+            f"probability {trunc:.2g}, more than {MAX_TRUNCATION_SHARE:g} * delta; raise "
+            f"train.batch_size or use the 'pld' accountant (which accounts for truncation).")
+  sigma = float(p["noise_multiplier"])
+  if p["target_epsilon"] > 0:
+    sigma = accounting.solve_noise_multiplier(p["target_epsilon"], rate, draws, n, batch,
+                                              p["delta"], p["accountant"])
+  settings = DpSettings(
+      clip_norm=float(p["clip_norm"]), noise_multiplier=sigma,
+      expected_batch_size=int(p["expected_batch_size"]), batch_size=batch, num_examples=n,
+      draws_per_step=int(draws_per_step), num_steps=int(config.train.num_steps),
+      delta=float(p["delta"]), accountant=p["accountant"],
+      microbatch_size=int(p["microbatch_size"]), weight_bound=float(weight_bound))
+  budget = float(p["epsilon_budget"])
+  if budget > 0:
+    eps = epsilon(settings, settings.num_steps)
+    require(eps <= budget, f"This run would spend epsilon={eps:.4g} (delta={p['delta']:g}) "
+            f"by train.num_steps={settings.num_steps}, over privacy.epsilon_budget={budget:g}. "
+            f"Lower train.num_steps or expected_batch_size, or raise noise_multiplier.")
+  return settings
+
+
+@functools.lru_cache(maxsize=256)
+def epsilon(settings: DpSettings, step: int) -> float:
+  """Epsilon at ``settings.delta`` after ``step`` train steps (a pure function of step)."""
+  return accounting.epsilon(settings.noise_multiplier, settings.sampling_rate,
+                            step * settings.draws_per_step, settings.num_examples,
+                            settings.batch_size, settings.delta, settings.accountant)
+
+
+# The fields that define the mechanism of one step; a resumed run must keep them.
+MECHANISM_FIELDS = ("clip_norm", "noise_multiplier", "expected_batch_size", "batch_size",
+                    "num_examples", "draws_per_step", "weight_bound")
+
+
+def mechanism(settings: DpSettings) -> dict[str, Any]:
+  """What one step's privacy depends on, plus how it is accounted (JSON-ready)."""
+  out = {k: getattr(settings, k) for k in MECHANISM_FIELDS}
+  out.update(delta=settings.delta, accountant=settings.accountant, sampling="poisson")
+  return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
+
+
+def check_record(record: dict[str, Any] | None, settings: DpSettings) -> list[str]:
+  """The mechanism fields in which ``settings`` differ from a run's earlier ``record``
+  (empty: the run may resume). A noise multiplier solved from a target epsilon changes
+  with ``train.num_steps``, and steps taken with two mechanisms cannot be accounted as one
+  run, so resuming with a different mechanism is refused."""
+  if record is None:
+    return []
+  now = mechanism(settings)
+  return [f"privacy.{k}: {record.get(k)!r} -> {now[k]!r}" for k in MECHANISM_FIELDS
+          if record.get(k) != now[k] and not (
+              isinstance(now[k], float) and isinstance(record.get(k), float)
+              and math.isclose(now[k], record[k], rel_tol=1e-12))]
+
+
+__all__ = ["ACCOUNTANTS", "DEFAULTS", "DpSettings", "MECHANISM_FIELDS", "SAMPLINGS",
+           "check_record", "epsilon", "mechanism", "resolve", "section", "validate"]

@@ -1,0 +1,126 @@
+"""Epsilon of DP-SGD with Poisson sampling, from ``dp-accounting`` (Google's accountants).
+
+Each draw is the sampled Gaussian mechanism: Poisson sampling with rate ``q`` from ``N``
+examples, then the Gaussian mechanism with noise multiplier ``sigma``. Our batches have a
+fixed number of rows ``B``, so a draw of more than ``B`` examples is cut to a random subset
+of ``B`` (truncation):
+
+- ``pld``: the privacy-loss-distribution accountant with dp-accounting's
+  ``TruncatedSubsampledGaussianDpEvent``, which is exactly this mechanism (truncated Poisson
+  sampling, https://arxiv.org/abs/2508.15089);
+- ``rdp``: the Renyi accountant of the untruncated ``PoissonSampledDpEvent``. The truncated
+  and the untruncated runs differ only when some draw truncates, so the run is
+  ``(eps, delta' + p)``-DP for ``p`` = the probability that any of its draws does
+  (``truncation_probability``, a union bound); epsilon is reported at ``delta' = delta - p``.
+
+Every function is a pure function of its arguments: epsilon at a step is recomputed from the
+step, never accumulated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+from dp_accounting import pld
+from dp_accounting import rdp
+from scipy import stats
+
+
+def truncation_probability(num_examples: int, rate: float, batch_size: int,
+                           draws: int) -> float:
+  """The probability that any of ``draws`` Poisson draws holds more than ``batch_size``
+  examples (a union bound over the draws)."""
+  if batch_size >= num_examples:
+    return 0.0
+  one = float(stats.binom.sf(batch_size, num_examples, rate))
+  return min(1.0, draws * one)
+
+
+def dp_event(noise_multiplier: float, rate: float, draws: int, num_examples: int,
+             batch_size: int, accountant: str) -> dp_accounting.DpEvent:
+  """The DP event of ``draws`` sampled Gaussian mechanisms (see the module docstring)."""
+  if accountant == "pld":
+    one = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+        dataset_size=num_examples, sampling_probability=rate,
+        truncated_batch_size=batch_size, noise_multiplier=noise_multiplier)
+  elif accountant == "rdp":
+    one = dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+  else:
+    raise ValueError(f"Unknown accountant {accountant!r}; valid: pld, rdp.")
+  return dp_accounting.SelfComposedDpEvent(one, draws)
+
+
+# The PLD's discretisation of the privacy loss. Its pessimistic estimate stays an upper
+# bound at any interval; 1e-3 is 10x faster than the library's 1e-4 and moved epsilon by
+# under 1e-4 relative on the runs here (e.g. 10.00073 vs 9.99998).
+PLD_INTERVAL = 1e-3
+
+
+def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
+  if name == "pld":
+    return pld.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+  return rdp.RdpAccountant()
+
+
+def epsilon(noise_multiplier: float, rate: float, draws: int, num_examples: int,
+            batch_size: int, delta: float, accountant: str = "pld") -> float:
+  """Epsilon at ``delta`` after ``draws`` sampled Gaussian mechanisms.
+
+  0 after no draw, ``inf`` without noise (``noise_multiplier`` 0) or when the RDP
+  accountant's truncation probability reaches ``delta``.
+  """
+  if draws <= 0:
+    return 0.0
+  if noise_multiplier <= 0:
+    return math.inf
+  target_delta = delta
+  if accountant == "rdp":
+    target_delta = delta - truncation_probability(num_examples, rate, batch_size, draws)
+    if target_delta <= 0:
+      return math.inf
+  acc = _accountant(accountant)
+  acc.compose(dp_event(noise_multiplier, rate, draws, num_examples, batch_size, accountant))
+  return float(acc.get_epsilon(target_delta))
+
+
+# PLD accountants discretise the privacy loss, whose range explodes for tiny noise; the
+# PLD search never goes below this noise multiplier (a run that reaches its target with
+# less noise gets this much, which only spends less epsilon).
+PLD_MIN_NOISE = 0.3
+
+
+def solve_noise_multiplier(target_epsilon: float, rate: float, draws: int,
+                           num_examples: int, batch_size: int, delta: float,
+                           accountant: str = "pld") -> float:
+  """The smallest noise multiplier whose run of ``draws`` draws spends at most
+  ``target_epsilon`` at ``delta`` (dp-accounting's bisection, to 1e-4 relative).
+
+  For PLD, the RDP solution of the untruncated mechanism gives the bracket
+  ``[max(PLD_MIN_NOISE, sigma / 4), 2 * sigma]`` (widened upwards until it holds).
+  """
+  rdp_delta = delta
+  if accountant == "rdp":
+    rdp_delta = delta - truncation_probability(num_examples, rate, batch_size, draws)
+    if rdp_delta <= 0:
+      raise ValueError("The truncation probability reaches delta: raise the batch size.")
+  sigma = float(dp_accounting.calibrate_dp_mechanism(
+      lambda: _accountant("rdp"),
+      lambda s: dp_event(s, rate, draws, num_examples, batch_size, "rdp"),
+      target_epsilon, rdp_delta,
+      bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-4, 1.0), tol=1e-4))
+  if accountant == "rdp":
+    return sigma
+  eps = lambda s: epsilon(s, rate, draws, num_examples, batch_size, delta)
+  low = max(PLD_MIN_NOISE, sigma / 4)
+  if eps(low) <= target_epsilon:
+    return low
+  high = max(2 * sigma, 2 * low)
+  while eps(high) > target_epsilon:
+    low, high = high, 2 * high
+  return float(dp_accounting.calibrate_dp_mechanism(
+      lambda: _accountant("pld"),
+      lambda s: dp_event(s, rate, draws, num_examples, batch_size, "pld"),
+      target_epsilon, delta,
+      bracket_interval=dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))

@@ -1,0 +1,128 @@
+"""DP-SGD's gradient: per-example gradients, clipped, summed, noised, divided (pure JAX).
+
+``private_gradient`` is the one place where a private network's gradient is formed:
+
+    g = (sum_i  m_i * s_i * clip(grad l_i, C)  +  N(0, (sigma * C)^2 I)) / E
+
+with ``m_i`` the Poisson batch's mask (padding rows are 0), ``s_i`` in [0, 1] an optional
+per-example scale (importance weights divided by their bound), ``clip(g, C) = g * min(1, C /
+|g|)`` and ``E`` the *expected* batch size ``q * N``. The noise is calibrated to the sum,
+whose sensitivity to adding or removing one example is C, and only then divided: dividing
+the clipped gradients by the batch size first and adding ``N(0, (sigma * C)^2)`` to that
+mean (a bug of published code) leaves the noise B times too small for the stated epsilon.
+Dividing by the actual number of sampled examples instead of ``E`` would release that
+number without noise.
+
+Per-example gradients are ``vmap(grad)`` over single examples, ``microbatch_size`` at a
+time (a Python loop over chunks: XLA:CPU runs convolutions in a while loop's body slowly,
+see ``objectives/adversarial.py``), so memory holds one chunk's gradients at once.
+
+A network with batch statistics mixes examples, so no per-example gradient exists for it:
+``check_no_batch_stats`` refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fairgen.config import ConfigError
+
+# (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
+ExampleLoss = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def check_no_batch_stats(variables: Mapping[str, Any], what: str) -> None:
+  """Raises ConfigError if ``variables`` (a Flax variable dict) hold batch statistics."""
+  if "batch_stats" in variables:
+    raise ConfigError(f"privacy: the {what} uses batch norm, which mixes the examples of a "
+                      f"batch, so DP-SGD has no per-example gradient for it. Use a model "
+                      f"without batch norm (group or layer norm) for the private network.")
+
+
+def per_example_norms(grads: Any) -> jax.Array:
+  """The L2 norm of each example's gradient: ``grads`` leaves are ``[B, ...]``."""
+  leaves = jax.tree.leaves(grads)
+  squares = [jnp.sum(jnp.reshape(g, (g.shape[0], -1)).astype(jnp.float32) ** 2, axis=1)
+             for g in leaves]
+  return jnp.sqrt(sum(squares))
+
+
+def clip_factors(norms: jax.Array, clip_norm: float) -> jax.Array:
+  """``min(1, C / |g_i|)``: what each per-example gradient is multiplied by."""
+  return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+
+
+def per_example_grads(loss_fn: ExampleLoss, params: Any, examples: Any,
+                      keys: jax.Array) -> tuple[Any, Any]:
+  """``(grads, aux)`` of ``loss_fn`` for each example: leaves gain a leading batch axis."""
+  return jax.vmap(jax.grad(loss_fn, has_aux=True), in_axes=(None, 0, 0))(params, examples, keys)
+
+
+def noise_like(tree: Any, key: jax.Array, std: float) -> Any:
+  """Independent ``N(0, std^2)`` for every entry of ``tree`` (one key per leaf)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, jnp.float32)
+                                      for k, x in zip(keys, leaves)])
+
+
+def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array, *,
+                     clip_norm: float, noise_multiplier: float, expected_batch_size: float,
+                     mask: jax.Array, scale: jax.Array | None = None,
+                     microbatch_size: int = 0) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """The noisy mean of clipped per-example gradients (see the module docstring).
+
+  Args:
+    loss_fn: one example's loss and aux outputs, ``(params, example, key) -> (loss, aux)``.
+    params: the private network's parameters.
+    examples: a pytree of ``[B, ...]`` arrays (the padded Poisson batch).
+    key: the update's key; example ``i`` gets ``split(fold_in(key, 0), B)[i]``, the noise
+      ``fold_in(key, 1)``.
+    clip_norm: C.
+    noise_multiplier: sigma (0: no noise).
+    expected_batch_size: E = q * N, the divisor.
+    mask: ``[B]``, 1 for sampled examples and 0 for padding rows.
+    scale: optional ``[B]`` multipliers in [0, 1] of the clipped gradients.
+    microbatch_size: examples per vmapped call (0: all B at once).
+
+  Returns:
+    ``(gradient, aux, stats)``: the private gradient (a tree like ``params``), the stacked
+    per-example aux outputs, and ``clipped_fraction`` and ``example_grad_norm`` (means over
+    the sampled examples).
+  """
+  batch = mask.shape[0]
+  chunk = microbatch_size or batch
+  keys = jax.random.split(jax.random.fold_in(key, 0), batch)
+  coeff = mask.astype(jnp.float32)
+  if scale is not None:
+    coeff = coeff * scale.astype(jnp.float32)
+  total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  auxes, norms = [], []
+  for start in range(0, batch, chunk):
+    part = slice(start, start + chunk)
+    grads, aux = per_example_grads(loss_fn, params, jax.tree.map(lambda x: x[part], examples),
+                                   keys[part])
+    n = per_example_norms(grads)
+    c = coeff[part] * clip_factors(n, clip_norm)
+    total = jax.tree.map(
+        lambda t, g: t + jnp.tensordot(c, g.astype(jnp.float32), axes=1), total, grads)
+    auxes.append(aux)
+    norms.append(n)
+  if noise_multiplier > 0:
+    noise = noise_like(total, jax.random.fold_in(key, 1), noise_multiplier * clip_norm)
+    total = jax.tree.map(jnp.add, total, noise)
+  gradient = jax.tree.map(lambda t, p: (t / expected_batch_size).astype(p.dtype), total, params)
+  aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *auxes)
+  norms = jnp.concatenate(norms)
+  sampled = jnp.maximum(jnp.sum(mask), 1.0)
+  stats = {"clipped_fraction": jnp.sum(mask * (norms > clip_norm)) / sampled,
+           "example_grad_norm": jnp.sum(mask * norms) / sampled}
+  return gradient, aux, stats
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """The mean of ``values`` over the rows where ``mask`` is 1 (0 if there are none)."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
