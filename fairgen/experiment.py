@@ -144,6 +144,13 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
           mesh, abstract_state, config.mesh.get("fsdp", False)),
       init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng, privacy=dp)
   parallel.check_batch(exp.global_batch, mesh)
+  if dp is not None and mesh.size > 1 and any(
+      getattr(x, "ndim", 0) >= 4 for x in jax.tree.leaves(abstract_state)):
+    raise config_lib.ConfigError(
+        "privacy with convolutions needs mesh.data=1 for now: XLA (jax 0.10) partitions the "
+        "per-example gradients of convolution kernels wrongly over a data axis (measured: "
+        "every device but the first gets other gradients than one device computes). Dense "
+        "networks (e.g. the MLP VAE) train with DP on any mesh.")
   return exp
 
 

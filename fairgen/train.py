@@ -136,16 +136,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 "preempted": False}
       # Importance weights or a group-balancing sampler (fair.method); cached in the workdir.
       source, sampler = fairness.prepare(config, source, workdir, exp.global_batch)
-      if exp.privacy is not None:  # Poisson batches, as the accountant assumes.
-        sampler = data.PoissonSampler(len(source), config.train.batch_size,
-                                      exp.privacy.sampling_rate, config.seed,
-                                      exp.objective.examples_per_step)
       return loop(exp, source, state, start_step, ckpt, workdir, sampler, lock)
     finally:
       ckpt.close()
 
 
 PRIVACY_RECORD = "privacy.json"
+
+
+def batch_sampler(exp: experiment.Experiment, source: data.Source,
+                  sampler: data.WeightedSampler | None = None
+                  ) -> data.IndexSampler | data.WeightedSampler | data.PoissonSampler | None:
+  """What draws the run's batches: Poisson sampling for a DP run (what its accountant
+  assumes), else ``sampler`` (None: the loader's epochs of permutations)."""
+  if exp.privacy is None:
+    return sampler
+  return data.PoissonSampler(len(source), exp.config.train.batch_size,
+                             exp.privacy.sampling_rate, exp.config.seed,
+                             exp.objective.examples_per_step)
 
 
 def _check_and_write_privacy(workdir: str, settings: privacy.DpSettings) -> None:
@@ -194,7 +202,7 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   logger = logs.MetricLogger(workdir, num_steps, start_step)
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=config.data.prefetch, sampler=sampler)
+                       prefetch=config.data.prefetch, sampler=batch_sampler(exp, source, sampler))
   acc, wait_mark = _Accumulator(), 0.0
   try:
     with robust.Preemption() as preemption:

@@ -18,6 +18,8 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
                            "method=importance,model=vae", "method=resample,attribute=color"],
             "resnet_gan_mnist": [None, "smoke"],
             "sngan_cifar10": [None, "smoke"],
+            "dp_vae_mnist": [None, "smoke", "eps=1", "eps=inf"],
+            "dp_dcgan_mnist": [None, "smoke", "eps=1", "eps=inf"],
             "fair_celeba": [None, "smoke", "method=importance,bias=multi",
                             "method=conditional,bias=80_20", "method=penalty,smoke"]}
 

@@ -282,14 +282,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   load_start = _loadavg()
   config = load_config(args.config, args.set, args.batch_size, args.devices)
   source = data.load(config.data, config.data.split)
-  exp = experiment.setup(config, source.spec)
+  exp = experiment.setup(config, source.spec, num_examples=len(source))
   state = experiment.init_state(exp)
   data_sharding = parallel.data_sharding(exp.mesh)
   rng = parallel.replicate(exp.step_rng, exp.mesh)
   reps, steps = args.repeats, args.steps
   # One Loader serves the warm-up and every timed loop repeat, as in a long training run.
   loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0, 1,
-                       prefetch=config.data.prefetch)
+                       prefetch=config.data.prefetch, sampler=train.batch_sampler(exp, source))
   try:
     it = iter(loader)
     _, batch = next(it)  # Step 0's batch: the first-step metrics come from it.
