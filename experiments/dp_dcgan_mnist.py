@@ -8,8 +8,10 @@ is added to their sum; its fake-image term sees no data and keeps its exact grad
 generator learns only from the discriminator, so it and its samples are post-processing
 (as in DP-GAN, Xie et al. 2018, and GS-WGAN, Chen et al. 2020). ``eps`` is the budget of the
 whole run at delta = 1e-5 (``1``, ``10``; the noise multiplier is solved for it) or ``inf``
-(the same clipping and Poisson sampling without noise). Flags: ``smoke`` (tiny, for tests:
-sigma = 1 given, not solved).
+(the same clipping and Poisson sampling without noise). Flags: ``conditional`` (a
+class-conditional GAN, as DP-CGAN: the real term uses each example's label, the fakes take
+uniformly drawn labels, so their term stays free of private data; its samples carry labels
+for ``tstr_images``), ``smoke`` (tiny, for tests: sigma = 1 given, not solved).
 """
 
 from fairgen import config as config_lib
@@ -19,12 +21,12 @@ EPSILONS = ("10", "1", "inf")
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, {"eps": EPSILONS}, flags=("smoke",))
+  args = config_lib.parse_arg(arg, {"eps": EPSILONS}, flags=("conditional", "smoke"))
   c = config_lib.base_config()
   # The main job's network without D's dropout (dcgan_mnist.py); the discriminator has no
   # batch norm, so per-example gradients exist.
-  c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=False, dropout=0.0,
-                 fast_conv=True, dtype="float32")
+  c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=args["conditional"],
+                 dropout=0.0, fast_conv=True, dtype="float32")
   c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.999,
                      label_smoothing=0.1, standing_stats=1024)
   c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
@@ -36,6 +38,11 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 500
   c.log.every_steps = 100
   c.log.sample_every_steps = 500
+  # Utility (train on 10k samples, test on real digits), quality, and the privacy audit.
+  c.eval.metrics = ("fid", "tstr_images", "membership", "memorisation")
+  c.eval.num_samples = 10000
+  c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
+  c.eval.best_metric = "fid"
   eps = args["eps"]
   c.privacy = privacy.section(
       clip_norm=1.0, expected_batch_size=128, delta=1e-5, microbatch_size=88,
@@ -47,6 +54,7 @@ def get_config(arg=None):
     c.objective.standing_stats = 64
     c.optim.gen.lr = c.optim.disc.lr = 2e-4
     config_lib.make_smoke(c)
+    c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
     c.privacy.update(expected_batch_size=12, microbatch_size=8, noise_multiplier=1.0,
                      target_epsilon=0.0)
   return c

@@ -5,7 +5,8 @@ python -m fairgen.main --config=experiments/dp_vae_mnist.py:eps=10 --workdir=/tm
 ``eps`` is the privacy budget of the whole run at delta = 1e-5: the noise multiplier is
 solved for it (``1``, ``10``), or ``inf`` trains with the same clipping and Poisson sampling
 and no noise. Every example's ELBO gradient is clipped to ``privacy.clip_norm`` and Gaussian
-noise is added to the sum (``fairgen/privacy``). Flags: ``smoke`` (tiny, for tests: sigma = 1 given, not solved).
+noise is added to the sum (``fairgen/privacy``). Flags: ``smoke`` (tiny, for tests: sigma = 1
+given, not solved).
 """
 
 from fairgen import config as config_lib
@@ -28,6 +29,11 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 1000
   c.log.every_steps = 100
   c.log.sample_every_steps = 1000
+  # Utility (train on 10k samples, pseudo-labelled), quality, likelihood, and the audit.
+  c.eval.metrics = ("fid", "tstr_images", "likelihood", "membership", "memorisation")
+  c.eval.num_samples = 10000
+  c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
+  c.eval.best_metric = "fid"
   eps = args["eps"]
   c.privacy = privacy.section(
       clip_norm=1.0, expected_batch_size=256, delta=1e-5,
@@ -37,6 +43,7 @@ def get_config(arg=None):
     c.model.hidden = (64, 32)
     c.model.latent_dim = 8
     config_lib.make_smoke(c)
+    c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
     c.privacy.expected_batch_size = 12
     c.privacy.update(noise_multiplier=1.0, target_epsilon=0.0)  # No solve: fast tests.
   return c

@@ -182,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
       cleam_batches=10,  # CLEAM's s: batches of the samples whose shares give its interval.
       iwae_k=1000,
       likelihood_examples=0,  # 0: the whole eval split.
+      # Privacy audits: training members and held-out non-members each (membership), and
+      # the held-out images whose distances calibrate memorisation's near copies.
+      audit_examples=1000,
+      tstr_steps=1000,  # tstr_images: Adam steps of the classifier fitted on samples.
   ))
   # --mode=sample: num images, a fixed seed, truncation (> 0: truncated normal latents).
   c.sample = ml_collections.ConfigDict(dict(num=64, seed=0, truncation=0.0,

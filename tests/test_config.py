@@ -19,7 +19,7 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "resnet_gan_mnist": [None, "smoke"],
             "sngan_cifar10": [None, "smoke"],
             "dp_vae_mnist": [None, "smoke", "eps=1", "eps=inf"],
-            "dp_dcgan_mnist": [None, "smoke", "eps=1", "eps=inf"],
+            "dp_dcgan_mnist": [None, "smoke", "eps=1", "eps=inf", "conditional,smoke"],
             "fair_celeba": [None, "smoke", "method=importance,bias=multi",
                             "method=conditional,bias=80_20", "method=penalty,smoke"]}
 

@@ -16,6 +16,8 @@ from dp_accounting import rdp
 from conftest import load_config, run_main
 from fairgen import config as config_lib
 from fairgen import checkpoint, data, experiment, privacy, train
+from fairgen.evaluation import runner
+from fairgen.evaluation.context import RealData
 from fairgen.privacy import accounting, dpsgd
 
 
@@ -156,6 +158,34 @@ def test_poisson_sampler_is_a_pure_function_of_seed_and_step():
   assert small.mask(0).sum() == 20 and len(set(small.indices(0))) == 20
 
 
+@pytest.mark.parametrize("name,arg", [("dp_vae_mnist", "smoke"),
+                                      ("dp_dcgan_mnist", "conditional,smoke")])
+def test_padding_rows_never_touch_the_update(name, arg):
+  """The rows a Poisson batch is padded with (mask 0) may hold anything: the step's new
+  state is the same bit for bit (with noise on). A conditional DP GAN's fakes take drawn
+  labels, so the real labels reach only the clipped, noised real-data term."""
+  config = load_config(name, arg)
+  exp = experiment.setup(config)
+  state = exp.objective.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  b = config.train.batch_size
+  mask = np.r_[np.ones(9), np.zeros(b - 9)].astype(np.float32)
+  batch = {"image": rng.uniform(-1, 1, (b, 28, 28, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, b).astype(np.int32), "mask": mask}
+  other = {k: v.copy() for k, v in batch.items()}
+  other["image"][9:] = rng.uniform(-1, 1, (b - 9, 28, 28, 1))
+  other["label"][9:] = (other["label"][9:] + 3) % 10
+  step = jax.jit(exp.objective.train_step)
+  a, _ = step(state, batch, jax.random.key(1))
+  c, _ = step(state, other, jax.random.key(1))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
+    np.testing.assert_array_equal(x, y)
+  # A sampled row does change it (the test can fail).
+  other["image"][0] = -batch["image"][0]
+  d, _ = step(state, other, jax.random.key(1))
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(d)))
+
+
 def _dp_config(name="dp_vae_mnist", **overrides):
   return load_config(name, "smoke", **overrides)
 
@@ -236,6 +266,12 @@ def test_dp_run_reports_epsilon_resumes_exactly_and_refuses_a_new_mechanism(tmp_
   assert records[-1]["epsilon"] > records[0]["epsilon"] > 0
   with open(os.path.join(whole, "privacy.json")) as f:
     assert json.load(f)["noise_multiplier"] == 1.0
+  # Every evaluation reports the epsilon of its step, and the mechanism in its provenance.
+  config.eval.metrics = ()
+  evaluator = runner.Evaluator(exp, real=RealData(config))
+  state, _ = experiment.restore_checkpoint(exp, whole)
+  assert evaluator(state, 4)["epsilon"] == records[-1]["epsilon"]
+  assert evaluator.provenance()["privacy"]["noise_multiplier"] == 1.0
   # Even past the config check (a solved sigma changes with train.num_steps, which the
   # experiment fingerprint leaves free), steps of two mechanisms are never one run.
   more_noise = _dp_config(**{"privacy.noise_multiplier": 2.0, "train.num_steps": 6})

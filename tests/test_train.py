@@ -65,6 +65,10 @@ RUNS = {"dcgan_mnist": ((1, False), (8, True)), "vae_mnist": ((1, False), (8, Fa
 # devices' reductions flips some of those signs, so its parameters may differ by up to
 # 2 lr (4e-4) per step (seen: 5e-5 after 5 steps); the losses still agree to 1e-5.
 STATE_TOLERANCE = {"resnet_gan_mnist": dict(rtol=1e-3, atol=1e-3)}
+# Those parameter differences reach the logged scalars through the next steps' forward
+# passes: on a Xeon without AMX, g_grad_norm differed by 4.8e-4 relative after 5 steps
+# (1e-5 held on the machine with AMX). The other configs' scalars agree to 1e-5.
+SCALAR_RTOL = {"resnet_gan_mnist": 2e-3}
 
 
 @pytest.mark.parametrize("name", SHARDED_CONFIGS)
@@ -85,7 +89,8 @@ def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
   for (n, fsdp), (s, p) in results.items():
     for key in s1:
       if key not in ("steps_per_sec", "input_wait_seconds"):
-        np.testing.assert_allclose(s[key], s1[key], rtol=1e-5, err_msg=f"{key} {n} {fsdp}")
+        np.testing.assert_allclose(s[key], s1[key], rtol=SCALAR_RTOL.get(name, 1e-5),
+                                   err_msg=f"{key} {n} {fsdp}")
     _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p), **STATE_TOLERANCE.get(name, {}))
   if (8, True) in results:
     saved = jax.tree.leaves(results[8, True][1])

@@ -2,13 +2,20 @@
 
 FID, KID and PRDC compare backbone features of generated samples with those of the real
 held-out images; IS uses the backbone's class probabilities (``fairgen.classifiers``).
-``likelihood`` gives a VAE's test negative ELBO and IWAE bound.
+``likelihood`` gives a VAE's test negative ELBO and IWAE bound. ``tstr_images``: train on
+synthetic, test on real (the utility measure of DP generative models).
 """
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
+from fairgen import data
 from fairgen import experiment
 from fairgen import parallel
+from fairgen import sampling
+from fairgen.classifiers import fit
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
 from fairgen.metrics import likelihood
 from fairgen.metrics import quality
@@ -59,3 +66,32 @@ def vae_likelihood(ctx: EvalContext) -> Scalars:
       max_examples=ctx.cfg.likelihood_examples or None)
   for name in ("neg_elbo", "nll_iwae", "bits_per_dim"):
     yield name, values[name]
+
+
+def tstr_images(ctx: EvalContext) -> Scalars:
+  """Accuracy on the real held-out images of a CNN classifier trained on ``eval.num_samples``
+  synthetic ones (``eval.tstr_steps`` Adam steps, ``fit.train_classifier``'s defaults).
+
+  The labels are the generator's own for a class-conditional model (balanced classes);
+  otherwise the eval backbone's predictions (pseudo-labels, ``tstr_pseudo_labelled`` = 1).
+  With ``eval.generator='train_data'`` the classifier trains on real training images with
+  their labels: the train-on-real reference.
+  """
+  spec, n = ctx.exp.spec, int(ctx.cfg.num_samples)
+  objective, pseudo = ctx.exp.objective, 0.0
+  if ctx.cfg.generator == "train_data":
+    train = data.load(ctx.config.data, ctx.config.data.split)
+    idx = np.random.default_rng(ctx.cfg.seed + 1).permutation(len(train))[:n]
+    images, labels = train.get(idx)["image"], train.get(idx)["label"]
+  elif objective.num_classes and objective.condition_key == "label":
+    labels = (np.arange(n) % objective.num_classes).astype(np.int32)
+    images, _ = sampling.generate_images(ctx.exp, ctx.state, jax.random.key(ctx.cfg.seed), n,
+                                         labels=labels, batch_size=ctx.cfg.batch_size)
+  else:
+    images, labels, pseudo = ctx.fake_images, np.argmax(ctx.fake_outputs[1], axis=1), 1.0
+  synthetic = data.ArraySource(spec, {"image": np.asarray(images, np.float32),
+                                      "label": np.asarray(labels, np.int32)})
+  _, info = fit.train_classifier(synthetic, ctx.real.source, num_classes=spec.num_classes,
+                                 steps=int(ctx.cfg.get("tstr_steps", 1000)), seed=ctx.cfg.seed)
+  yield "tstr_accuracy", info["test_accuracy"]
+  yield "tstr_pseudo_labelled", pseudo

@@ -29,6 +29,7 @@ from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.classifiers import inception
 from fairgen.config import require
+from fairgen.evaluation import audit
 from fairgen.evaluation import groups
 from fairgen.evaluation import image
 from fairgen.evaluation import tabular
@@ -60,6 +61,9 @@ EVALUATORS.register("fairness_discrepancy")(Entry(groups.fairness_discrepancy,
                                                   needs_attribute_classifier=True))
 EVALUATORS.register("group_quality")(Entry(groups.group_quality, needs_backbone=True,
                                            needs_attribute_classifier=True))
+EVALUATORS.register("tstr_images")(Entry(image.tstr_images, needs_backbone=True))
+EVALUATORS.register("membership")(Entry(audit.membership))
+EVALUATORS.register("memorisation")(Entry(audit.memorisation))
 EVALUATORS.register("cleam")(Entry(groups.cleam, needs_attribute_classifier=True))
 
 
@@ -98,6 +102,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(cfg.truncation >= 0, f"eval.truncation must be >= 0, got {cfg.truncation}.")
   require(cfg.likelihood_examples >= 0,
           f"eval.likelihood_examples must be >= 0, got {cfg.likelihood_examples}.")
+  require(cfg.get("tstr_steps", 1000) >= 1,
+          f"eval.tstr_steps must be >= 1, got {cfg.get('tstr_steps')}.")
+  require(cfg.get("audit_examples", 1000) >= 2,
+          f"eval.audit_examples must be >= 2, got {cfg.get('audit_examples')}.")
   which = str(cfg.checkpoint)
   require(which in ("latest", "best") or which.isdigit(),
           f"eval.checkpoint must be 'latest', 'best' or a step number, got {which!r}.")

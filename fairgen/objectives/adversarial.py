@@ -23,6 +23,12 @@ power iteration per update of their own, on the parameters before it, and are ap
 their weights divided by the estimate: D in its updates and in G's, G in its update and
 for D's fakes; a normalised G's EMA gets one iteration per step on the updated EMA.
 
+With ``Settings.privacy`` (``fairgen.privacy``), each discriminator update is DP-SGD: the
+real-data part of its loss (the real term, gradient penalty and R1 of each example) has
+per-example gradients clipped, summed over the Poisson batch's sampled rows (``mask``) and
+noised, and the fake term adds its exact gradient; a conditional net's fakes then take
+uniformly drawn labels, in D's updates and in G's, so no real label reaches them.
+
 Image GANs loop over the discriminator updates in Python, not ``lax.scan``: XLA:CPU leaves
 the convolutions of a while-loop body on a slow path (measured: a full-width DCGAN step 16 s
 instead of 0.4 s), and ``n_disc`` is small. Dense nets (``Adapter.scan_disc``) scan.
@@ -106,6 +112,9 @@ class Settings:
   # the gradient penalty, R1) are clipped per example and noised; the fake term sees no
   # data and keeps its exact gradient.
   privacy: DpSettings | None = None
+  # The classes of a conditional net. With privacy, fakes take labels drawn uniformly (the
+  # real batch's labels are private; the fake term and G's update must not see them).
+  num_classes: int = 0
 
 
 SPECTRAL_NETS = ("gen", "disc")  # What ``spectral_norm`` may name.
@@ -163,9 +172,19 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
   sn = dict(state.get("spectral", {}))
   gen_now = {**gen, "params": _normalized(gen["params"], sn.get("gen"))}
 
+  public_labels = settings.privacy is not None and settings.num_classes > 0
+
+  def fake_labels(key, y):
+    """The fakes' labels: the real batch's, or uniform draws in a DP run."""
+    if not public_labels:
+      return y
+    return jax.random.randint(jax.random.fold_in(key, 7), y.shape, 0, settings.num_classes,
+                              y.dtype)
+
   def d_update(d_params, d_opt, d_sn, x_real, y, w, m, keys):
     z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
-    fake = jax.lax.stop_gradient(adapter.generate(gen_now, z, y)[0])
+    y_fake = fake_labels(keys["latent"], y)
+    fake = jax.lax.stop_gradient(adapter.generate(gen_now, z, y_fake)[0])
     mixed = (losses.interpolate(x_real, fake, keys["mix"]) if settings.gp_weight else None)
     if d_sn is not None:  # One power iteration per update (Miyato et al.'s Algorithm 1).
       d_sn = spectral.power_iteration(d_params, d_sn)
@@ -198,13 +217,14 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     if settings.privacy is None:
       (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
     else:
-      value, aux, grads = _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, w, m, keys)
+      value, aux, grads = _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, y_fake, w,
+                                           m, keys)
     updates, d_opt = disc_tx.update(grads, d_opt, d_params)
     d_params = optax.apply_updates(d_params, updates)
     return d_params, d_opt, d_sn, {f"{p}_loss": value, **aux,
                                    f"{p}_grad_norm": base.global_norm(grads)}
 
-  def _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, w, m, keys):
+  def _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, y_fake, w, m, keys):
     """The DP-SGD gradient of D's loss: private real-data terms plus the exact fake term."""
     privacy = settings.privacy
 
@@ -214,7 +234,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
       disc = lambda x: adapter.discriminate(params, x, one(ex["y"]), None)
       real_out = adapter.discriminate(params, one(ex["x"]), one(ex["y"]), key)
       real_term = loss.d_loss(real_out, real_out)[0][0]
-      total, aux = real_term, {"real_out": real_out[0], "real_term": real_term}
+      total, aux = real_term, {"real_out": real_out[0]}
       if settings.gp_weight:
         aux["gp"] = losses.gradient_penalty(disc, one(ex["mixed"]))[0]
         total = total + settings.gp_weight * aux["gp"]
@@ -224,6 +244,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
           r1 = jnp.where(state["step"] % settings.r1_every == 0, r1, 0.0)
         total = total + 0.5 * settings.r1_gamma * settings.r1_every * r1
         aux["r1"] = r1
+      aux["total"] = total
       return total, aux
 
     examples = {"x": x_real, "y": y}
@@ -236,7 +257,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size)
 
     def fake_fn(raw_params):
-      fake_out = adapter.discriminate(_normalized(raw_params, d_sn), fake, y, keys.get("fake"))
+      fake_out = adapter.discriminate(_normalized(raw_params, d_sn), fake, y_fake,
+                                      keys.get("fake"))
       return jnp.mean(loss.d_loss(fake_out, fake_out)[1]), fake_out
 
     (fake_loss, fake_out), public = jax.value_and_grad(fake_fn, has_aux=True)(d_params)
@@ -244,7 +266,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     # The losses are means over the sampled rows; the adapter's metrics (d_real) also
     # average the padding rows. All are computed from private data without noise, so they
     # stay in the workdir (see fairgen.privacy).
-    value = dpsgd.masked_mean(aux["real_term"], m) + fake_loss
+    value = dpsgd.masked_mean(aux["total"], m) + fake_loss
     metrics = {**adapter.d_metrics(aux["real_out"], fake_out, w), **stats,
                "batch_examples": jnp.sum(m)}
     for name in ("gp", "r1"):
@@ -273,7 +295,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
 
   keys = adapter.g_keys(jax.random.fold_in(rng, n_disc))
   z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
-  y_fake = conds[-1]
+  y_fake = fake_labels(keys["latent"], conds[-1])
   d_final = _normalized(d_params, d_sn)
   g_sn = sn.get("gen")
   if g_sn is not None:

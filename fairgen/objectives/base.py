@@ -49,6 +49,9 @@ class Objective:
       (fair classifiers, VFAE's label head); None otherwise.
     label_probs: the distribution ``generate`` draws labels from for conditional models
       (None: every class equally often); e.g. the target group distribution.
+    member_score: ``(state, images, labels) -> [B]`` a membership-inference attack's score
+      of real examples (higher: more likely a training member), e.g. the discriminator's
+      logit or the VAE's ELBO; None where the objective has none.
     constants: frozen arrays the step needs (e.g. a penalty classifier's parameters), or
       None. When set, ``train_step`` takes them as its ``constants`` keyword argument, and
       the loop passes them to the jitted step as arguments (never as compile-time
@@ -65,6 +68,7 @@ class Objective:
   predict: Callable[[State, Batch], jax.Array] | None = None
   label_probs: tuple[float, ...] | None = None
   constants: Any = None
+  member_score: Callable[[State, jax.Array, jax.Array], jax.Array] | None = None
 
   def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
     """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""

@@ -188,6 +188,17 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *,
   return nets.generator.apply(variables, z, labels, train=False)
 
 
+def member_score(state: base.State, images: jax.Array, labels: jax.Array, *,
+                 nets: GanModules) -> jax.Array:
+  """The discriminator's logit (critic value) of real ``images``: the membership attack of
+  GAN audits (a member is what D was trained to call real)."""
+  params = state["disc"]["params"]
+  sn = state.get("spectral", {}).get("disc")
+  if sn is not None:
+    params = spectral.normalize(params, sn)
+  return nets.discriminator.apply({"params": params}, images, labels, train=False)
+
+
 def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any], penalty: adversarial.GeneratorPenalty | None = None,
           privacy: DpSettings | None = None) -> base.Objective:
@@ -200,9 +211,6 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   if not isinstance(nets, GanModules):
     raise ConfigError("The 'gan' objective needs an image GAN model (e.g. model.name='dcgan').")
   if privacy is not None:
-    if nets.num_classes:
-      raise ConfigError("privacy with a conditional GAN is not supported: its fakes take the "
-                        "real batch's labels.")
     dpsgd.check_no_batch_stats(jax.eval_shape(
         lambda: nets.discriminator.init(jax.random.key(0),
                                         jnp.zeros((1,) + tuple(spec.image_shape)),
@@ -217,7 +225,7 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       loss=losses.adversarial_loss(objective["loss"], float(objective["label_smoothing"])),
       n_disc=int(objective["n_disc"]), gp_weight=float(objective["gp_weight"]),
       ema_decay=float(objective["ema_decay"]), r1_gamma=float(objective["r1_gamma"]),
-      r1_every=int(objective["r1_every"]), privacy=privacy)
+      r1_every=int(objective["r1_every"]), privacy=privacy, num_classes=nets.num_classes)
   policy = diffaugment.parse(objective["diffaugment"])
   return base.Objective(
       init=functools.partial(init, nets, gen_tx, disc_tx, tuple(spec.image_shape),
@@ -233,4 +241,5 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       examples_per_step=settings.n_disc,
       num_classes=nets.num_classes,
       condition_key=nets.condition_key,
-      constants=None if penalty is None else penalty.constants)
+      constants=None if penalty is None else penalty.constants,
+      member_score=functools.partial(member_score, nets=nets))

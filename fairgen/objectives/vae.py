@@ -95,6 +95,15 @@ def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) ->
   return model.apply({"params": state["params"]}, params, method=VAE.mean_image)
 
 
+def member_score(state: base.State, images: jax.Array, labels: jax.Array, *, model: VAE,
+                 beta: float) -> jax.Array:
+  """The ELBO of real ``images`` (one posterior sample, a fixed key): the membership attack
+  of VAE audits (members are reconstructed better)."""
+  del labels
+  terms = per_example_loss(model, state["params"], images, jax.random.key(0), beta)
+  return -terms["loss"]
+
+
 def build(model: VAE, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any], privacy: DpSettings | None = None) -> base.Objective:
   """The VAE objective from the config's objective and optim sections (DP-SGD of the whole
@@ -112,4 +121,6 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
       train_step=functools.partial(train_step, model=model, tx=tx,
                                    beta=float(objective["beta"]), privacy=privacy),
       decode=functools.partial(decode, model=model),
-      latent_dim=model.latent_dim)
+      latent_dim=model.latent_dim,
+      member_score=functools.partial(member_score, model=model,
+                                     beta=float(objective["beta"])))

@@ -151,9 +151,6 @@ def validate(config: ml_collections.ConfigDict, private_objective: bool) -> None
     require(fair.clip > 0, "fair.method='importance' with privacy needs fair.clip > 0: the "
             "weights must be bounded for each example's contribution to stay within "
             "privacy.clip_norm.")
-  require(not config.model.get("conditional", False),
-          "privacy with a conditional model is not supported: its fakes take the real "
-          "batch's labels, which would leave the discriminator's fake term unprotected.")
 
 
 def resolve(config: ml_collections.ConfigDict, num_examples: int,
