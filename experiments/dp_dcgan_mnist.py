@@ -31,7 +31,7 @@ def get_config(arg=None):
                      label_smoothing=0.1, standing_stats=1024)
   c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
                  disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
-  c.train.num_steps = 3000
+  c.train.num_steps = 2000
   # Poisson batches of 128 examples on average, padded to 176 rows (4.3 standard deviations
   # above the mean); the accountant knows the rare larger draw is cut to 176.
   c.train.batch_size = 176
