@@ -14,6 +14,8 @@ uniformly drawn labels, so their term stays free of private data; its samples ca
 for ``tstr_images``), ``smoke`` (tiny, for tests: sigma = 1 given, not solved).
 """
 
+import os
+
 from fairgen import config as config_lib
 from fairgen import privacy
 
@@ -22,39 +24,30 @@ EPSILONS = ("10", "1", "inf")
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, {"eps": EPSILONS}, flags=("conditional", "smoke"))
-  c = config_lib.base_config()
-  # The main job's network without D's dropout (dcgan_mnist.py); the discriminator has no
-  # batch norm, so per-example gradients exist.
-  c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=args["conditional"],
-                 dropout=0.0, fast_conv=True, dtype="float32")
-  c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.999,
-                     label_smoothing=0.1, standing_stats=1024)
-  c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
-                 disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
+  # The main job's recipe and network (dcgan_mnist.py: no D dropout; D has no batch norm,
+  # so per-example gradients exist), or its smoke variant.
+  here = os.path.dirname(os.path.abspath(__file__))
+  c = config_lib.load_config_file(os.path.join(here, "dcgan_mnist.py"),
+                                  "smoke" if args["smoke"] else None)
+  c.model.conditional = args["conditional"]
   c.train.num_steps = 2000
   # Poisson batches of 128 examples on average, padded to 176 rows (4.3 standard deviations
   # above the mean); the accountant knows the rare larger draw is cut to 176.
   c.train.batch_size = 176
   c.train.checkpoint_every_steps = 500
-  c.log.every_steps = 100
   c.log.sample_every_steps = 500
   # Utility (train on 10k samples, test on real digits), quality, and the privacy audit.
   c.eval.metrics = ("fid", "tstr_images", "membership", "memorisation")
   c.eval.num_samples = 10000
   c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
-  c.eval.best_metric = "fid"
   eps = args["eps"]
   c.privacy = privacy.section(
       clip_norm=1.0, expected_batch_size=128, delta=1e-5, microbatch_size=88,
       noise_multiplier=0.0 if eps == "inf" else -1.0,
       target_epsilon=0.0 if eps == "inf" else float(eps))
   if args["smoke"]:
-    c.model.width = 0.125
-    c.model.latent_dim = 16
-    c.objective.standing_stats = 64
-    c.optim.gen.lr = c.optim.disc.lr = 2e-4
     config_lib.make_smoke(c)
     c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
     c.privacy.update(expected_batch_size=12, microbatch_size=8, noise_multiplier=1.0,
-                     target_epsilon=0.0)
+                     target_epsilon=0.0)  # No solve: fast tests.
   return c

@@ -9,6 +9,8 @@ noise is added to the sum (``fairgen/privacy``). Flags: ``smoke`` (tiny, for tes
 given, not solved).
 """
 
+import os
+
 from fairgen import config as config_lib
 from fairgen import privacy
 
@@ -17,33 +19,25 @@ EPSILONS = ("10", "1", "inf")
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, {"eps": EPSILONS}, flags=("smoke",))
-  c = config_lib.base_config()
-  c.model = dict(name="vae", latent_dim=32, arch="mlp", hidden=(512, 256),
-                 likelihood="bernoulli", dtype="float32")
-  c.objective = dict(name="vae", beta=1.0)
-  c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
-  c.train.num_steps = 3000
+  # vae_mnist.py's model and optimizer (or its smoke variant), with Poisson batches.
+  here = os.path.dirname(os.path.abspath(__file__))
+  c = config_lib.load_config_file(os.path.join(here, "vae_mnist.py"),
+                                  "smoke" if args["smoke"] else None)
   # Poisson batches of 256 examples on average, padded to 320 rows: a batch of more than
   # 320 (3.9 standard deviations above the mean) is cut down, and the accountant knows it.
   c.train.batch_size = 320
-  c.train.checkpoint_every_steps = 1000
-  c.log.every_steps = 100
-  c.log.sample_every_steps = 1000
   # Utility (train on 10k samples, pseudo-labelled), quality, likelihood, and the audit.
   c.eval.metrics = ("fid", "tstr_images", "likelihood", "membership", "memorisation")
   c.eval.num_samples = 10000
   c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
-  c.eval.best_metric = "fid"
   eps = args["eps"]
   c.privacy = privacy.section(
       clip_norm=1.0, expected_batch_size=256, delta=1e-5,
       noise_multiplier=0.0 if eps == "inf" else -1.0,
       target_epsilon=0.0 if eps == "inf" else float(eps))
   if args["smoke"]:
-    c.model.hidden = (64, 32)
-    c.model.latent_dim = 8
     config_lib.make_smoke(c)
     c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
-    c.privacy.expected_batch_size = 12
-    c.privacy.update(noise_multiplier=1.0, target_epsilon=0.0)  # No solve: fast tests.
+    c.privacy.update(expected_batch_size=12, noise_multiplier=1.0,
+                     target_epsilon=0.0)  # No solve: fast tests.
   return c
