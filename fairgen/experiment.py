@@ -131,8 +131,8 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
   objective = build_objective(config, spec, for_training)
   dp = None
   if "privacy" in config:
-    dp = privacy.resolve(config, num_examples, objective.examples_per_step,
-                         fairness.weight_bound(config))
+    dp = dataclasses.replace(privacy.resolve(config, num_examples, objective.examples_per_step,
+                                             fairness.weight_bound(config)), mesh=mesh)
     objective = build_objective(config, spec, for_training, dp)
   root = jax.random.key(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
@@ -144,13 +144,6 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
           mesh, abstract_state, config.mesh.get("fsdp", False)),
       init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng, privacy=dp)
   parallel.check_batch(exp.global_batch, mesh)
-  if dp is not None and mesh.size > 1 and any(
-      getattr(x, "ndim", 0) >= 4 for x in jax.tree.leaves(abstract_state)):
-    raise config_lib.ConfigError(
-        "privacy with convolutions needs mesh.data=1 for now: XLA (jax 0.10) partitions the "
-        "per-example gradients of convolution kernels wrongly over a data axis (measured: "
-        "every device but the first gets other gradients than one device computes). Dense "
-        "networks (e.g. the MLP VAE) train with DP on any mesh.")
   return exp
 
 

@@ -254,7 +254,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         example_loss, d_params, examples, keys["real"], clip_norm=privacy.clip_norm,
         noise_multiplier=privacy.noise_multiplier,
         expected_batch_size=privacy.expected_batch_size, mask=m,
-        scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size)
+        scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size,
+        mesh=privacy.mesh)
 
     def fake_fn(raw_params):
       fake_out = adapter.discriminate(_normalized(raw_params, d_sn), fake, y_fake,

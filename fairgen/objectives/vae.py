@@ -78,7 +78,7 @@ def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model
       example_loss, state["params"], batch["image"], rng, clip_norm=privacy.clip_norm,
       noise_multiplier=privacy.noise_multiplier,
       expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
-      microbatch_size=privacy.microbatch_size)
+      microbatch_size=privacy.microbatch_size, mesh=privacy.mesh)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": dpsgd.masked_mean(terms["loss"], mask),

@@ -81,6 +81,7 @@ class DpSettings:
     microbatch_size: examples per vmapped per-example-gradient call.
     weight_bound: importance weights are divided by this before they scale the clipped
       gradients, so each example's contribution stays within C (1: no weights).
+    mesh: the mesh the step runs on (None: one device).
   """
 
   clip_norm: float
@@ -94,6 +95,9 @@ class DpSettings:
   accountant: str = "pld"
   microbatch_size: int = 0
   weight_bound: float = 1.0
+  # The run's mesh (set by fairgen.experiment.setup): where per-example gradients are
+  # computed. Not part of the mechanism, nor of equality.
+  mesh: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @property
   def sampling_rate(self) -> float:

@@ -15,7 +15,8 @@ number without noise.
 
 Per-example gradients are ``vmap(grad)`` over single examples, ``microbatch_size`` at a
 time (a Python loop over chunks: XLA:CPU runs convolutions in a while loop's body slowly,
-see ``objectives/adversarial.py``), so memory holds one chunk's gradients at once.
+see ``objectives/adversarial.py``), so memory holds one chunk's gradients at once. On a
+mesh with several data devices, each device clips and sums its own rows (``shard_map``).
 
 A network with batch statistics mixes examples, so no per-example gradient exists for it:
 ``check_no_batch_stats`` refuses it.
@@ -27,7 +28,10 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from fairgen import parallel
 from fairgen.config import ConfigError
 
 # (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
@@ -69,10 +73,32 @@ def noise_like(tree: Any, key: jax.Array, std: float) -> Any:
                                       for k, x in zip(keys, leaves)])
 
 
+def _clipped_sum(loss_fn: ExampleLoss, params: Any, examples: Any, keys: jax.Array,
+                 coeff: jax.Array, clip_norm: float, chunk: int) -> tuple[Any, Any, jax.Array]:
+  """``sum_i coeff_i clip(grad l_i)`` over the rows given, ``chunk`` at a time (0: all);
+  with the stacked aux outputs and the per-example gradient norms."""
+  batch = coeff.shape[0]
+  chunk = chunk if chunk and batch % chunk == 0 else batch
+  total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  auxes, norms = [], []
+  for start in range(0, batch, chunk):
+    part = slice(start, start + chunk)
+    grads, aux = per_example_grads(loss_fn, params, jax.tree.map(lambda x: x[part], examples),
+                                   keys[part])
+    n = per_example_norms(grads)
+    c = coeff[part] * clip_factors(n, clip_norm)
+    total = jax.tree.map(
+        lambda t, g: t + jnp.tensordot(c, g.astype(jnp.float32), axes=1), total, grads)
+    auxes.append(aux)
+    norms.append(n)
+  return total, jax.tree.map(lambda *xs: jnp.concatenate(xs), *auxes), jnp.concatenate(norms)
+
+
 def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array, *,
                      clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                      mask: jax.Array, scale: jax.Array | None = None,
-                     microbatch_size: int = 0) -> tuple[Any, Any, dict[str, jax.Array]]:
+                     microbatch_size: int = 0, mesh: Mesh | None = None
+                     ) -> tuple[Any, Any, dict[str, jax.Array]]:
   """The noisy mean of clipped per-example gradients (see the module docstring).
 
   Args:
@@ -86,7 +112,11 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
     expected_batch_size: E = q * N, the divisor.
     mask: ``[B]``, 1 for sampled examples and 0 for padding rows.
     scale: optional ``[B]`` multipliers in [0, 1] of the clipped gradients.
-    microbatch_size: examples per vmapped call (0: all B at once).
+    microbatch_size: examples per vmapped call on each device (0: all of its rows).
+    mesh: the run's mesh. With more than one device on its data axis, every device computes
+      its own rows' clipped sum inside ``shard_map``, and the sums are added (``psum``):
+      left to XLA's partitioner, vmapped convolution-kernel gradients come out wrong on
+      every device but the first (jax 0.10, measured).
 
   Returns:
     ``(gradient, aux, stats)``: the private gradient (a tree like ``params``), the stacked
@@ -94,29 +124,29 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
     the sampled examples).
   """
   batch = mask.shape[0]
-  chunk = microbatch_size or batch
   keys = jax.random.split(jax.random.fold_in(key, 0), batch)
   coeff = mask.astype(jnp.float32)
   if scale is not None:
     coeff = coeff * scale.astype(jnp.float32)
-  total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  auxes, norms = [], []
-  for start in range(0, batch, chunk):
-    part = slice(start, start + chunk)
-    grads, aux = per_example_grads(loss_fn, params, jax.tree.map(lambda x: x[part], examples),
-                                   keys[part])
-    n = per_example_norms(grads)
-    c = coeff[part] * clip_factors(n, clip_norm)
-    total = jax.tree.map(
-        lambda t, g: t + jnp.tensordot(c, g.astype(jnp.float32), axes=1), total, grads)
-    auxes.append(aux)
-    norms.append(n)
+  if mesh is not None and mesh.shape[parallel.DATA_AXIS] > 1:
+    def local(params, examples, keys, coeff):
+      total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
+                                       microbatch_size)
+      return jax.lax.psum(total, parallel.DATA_AXIS), aux, norms
+
+    rows = P(parallel.DATA_AXIS)
+    # check_vma=False: with it, shard_map would sum the gradients of the replicated params
+    # over devices itself, inside each example's gradient.
+    total, aux, norms = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=(P(), rows, rows),
+        check_vma=False)(params, examples, keys, coeff)
+  else:
+    total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
+                                     microbatch_size)
   if noise_multiplier > 0:
     noise = noise_like(total, jax.random.fold_in(key, 1), noise_multiplier * clip_norm)
     total = jax.tree.map(jnp.add, total, noise)
   gradient = jax.tree.map(lambda t, p: (t / expected_batch_size).astype(p.dtype), total, params)
-  aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *auxes)
-  norms = jnp.concatenate(norms)
   sampled = jnp.maximum(jnp.sum(mask), 1.0)
   stats = {"clipped_fraction": jnp.sum(mask * (norms > clip_norm)) / sampled,
            "example_grad_norm": jnp.sum(mask * norms) / sampled}
