@@ -26,7 +26,7 @@ for D's fakes; a normalised G's EMA gets one iteration per step on the updated E
 With ``Settings.privacy`` (``fairgen.privacy``), each discriminator update is DP-SGD: the
 real-data part of its loss (the real term, gradient penalty and R1 of each example) has
 per-example gradients clipped, summed over the Poisson batch's sampled rows (``mask``) and
-noised, and the fake term adds its exact gradient; a conditional net's fakes then take
+noised; the fake term's per-example gradients are clipped too, without noise (DP-CGAN); a conditional net's fakes then take
 uniformly drawn labels, in D's updates and in G's, so no real label reaches them.
 
 Image GANs loop over the discriminator updates in Python, not ``lax.scan``: XLA:CPU leaves
@@ -110,7 +110,7 @@ class Settings:
   r1_every: int = 1
   # DP-SGD for the discriminator (``fairgen.privacy``): its real-data terms (the real loss,
   # the gradient penalty, R1) are clipped per example and noised; the fake term sees no
-  # data and keeps its exact gradient.
+  # data: clipped per example, not noised.
   privacy: DpSettings | None = None
   # The classes of a conditional net. With privacy, fakes take labels drawn uniformly (the
   # real batch's labels are private; the fake term and G's update must not see them).
@@ -257,12 +257,23 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size,
         mesh=privacy.mesh)
 
-    def fake_fn(raw_params):
-      fake_out = adapter.discriminate(_normalized(raw_params, d_sn), fake, y_fake,
-                                      keys.get("fake"))
-      return jnp.mean(loss.d_loss(fake_out, fake_out)[1]), fake_out
+    def fake_example_loss(raw_params, ex, key):
+      fake_out = adapter.discriminate(_normalized(raw_params, d_sn), ex["x"][None],
+                                      ex["y"][None], key)
+      term = loss.d_loss(fake_out, fake_out)[1][0]
+      return term, {"fake_out": fake_out[0], "fake_term": term}
 
-    (fake_loss, fake_out), public = jax.value_and_grad(fake_fn, has_aux=True)(d_params)
+    # DP-CGAN (Torkzadehmahani et al. 2019): the fake term's per-example gradients are
+    # clipped to C as well, so that the unclipped fake term cannot outweigh the clipped real
+    # one (measured without it: D called everything fake within 400 steps). They see no
+    # data, so they get no noise.
+    n_fake = fake.shape[0]
+    public, fake_aux, _ = dpsgd.private_gradient(
+        fake_example_loss, d_params, {"x": fake, "y": y_fake}, keys["fake"],
+        clip_norm=privacy.clip_norm, noise_multiplier=0.0, expected_batch_size=n_fake,
+        mask=jnp.ones((n_fake,), jnp.float32), microbatch_size=privacy.microbatch_size,
+        mesh=privacy.mesh)
+    fake_out, fake_loss = fake_aux["fake_out"], jnp.mean(fake_aux["fake_term"])
     grads = jax.tree.map(jnp.add, private, public)
     # The losses are means over the sampled rows; the adapter's metrics (d_real) also
     # average the padding rows. All are computed from private data without noise, so they
