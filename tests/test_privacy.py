@@ -281,10 +281,11 @@ def test_dp_run_reports_epsilon_resumes_exactly_and_refuses_a_new_mechanism(tmp_
     np.testing.assert_array_equal(x, y)  # The refused run changed nothing.
 
 
-@pytest.mark.parametrize("name", ["dp_dcgan_mnist", "dp_vae_mnist"])
-def test_dp_runs_agree_on_one_and_eight_devices(name, tmp_path, partitionable_rng):
+def test_dp_runs_agree_on_one_and_eight_devices(tmp_path, partitionable_rng):
   """Each device clips its own rows' gradients (shard_map); the DCGAN's convolution-kernel
-  gradients came out wrong on 7 of 8 devices when XLA partitioned the vmap itself."""
+  gradients came out wrong on 7 of 8 devices when XLA partitioned the vmap itself. (The
+  smoke DCGAN has D dropout: per-example keys on the devices are covered too.)"""
+  name = "dp_dcgan_mnist"
   results = {}
   for n in (1, 8):
     config = load_config(name, "smoke", **{"mesh.data": n, "train.num_steps": 3,
