@@ -64,11 +64,14 @@ RUNS = {"dcgan_mnist": ((1, False), (8, True)), "vae_mnist": ((1, False), (8, Fa
 # with one or two examples; the attention gate, a sum that cancels). The rounding of 8
 # devices' reductions flips some of those signs, so its parameters may differ by up to
 # 2 lr (4e-4) per step (seen: 5e-5 after 5 steps); the losses still agree to 1e-5.
-STATE_TOLERANCE = {"resnet_gan_mnist": dict(rtol=1e-3, atol=1e-3)}
-# Those parameter differences reach the logged scalars through the next steps' forward
-# passes: on a Xeon without AMX, g_grad_norm differed by 4.8e-4 relative after 5 steps
-# (1e-5 held on the machine with AMX). The other configs' scalars agree to 1e-5.
-SCALAR_RTOL = {"resnet_gan_mnist": 2e-3}
+STATE_TOLERANCE = {"resnet_gan_mnist": dict(rtol=5e-2, atol=5e-2)}
+# Those differences reach the logged scalars and the optimizer state through the next
+# steps: on a Xeon without AMX, g_grad_norm differed by 4.8e-4 relative after 5 steps, and
+# the state by up to 1.1e-2 (varying from run to run; Adam's first moment with b1 = 0 is the
+# last gradient itself; replicated 8 devices differ too, so not FSDP's doing), where 1e-5
+# and 1e-3 held on the machine with AMX. A partitioning bug shows as O(1) errors (the DP
+# conv-kernel one did); the DCGAN's and the VAE's states and scalars agree to 1e-5.
+SCALAR_RTOL = {"resnet_gan_mnist": 1e-2}
 
 
 @pytest.mark.parametrize("name", SHARDED_CONFIGS)
