@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,10 @@ def _subset(source: data.Source, num: int, seed: int) -> dict[str, np.ndarray]:
   return source.get(idx)
 
 
-def _scores(ctx: EvalContext, examples: dict[str, np.ndarray]) -> np.ndarray:
+def _scores(ctx: EvalContext, score: Any, examples: dict[str, np.ndarray]) -> np.ndarray:
+  """``score(state, images, labels)`` (jitted once by the caller) of ``examples``."""
   objective = ctx.exp.objective
-  fn = jax.jit(functools.partial(objective.member_score, ctx.state))
+  fn = functools.partial(score, ctx.state)
   key = objective.condition_key if objective.num_classes else "label"
   out = []
   for start in range(0, len(examples["image"]), ctx.cfg.batch_size):
@@ -52,8 +54,10 @@ def membership(ctx: EvalContext) -> Scalars:
                     "membership score (the 'gan' and 'vae' objectives).")
   train, heldout = _train_source(ctx), ctx.real.source
   n = min(ctx.cfg.get("audit_examples", 1000), len(train), len(heldout))
-  members = _scores(ctx, _subset(train, n, ctx.cfg.seed + 11))
-  nonmembers = _scores(ctx, _subset(heldout, n, ctx.cfg.seed + 12))
+  # The state is an argument, not a constant baked in: both sets share one compilation.
+  score = jax.jit(ctx.exp.objective.member_score)
+  members = _scores(ctx, score, _subset(train, n, ctx.cfg.seed + 11))
+  nonmembers = _scores(ctx, score, _subset(heldout, n, ctx.cfg.seed + 12))
   yield "membership_auc", privacy_audit.roc_auc(members, nonmembers)
   yield "membership_advantage", privacy_audit.attack_advantage(members, nonmembers)
 

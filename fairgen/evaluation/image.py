@@ -82,7 +82,8 @@ def tstr_images(ctx: EvalContext) -> Scalars:
   if ctx.cfg.generator == "train_data":
     train = data.load(ctx.config.data, ctx.config.data.split)
     idx = np.random.default_rng(ctx.cfg.seed + 1).permutation(len(train))[:n]
-    images, labels = train.get(idx)["image"], train.get(idx)["label"]
+    rows = train.get(idx)
+    images, labels = rows["image"], rows["label"]
   elif objective.num_classes and objective.condition_key == "label":
     labels = (np.arange(n) % objective.num_classes).astype(np.int32)
     images, _ = sampling.generate_images(ctx.exp, ctx.state, jax.random.key(ctx.cfg.seed), n,
