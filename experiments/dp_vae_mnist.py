@@ -33,6 +33,7 @@ def get_config(arg=None):
   eps = args["eps"]
   c.privacy = privacy.section(
       clip_norm=1.0, expected_batch_size=256, delta=1e-5,
+      ghost_clipping=True,  # An MLP: no per-example kernel gradients (privacy/ghost.py).
       noise_multiplier=0.0 if eps == "inf" else -1.0,
       target_epsilon=0.0 if eps == "inf" else float(eps))
   if args["smoke"]:

@@ -132,7 +132,9 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
   dp = None
   if "privacy" in config:
     dp = dataclasses.replace(privacy.resolve(config, num_examples, objective.examples_per_step,
-                                             fairness.weight_bound(config)), mesh=mesh)
+                                             fairness.weight_bound(config),
+                                             fairness.private_prior(config, num_examples)),
+                             mesh=mesh)
     objective = build_objective(config, spec, for_training, dp)
   root = jax.random.key(config.seed)
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)

@@ -147,7 +147,7 @@ def test_registry_and_default_directory(monkeypatch, tmp_path):
       "~/.cache/fairgen/classifier_digits_attr")
 
 
-def test_tool_trains_saves_and_refuses_to_overwrite(tmp_path):
+def test_tool_trains_saves_and_refuses_to_overwrite(tmp_path, capsys):
   out = str(tmp_path / "digits")
   cmd = [sys.executable, "tools/train_classifier.py", "--dataset=digits", f"--out={out}",
          "--steps=40", "--width=8", "--log_every=0"]
@@ -167,8 +167,10 @@ def test_tool_trains_saves_and_refuses_to_overwrite(tmp_path):
       "train_classifier_tool", os.path.join(REPO, "tools", "train_classifier.py"))
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
-  with pytest.raises(SystemExit, match="--overwrite"):
+  with pytest.raises(SystemExit) as exit_info:
     tool.main(cmd[2:])
+  assert exit_info.value.code == 2
+  assert "--overwrite" in capsys.readouterr().err
 
 
 def test_resnet_classifier_trains_saves_and_reloads(tmp_path):

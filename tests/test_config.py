@@ -20,6 +20,7 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "sngan_cifar10": [None, "smoke"],
             "dp_vae_mnist": [None, "smoke", "eps=1", "eps=inf"],
             "dp_dcgan_mnist": [None, "smoke", "eps=1", "eps=inf", "conditional,smoke"],
+            "dp_adult_debias": [None, "smoke", "eps=10", "eps=inf", "plain,smoke"],
             "fair_celeba": [None, "smoke", "method=importance,bias=multi",
                             "method=conditional,bias=80_20", "method=penalty,smoke"]}
 

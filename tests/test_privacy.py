@@ -85,6 +85,52 @@ def test_per_example_gradients_match_a_loop_over_examples():
     np.testing.assert_allclose(a, b / 6, rtol=1e-5, atol=1e-7)
 
 
+class _MixedNet(nn.Module):
+  """Convolution, a Dense called twice (shared weights), a Dense without bias on [T, 3]
+  rows, a bare parameter, a Dense subclass: every case ghost clipping must get right."""
+
+  @nn.compact
+  def __call__(self, x, seq):
+    h = nn.relu(nn.Conv(4, (3, 3))(x)).reshape(x.shape[0], -1)
+    h = nn.tanh(nn.Dense(7)(h))
+    shared = nn.Dense(7)
+    h = shared(h)
+    h = h + shared(jnp.tanh(h))
+    s = nn.Dense(5, use_bias=False)(seq)
+    scale = self.param("scale", nn.initializers.ones, (1,))
+    return (jnp.sum(nn.Dense(1)(h)) * scale[0] + jnp.sum(s ** 2)
+            + jnp.sum(_SubDense(2)(h)))
+
+
+class _SubDense(nn.Dense):
+  """Not nn.Dense itself: keeps exact per-example gradients."""
+
+
+def test_ghost_clipping_is_the_same_clipped_sum():
+  net = _MixedNet()
+  x = jax.random.normal(jax.random.key(1), (6, 5, 5, 1))
+  seq = jax.random.normal(jax.random.key(2), (6, 4, 3))
+  params = net.init(jax.random.key(2), x[:1], seq[:1])["params"]
+
+  def loss(p, ex, key):
+    out = net.apply({"params": p}, ex["x"][None], ex["s"][None])
+    return out ** 2, {"out": out}
+
+  kwargs = dict(clip_norm=0.7, noise_multiplier=0.0, expected_batch_size=5.0,
+                mask=jnp.array([1, 1, 1, 1, 0, 1.0]), scale=jnp.array([1, 2, 0.5, 1, 1, 1.0]),
+                scale_bound=2.0, microbatch_size=3)
+  exact, aux, stats = dpsgd.private_gradient(loss, params, {"x": x, "s": seq},
+                                             jax.random.key(0), **kwargs)
+  ghost, ghost_aux, ghost_stats = dpsgd.private_gradient(
+      loss, params, {"x": x, "s": seq}, jax.random.key(0), ghost=True, **kwargs)
+  assert float(stats["clipped_fraction"]) > 0.5  # Clipping is exercised.
+  for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(ghost), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(aux["out"], ghost_aux["out"], rtol=1e-6)
+  np.testing.assert_allclose(stats["example_grad_norm"], ghost_stats["example_grad_norm"],
+                             rtol=1e-5)
+
+
 def test_noise_is_calibrated_to_the_sum_and_then_divided():
   """With zero gradients, the output is pure noise: its standard deviation, measured over
   many entries and steps, is sigma * C / E. Noise calibrated to the sum but added to the

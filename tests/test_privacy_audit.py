@@ -98,7 +98,8 @@ def test_memorisation_evaluator_finds_copied_training_images(workdir):
 
 def test_dp_fairness_repro_quick(tmp_path):
   """The privacy x fairness table: four runs (baseline and importance, without and with DP),
-  each row its own run's final evaluation, epsilon only where DP was on."""
+  each row its own run's final evaluation, epsilon only where DP was on; the DP importance
+  run's weights come from a DP density-ratio classifier whose epsilon the run's includes."""
   cmd = [sys.executable, "experiments/repro/dp_fairness_mnist.py", "--quick",
          f"--out={tmp_path}"]
   result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
@@ -109,7 +110,7 @@ def test_dp_fairness_repro_quick(tmp_path):
   assert len(rows) == 4
   for method in ("baseline", "importance"):
     for dp in ("no", "yes"):
-      run = tmp_path / "runs" / f"{method}_{'dp' if dp == 'yes' else 'nondp'}_seed0"
+      run = tmp_path / "runs" / f"{method}_{'eps10' if dp == 'yes' else 'nondp'}_seed0"
       with open(sorted((run / "eval").glob("step_*.json"))[-1]) as f:
         ev = json.load(f)["metrics"]
       cells = rows[(f"| {method}", dp)]
@@ -118,7 +119,11 @@ def test_dp_fairness_repro_quick(tmp_path):
       if dp == "yes":
         assert cells[2] == f"{ev['epsilon']:.3f}"
         with open(run / "privacy.json") as f:
-          assert json.load(f)["weight_bound"] == (5.0 if method == "importance" else 1.0)
+          record = json.load(f)
+        assert record["weight_bound"] == (5.0 if method == "importance" else 1.0)
+        # Under DP the importance weights come from a DP classifier, part of the epsilon.
+        assert len(record["prior"]) == (method == "importance")
+        assert (run / "density_ratio").exists() == (method == "importance")
 
 
 def test_tstr_images_trains_on_samples_and_tests_on_real_digits(workdir, tmp_path):

@@ -11,6 +11,9 @@ Usage (from the repository root):
   # The attribute classifier of the fairness metrics and the penalty, on balanced data:
   python tools/train_classifier.py --dataset=biased_mnist --label=attr \
       --option attribute=digit_group --option subset=balanced
+  # Trained by DP-SGD at epsilon 1 (delta 1e-5), Poisson batches of 64 on average:
+  python tools/train_classifier.py --dataset=mnist_5k --dp_target_epsilon=1 \
+      --dp_expected_batch_size=64 --batch_size=96 --out=/tmp/classifier_dp
 """
 
 from __future__ import annotations
@@ -25,9 +28,17 @@ import time
 # Allow `python tools/train_classifier.py` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fairgen import data  # pylint: disable=g-import-not-at-top
+from fairgen import privacy  # pylint: disable=g-import-not-at-top
+from fairgen.config import ConfigError  # pylint: disable=g-import-not-at-top
 from fairgen import storage  # pylint: disable=g-import-not-at-top
 from fairgen.classifiers import backbones  # pylint: disable=g-import-not-at-top
 from fairgen.classifiers import fit  # pylint: disable=g-import-not-at-top
+
+
+def fail(message: str) -> None:
+  """Bad input: one line on stderr, exit status 2."""
+  print(f"fairgen: error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +70,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--overwrite", action="store_true",
                       help="Replace a classifier already saved in --out.")
   parser.add_argument("--log_every", type=int, default=200)
+  dp = parser.add_argument_group("DP-SGD", "Train by DP-SGD (fairgen.privacy) when "
+                                 "--dp_target_epsilon or --dp_noise_multiplier is given; "
+                                 "--batch_size is then the padded Poisson batch.")
+  for key, default in privacy.DEFAULTS.items():
+    if key not in ("sampling", "accountant"):
+      dp.add_argument(f"--dp_{key}", type=type(default), default=None,
+                      help=f"privacy.{key} (default {default}).")
+  dp.add_argument("--dp_accountant", default=None, choices=privacy.ACCOUNTANTS)
   return parser.parse_args(argv)
+
+
+def privacy_section(args: argparse.Namespace) -> dict | None:
+  """The ``--dp_*`` flags as a privacy section (None: no DP)."""
+  given = {k: getattr(args, f"dp_{k}") for k in privacy.DEFAULTS
+           if getattr(args, f"dp_{k}", None) is not None}
+  if not given:
+    return None
+  if "target_epsilon" not in given and "noise_multiplier" not in given:
+    fail("DP-SGD needs --dp_target_epsilon or --dp_noise_multiplier.")
+  return given
 
 
 def parse_options(items: list[str]) -> dict:
@@ -68,7 +98,7 @@ def parse_options(items: list[str]) -> dict:
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key:
-      sys.exit(f"--option needs KEY=VALUE, got {item!r}.")
+      fail(f"--option needs KEY=VALUE, got {item!r}.")
     try:
       options[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -84,10 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
   try:
     out = storage.normalize(out)  # A local directory or gs://BUCKET/DIR.
   except storage.StorageError as e:
-    sys.exit(f"--out={e}")
+    fail(f"--out={e}")
   # Fail before training, not after, when the result could not be saved.
   if storage.listdir(out) and not args.overwrite:
-    sys.exit(f"{out} is not empty; pass --overwrite to replace it.")
+    fail(f"{out} is not empty; pass --overwrite to replace it.")
+  dp = privacy_section(args)
+  if dp is not None:
+    try:  # The checks that need no data, before anything loads.
+      privacy.check_section(dp, args.batch_size, prefix="--dp_")
+    except ConfigError as e:
+      fail(str(e))
   train = data.load(data_config, "train")
   test = data.load(data_config, "test")
   if args.num_classes is None and args.label == "attr":
@@ -95,17 +131,25 @@ def main(argv: list[str] | None = None) -> dict:
   print(f"Training a classifier on {args.dataset} ({len(train)} train / {len(test)} test, "
         f"label {args.label!r}) for {args.steps} steps.", flush=True)
   start = time.perf_counter()
-  params, info = fit.train_classifier(
-      train, test, label_key=args.label, num_classes=args.num_classes, steps=args.steps,
-      batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
-      augment=args.augment, log_every=args.log_every, arch=args.arch)
+  try:
+    params, info = fit.train_classifier(
+        train, test, label_key=args.label, num_classes=args.num_classes, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
+        augment=args.augment, log_every=args.log_every, arch=args.arch, privacy=dp)
+  except ConfigError as e:
+    fail(str(e))
   seconds = time.perf_counter() - start
   backbones.save_classifier(out, params, info, overwrite=args.overwrite)
   print(f"Held-out accuracy on {args.dataset} test: {info['test_accuracy']:.4f}")
+  if "privacy" in info:
+    print(f"DP-SGD: epsilon {info['privacy']['epsilon']:.4g} at delta "
+          f"{info['privacy']['delta']:g} (noise multiplier "
+          f"{info['privacy']['noise_multiplier']:.4g})")
   print(f"Saved the classifier backbone to {out}")
   summary = {"dataset": args.dataset, "options": data_config["options"], "label": args.label,
              "out": out, "test_accuracy": info["test_accuracy"], "steps": args.steps,
-             "train_seconds": info["train_seconds"], "total_seconds": round(seconds, 2)}
+             "train_seconds": info["train_seconds"], "total_seconds": round(seconds, 2),
+             "privacy": info.get("privacy")}
   print(json.dumps(summary, sort_keys=True))
   return summary
 

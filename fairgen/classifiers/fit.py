@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fairgen import data
+from fairgen import privacy as privacy_lib
 from fairgen.classifiers import backbones
+from fairgen.privacy import dpsgd
 
 _METRIC_WINDOW = 50  # ``fit`` returns the metrics of the last this many steps.
 
@@ -83,9 +86,65 @@ def classification_step(state: dict[str, Any], images: jax.Array, labels: jax.Ar
   return state, {"loss": loss, "correct": correct}
 
 
+def private_classification_step(
+    state: dict[str, Any], images: jax.Array, labels: jax.Array, mask: jax.Array,
+    scale: jax.Array, rng: jax.Array, *, model: nn.Module,
+    optimizer: optax.GradientTransformation, max_shift: int, privacy: privacy_lib.DpSettings,
+    num_classes: int | None = None) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """``classification_step`` by DP-SGD (``fairgen.privacy.dpsgd.private_gradient``).
+
+  ``images``/``labels`` are a padded Poisson batch, ``mask`` 1 on its sampled rows and
+  ``scale`` in [0, 1] multiplies each clipped gradient (class weights). Each example gets
+  its own augmentation and dropout keys. Returns the new state and ``{'loss', 'correct',
+  'mask', 'label', ...}``, ``loss`` the mean over sampled rows, the others per row.
+  """
+  rng = jax.random.fold_in(rng, state["step"])
+
+  def example_loss(params, example, key):
+    image, label = example
+    aug_key, dropout_key = jax.random.split(key)
+    image = image[None]
+    if max_shift:
+      image = random_translate(image, aug_key, max_shift)
+    logits = logits_of(model.apply({"params": params}, image, train=True,
+                                   rngs={"dropout": dropout_key}), num_classes)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, label[None])[0]
+    return loss, {"loss": loss, "correct": jnp.argmax(logits[0]) == label}
+
+  grads, out, stats = dpsgd.private_gradient(
+      example_loss, state["params"], (images, labels), rng, clip_norm=privacy.clip_norm,
+      noise_multiplier=privacy.noise_multiplier,
+      expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
+      microbatch_size=privacy.microbatch_size, ghost=privacy.ghost_clipping)
+  updates, opt = optimizer.update(grads, state["opt"], state["params"])
+  state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+           "opt": opt}
+  return state, {"loss": dpsgd.masked_mean(out["loss"], mask), "correct": out["correct"],
+                 "mask": mask, "label": labels, **stats}
+
+
+def poisson_batches(get: Any, settings: privacy_lib.DpSettings, seed: int,
+                    scale: np.ndarray | None = None
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+  """``(images, labels, mask, scale)`` batches by Poisson sampling (``data.PoissonSampler``):
+  each of ``settings.num_examples`` examples joins a step's batch with probability
+  ``settings.sampling_rate``, padded to ``settings.batch_size`` rows. ``get(indices)``
+  returns ``(images, labels)``; ``scale`` ``[N]`` in [0, 1] (default 1) is per example."""
+  sampler = data.PoissonSampler(settings.num_examples, settings.batch_size,
+                                settings.sampling_rate, seed)
+  step = 0
+  while True:
+    idx, mask = sampler.indices(step), sampler.mask(step)
+    images, labels = get(idx)
+    rows = np.ones(len(idx), np.float32) if scale is None else scale[idx].astype(np.float32)
+    yield np.asarray(images, np.float32), np.asarray(labels, np.int32), mask, rows
+    step += 1
+
+
 def fit(model: nn.Module, optimizer: optax.GradientTransformation, state: dict[str, Any],
         rng: jax.Array, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int, *,
-        max_shift: int = 0, num_classes: int | None = None, log_every: int = 0
+        max_shift: int = 0, num_classes: int | None = None, log_every: int = 0,
+        privacy: privacy_lib.DpSettings | None = None
         ) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
   """Runs ``steps`` steps of ``classification_step`` on ``(images, labels)`` from ``batches``.
 
@@ -94,28 +153,44 @@ def fit(model: nn.Module, optimizer: optax.GradientTransformation, state: dict[s
     optimizer: its optimizer.
     state: ``{'step', 'params', 'opt'}`` (``opt = optimizer.init(params)``).
     rng: the base key; step ``s`` uses ``fold_in(rng, s)``.
-    batches: yields one ``(images, int labels)`` pair per step.
+    batches: yields one ``(images, int labels)`` pair per step; with ``privacy``,
+      ``(images, labels, mask, scale)`` (``poisson_batches``).
     steps: optimizer steps.
     max_shift: random translation of NHWC images by up to this many pixels (0: none).
     num_classes: if given, the logits' checked width.
     log_every: print the loss every this many steps (0: never).
+    privacy: train by DP-SGD with these settings (``private_classification_step``).
 
   Returns:
-    The final state and the host metrics (``loss``, per-example ``correct``) of the last
-    50 steps.
+    The final state and the host metrics (``loss``, per-example ``correct``; with
+    ``privacy`` also per-row ``mask`` and ``label``) of the last 50 steps.
   """
-  step_fn = jax.jit(functools.partial(classification_step, model=model, optimizer=optimizer,
-                                      max_shift=max_shift, num_classes=num_classes),
-                    donate_argnums=0)
+  if privacy is None:
+    step_fn = functools.partial(classification_step, model=model, optimizer=optimizer,
+                                max_shift=max_shift, num_classes=num_classes)
+  else:
+    dpsgd.check_no_batch_stats(state, "classifier")
+    step_fn = functools.partial(private_classification_step, model=model,
+                                optimizer=optimizer, max_shift=max_shift, privacy=privacy,
+                                num_classes=num_classes)
+  step_fn = jax.jit(step_fn, donate_argnums=0)
   recent = []  # Device arrays: read once at the end, not synchronised every step.
   for step in range(steps):
-    images, labels = next(batches)
-    state, metrics = step_fn(state, np.asarray(images, np.float32), labels, rng)
+    images, labels, *masking = next(batches)
+    state, metrics = step_fn(state, np.asarray(images, np.float32), labels, *masking, rng)
     recent = (recent + [metrics])[-_METRIC_WINDOW:]
     if log_every and (step + 1) % log_every == 0:
       print(f"step {step + 1}/{steps}: loss {float(metrics['loss']):.4f} "
-            f"train acc {float(np.mean(metrics['correct'])):.3f}", flush=True)
+            f"train acc {float(_accuracy(metrics)):.3f}", flush=True)
   return state, jax.device_get(recent)
+
+
+def _accuracy(metrics: Mapping[str, Any]) -> float:
+  """The fraction correct of a step's metrics (over its sampled rows, for DP batches)."""
+  if "mask" in metrics:
+    return float(np.sum(metrics["correct"] * metrics["mask"]) /
+                 max(float(np.sum(metrics["mask"])), 1.0))
+  return float(np.mean(metrics["correct"]))
 
 
 def _epoch_batches(source: Any, label_key: str, num_classes: int, batch_size: int,
@@ -130,11 +205,16 @@ def _epoch_batches(source: Any, label_key: str, num_classes: int, batch_size: in
     # Sorted indices read a lazily decoded source in order; the batch's loss is a mean.
     batch = source.get(np.sort(order[position:position + batch_size]))
     position += batch_size
-    labels = _labels(batch, label_key)
-    if labels.min() < 0 or labels.max() >= num_classes:
-      raise ValueError(f"{label_key!r} values must be in [0, {num_classes}), got "
-                       f"[{labels.min()}, {labels.max()}]; check num_classes.")
-    yield batch["image"], labels
+    yield batch["image"], _checked_labels(batch, label_key, num_classes)
+
+
+def _checked_labels(batch: Mapping[str, np.ndarray], label_key: str, num_classes: int
+                    ) -> np.ndarray:
+  labels = _labels(batch, label_key)
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"{label_key!r} values must be in [0, {num_classes}), got "
+                     f"[{labels.min()}, {labels.max()}]; check num_classes.")
+  return labels
 
 
 def _labels(batch: Mapping[str, np.ndarray], label_key: str) -> np.ndarray:
@@ -173,7 +253,8 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
                      feature_dim: int = 128, dropout: float = 0.25, seed: int = 0,
                      augment: bool = True, max_shift: int | None = None,
                      log_every: int = 0, arch: str = "cnn",
-                     blocks: tuple[int, ...] = (2, 2, 2, 2)) -> tuple[Any, dict[str, Any]]:
+                     blocks: tuple[int, ...] = (2, 2, 2, 2),
+                     privacy: Mapping[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
   """Trains a ``Classifier`` with Adam (cosine-decayed lr) and measures test accuracy.
 
   Batches are drawn without replacement from per-epoch permutations of ``train_source``;
@@ -202,6 +283,9 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
       its first stage, ``blocks`` per stage; its features are 8 x ``width``, so
       ``feature_dim`` does not apply).
     blocks: the ResNet's basic blocks per stage.
+    privacy: train by DP-SGD: a privacy section (``fairgen.privacy.DEFAULTS``' keys, e.g.
+      ``{'target_epsilon': 1.0, 'expected_batch_size': 64}``), Poisson batches padded to
+      ``batch_size``. Its resolved mechanism and the epsilon spent go to ``info['privacy']``.
 
   Returns:
     ``(params, info)``: the trained parameters and a JSON-serialisable dict with the
@@ -230,9 +314,19 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   init_rng, base = jax.random.split(jax.random.key(seed))
   state = init_state(model, optimizer, init_rng, jnp.zeros((1, *image_shape)))
   start_time = time.perf_counter()
-  batches = _epoch_batches(train_source, label_key, int(num_classes), batch_size, seed)
+  dp = None
+  if privacy is None:
+    batches = _epoch_batches(train_source, label_key, int(num_classes), batch_size, seed)
+  else:
+    dp = privacy_lib.resolve_section(privacy, len(train_source), batch_size, steps)
+
+    def get(indices):
+      batch = train_source.get(indices)
+      return batch["image"], _checked_labels(batch, label_key, int(num_classes))
+
+    batches = poisson_batches(get, dp, seed)
   state, _ = fit(model, optimizer, state, base, batches, steps, max_shift=max_shift,
-                 log_every=log_every)
+                 log_every=log_every, privacy=dp)
   params = jax.device_get(state["params"])
   train_seconds = time.perf_counter() - start_time
 
@@ -252,6 +346,8 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
                           "optimizer": "adam, cosine decay"},
       "architecture": arch,
   }
+  if dp is not None:
+    info["privacy"] = {**privacy_lib.mechanism(dp), "epsilon": privacy_lib.epsilon(dp, steps)}
   info["test_accuracy"] = evaluate_accuracy(backbones.classifier_backbone(params, info),
                                             test_source, label_key)
   return params, info

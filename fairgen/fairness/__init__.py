@@ -31,10 +31,11 @@ dispatch ``prepare``), ``importance`` and ``density_ratio`` (importance weights)
 """
 
 from fairgen.fairness.methods import (METHODS, attribute_classifier, fair_section, label_probs,
-                                      make_smoke, method, prepare, resample_probs,
-                                      target_distribution, validate, weight_bound)
+                                      make_smoke, method, prepare, private_prior,
+                                      resample_probs, target_distribution, validate,
+                                      weight_bound)
 from fairgen.fairness.penalty import Penalty, attribute_penalty, generator_penalty
 
 __all__ = ["METHODS", "Penalty", "attribute_classifier", "attribute_penalty", "fair_section",
-           "generator_penalty", "label_probs", "make_smoke", "method", "prepare", "resample_probs",
-           "target_distribution", "validate", "weight_bound"]
+           "generator_penalty", "label_probs", "make_smoke", "method", "prepare", "private_prior",
+           "resample_probs", "target_distribution", "validate", "weight_bound"]

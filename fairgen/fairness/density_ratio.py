@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from fairgen import parallel
+from fairgen import privacy as privacy_lib
 from fairgen.classifiers import fit
 
 REF, BIAS = 1, 0  # Class indices: the classifier's logit 1 is "reference".
@@ -93,7 +94,8 @@ def _check_sets(x_ref: np.ndarray, x_bias: np.ndarray, batch_size: int, steps: i
 def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *,
                       steps: int = 1000, batch_size: int = 64, lr: float = 1e-3,
                       weight_decay: float = 1e-4, seed: int = 0, augment_shift: int = 0,
-                      log_every: int = 0) -> tuple[Any, dict[str, Any]]:
+                      log_every: int = 0, privacy: privacy_lib.DpSettings | None = None
+                      ) -> tuple[Any, dict[str, Any]]:
   """Trains ``model`` to tell reference from biased examples, on balanced batches.
 
   Every step takes ``batch_size // 2`` examples from each set, from seeded per-epoch
@@ -118,6 +120,13 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
     augment_shift: translate NHWC images randomly by up to this many pixels (edge padding
       and a random crop), both sets alike; 0 disables it.
     log_every: print the running train loss every this many steps (0: never).
+    privacy: train by DP-SGD (``fit.private_classification_step``) with these settings
+      (``num_examples`` = ``n_ref + n_bias``, ``steps`` and their batch size): Poisson
+      batches from the union, each biased example's clipped gradient scaled by
+      ``n_ref / n_bias`` (or each reference one's by the inverse, whichever is at most 1),
+      so the classes weigh equally in expectation and the odds still estimate the ratio.
+      The set sizes are treated as public, as N is by the accountant. ``batch_size`` is then
+      unused; ``info['privacy']`` holds the mechanism and its epsilon.
 
   Returns:
     ``(params, info)``: the trained parameters as a NumPy pytree, and a JSON-serialisable
@@ -133,6 +142,10 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
   x_ref = np.asarray(x_ref, np.float32)
   x_bias = np.asarray(x_bias, np.float32)
   _check_sets(x_ref, x_bias, batch_size, steps, augment_shift)
+  if privacy is not None:
+    return _fit_private(x_ref, x_bias, model, steps=steps, lr=lr, weight_decay=weight_decay,
+                        seed=seed, augment_shift=augment_shift, log_every=log_every,
+                        privacy=privacy)
   half = batch_size // 2
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
   init_rng, dropout_init_rng, base = jax.random.split(jax.random.key(seed), 3)
@@ -162,6 +175,57 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
                           "weight_decay": float(weight_decay),
                           "augment_shift": int(augment_shift),
                           "optimizer": "adamw, cosine decay", "batches": "balanced"},
+  }
+  return params, info
+
+
+def _fit_private(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *, steps: int,
+                 lr: float, weight_decay: float, seed: int, augment_shift: int,
+                 log_every: int, privacy: privacy_lib.DpSettings
+                 ) -> tuple[Any, dict[str, Any]]:
+  """``fit_density_ratio`` by DP-SGD (see its ``privacy`` argument)."""
+  n_ref, n_bias = len(x_ref), len(x_bias)
+  if privacy.num_examples != n_ref + n_bias or privacy.num_steps != steps:
+    raise ValueError(f"The DP settings are for {privacy.num_examples} examples and "
+                     f"{privacy.num_steps} steps, the fit has {n_ref + n_bias} and {steps}.")
+  x = np.concatenate([x_ref, x_bias])
+  labels = np.concatenate([np.full(n_ref, REF, np.int32), np.full(n_bias, BIAS, np.int32)])
+  scale = np.where(labels == REF, min(1.0, n_bias / n_ref), min(1.0, n_ref / n_bias))
+  optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+  init_rng, dropout_init_rng, base = jax.random.split(jax.random.key(seed), 3)
+  state = fit.init_state(model, optimizer, {"params": init_rng, "dropout": dropout_init_rng},
+                         x[:1], train=False)
+  start_time = time.perf_counter()
+  batches = fit.poisson_batches(lambda idx: (x[idx], labels[idx]), privacy, seed,
+                                scale.astype(np.float32))
+  state, recent = fit.fit(model, optimizer, state, base, batches, steps,
+                          max_shift=augment_shift, num_classes=2, log_every=log_every,
+                          privacy=privacy)
+  params = jax.device_get(state["params"])
+  accuracy = {}
+  for name, cls in (("ref", REF), ("bias", BIAS)):
+    rows = [(m["correct"] * m["mask"] * (m["label"] == cls), m["mask"] * (m["label"] == cls))
+            for m in recent]
+    accuracy[name] = float(sum(np.sum(c) for c, _ in rows) /
+                           max(sum(np.sum(k) for _, k in rows), 1.0))
+  info = {
+      "steps": int(steps),
+      "train_seconds": round(time.perf_counter() - start_time, 2),
+      "train_loss": float(np.mean([m["loss"] for m in recent])),
+      "balanced_train_accuracy": (accuracy["ref"] + accuracy["bias"]) / 2,
+      "ref_train_accuracy": accuracy["ref"],
+      "bias_train_accuracy": accuracy["bias"],
+      "n_ref": n_ref,
+      "n_bias": n_bias,
+      "seed": int(seed),
+      "hyperparameters": {"expected_batch_size": privacy.expected_batch_size,
+                          "batch_size": privacy.batch_size, "lr": float(lr),
+                          "weight_decay": float(weight_decay),
+                          "augment_shift": int(augment_shift),
+                          "optimizer": "adamw, cosine decay",
+                          "batches": "poisson, class-scaled"},
+      "privacy": {**privacy_lib.mechanism(privacy),
+                  "epsilon": privacy_lib.epsilon(privacy, steps)},
   }
   return params, info
 

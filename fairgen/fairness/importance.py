@@ -4,6 +4,11 @@ The classifier (``density_ratio.fit_density_ratio``) tells the reference set fro
 set; its odds estimate ``w(x) = p_ref(x) / p_bias(x)``, flattened to ``w ** fair.alpha`` and
 optionally clipped. The weights are fitted once per run and cached in
 ``WORKDIR/density_ratio/`` so that a resumed run reuses exactly the weights it started with.
+
+In a DP run (a ``privacy`` section) the classifier sees the same private data as the
+generative model, so it trains by DP-SGD too (``ratio_privacy``), and each weight is a
+function of its own example alone (clipped, not normalised over the set): the weights are
+post-processing of a private classifier, and the run's epsilon composes both.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from fairgen import data
+from fairgen import privacy
 from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.fairness import density_ratio
@@ -30,6 +36,23 @@ RATIO_DIR = "density_ratio"
 def _ratio_model(cfg: Any) -> Classifier:
   return backbones.classifier_model({"num_classes": 2, "width": cfg.width,
                                      "feature_dim": cfg.feature_dim, "dropout": cfg.dropout})
+
+
+def ratio_privacy(config: ml_collections.ConfigDict, num_examples: int
+                  ) -> privacy.DpSettings | None:
+  """The DP-SGD settings of the density-ratio classifier: None unless the config has a
+  privacy section and uses importance weighting. Its clip is ``privacy.clip_norm``, its noise
+  ``fair.ratio.noise_multiplier``, its Poisson batches ``fair.ratio.batch_size`` examples on
+  average (padded by ``privacy.padded_batch_size``) from all ``num_examples``."""
+  if "privacy" not in config or "fair" not in config or config.fair.method != "importance":
+    return None
+  p, ratio = config.privacy, config.fair.ratio
+  expected = int(ratio.batch_size)
+  section = {"clip_norm": p.clip_norm, "noise_multiplier": ratio.get("noise_multiplier", 3.0),
+             "expected_batch_size": expected, "delta": p.delta,
+             "accountant": p.get("accountant", "pld")}
+  return privacy.resolve_section(section, num_examples, privacy.padded_batch_size(expected),
+                                 int(ratio.steps), prefix="fair.ratio.")
 
 
 def fit_importance_weights(config: ml_collections.ConfigDict, source: data.Source
@@ -50,7 +73,8 @@ def fit_importance_weights(config: ml_collections.ConfigDict, source: data.Sourc
   params, info = density_ratio.fit_density_ratio(
       images[is_ref == 1], images[is_ref == 0], model, steps=int(fair.ratio.steps),
       batch_size=int(fair.ratio.batch_size), lr=float(fair.ratio.lr),
-      seed=int(fair.ratio.seed), augment_shift=int(fair.ratio.augment_shift))
+      seed=int(fair.ratio.seed), augment_shift=int(fair.ratio.augment_shift),
+      privacy=ratio_privacy(config, len(source)))
   log_odds = density_ratio.classifier_log_odds(model, params, images)
   weights = density_ratio.importance_weights(log_odds, is_ref, float(fair.alpha),
                                              float(fair.clip) or None)

@@ -32,8 +32,11 @@ def fair_section(method: str = "baseline") -> ml_collections.ConfigDict:
       alpha=1.0,
       clip=0.0,
       # importance: the density-ratio classifier (fairgen/density_ratio.py).
+      # With a privacy section it trains by DP-SGD (privacy.clip_norm, this noise
+      # multiplier, Poisson batches of batch_size on average) and its epsilon is part of
+      # the run's.
       ratio=dict(steps=1000, batch_size=64, lr=1e-3, width=16, feature_dim=64, dropout=0.25,
-                 augment_shift=2, seed=0),
+                 augment_shift=2, seed=0, noise_multiplier=3.0),
       # penalty: L_G + weight * divergence(mean predicted groups, target).
       penalty=dict(weight=1.0, divergence="kl"),
       # Evaluation: bootstrap resamples of the fairness discrepancy, and generated samples
@@ -80,6 +83,8 @@ def validate(config: ml_collections.ConfigDict, objective: Any) -> None:
           f"fair.ratio.batch_size must be even and >= 2, got {ratio.batch_size}.")
   require(ratio.lr > 0, f"fair.ratio.lr must be > 0, got {ratio.lr}.")
   require(0 <= ratio.dropout < 1, f"fair.ratio.dropout must be in [0, 1), got {ratio.dropout}.")
+  require(ratio.get("noise_multiplier", 3.0) >= 0,
+          f"fair.ratio.noise_multiplier must be >= 0, got {ratio.get('noise_multiplier')}.")
   require(ratio.augment_shift >= 0,
           f"fair.ratio.augment_shift must be >= 0, got {ratio.augment_shift}.")
   if fair.target is not None:
@@ -111,6 +116,16 @@ def weight_bound(config: ml_collections.ConfigDict) -> float:
   if method(config) != "importance":
     return 1.0
   return float(config.fair.clip) if config.fair.clip else float("inf")
+
+
+def private_prior(config: ml_collections.ConfigDict, num_examples: int
+                  ) -> tuple[tuple[float, float, int, int], ...]:
+  """What a DP run spends on its data before its first step: the DP density-ratio classifier
+  of importance weighting (``fairgen.privacy.DpSettings.prior``), or nothing."""
+  ratio = importance.ratio_privacy(config, num_examples)
+  if ratio is None:
+    return ()
+  return ((ratio.noise_multiplier, ratio.sampling_rate, ratio.num_steps, ratio.batch_size),)
 
 
 def target_distribution(config: ml_collections.ConfigDict, num_groups: int) -> np.ndarray:

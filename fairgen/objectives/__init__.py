@@ -55,7 +55,8 @@ OBJECTIVES: Registry[Entry] = Registry("objective")
 OBJECTIVES.register("gan")(Entry(gan.build, gan.DEFAULTS, gan.check, gan.OPTIMIZERS,
                                  ALL_METHODS, private=True))
 OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check, private=True))
-OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check))
+OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check,
+                                                  private=True))
 OBJECTIVES.register("vfae")(Entry(vfae.build, vfae.DEFAULTS, vfae.check))
 OBJECTIVES.register("tabgan")(Entry(tabgan.build, tabgan.DEFAULTS, tabgan.check,
                                     tabgan.OPTIMIZERS))

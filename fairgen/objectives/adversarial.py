@@ -254,8 +254,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         example_loss, d_params, examples, keys["real"], clip_norm=privacy.clip_norm,
         noise_multiplier=privacy.noise_multiplier,
         expected_batch_size=privacy.expected_batch_size, mask=m,
-        scale=w / privacy.weight_bound, microbatch_size=privacy.microbatch_size,
-        mesh=privacy.mesh)
+        scale=w, scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
+        mesh=privacy.mesh, ghost=privacy.ghost_clipping)
 
     def fake_example_loss(raw_params, ex, key):
       fake_out = adapter.discriminate(_normalized(raw_params, d_sn), ex["x"][None],
@@ -272,7 +272,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
         fake_example_loss, d_params, {"x": fake, "y": y_fake}, keys["fake"],
         clip_norm=privacy.clip_norm, noise_multiplier=0.0, expected_batch_size=n_fake,
         mask=jnp.ones((n_fake,), jnp.float32), microbatch_size=privacy.microbatch_size,
-        mesh=privacy.mesh)
+        mesh=privacy.mesh, ghost=privacy.ghost_clipping)
     fake_out, fake_loss = fake_aux["fake_out"], jnp.mean(fake_aux["fake_term"])
     grads = jax.tree.map(jnp.add, private, public)
     # The losses are means over the sampled rows; the adapter's metrics (d_real) also

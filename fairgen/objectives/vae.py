@@ -73,12 +73,14 @@ def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model
     return terms["loss"][0], jax.tree.map(lambda t: t[0], terms)
 
   mask = batch["mask"]
-  scale = batch["weight"] / privacy.weight_bound if "weight" in batch else None
+  scale = batch.get("weight")
   grads, terms, stats = dpsgd.private_gradient(
       example_loss, state["params"], batch["image"], rng, clip_norm=privacy.clip_norm,
       noise_multiplier=privacy.noise_multiplier,
       expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
-      microbatch_size=privacy.microbatch_size, mesh=privacy.mesh)
+      scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
+      mesh=privacy.mesh,
+      ghost=privacy.ghost_clipping)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": dpsgd.masked_mean(terms["loss"], mask),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -50,6 +50,9 @@ DEFAULTS = {
     "accountant": "pld",  # 'pld' (exact for truncated Poisson sampling) or 'rdp'.
     "epsilon_budget": 0.0,  # > 0: refuse a run whose epsilon would exceed it.
     "microbatch_size": 0,  # Per-example gradients this many at a time (0: the batch).
+    # Clip Dense layers by ghost clipping (fairgen/privacy/ghost.py): the same update
+    # without their per-example gradients; other layers keep them.
+    "ghost_clipping": False,
 }
 # A run's truncation probability (any step drawing more than train.batch_size) above this
 # share of delta is refused for the RDP accountant, which has to add it to delta.
@@ -79,8 +82,12 @@ class DpSettings:
     delta: the target delta.
     accountant: 'pld' or 'rdp'.
     microbatch_size: examples per vmapped per-example-gradient call.
+    ghost_clipping: Dense layers by ghost clipping (not part of the mechanism).
     weight_bound: importance weights are divided by this before they scale the clipped
       gradients, so each example's contribution stays within C (1: no weights).
+    prior: mechanisms spent on the same data before the first step (e.g. the DP
+      density-ratio classifier of importance weighting), each ``(noise_multiplier, rate,
+      draws, batch_size)``; epsilon composes them with the run's draws.
     mesh: the mesh the step runs on (None: one device).
   """
 
@@ -95,6 +102,8 @@ class DpSettings:
   accountant: str = "pld"
   microbatch_size: int = 0
   weight_bound: float = 1.0
+  ghost_clipping: bool = False
+  prior: tuple[accounting.Prior, ...] = ()
   # The run's mesh (set by fairgen.experiment.setup): where per-example gradients are
   # computed. Not part of the mechanism, nor of equality.
   mesh: Any = dataclasses.field(default=None, compare=False, repr=False)
@@ -112,40 +121,10 @@ def validate(config: ml_collections.ConfigDict, private_objective: bool) -> None
     config: the experiment config (with a ``privacy`` section).
     private_objective: whether the objective can train with DP-SGD.
   """
-  p = config.privacy
-  unknown = sorted(set(p.keys()) - set(DEFAULTS))
-  require(not unknown, f"Unknown privacy keys {unknown}; valid: {', '.join(DEFAULTS)}.")
-  p = {**DEFAULTS, **p.to_dict()}
   require(private_objective, f"The {config.objective.name!r} objective has no DP-SGD step; "
-          f"remove the privacy section or use the 'gan' or 'vae' objective.")
-  require(p["clip_norm"] > 0, f"privacy.clip_norm must be > 0, got {p['clip_norm']}.")
-  sigma, target = p["noise_multiplier"], p["target_epsilon"]
-  require(target >= 0, f"privacy.target_epsilon must be > 0 (or 0: off), got {target}.")
-  if target > 0:
-    require(sigma == -1, "Set one of privacy.noise_multiplier and privacy.target_epsilon "
-            f"(got noise_multiplier={sigma} and target_epsilon={target}).")
-  else:
-    require(sigma >= 0, f"privacy.noise_multiplier must be >= 0 (0: no noise), got {sigma}; "
-            "or set privacy.target_epsilon to solve for it.")
-  require(0 < p["delta"] < 1, f"privacy.delta must be in (0, 1), got {p['delta']}.")
-  if p["sampling"] == "shuffle":
-    raise ConfigError("privacy.sampling='shuffle' is refused: no accountant covers shuffled "
-                      "batches, and accounting them as Poisson sampling underestimates epsilon "
-                      "(Chua et al. 2024). Use 'poisson'.")
-  require(p["sampling"] in SAMPLINGS,
-          f"Unknown privacy.sampling={p['sampling']!r}; valid: {', '.join(SAMPLINGS)}.")
-  require(p["accountant"] in ACCOUNTANTS,
-          f"Unknown privacy.accountant={p['accountant']!r}; valid: {', '.join(ACCOUNTANTS)}.")
-  batch = config.train.batch_size
-  expected = p["expected_batch_size"]
-  require(isinstance(expected, int) and 1 <= expected <= batch,
-          f"privacy.expected_batch_size must be an integer in [1, train.batch_size={batch}] "
-          f"(Poisson batches are padded to train.batch_size), got {expected!r}.")
-  micro = p["microbatch_size"]
-  require(isinstance(micro, int) and micro >= 0 and (micro == 0 or batch % micro == 0),
-          f"privacy.microbatch_size must be 0 or divide train.batch_size={batch}, got {micro!r}.")
-  require(p["epsilon_budget"] >= 0,
-          f"privacy.epsilon_budget must be >= 0 (0: none), got {p['epsilon_budget']}.")
+          f"remove the privacy section or use the 'gan', 'vae' or 'adversarial_debiasing' "
+          f"objective.")
+  check_section(config.privacy.to_dict(), config.train.batch_size)
   fair = config.get("fair")
   if fair is not None and fair.method == "resample":
     raise ConfigError("fair.method='resample' draws batches by group weight, which Poisson "
@@ -157,52 +136,131 @@ def validate(config: ml_collections.ConfigDict, private_objective: bool) -> None
             "privacy.clip_norm.")
 
 
-def resolve(config: ml_collections.ConfigDict, num_examples: int,
-            draws_per_step: int, weight_bound: float = 1.0) -> DpSettings:
-  """The run's ``DpSettings``: checks what needs the data, solves sigma, checks the budget.
+def check_section(given: Mapping[str, Any], batch_size: int, prefix: str = "privacy."
+                  ) -> dict[str, Any]:
+  """``DEFAULTS`` overridden by ``given``, after checking what needs no data.
 
   Args:
-    config: the experiment config (validated, with a ``privacy`` section).
-    num_examples: N, the size of the split batches are drawn from.
-    draws_per_step: Poisson batches per train step (the objective's examples_per_step).
-    weight_bound: the bound of the batches' importance weights (1: none).
+    given: a privacy section (or part of one).
+    batch_size: rows per Poisson batch (``train.batch_size``).
+    prefix: how errors name a key (``privacy.`` in configs, ``--dp_`` on a command line).
 
   Raises:
-    ConfigError: delta >= 1/N, an expected batch above N, a truncation probability the RDP
-      accountant cannot absorb, or an epsilon above ``privacy.epsilon_budget``.
+    ConfigError: for unknown keys, clip <= 0, sigma < 0, both or neither of sigma and a
+      target epsilon, delta outside (0, 1), shuffled sampling, an unknown accountant, an
+      expected batch outside [1, batch_size], or a microbatch that does not divide it.
   """
-  p = {**DEFAULTS, **config.privacy.to_dict()}
-  n, batch = int(num_examples), int(config.train.batch_size)
-  require(p["expected_batch_size"] <= n, f"privacy.expected_batch_size="
+  unknown = sorted(set(given) - set(DEFAULTS))
+  require(not unknown, f"Unknown privacy keys {unknown}; valid: {', '.join(DEFAULTS)}.")
+  p = {**DEFAULTS, **given}
+  require(p["clip_norm"] > 0, f"{prefix}clip_norm must be > 0, got {p['clip_norm']}.")
+  sigma, target = p["noise_multiplier"], p["target_epsilon"]
+  require(target >= 0, f"{prefix}target_epsilon must be > 0 (or 0: off), got {target}.")
+  if target > 0:
+    require(sigma == -1, f"Set one of {prefix}noise_multiplier and {prefix}target_epsilon "
+            f"(got noise_multiplier={sigma} and target_epsilon={target}).")
+  else:
+    require(sigma >= 0, f"{prefix}noise_multiplier must be >= 0 (0: no noise), got {sigma}; "
+            f"or set {prefix}target_epsilon to solve for it.")
+  require(0 < p["delta"] < 1, f"{prefix}delta must be in (0, 1), got {p['delta']}.")
+  if p["sampling"] == "shuffle":
+    raise ConfigError(f"{prefix}sampling='shuffle' is refused: no accountant covers shuffled "
+                      "batches, and accounting them as Poisson sampling underestimates epsilon "
+                      "(Chua et al. 2024). Use 'poisson'.")
+  require(p["sampling"] in SAMPLINGS,
+          f"Unknown {prefix}sampling={p['sampling']!r}; valid: {', '.join(SAMPLINGS)}.")
+  require(p["accountant"] in ACCOUNTANTS,
+          f"Unknown {prefix}accountant={p['accountant']!r}; valid: {', '.join(ACCOUNTANTS)}.")
+  expected = p["expected_batch_size"]
+  require(isinstance(expected, int) and 1 <= expected <= batch_size,
+          f"{prefix}expected_batch_size must be an integer in [1, batch size={batch_size}] "
+          f"(Poisson batches are padded to the batch size), got {expected!r}.")
+  micro = p["microbatch_size"]
+  require(isinstance(micro, int) and micro >= 0 and (micro == 0 or batch_size % micro == 0),
+          f"{prefix}microbatch_size must be 0 or divide the batch size={batch_size}, got "
+          f"{micro!r}.")
+  require(isinstance(p["ghost_clipping"], bool),
+          f"{prefix}ghost_clipping must be True or False, got {p['ghost_clipping']!r}.")
+  require(p["epsilon_budget"] >= 0,
+          f"{prefix}epsilon_budget must be >= 0 (0: none), got {p['epsilon_budget']}.")
+  return p
+
+
+def resolve(config: ml_collections.ConfigDict, num_examples: int,
+            draws_per_step: int, weight_bound: float = 1.0,
+            prior: tuple[accounting.Prior, ...] = ()) -> DpSettings:
+  """The run's ``DpSettings`` (``resolve_section`` of the config's privacy section)."""
+  return resolve_section(config.privacy.to_dict(), num_examples,
+                         int(config.train.batch_size), int(config.train.num_steps),
+                         draws_per_step, weight_bound, prior=prior)
+
+
+def padded_batch_size(expected: int) -> int:
+  """Rows for Poisson batches of ``expected`` examples on average: 4.5 standard deviations
+  more, rounded up to a multiple of 8 (a larger draw is truncated, and accounted for)."""
+  return int(math.ceil((expected + 4.5 * math.sqrt(expected)) / 8) * 8)
+
+
+def resolve_section(given: Mapping[str, Any], num_examples: int, batch_size: int,
+                    num_steps: int, draws_per_step: int = 1, weight_bound: float = 1.0,
+                    prefix: str = "privacy.", prior: tuple[accounting.Prior, ...] = ()
+                    ) -> DpSettings:
+  """The ``DpSettings`` of a run: checks what needs the data, solves sigma, checks the budget.
+
+  Args:
+    given: the privacy section (``check_section``'s keys).
+    num_examples: N, the size of the split batches are drawn from.
+    batch_size: rows per Poisson batch.
+    num_steps: the run's train steps.
+    draws_per_step: Poisson batches per train step (the objective's examples_per_step).
+    weight_bound: the bound of the batches' importance weights (1: none).
+    prefix: how errors name a key.
+    prior: mechanisms spent on the same N examples before the run (``DpSettings.prior``):
+      a target epsilon is the budget of all of them together.
+
+  Raises:
+    ConfigError: what ``check_section`` raises; delta >= 1/N, an expected batch above N, a
+      truncation probability the RDP accountant cannot absorb, a target the prior
+      mechanisms already spend, or an epsilon above ``epsilon_budget``.
+  """
+  p = check_section(given, batch_size, prefix)
+  n, batch = int(num_examples), int(batch_size)
+  require(p["expected_batch_size"] <= n, f"{prefix}expected_batch_size="
           f"{p['expected_batch_size']} exceeds the training split's {n} examples.")
-  require(p["delta"] < 1.0 / n, f"privacy.delta={p['delta']:g} must be below 1/N = "
+  require(p["delta"] < 1.0 / n, f"{prefix}delta={p['delta']:g} must be below 1/N = "
           f"{1.0 / n:.3g} (N = {n} training examples): a larger delta allows releasing an "
           f"example outright.")
   rate = p["expected_batch_size"] / n
-  draws = int(config.train.num_steps) * draws_per_step
+  draws = int(num_steps) * draws_per_step
   if p["accountant"] == "rdp":
     trunc = accounting.truncation_probability(n, rate, batch, draws)
     require(trunc <= MAX_TRUNCATION_SHARE * p["delta"],
-            f"privacy.accountant='rdp': the run truncates a Poisson batch of "
-            f"expected_batch_size={p['expected_batch_size']} to train.batch_size={batch} with "
+            f"{prefix}accountant='rdp': the run truncates a Poisson batch of "
+            f"expected_batch_size={p['expected_batch_size']} to the batch size {batch} with "
             f"probability {trunc:.2g}, more than {MAX_TRUNCATION_SHARE:g} * delta; raise "
-            f"train.batch_size or use the 'pld' accountant (which accounts for truncation).")
+            f"the batch size or use the 'pld' accountant (which accounts for truncation).")
   sigma = float(p["noise_multiplier"])
   if p["target_epsilon"] > 0:
-    sigma = accounting.solve_noise_multiplier(p["target_epsilon"], rate, draws, n, batch,
-                                              p["delta"], p["accountant"])
+    try:
+      sigma = accounting.solve_noise_multiplier(p["target_epsilon"], rate, draws, n, batch,
+                                                p["delta"], p["accountant"], prior)
+    except ValueError as e:
+      raise ConfigError(f"{prefix}target_epsilon={p['target_epsilon']:g} cannot be met: "
+                        f"{e}") from None
   settings = DpSettings(
       clip_norm=float(p["clip_norm"]), noise_multiplier=sigma,
       expected_batch_size=int(p["expected_batch_size"]), batch_size=batch, num_examples=n,
-      draws_per_step=int(draws_per_step), num_steps=int(config.train.num_steps),
+      draws_per_step=int(draws_per_step), num_steps=int(num_steps),
       delta=float(p["delta"]), accountant=p["accountant"],
-      microbatch_size=int(p["microbatch_size"]), weight_bound=float(weight_bound))
+      microbatch_size=int(p["microbatch_size"]), weight_bound=float(weight_bound),
+      ghost_clipping=bool(p["ghost_clipping"]),
+      prior=tuple((float(a), float(b), int(c), int(d)) for a, b, c, d in prior))
   budget = float(p["epsilon_budget"])
   if budget > 0:
     eps = epsilon(settings, settings.num_steps)
     require(eps <= budget, f"This run would spend epsilon={eps:.4g} (delta={p['delta']:g}) "
-            f"by train.num_steps={settings.num_steps}, over privacy.epsilon_budget={budget:g}. "
-            f"Lower train.num_steps or expected_batch_size, or raise noise_multiplier.")
+            f"by step {settings.num_steps}, over {prefix}epsilon_budget={budget:g}. "
+            f"Lower the steps or expected_batch_size, or raise noise_multiplier.")
   return settings
 
 
@@ -211,17 +269,19 @@ def epsilon(settings: DpSettings, step: int) -> float:
   """Epsilon at ``settings.delta`` after ``step`` train steps (a pure function of step)."""
   return accounting.epsilon(settings.noise_multiplier, settings.sampling_rate,
                             step * settings.draws_per_step, settings.num_examples,
-                            settings.batch_size, settings.delta, settings.accountant)
+                            settings.batch_size, settings.delta, settings.accountant,
+                            settings.prior)
 
 
 # The fields that define the mechanism of one step; a resumed run must keep them.
 MECHANISM_FIELDS = ("clip_norm", "noise_multiplier", "expected_batch_size", "batch_size",
-                    "num_examples", "draws_per_step", "weight_bound")
+                    "num_examples", "draws_per_step", "weight_bound", "prior")
 
 
 def mechanism(settings: DpSettings) -> dict[str, Any]:
   """What one step's privacy depends on, plus how it is accounted (JSON-ready)."""
   out = {k: getattr(settings, k) for k in MECHANISM_FIELDS}
+  out["prior"] = [list(p) for p in settings.prior]
   out.update(delta=settings.delta, accountant=settings.accountant, sampling="poisson")
   return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in out.items()}
 
@@ -234,6 +294,7 @@ def check_record(record: dict[str, Any] | None, settings: DpSettings) -> list[st
   if record is None:
     return []
   now = mechanism(settings)
+  record = {"prior": [], **record}  # Records from before ``prior`` existed had none.
   return [f"privacy.{k}: {record.get(k)!r} -> {now[k]!r}" for k in MECHANISM_FIELDS
           if record.get(k) != now[k] and not (
               isinstance(now[k], float) and isinstance(record.get(k), float)
@@ -241,4 +302,5 @@ def check_record(record: dict[str, Any] | None, settings: DpSettings) -> list[st
 
 
 __all__ = ["ACCOUNTANTS", "DEFAULTS", "DpSettings", "MECHANISM_FIELDS", "SAMPLINGS",
-           "check_record", "epsilon", "mechanism", "resolve", "section", "validate"]
+           "check_record", "check_section", "epsilon", "mechanism", "padded_batch_size",
+           "resolve", "resolve_section", "section", "validate"]

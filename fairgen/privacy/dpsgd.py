@@ -2,11 +2,15 @@
 
 ``private_gradient`` is the one place where a private network's gradient is formed:
 
-    g = (sum_i  m_i * s_i * clip(grad l_i, C)  +  N(0, (sigma * C)^2 I)) / E
+    g = W * (sum_i  m_i * (s_i / W) * clip(grad l_i, C)  +  N(0, (sigma * C)^2 I)) / E
 
-with ``m_i`` the Poisson batch's mask (padding rows are 0), ``s_i`` in [0, 1] an optional
-per-example scale (importance weights divided by their bound), ``clip(g, C) = g * min(1, C /
-|g|)`` and ``E`` the *expected* batch size ``q * N``. The noise is calibrated to the sum,
+with ``m_i`` the Poisson batch's mask (padding rows are 0), ``s_i`` in [0, W] an optional
+per-example weight (importance weights, bounded by ``W``), ``clip(g, C) = g * min(1, C /
+|g|)`` and ``E`` the *expected* batch size ``q * N``. Dividing the weights by ``W`` keeps
+each example's contribution within C; multiplying the noisy sum back by ``W`` is
+post-processing that gives the weighted terms their non-private scale (weights whose mean
+is about 1, as importance weights' is, then weigh as in the weighted mean), at the price of
+``W`` times the noise. The noise is calibrated to the sum,
 whose sensitivity to adding or removing one example is C, and only then divided: dividing
 the clipped gradients by the batch size first and adding ``N(0, (sigma * C)^2)`` to that
 mean (a bug of published code) leaves the noise B times too small for the stated epsilon.
@@ -33,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from fairgen import parallel
 from fairgen.config import ConfigError
+from fairgen.privacy import ghost as ghost_lib
 
 # (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
 ExampleLoss = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
@@ -74,17 +79,26 @@ def noise_like(tree: Any, key: jax.Array, std: float) -> Any:
 
 
 def _clipped_sum(loss_fn: ExampleLoss, params: Any, examples: Any, keys: jax.Array,
-                 coeff: jax.Array, clip_norm: float, chunk: int) -> tuple[Any, Any, jax.Array]:
+                 coeff: jax.Array, clip_norm: float, chunk: int, ghost: bool = False
+                 ) -> tuple[Any, Any, jax.Array]:
   """``sum_i coeff_i clip(grad l_i)`` over the rows given, ``chunk`` at a time (0: all);
-  with the stacked aux outputs and the per-example gradient norms."""
+  with the stacked aux outputs and the per-example gradient norms. ``ghost``: Dense layers
+  by ghost clipping (``fairgen.privacy.ghost``)."""
   batch = coeff.shape[0]
   chunk = chunk if chunk and batch % chunk == 0 else batch
   total = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   auxes, norms = [], []
   for start in range(0, batch, chunk):
     part = slice(start, start + chunk)
-    grads, aux = per_example_grads(loss_fn, params, jax.tree.map(lambda x: x[part], examples),
-                                   keys[part])
+    rows = jax.tree.map(lambda x: x[part], examples)
+    if ghost:
+      summed, aux, n = ghost_lib.clipped_sum(loss_fn, params, rows, keys[part], coeff[part],
+                                             clip_norm)
+      total = jax.tree.map(jnp.add, total, summed)
+      auxes.append(aux)
+      norms.append(n)
+      continue
+    grads, aux = per_example_grads(loss_fn, params, rows, keys[part])
     n = per_example_norms(grads)
     c = coeff[part] * clip_factors(n, clip_norm)
     total = jax.tree.map(
@@ -97,8 +111,8 @@ def _clipped_sum(loss_fn: ExampleLoss, params: Any, examples: Any, keys: jax.Arr
 def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array, *,
                      clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                      mask: jax.Array, scale: jax.Array | None = None,
-                     microbatch_size: int = 0, mesh: Mesh | None = None
-                     ) -> tuple[Any, Any, dict[str, jax.Array]]:
+                     scale_bound: float = 1.0, microbatch_size: int = 0, mesh: Mesh | None = None,
+                     ghost: bool = False) -> tuple[Any, Any, dict[str, jax.Array]]:
   """The noisy mean of clipped per-example gradients (see the module docstring).
 
   Args:
@@ -111,12 +125,15 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
     noise_multiplier: sigma (0: no noise).
     expected_batch_size: E = q * N, the divisor.
     mask: ``[B]``, 1 for sampled examples and 0 for padding rows.
-    scale: optional ``[B]`` multipliers in [0, 1] of the clipped gradients.
+    scale: optional ``[B]`` weights in [0, ``scale_bound``] of the clipped gradients.
+    scale_bound: W, the weights' bound (see the module docstring).
     microbatch_size: examples per vmapped call on each device (0: all of its rows).
     mesh: the run's mesh. With more than one device on its data axis, every device computes
       its own rows' clipped sum inside ``shard_map``, and the sums are added (``psum``):
       left to XLA's partitioner, vmapped convolution-kernel gradients come out wrong on
       every device but the first (jax 0.10, measured).
+    ghost: clip Dense layers by ghost clipping (``fairgen.privacy.ghost``): the same sum
+      without their per-example gradients.
 
   Returns:
     ``(gradient, aux, stats)``: the private gradient (a tree like ``params``), the stacked
@@ -127,11 +144,11 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
   keys = jax.random.split(jax.random.fold_in(key, 0), batch)
   coeff = mask.astype(jnp.float32)
   if scale is not None:
-    coeff = coeff * scale.astype(jnp.float32)
+    coeff = coeff * scale.astype(jnp.float32) / scale_bound
   if mesh is not None and mesh.shape[parallel.DATA_AXIS] > 1:
     def local(params, examples, keys, coeff):
       total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
-                                       microbatch_size)
+                                       microbatch_size, ghost)
       return jax.lax.psum(total, parallel.DATA_AXIS), aux, norms
 
     rows = P(parallel.DATA_AXIS)
@@ -142,11 +159,12 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
         check_vma=False)(params, examples, keys, coeff)
   else:
     total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
-                                     microbatch_size)
+                                     microbatch_size, ghost)
   if noise_multiplier > 0:
     noise = noise_like(total, jax.random.fold_in(key, 1), noise_multiplier * clip_norm)
     total = jax.tree.map(jnp.add, total, noise)
-  gradient = jax.tree.map(lambda t, p: (t / expected_batch_size).astype(p.dtype), total, params)
+  factor = scale_bound / expected_batch_size if scale is not None else 1 / expected_batch_size
+  gradient = jax.tree.map(lambda t, p: (t * factor).astype(p.dtype), total, params)
   sampled = jnp.maximum(jnp.sum(mask), 1.0)
   stats = {"clipped_fraction": jnp.sum(mask * (norms > clip_norm)) / sampled,
            "example_grad_norm": jnp.sum(mask * norms) / sampled}
