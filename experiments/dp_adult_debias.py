@@ -33,12 +33,10 @@ def get_config(arg=None):
   c.train.checkpoint_every_steps = 10 * steps_per_epoch
   c.log.every_steps = steps_per_epoch
   c.eval.every_steps = 10 * steps_per_epoch
-  eps = args["eps"]
-  c.privacy = privacy.section(
-      clip_norm=1.0, expected_batch_size=512, delta=1e-5,
-      ghost_clipping=True,  # An MLP: no per-example kernel gradients (privacy/ghost.py).
-      noise_multiplier=0.0 if eps == "inf" else -1.0,
-      target_epsilon=0.0 if eps == "inf" else float(eps))
+  c.privacy = privacy.budget_section(
+      args["eps"], clip_norm=1.0, expected_batch_size=512, delta=1e-5,
+      # An MLP: no per-example kernel gradients (fairgen/privacy/ghost.py).
+      ghost_clipping=True)
   if args["smoke"]:
     config_lib.make_smoke(c, num_steps=6, batch_size=32, every=3)
     c.eval.every_steps = 6

@@ -30,12 +30,10 @@ def get_config(arg=None):
   c.eval.metrics = ("fid", "tstr_images", "likelihood", "membership", "memorisation")
   c.eval.num_samples = 10000
   c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
-  eps = args["eps"]
-  c.privacy = privacy.section(
-      clip_norm=1.0, expected_batch_size=256, delta=1e-5,
-      ghost_clipping=True,  # An MLP: no per-example kernel gradients (privacy/ghost.py).
-      noise_multiplier=0.0 if eps == "inf" else -1.0,
-      target_epsilon=0.0 if eps == "inf" else float(eps))
+  c.privacy = privacy.budget_section(
+      args["eps"], clip_norm=1.0, expected_batch_size=256, delta=1e-5,
+      # An MLP: no per-example kernel gradients (fairgen/privacy/ghost.py).
+      ghost_clipping=True)
   if args["smoke"]:
     config_lib.make_smoke(c)
     c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)

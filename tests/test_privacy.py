@@ -330,13 +330,16 @@ def test_dp_run_reports_epsilon_resumes_exactly_and_refuses_a_new_mechanism(tmp_
 def test_dp_runs_agree_on_one_and_eight_devices(tmp_path, partitionable_rng):
   """Each device clips its own rows' gradients (shard_map); the DCGAN's convolution-kernel
   gradients came out wrong on 7 of 8 devices when XLA partitioned the vmap itself. (The
-  smoke DCGAN has D dropout: per-example keys on the devices are covered too.)"""
+  smoke DCGAN has D dropout: per-example keys on the devices are covered too.) The 8-device
+  run clips D's last (Dense) layer by ghost clipping, the 1-device run by per-example
+  gradients: the same update either way."""
   name = "dp_dcgan_mnist"
   results = {}
   for n in (1, 8):
     config = load_config(name, "smoke", **{"mesh.data": n, "train.num_steps": 3,
                                            "train.checkpoint_every_steps": 3,
-                                           "log.every_steps": 3})
+                                           "log.every_steps": 3,
+                                           "privacy.ghost_clipping": n == 8})
     summary = train.train_and_evaluate(config, str(tmp_path / f"d{n}"))
     results[n] = summary["scalars"], _final_leaves(config, str(tmp_path / f"d{n}"))
   (s1, p1), (s8, p8) = results[1], results[8]

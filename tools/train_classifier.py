@@ -74,10 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  "--dp_target_epsilon or --dp_noise_multiplier is given; "
                                  "--batch_size is then the padded Poisson batch.")
   for key, default in privacy.DEFAULTS.items():
-    if key not in ("sampling", "accountant"):
+    if key not in ("sampling", "accountant", "ghost_clipping"):
       dp.add_argument(f"--dp_{key}", type=type(default), default=None,
                       help=f"privacy.{key} (default {default}).")
   dp.add_argument("--dp_accountant", default=None, choices=privacy.ACCOUNTANTS)
+  dp.add_argument("--dp_ghost_clipping", action="store_true", default=None,
+                  help="Dense layers by ghost clipping (the same update, less memory).")
   return parser.parse_args(argv)
 
 

@@ -8,7 +8,9 @@ optionally clipped. The weights are fitted once per run and cached in
 In a DP run (a ``privacy`` section) the classifier sees the same private data as the
 generative model, so it trains by DP-SGD too (``ratio_privacy``), and each weight is a
 function of its own example alone (clipped, not normalised over the set): the weights are
-post-processing of a private classifier, and the run's epsilon composes both.
+post-processing of a private classifier, and the run's epsilon composes both. The cached
+weights (one per training example) and their diagnostics are, like the training data and
+metrics, not for release: they stay in the workdir.
 """
 
 from __future__ import annotations

@@ -67,6 +67,15 @@ def section(**overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**DEFAULTS, **overrides})
 
 
+def budget_section(eps: str | float, **overrides: Any) -> ml_collections.ConfigDict:
+  """A ``privacy`` section spending ``eps`` over the run: a number (sigma is solved for it)
+  or ``'inf'`` (the same clipping and Poisson sampling without noise); with ``overrides``."""
+  eps = float(eps)
+  if math.isinf(eps):
+    return section(noise_multiplier=0.0, target_epsilon=0.0, **overrides)
+  return section(noise_multiplier=-1.0, target_epsilon=eps, **overrides)
+
+
 @dataclasses.dataclass(frozen=True)
 class DpSettings:
   """A run's resolved DP-SGD parameters (``resolve``).
@@ -302,5 +311,5 @@ def check_record(record: dict[str, Any] | None, settings: DpSettings) -> list[st
 
 
 __all__ = ["ACCOUNTANTS", "DEFAULTS", "DpSettings", "MECHANISM_FIELDS", "SAMPLINGS",
-           "check_record", "check_section", "epsilon", "mechanism", "padded_batch_size",
+           "budget_section", "check_record", "check_section", "epsilon", "mechanism", "padded_batch_size",
            "resolve", "resolve_section", "section", "validate"]
