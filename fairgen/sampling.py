@@ -3,13 +3,16 @@
 ``sample`` mode writes, under ``WORKDIR/sample/step_NNNNNN/``: ``grid.png``, an interpolation
 grid (``interpolation.png``: each row walks a straight line between two latents), and for
 conditional models ``per_class.png`` (one row per class). Each image set is also saved as an
-``.npz`` (``images`` in [-1, 1], plus ``latents`` and ``labels``) for further use.
+``.npz`` (``images`` in [-1, 1], plus ``latents`` and ``labels``) for further use. For a DP
+run, ``privacy.json`` records the mechanism and the epsilon the sampled weights spent, and
+each ``.npz`` carries ``epsilon`` and ``delta``.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 from typing import Any, Iterator
 
@@ -20,6 +23,7 @@ from absl import logging
 from fairgen import experiment
 from fairgen import logs
 from fairgen import parallel
+from fairgen import privacy
 from fairgen import storage
 from fairgen.config import ConfigError
 
@@ -123,8 +127,8 @@ def interpolation_latents(rng: jax.Array, rows: int, steps: int, dim: int,
 
 
 def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
-          labels: np.ndarray, ncols: int, scale: int) -> list[str]:
-  """One grid as PNG and .npz; returns their paths.
+          labels: np.ndarray, ncols: int, scale: int, extra: dict[str, Any]) -> list[str]:
+  """One grid as PNG and .npz (with ``extra`` arrays); returns their paths.
 
   Process 0 writes: every process holds the same images.
   """
@@ -132,7 +136,7 @@ def _save(out_dir: str, name: str, images: np.ndarray, latents: np.ndarray,
   if jax.process_index() == 0:
     logs.save_image_grid(images, png, ncols=ncols, scale=scale)
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=images, latents=latents, labels=labels)
+    np.savez_compressed(buf, images=images, latents=latents, labels=labels, **extra)
     storage.write_atomic(npz, buf.getvalue())
   return [png, npz]
 
@@ -153,23 +157,34 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
         f"{exp.config.objective.name!r} does not.")
   scale = grid_scale(exp.spec)
   ncols = int(np.ceil(np.sqrt(num)))
+  extra, files = {}, []
+  if exp.privacy is not None:  # What the sampled weights spent, beside the samples.
+    record = {"step": int(step), "epsilon": privacy.epsilon(exp.privacy, step),
+              "delta": exp.privacy.delta, "mechanism": privacy.mechanism(exp.privacy)}
+    extra = {"epsilon": np.float64(record["epsilon"]), "delta": np.float64(record["delta"])}
+    path = os.path.join(out_dir, "privacy.json")
+    if jax.process_index() == 0:
+      storage.write_atomic(path, json.dumps(record, indent=2))
+    files.append(path)
+    logging.info("Samples of step %d: epsilon %.4g at delta %g.", step, record["epsilon"],
+                 record["delta"])
 
   labels = prior_labels(num, exp.objective.num_classes, exp.objective.label_probs)
   images, latents = generate_images(exp, state, k_grid, num, labels, truncation=truncation)
-  files = _save(out_dir, "grid", images, latents, labels, ncols, scale)
+  files += _save(out_dir, "grid", images, latents, labels, ncols, scale, extra)
 
   rows = max(1, min(8, num // interpolation_steps))
   z = interpolation_latents(k_interp, rows, interpolation_steps, exp.objective.latent_dim,
                             truncation)
   y = np.repeat(prior_labels(rows, exp.objective.num_classes), interpolation_steps)
   files += _save(out_dir, "interpolation", decode_images(exp, state, z, y), z, y,
-                 interpolation_steps, scale)
+                 interpolation_steps, scale, extra)
 
   if exp.objective.num_classes:
     c, per = exp.objective.num_classes, max(1, min(10, num // exp.objective.num_classes))
     y = np.repeat(np.arange(c, dtype=np.int32), per)
     images, z = generate_images(exp, state, k_class, len(y), labels=y, truncation=truncation)
-    files += _save(out_dir, "per_class", images, z, y, per, scale)
+    files += _save(out_dir, "per_class", images, z, y, per, scale, extra)
   files.sort()
   if jax.process_index() == 0:
     logging.info("Step %d samples in %s: %s", step, out_dir,

@@ -16,7 +16,7 @@ from dp_accounting import rdp
 from conftest import load_config, run_main
 from fairgen import config as config_lib
 from fairgen import checkpoint, data, experiment, privacy, train
-from fairgen.evaluation import runner
+from fairgen.evaluation import modes, runner
 from fairgen.evaluation.context import RealData
 from fairgen.privacy import accounting, dpsgd
 
@@ -318,6 +318,13 @@ def test_dp_run_reports_epsilon_resumes_exactly_and_refuses_a_new_mechanism(tmp_
   state, _ = experiment.restore_checkpoint(exp, whole)
   assert evaluator(state, 4)["epsilon"] == records[-1]["epsilon"]
   assert evaluator.provenance()["privacy"]["noise_multiplier"] == 1.0
+  # So do the samples of --mode=sample.
+  config.sample.num = 4
+  files = modes.sample(config, whole)
+  with open(next(f for f in files if f.endswith("privacy.json"))) as f:
+    assert json.load(f)["epsilon"] == records[-1]["epsilon"]
+  with np.load(next(f for f in files if f.endswith("grid.npz"))) as npz:
+    assert float(npz["epsilon"]) == records[-1]["epsilon"]
   # Even past the config check (a solved sigma changes with train.num_steps, which the
   # experiment fingerprint leaves free), steps of two mechanisms are never one run.
   more_noise = _dp_config(**{"privacy.noise_multiplier": 2.0, "train.num_steps": 6})
