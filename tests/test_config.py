@@ -21,6 +21,7 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "dp_vae_mnist": [None, "smoke", "eps=1", "eps=inf"],
             "dp_dcgan_mnist": [None, "smoke", "eps=1", "eps=inf", "conditional,smoke"],
             "dp_adult_debias": [None, "smoke", "eps=10", "eps=inf", "plain,smoke"],
+            "beta_vae_mnist": [None, "smoke", "beta=0.25", "beta=4,smoke"],
             "fair_celeba": [None, "smoke", "method=importance,bias=multi",
                             "method=conditional,bias=80_20", "method=penalty,smoke"]}
 

@@ -141,6 +141,36 @@ def test_evaluate_likelihood_is_batch_size_invariant_and_consistent():
   assert all_at_once["nll_iwae"] < all_at_once["neg_elbo"]
 
 
+class _Images:
+  """The least a source is: ``len`` and ``get(indices)['image']``."""
+
+  def __init__(self, images):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def get(self, indices):
+    return {"image": self.images[indices]}
+
+
+def test_rate_and_distortion_split_the_elbo():
+  """Rate is the mean analytic KL of the (here exact, closed-form) PPCA posterior, computed
+  in NumPy; distortion is the rest of the negative ELBO."""
+  model, x, _ = _ppca_model_and_data()
+  source = _Images(x[:200])
+  out = likelihood.evaluate_likelihood(model, _ppca_params(), source, num_samples=2,
+                                       batch_size=64, seed=0)
+  w, b, sigma = _ppca_weights(), _PPCA_BIAS, _PPCA_SIGMA
+  m_diag = np.diag(w.T @ w) + sigma**2
+  mean = (x[:200].reshape(200, 4) - b) @ w / m_diag
+  var = sigma**2 / m_diag
+  kl = 0.5 * np.sum(var + mean**2 - 1.0 - np.log(var), axis=1)
+  assert out["rate"] == pytest.approx(kl.mean(), rel=1e-5)
+  assert out["distortion"] + out["rate"] == pytest.approx(out["neg_elbo"], rel=1e-9)
+  assert out["distortion"] != pytest.approx(out["rate"], rel=0.1)
+
+
 def test_evaluate_likelihood_rejects_bad_arguments():
   model, params, source, _ = _bernoulli_model_and_digits()
   with pytest.raises(ValueError, match="batch_size"):

@@ -54,7 +54,8 @@ def prdc(ctx: EvalContext) -> Scalars:
 
 
 def vae_likelihood(ctx: EvalContext) -> Scalars:
-  """Test negative ELBO and IWAE NLL (nats per example) and bits/dim, for VAEs."""
+  """Test negative ELBO, its distortion and rate terms, IWAE NLL (nats per example) and
+  bits/dim, for VAEs."""
   model = experiment.build_model(ctx.config, ctx.exp.spec)
   if not isinstance(model, VAE):
     raise EvalError(f"The 'likelihood' evaluator needs a VAE model; model.name="
@@ -64,7 +65,7 @@ def vae_likelihood(ctx: EvalContext) -> Scalars:
       model, params, ctx.real.source, num_samples=ctx.cfg.iwae_k,
       batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed,
       max_examples=ctx.cfg.likelihood_examples or None)
-  for name in ("neg_elbo", "nll_iwae", "bits_per_dim"):
+  for name in ("neg_elbo", "distortion", "rate", "nll_iwae", "bits_per_dim"):
     yield name, values[name]
 
 

@@ -53,15 +53,22 @@ def _example_keys(rng: jax.Array, batch: int) -> jax.Array:
   return jax.random.split(rng, batch)
 
 
-def _elbo_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array) -> jax.Array:
-  """One-sample ELBO (analytic KL) per example, with one key per example."""
+def _elbo_terms_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array
+                          ) -> tuple[jax.Array, jax.Array]:
+  """``(log p(x | z), KL(q(z | x) || p(z)))`` per example, one ``z`` per example's key."""
   variables = {"params": params}
   mean, logvar = model.apply(variables, x, method=VAE.encode)
   eps = jax.vmap(lambda k: jax.random.normal(k, (model.latent_dim,)))(keys)
   z = _posterior_sample(mean, logvar, eps)
   dec = model.apply(variables, z, method=VAE.decode)
   log_lik = model.apply(variables, x, dec, method=VAE.log_likelihood)
-  return log_lik - gaussian_kl(mean, logvar)
+  return log_lik, gaussian_kl(mean, logvar)
+
+
+def _elbo_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array) -> jax.Array:
+  """One-sample ELBO (analytic KL) per example, with one key per example."""
+  log_lik, kl = _elbo_terms_from_keys(model, params, x, keys)
+  return log_lik - kl
 
 
 def _iwae_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
@@ -170,7 +177,8 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
     chunk: IWAE samples per example decoded at once.
 
   Returns:
-    A dict with ``neg_elbo`` (nats per example, one sample, analytic KL), ``nll_iwae``
+    A dict with ``neg_elbo`` (nats per example, one sample, analytic KL) and its two terms,
+    ``distortion`` (``-log p(x | z)``) and ``rate`` (``KL(q(z | x) || p(z))``), ``nll_iwae``
     (nats per example, the IWAE bound with K = ``iwae_k``), ``bits_per_dim``
     (``nll_iwae / (D ln 2)`` with D = H * W * C), ``iwae_k`` and ``num_examples``.
     See the module docstring for what the NLL means for each likelihood.
@@ -194,11 +202,10 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(indices)
     elbo_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     iwae_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    return (-_elbo_from_keys(model, params, x, elbo_keys),
-            -_iwae_from_keys(model, params, x, iwae_keys, num_samples, chunk))
+    log_lik, kl = _elbo_terms_from_keys(model, params, x, elbo_keys)
+    return (-log_lik, kl, -_iwae_from_keys(model, params, x, iwae_keys, num_samples, chunk))
 
-  neg_elbo_sum = 0.0
-  nll_sum = 0.0
+  distortion_sum = rate_sum = nll_sum = 0.0
   num_dims = None
   for start in range(0, n, batch_size):
     indices = np.arange(start, start + batch_size)
@@ -206,12 +213,16 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
     indices = np.minimum(indices, n - 1)
     images = np.asarray(source.get(indices)["image"], np.float32)
     num_dims = int(np.prod(images.shape[1:]))
-    neg_elbo, nll = jax.device_get(batch_terms(params, images, indices.astype(np.int32)))
-    neg_elbo_sum += float(np.sum(np.asarray(neg_elbo, np.float64)[valid]))
+    distortion, rate, nll = jax.device_get(batch_terms(params, images,
+                                                      indices.astype(np.int32)))
+    distortion_sum += float(np.sum(np.asarray(distortion, np.float64)[valid]))
+    rate_sum += float(np.sum(np.asarray(rate, np.float64)[valid]))
     nll_sum += float(np.sum(np.asarray(nll, np.float64)[valid]))
 
   nll_iwae = nll_sum / n
-  return {"neg_elbo": neg_elbo_sum / n,
+  return {"neg_elbo": (distortion_sum + rate_sum) / n,
+          "distortion": distortion_sum / n,
+          "rate": rate_sum / n,
           "nll_iwae": nll_iwae,
           "bits_per_dim": nll_iwae / (num_dims * math.log(2.0)),
           "iwae_k": int(num_samples),

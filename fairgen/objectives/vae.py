@@ -17,12 +17,26 @@ from fairgen.privacy import DpSettings
 from fairgen.privacy import dpsgd
 
 
-DEFAULTS = {"beta": 1.0}  # Weight of the KL term (a beta-VAE for beta != 1).
+DEFAULTS = {
+    "beta": 1.0,  # Weight of the KL term (a beta-VAE for beta != 1).
+    # KL annealing: the KL weight rises linearly from 0 to beta over this many steps (0: off).
+    "kl_warmup_steps": 0,
+}
 
 
 def check(cfg: Mapping[str, Any]) -> None:
-  """Raises ConfigError for a negative beta."""
+  """Raises ConfigError for a negative beta or warm-up."""
   require(cfg["beta"] >= 0, f"objective.beta must be >= 0, got {cfg['beta']}.")
+  require(isinstance(cfg["kl_warmup_steps"], int) and cfg["kl_warmup_steps"] >= 0,
+          f"objective.kl_warmup_steps must be an integer >= 0, got {cfg['kl_warmup_steps']!r}.")
+
+
+def kl_weight(step: jax.Array, beta: float, warmup_steps: int) -> jax.Array:
+  """The KL term's weight at ``step``: ``beta * min(1, step / warmup_steps)`` (KL annealing,
+  Bowman et al. 2016), ``beta`` throughout without warm-up."""
+  if not warmup_steps:
+    return jnp.asarray(beta, jnp.float32)
+  return beta * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
 
 
 def init(model: VAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.State:
@@ -34,7 +48,7 @@ def init(model: VAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.S
 
 
 def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
-                     beta: float) -> dict[str, jax.Array]:
+                     beta: float | jax.Array) -> dict[str, jax.Array]:
   """Per-example negative ELBO terms (one posterior sample)."""
   out = model.apply({"params": params}, x, rngs={"latent": rng})
   recon = -out["log_likelihood"]
@@ -42,11 +56,13 @@ def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
 
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
-               tx: optax.GradientTransformation, beta: float,
+               tx: optax.GradientTransformation, beta: float, kl_warmup_steps: int = 0,
                privacy: DpSettings | None = None) -> tuple[base.State, base.Metrics]:
-  """One update of the (beta-)ELBO; with ``privacy``, a DP-SGD update of the whole VAE
-  (per-example clipped ELBO gradients, importance weights scaling the clipped gradients)."""
+  """One update of the (beta-)ELBO, the KL weight annealed over ``kl_warmup_steps``; with
+  ``privacy``, a DP-SGD update of the whole VAE (per-example clipped ELBO gradients,
+  importance weights scaling the clipped gradients)."""
   rng = jax.random.fold_in(rng, state["step"])
+  beta = kl_weight(state["step"], beta, kl_warmup_steps)
   weight = batch.get("weight")
   if privacy is not None:
     return _private_step(state, batch, rng, model=model, tx=tx, beta=beta, privacy=privacy)
@@ -59,13 +75,13 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": loss, "recon": jnp.mean(terms["recon"]), "kl": jnp.mean(terms["kl"]),
-             "grad_norm": base.global_norm(grads)}
+             "grad_norm": base.global_norm(grads), "kl_weight": beta}
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
 def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
-                  tx: optax.GradientTransformation, beta: float, privacy: DpSettings
-                  ) -> tuple[base.State, base.Metrics]:
+                  tx: optax.GradientTransformation, beta: float | jax.Array,
+                  privacy: DpSettings) -> tuple[base.State, base.Metrics]:
   """The DP-SGD update (``fairgen.privacy.dpsgd``) of ``train_step``."""
 
   def example_loss(params, image, key):
@@ -121,7 +137,9 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
   return base.Objective(
       init=functools.partial(init, model, tx),
       train_step=functools.partial(train_step, model=model, tx=tx,
-                                   beta=float(objective["beta"]), privacy=privacy),
+                                   beta=float(objective["beta"]),
+                                   kl_warmup_steps=int(objective["kl_warmup_steps"]),
+                                   privacy=privacy),
       decode=functools.partial(decode, model=model),
       latent_dim=model.latent_dim,
       member_score=functools.partial(member_score, model=model,
