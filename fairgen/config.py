@@ -30,7 +30,8 @@ EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
 ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
               "objective.gp_weight": 0.0, "objective.r1_gamma": 0.0, "objective.r1_every": 1,
               "objective.label_smoothing": 0.0, "objective.diffaugment": "",
-              "objective.spectral_norm": "", "objective.ema_batch_stats": False}
+              "objective.spectral_norm": "", "objective.ema_batch_stats": False,
+              "fair.ratio.noise_multiplier": 3.0, "privacy.ghost_clipping": False}
 
 
 class ConfigError(ValueError):
@@ -95,9 +96,12 @@ def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str,
     if isinstance(out.get(section), dict):
       out[section].pop(field, None)
   for key, value in ADDED_KEYS.items():
-    section, field = key.split(".")
-    if isinstance(out.get(section), dict) and out[section].get(field) == value:
-      out[section].pop(field)
+    *parents, field = key.split(".")
+    node = out
+    for name in parents:
+      node = node.get(name) if isinstance(node, dict) else None
+    if isinstance(node, dict) and field in node and node[field] == value:
+      node.pop(field)
   return out
 
 

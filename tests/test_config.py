@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import EXPERIMENTS, load_config
-from fairgen import checkpoint, config as config_lib, parallel, train
+from fairgen import checkpoint, config as config_lib, parallel, privacy, train
 
 VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "vae_mnist": [None, "smoke", "conv", "digits"],
@@ -90,6 +90,25 @@ def test_a_workdir_from_before_model_dtype_resumes_in_float32_only(tmp_path):
   checkpoint.check_and_write_config(str(tmp_path), config)  # dtype='float32': the same run.
   config.model.dtype = "bfloat16"
   with pytest.raises(checkpoint.WorkdirError, match="model.dtype: None -> 'bfloat16'"):
+    checkpoint.check_and_write_config(str(tmp_path), config)
+
+
+def test_workdirs_from_before_the_nested_and_privacy_keys_resume(tmp_path):
+  """fair.ratio.noise_multiplier (two levels down) and privacy.ghost_clipping were added
+  later: at their defaults a workdir without them is the same experiment, not otherwise."""
+  config = load_config("fair_mnist", "method=importance,smoke")
+  config.privacy = privacy.section(expected_batch_size=8, noise_multiplier=1.0)
+  del config.fair.ratio["noise_multiplier"], config.privacy["ghost_clipping"]
+  checkpoint.check_and_write_config(str(tmp_path), config)
+  config.fair.ratio.noise_multiplier = 3.0
+  config.privacy.ghost_clipping = False
+  checkpoint.check_and_write_config(str(tmp_path), config)  # The defaults: the same run.
+  config.fair.ratio.noise_multiplier = 2.0
+  with pytest.raises(checkpoint.WorkdirError, match="fair.ratio.noise_multiplier: None -> 2.0"):
+    checkpoint.check_and_write_config(str(tmp_path), config)
+  config.fair.ratio.noise_multiplier = 3.0
+  config.privacy.ghost_clipping = True
+  with pytest.raises(checkpoint.WorkdirError, match="privacy.ghost_clipping: None -> True"):
     checkpoint.check_and_write_config(str(tmp_path), config)
 
 
