@@ -73,6 +73,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"train.nan_policy must be 'halt' or 'skip', got {train.nan_policy!r}.")
   require(train.max_nan_skips >= 1,
           f"train.max_nan_skips must be >= 1, got {train.max_nan_skips}.")
+  profile = tuple(train.get("profile_steps") or ())
+  require(profile == () or (len(profile) == 2 and all(isinstance(v, int) for v in profile)
+                            and 0 <= profile[0] < profile[1]),
+          f"train.profile_steps must be () or (start, stop) with 0 <= start < stop, got "
+          f"{train.get('profile_steps')!r}.")
   require(config.mesh.data == -1 or config.mesh.data >= 1,
           f"mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}.")
   for key in ("distributed", "fsdp"):
@@ -146,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
       # halt after max_nan_skips in a row (fairgen/robust.py).
       nan_policy="halt",
       max_nan_skips=10,
+      # (start, stop): trace steps [start, stop) with jax.profiler into WORKDIR/profile
+      # (fairgen.logs.Profiler); () for none.
+      profile_steps=(),
   ))
   # mesh.data: devices on the data axis (-1: all). distributed: call
   # jax.distributed.initialize() first (multi-host; arguments from the environment).

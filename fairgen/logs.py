@@ -1,4 +1,5 @@
-"""Run logs on process 0: ``metrics.jsonl``, TensorBoard events, progress lines, PNG grids.
+"""Run logs on process 0: ``metrics.jsonl``, TensorBoard events (scalars, and the sample
+grids and charts as images), progress lines, PNG grids, and ``jax.profiler`` traces.
 
 TensorBoard events are written with tensorboardX (clu's writers import TensorFlow); on a
 gs:// workdir its GCS writer uploads the events file again at each flush.
@@ -12,6 +13,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Mapping
 
@@ -49,6 +51,18 @@ class MetricLogger:
     self._metrics.append(json.dumps(record) + "\n")
     for k, v in scalars.items():
       self._tb.add_scalar(k, float(v), int(step))
+
+  def image(self, tag: str, images: np.ndarray, step: int) -> None:
+    """Adds NHWC images in [-1, 1], tiled into one grid, to TensorBoard as ``tag``."""
+    if self.enabled:
+      self._tb.add_image(tag, image_grid(images), int(step), dataformats="HWC")
+
+  def image_file(self, tag: str, path: str, step: int) -> None:
+    """Adds a PNG file (e.g. an evaluator's chart) to TensorBoard as ``tag``, if it exists."""
+    if self.enabled and storage.exists(path):
+      with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
+        pixels = np.asarray(image.convert("RGB"))
+      self._tb.add_image(tag, pixels, int(step), dataformats="HWC")
 
   def progress(self, step: int, scalars: Mapping[str, float]) -> dict[str, float]:
     """Logs a progress line; returns the throughput scalars it computed."""
@@ -88,6 +102,48 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np
     grid[pad + r * (h + pad):pad + r * (h + pad) + h,
          pad + col * (w + pad):pad + col * (w + pad) + w] = pixels[i]
   return grid
+
+
+class Profiler:
+  """Traces train steps ``[start, stop)`` with ``jax.profiler`` into ``WORKDIR/profile``
+  (``train.profile_steps``; process 0). The trace (``plugins/profile/<run>/*.xplane.pb``
+  and ``*.trace.json.gz``) opens in TensorBoard's profile plugin (``tensorboard
+  --logdir=WORKDIR``, with ``tensorboard-plugin-profile``) or, the ``.trace.json.gz``, in
+  Perfetto (ui.perfetto.dev). On a gs:// workdir it is traced locally and then copied."""
+
+  def __init__(self, workdir: str, steps: tuple[int, ...]):
+    self.enabled = bool(steps) and jax.process_index() == 0
+    self.start, self.stop = (tuple(steps) + (0, 0))[:2]
+    self.target = os.path.join(workdir, "profile")
+    self.local = self.target if not storage.is_remote(workdir) else tempfile.mkdtemp()
+    self.active = False
+
+  def before(self, step: int) -> None:
+    """Starts the trace before step ``start``."""
+    if self.enabled and step == self.start and not self.active:
+      jax.profiler.start_trace(self.local)
+      self.active = True
+
+  def after(self, done: int, outputs: object) -> None:
+    """Stops the trace once ``stop`` steps are done (waiting for ``outputs``)."""
+    if self.active and done >= self.stop:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    """Stops a running trace and copies it to a remote workdir."""
+    if not self.active:
+      return
+    jax.profiler.stop_trace()
+    self.active = False
+    logging.info("Profile of steps [%d, %d) in %s.", self.start, self.stop, self.target)
+    if self.local != self.target:
+      for root, _, files in os.walk(self.local):
+        for name in files:
+          path = os.path.join(root, name)
+          with open(path, "rb") as f:
+            storage.write_atomic(os.path.join(
+                self.target, os.path.relpath(path, self.local)), f.read())
 
 
 def save_image_grid(images: np.ndarray, path: str, ncols: int | None = None,

@@ -204,11 +204,14 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
                        prefetch=config.data.prefetch, sampler=batch_sampler(exp, source, sampler))
   acc, wait_mark = _Accumulator(), 0.0
+  profiler = logs.Profiler(workdir, tuple(config.train.get("profile_steps") or ()))
   try:
     with robust.Preemption() as preemption:
       for step, batch in loader:
         t0 = time.perf_counter()
+        profiler.before(step)
         state, metrics = train_step(state, batch, rng)
+        profiler.after(step + 1, metrics)
         if "compile_seconds" not in summary:
           jax.block_until_ready(metrics)
           summary["compile_seconds"] = time.perf_counter() - t0
@@ -234,11 +237,14 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
           if jax.process_index() == 0:
             logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
                                  scale=sampling.grid_scale(exp.spec))
+          logger.image("samples", images, done)
         if evaluator is not None and (final or done % config.eval.every_steps == 0):
           results = evaluator(state, done)
           runner.write_report(os.path.join(workdir, "eval", f"step_{done:06d}.json"), done,
                               "training", results, evaluator.provenance())
           logger.write(done, {f"eval/{k}": v for k, v in results.items()})
+          logger.image_file("eval/group_proportions",
+                            os.path.join(workdir, "eval", f"groups_step_{done:06d}.png"), done)
           if best.update(done, results, state):
             logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
           summary["eval"] = results
@@ -252,6 +258,7 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
           logging.warning("Preempted: checkpoint of step %d committed; exiting.", done)
           break
   finally:
+    profiler.close()
     loader.close()
     logger.close()
     if best is not None:

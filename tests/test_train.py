@@ -27,6 +27,7 @@ def _final_state(config, workdir):
 @pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
 def test_smoke_train_writes_the_workdir_contract(name, workdir, max_traces):
   config = load_config(name, "smoke")
+  config.train.profile_steps = (1, 2)
   max_traces(1)  # jitted once for all steps
   summary = train.train_and_evaluate(config, workdir)
   assert summary["final_step"] == config.train.num_steps
@@ -42,7 +43,50 @@ def test_smoke_train_writes_the_workdir_contract(name, workdir, max_traces):
   assert all(np.isfinite(r[loss_key]) for r in records)
   assert os.path.exists(os.path.join(workdir, "samples",
                                      f"step_{config.train.num_steps:06d}.png"))
-  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  # TensorBoard has the sample grids as images, at every sample step.
+  image_steps = [e.step for e in _events(events[0]) for v in e.summary.value
+                 if v.tag == "samples" and v.HasField("image")]
+  assert image_steps and image_steps[-1] == config.train.num_steps
+  # The profile of step 1 (train.profile_steps), for TensorBoard's plugin and Perfetto.
+  assert glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+  assert glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*",
+                                "*.trace.json.gz"))
+
+
+def _events(path):
+  """The Event protos of a TensorBoard events file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+  with open(path, "rb") as f:
+    data = f.read()
+  out, pos = [], 0
+  while pos + 12 <= len(data):
+    (length,) = np.frombuffer(data[pos:pos + 8], "<u8")
+    out.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + int(length)]))
+    pos += 12 + int(length) + 4
+  return out
+
+
+def test_an_evaluators_chart_goes_to_tensorboard(tmp_path):
+  from fairgen import logs
+  from fairgen.metrics import fairness_discrepancy
+  chart = fairness_discrepancy.group_proportions_chart([0.3, 0.7], [0.5, 0.5],
+                                                       str(tmp_path / "groups.png"))
+  logger = logs.MetricLogger(str(tmp_path), 10, 0)
+  logger.image_file("eval/group_proportions", chart, 7)
+  logger.image_file("eval/missing", str(tmp_path / "none.png"), 7)  # No file: nothing.
+  logger.close()
+  (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  tags = {(v.tag, e.step) for e in _events(path) for v in e.summary.value if v.HasField("image")}
+  assert tags == {("eval/group_proportions", 7)}
+
+
+def test_impossible_profile_steps_are_refused():
+  from fairgen import config as config_lib
+  for bad in ((3, 3), (5,), (-1, 2), ("a", 4)):
+    config = load_config("vae_mnist", "smoke", **{"train.profile_steps": bad})
+    with pytest.raises(config_lib.ConfigError, match="train.profile_steps must be"):
+      train.validate(config)
 
 
 def _assert_same_state(a_leaves, b_leaves, rtol=1e-5, atol=1e-6):
