@@ -9,7 +9,8 @@ without losing quality. Evaluation is against the balanced held-out digits.
   python -m fairgen.main --config=experiments/fair_mnist.py:method=importance --workdir=...
 
 ``method``: baseline | importance | resample | conditional | penalty (``fairgen/fairness/``).
-``model``: dcgan (default) | vae (baseline, importance and resample only).
+``model``: dcgan (default) | vae (baseline, importance, resample, and conditional: a
+conditional VAE on the group, sampled with the target prior).
 ``attribute``: digit_group (default) | color (two stroke colours, shape-independent).
 Flag ``smoke``: a tiny run for tests. The penalty and the fairness evaluators need the
 attribute classifier (``tools/train_classifier.py --dataset=biased_mnist --label=attr
@@ -53,6 +54,8 @@ def get_config(arg=None):
                    likelihood="bernoulli", dtype="float32")
     c.objective = dict(name="vae", beta=1.0)
     c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+    if method == "conditional":
+      c.model.update(conditional=True, condition_key="attr")
   c.train.num_steps = 2000
   c.train.batch_size = 64
   c.train.checkpoint_every_steps = 1000

@@ -2,14 +2,15 @@
 
 python -m fairgen.main --config=experiments/vae_mnist.py --workdir=/tmp/fg/vae
 Variants: ``:smoke`` (tiny, for tests), ``:conv`` (convolutional encoder/decoder),
-``:digits`` (sklearn's 8x8 digits).
+``:digits`` (sklearn's 8x8 digits), ``:conditional`` (a class-conditional VAE: the label
+into encoder and decoder; samples of a chosen digit, and ``log p(x | y)`` in evaluation).
 """
 
 from fairgen import config as config_lib
 
 
 def get_config(arg=None):
-  variant = config_lib.check_variant(arg, ("smoke", "conv", "digits"))
+  variant = config_lib.check_variant(arg, ("smoke", "conv", "digits", "conditional"))
   c = config_lib.base_config()
   c.model = dict(name="vae", latent_dim=32, arch="mlp", hidden=(512, 256),
                  likelihood="bernoulli", dtype="float32")
@@ -23,6 +24,8 @@ def get_config(arg=None):
   if variant == "conv":
     c.model.arch = "conv"
     c.model.hidden = (32, 64)
+  elif variant == "conditional":
+    c.model.update(conditional=True, condition_key="label")
   elif variant == "digits":
     c.data.name = "digits"
     c.model.hidden = (256, 128)

@@ -9,13 +9,14 @@ from conftest import EXPERIMENTS, load_config
 from fairgen import checkpoint, config as config_lib, parallel, privacy, train
 
 VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
-            "vae_mnist": [None, "smoke", "conv", "digits"],
+            "vae_mnist": [None, "smoke", "conv", "digits", "conditional"],
             "adult_debias": [None, "smoke", "plain", "full_features"],
             "vfae_adult": [None, "smoke", "no_mmd"],
             "fair_tabgan_adult": [None, "smoke", "plain"],
             "fair_mnist": [None, "smoke", "method=importance", "method=resample",
                            "method=conditional", "method=penalty,smoke",
-                           "method=importance,model=vae", "method=resample,attribute=color"],
+                           "method=importance,model=vae", "method=resample,attribute=color",
+                           "method=conditional,model=vae,smoke"],
             "resnet_gan_mnist": [None, "smoke"],
             "sngan_cifar10": [None, "smoke"],
             "dp_vae_mnist": [None, "smoke", "eps=1", "eps=inf"],

@@ -53,26 +53,29 @@ def _example_keys(rng: jax.Array, batch: int) -> jax.Array:
   return jax.random.split(rng, batch)
 
 
-def _elbo_terms_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array
-                          ) -> tuple[jax.Array, jax.Array]:
-  """``(log p(x | z), KL(q(z | x) || p(z)))`` per example, one ``z`` per example's key."""
+def _elbo_terms_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
+                          labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """``(log p(x | z), KL(q(z | x) || p(z)))`` per example, one ``z`` per example's key
+  (``labels``: a conditional VAE's, conditioning both)."""
   variables = {"params": params}
-  mean, logvar = model.apply(variables, x, method=VAE.encode)
+  mean, logvar = model.apply(variables, x, labels, method=VAE.encode)
   eps = jax.vmap(lambda k: jax.random.normal(k, (model.latent_dim,)))(keys)
   z = _posterior_sample(mean, logvar, eps)
-  dec = model.apply(variables, z, method=VAE.decode)
+  dec = model.apply(variables, z, labels, method=VAE.decode)
   log_lik = model.apply(variables, x, dec, method=VAE.log_likelihood)
   return log_lik, gaussian_kl(mean, logvar)
 
 
-def _elbo_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array) -> jax.Array:
+def _elbo_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
+                    labels: jax.Array | None = None) -> jax.Array:
   """One-sample ELBO (analytic KL) per example, with one key per example."""
-  log_lik, kl = _elbo_terms_from_keys(model, params, x, keys)
+  log_lik, kl = _elbo_terms_from_keys(model, params, x, keys, labels)
   return log_lik - kl
 
 
 def _iwae_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
-                    num_samples: int, chunk: int) -> jax.Array:
+                    num_samples: int, chunk: int, labels: jax.Array | None = None
+                    ) -> jax.Array:
   """The IWAE bound per example, with one key per example (see iwae_log_likelihood)."""
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
@@ -80,7 +83,7 @@ def _iwae_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
     raise ValueError(f"chunk must be >= 1, got {chunk}.")
   chunk = min(chunk, num_samples)
   variables = {"params": params}
-  mean, logvar = model.apply(variables, x, method=VAE.encode)
+  mean, logvar = model.apply(variables, x, labels, method=VAE.encode)
   latent_dim = mean.shape[-1]
 
   def log_weights(chunk_index: jax.Array, size: int) -> jax.Array:
@@ -92,7 +95,7 @@ def _iwae_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
     z = _posterior_sample(mean, logvar, eps)
 
     def log_lik(z_k):
-      dec = model.apply(variables, z_k, method=VAE.decode)
+      dec = model.apply(variables, z_k, labels, method=VAE.decode)
       return model.apply(variables, x, dec, method=VAE.log_likelihood)
 
     # log p(z) - log q(z | x) with z = mean + sigma * eps; the log(2 pi) terms cancel.
@@ -112,7 +115,8 @@ def _iwae_from_keys(model: VAE, params: Any, x: jax.Array, keys: jax.Array,
   return acc - math.log(num_samples)
 
 
-def elbo(model: VAE, params: Any, x: jax.Array, rng: jax.Array) -> jax.Array:
+def elbo(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
+         labels: jax.Array | None = None) -> jax.Array:
   """The one-sample ELBO per example, in nats.
 
   Uses the analytic KL: ``log p(x | z) - KL(q(z | x) || p(z))`` with one ``z ~ q(z | x)``,
@@ -123,15 +127,17 @@ def elbo(model: VAE, params: Any, x: jax.Array, rng: jax.Array) -> jax.Array:
     params: its parameters (the ``'params'`` collection).
     x: images [B, H, W, C] in [-1, 1].
     rng: a PRNG key.
+    labels: [B] labels of a conditional VAE (None otherwise).
 
   Returns:
     The ELBO per example, shape [B].
   """
-  return _elbo_from_keys(model, params, x, _example_keys(rng, x.shape[0]))
+  return _elbo_from_keys(model, params, x, _example_keys(rng, x.shape[0]), labels)
 
 
 def iwae_log_likelihood(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
-                        num_samples: int, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+                        num_samples: int, chunk: int = DEFAULT_CHUNK,
+                        labels: jax.Array | None = None) -> jax.Array:
   """The importance-weighted lower bound on log p(x) per example (Burda et al. 2016).
 
   ``log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x)`` with ``z_k ~ q(z | x)``, K =
@@ -147,19 +153,21 @@ def iwae_log_likelihood(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
     rng: a PRNG key.
     num_samples: K, the number of importance samples per example (>= 1).
     chunk: samples per example decoded at once (clipped to K).
+    labels: [B] labels of a conditional VAE (None otherwise).
 
   Returns:
-    The IWAE bound per example in nats, shape [B].
+    The IWAE bound per example in nats, shape [B]: of ``log p(x | y)`` for a conditional VAE.
   """
   return _iwae_from_keys(model, params, x, _example_keys(rng, x.shape[0]), num_samples,
-                         chunk)
+                         chunk, labels)
 
 
 def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
                         num_samples: int, batch_size: int, seed: int,
                         max_examples: int | None = None,
                         chunk: int = DEFAULT_CHUNK) -> dict[str, Any]:
-  """The negative ELBO and IWAE NLL of a VAE, averaged over a data source.
+  """The negative ELBO and IWAE NLL of a VAE, averaged over a data source (a conditional
+  VAE's of ``p(x | y)``, ``y`` read from the source's ``model.condition_key`` column).
 
   The per-batch computation is jitted once: the last batch is padded to ``batch_size`` (by
   repeating the last example) and its padding is masked out of the averages, which are
@@ -198,12 +206,13 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
   root = jax.random.key(seed)
 
   @jax.jit
-  def batch_terms(params, x, indices):
+  def batch_terms(params, x, labels, indices):
     keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(indices)
     elbo_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     iwae_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    log_lik, kl = _elbo_terms_from_keys(model, params, x, elbo_keys)
-    return (-log_lik, kl, -_iwae_from_keys(model, params, x, iwae_keys, num_samples, chunk))
+    log_lik, kl = _elbo_terms_from_keys(model, params, x, elbo_keys, labels)
+    return (-log_lik, kl,
+            -_iwae_from_keys(model, params, x, iwae_keys, num_samples, chunk, labels))
 
   distortion_sum = rate_sum = nll_sum = 0.0
   num_dims = None
@@ -211,9 +220,12 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
     indices = np.arange(start, start + batch_size)
     valid = indices < n
     indices = np.minimum(indices, n - 1)
-    images = np.asarray(source.get(indices)["image"], np.float32)
+    batch = source.get(indices)
+    images = np.asarray(batch["image"], np.float32)
+    labels = (np.asarray(batch[model.condition_key], np.int32).reshape(-1)
+              if model.num_classes else None)
     num_dims = int(np.prod(images.shape[1:]))
-    distortion, rate, nll = jax.device_get(batch_terms(params, images,
+    distortion, rate, nll = jax.device_get(batch_terms(params, images, labels,
                                                       indices.astype(np.int32)))
     distortion_sum += float(np.sum(np.asarray(distortion, np.float64)[valid]))
     rate_sum += float(np.sum(np.asarray(rate, np.float64)[valid]))

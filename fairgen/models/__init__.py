@@ -50,7 +50,8 @@ class GanModules:
 
 
 def _num_conditions(spec: DataSpec, conditional: bool, condition_key: str) -> int:
-  """The number of labels a GAN conditions on (0: unconditional), checked against the data."""
+  """The number of labels a model conditions on (0: unconditional), checked against the
+  data."""
   if condition_key not in ("label", "attr"):
     raise ConfigError(f"model.condition_key must be 'label' or 'attr', got {condition_key!r}.")
   if conditional and condition_key == "attr" and not spec.num_groups:
@@ -107,10 +108,13 @@ def build_resnet_gan(spec: DataSpec, latent_dim: int = 128, g_ch: int = 64, d_ch
 @MODELS.register("vae")
 def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
               hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli",
+              conditional: bool = False, condition_key: str = "label",
               dtype: str = "float32") -> vae.VAE:
-  """A VAE over the dataset's images."""
+  """A VAE over the dataset's images; ``conditional``: a conditional VAE on
+  ``batch[condition_key]`` (classes, or groups for ``fair.method='conditional'``)."""
+  num_classes = _num_conditions(spec, conditional, condition_key)
   return vae.VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood,
-                 dtype=jnp.dtype(dtype))
+                 dtype=jnp.dtype(dtype), num_classes=num_classes, condition_key=condition_key)
 
 
 @MODELS.register("fair_mlp")

@@ -1,5 +1,10 @@
 """A VAE with MLP or convolutional encoder/decoder and a Bernoulli or Gaussian likelihood.
 
+With ``num_classes`` > 0 it is a conditional VAE (Sohn et al. 2015): the one-hot label (a
+class, or a sensitive-attribute group for ``fair.method='conditional'``) enters the encoder,
+``q(z | x, y)``, beside the flattened image features, and the decoder, ``p(x | z, y)``,
+beside the latent; the prior ``p(z)`` stays N(0, I).
+
 Images are in [-1, 1]. The Bernoulli likelihood models the binarized image
 (pixel > 0, i.e. intensity > 0.5), so its negative log-likelihood is a proper discrete NLL
 in nats. The Gaussian likelihood has a learned per-channel log-scale and models the image
@@ -32,13 +37,16 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, cond: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """``cond``: an optional ``[B, K]`` one-hot label, joined to the flattened features."""
+    join = lambda h: h if cond is None else jnp.concatenate([h, cond.astype(h.dtype)], -1)
     if self.arch == "conv":
       for feat in self.hidden:
         x = nn.relu(fast_conv.conv(feat, 4, 2, fast=False, dtype=self.dtype)(x))
-      x = x.reshape(x.shape[0], -1)
+      x = join(x.reshape(x.shape[0], -1))
     else:
-      x = x.reshape(x.shape[0], -1)
+      x = join(x.reshape(x.shape[0], -1))
       for feat in self.hidden:
         x = nn.relu(nn.Dense(feat, dtype=self.dtype)(x))
     stats = nn.Dense(2 * self.latent_dim, dtype=self.dtype)(x).astype(jnp.float32)
@@ -55,7 +63,10 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+    """``cond``: an optional ``[B, K]`` one-hot label, joined to the latent."""
+    if cond is not None:
+      z = jnp.concatenate([z, cond.astype(z.dtype)], -1)
     h, w, c = self.image_shape
     if self.arch == "conv":
       n_up = len(self.hidden)
@@ -90,6 +101,8 @@ class VAE(nn.Module):
     hidden: encoder widths (the decoder mirrors them).
     likelihood: 'bernoulli' (binarized pixels) or 'gaussian' (learned per-channel scale).
     dtype: computation dtype.
+    num_classes: > 0: a conditional VAE on labels in ``[0, num_classes)``.
+    condition_key: the batch column its labels come from ('label' or 'attr').
   """
 
   image_shape: tuple[int, int, int]
@@ -98,6 +111,8 @@ class VAE(nn.Module):
   hidden: Sequence[int] = (512, 256)
   likelihood: str = "bernoulli"
   dtype: Any = jnp.float32
+  num_classes: int = 0
+  condition_key: str = "label"
 
   def setup(self):
     if self.likelihood not in LIKELIHOODS:
@@ -109,13 +124,22 @@ class VAE(nn.Module):
     if self.likelihood == "gaussian":
       self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.image_shape[-1],))
 
-  def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Posterior mean and log-variance."""
-    return self.encoder(x)
+  def _cond(self, labels: jax.Array | None, batch: int) -> jax.Array | None:
+    """The one-hot labels of a conditional VAE (None when unconditional)."""
+    if not self.num_classes:
+      return None
+    if labels is None:
+      raise ValueError(f"This conditional VAE needs labels in [0, {self.num_classes}).")
+    return jax.nn.one_hot(jnp.broadcast_to(labels, (batch,)), self.num_classes)
 
-  def decode(self, z: jax.Array) -> jax.Array:
-    """Likelihood parameters (logits or means) for latents ``z``."""
-    return self.decoder(z)
+  def encode(self, x: jax.Array, labels: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """Posterior mean and log-variance (``labels``: a conditional VAE's, else unused)."""
+    return self.encoder(x, self._cond(labels, x.shape[0]))
+
+  def decode(self, z: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """Likelihood parameters (logits or means) for latents ``z`` (and ``labels``)."""
+    return self.decoder(z, self._cond(labels, z.shape[0]))
 
   def log_likelihood(self, x: jax.Array, params: jax.Array) -> jax.Array:
     """log p(x | z) per example, summed over pixels, from decoder outputs ``params``."""
@@ -133,12 +157,12 @@ class VAE(nn.Module):
       return 2.0 * jax.nn.sigmoid(params) - 1.0
     return jnp.clip(params, -1.0, 1.0)
 
-  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None) -> dict[str, jax.Array]:
     """One-sample ELBO terms per example; needs the 'latent' RNG stream."""
-    mean, logvar = self.encode(x)
+    mean, logvar = self.encode(x, labels)
     eps = jax.random.normal(self.make_rng("latent"), mean.shape)
     z = mean + jnp.exp(0.5 * logvar) * eps
-    params = self.decode(z)
+    params = self.decode(z, labels)
     return {"log_likelihood": self.log_likelihood(x, params),
             "kl": gaussian_kl(mean, logvar)}
 

@@ -23,7 +23,7 @@ from fairgen.registry import Registry
 
 # Weighting and resampling change only the batches and the per-example weights, which
 # every objective's per-example losses take; the other methods need a conditional or
-# penalised image generator.
+# penalised image generator (conditional: GANs and VAEs; penalty: GANs).
 DATA_METHODS = ("baseline", "importance", "resample")
 ALL_METHODS = DATA_METHODS + ("conditional", "penalty")
 
@@ -54,7 +54,8 @@ class Entry:
 OBJECTIVES: Registry[Entry] = Registry("objective")
 OBJECTIVES.register("gan")(Entry(gan.build, gan.DEFAULTS, gan.check, gan.OPTIMIZERS,
                                  ALL_METHODS, private=True))
-OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check, private=True))
+OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check,
+                                 fair_methods=DATA_METHODS + ("conditional",), private=True))
 OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check,
                                                   private=True))
 OBJECTIVES.register("vfae")(Entry(vfae.build, vfae.DEFAULTS, vfae.check))

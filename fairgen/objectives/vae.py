@@ -1,4 +1,8 @@
-"""VAE objective: the negative ELBO, reconstruction + beta * KL, per example."""
+"""VAE objective: the negative ELBO, reconstruction + beta * KL, per example.
+
+A conditional VAE (``model.conditional``) reads its labels from ``batch[condition_key]``;
+its ``decode`` and ``member_score`` use the labels they are given.
+"""
 
 from __future__ import annotations
 
@@ -43,14 +47,22 @@ def init(model: VAE, tx: optax.GradientTransformation, rng: jax.Array) -> base.S
   """The initial VAE state: step, params, opt."""
   p_rng, z_rng = jax.random.split(rng)
   x = jnp.zeros((1,) + tuple(model.image_shape))
-  params = model.init({"params": p_rng, "latent": z_rng}, x)["params"]
+  params = model.init({"params": p_rng, "latent": z_rng}, x, _labels_or_none(model, 1)
+                      )["params"]
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params)}
 
 
+def _labels_or_none(model: VAE, batch: int) -> jax.Array | None:
+  """Zero labels for a conditional VAE's init, None for an unconditional one."""
+  return jnp.zeros((batch,), jnp.int32) if model.num_classes else None
+
+
 def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
-                     beta: float | jax.Array) -> dict[str, jax.Array]:
-  """Per-example negative ELBO terms (one posterior sample)."""
-  out = model.apply({"params": params}, x, rngs={"latent": rng})
+                     beta: float | jax.Array, labels: jax.Array | None = None
+                     ) -> dict[str, jax.Array]:
+  """Per-example negative ELBO terms (one posterior sample; ``labels`` for a conditional
+  VAE)."""
+  out = model.apply({"params": params}, x, labels, rngs={"latent": rng})
   recon = -out["log_likelihood"]
   return {"loss": recon + beta * out["kl"], "recon": recon, "kl": out["kl"]}
 
@@ -63,12 +75,14 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
   importance weights scaling the clipped gradients)."""
   rng = jax.random.fold_in(rng, state["step"])
   beta = kl_weight(state["step"], beta, kl_warmup_steps)
+  labels = batch[model.condition_key] if model.num_classes else None
   weight = batch.get("weight")
   if privacy is not None:
-    return _private_step(state, batch, rng, model=model, tx=tx, beta=beta, privacy=privacy)
+    return _private_step(state, batch, labels, rng, model=model, tx=tx, beta=beta,
+                         privacy=privacy)
 
   def loss_fn(params):
-    terms = per_example_loss(model, params, batch["image"], rng, beta)
+    terms = per_example_loss(model, params, batch["image"], rng, beta, labels)
     return losses.weighted_mean(terms["loss"], weight), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -79,19 +93,23 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
 
-def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
+def _private_step(state: base.State, batch: base.Batch, labels: jax.Array | None,
+                  rng: jax.Array, *, model: VAE,
                   tx: optax.GradientTransformation, beta: float | jax.Array,
                   privacy: DpSettings) -> tuple[base.State, base.Metrics]:
   """The DP-SGD update (``fairgen.privacy.dpsgd``) of ``train_step``."""
 
-  def example_loss(params, image, key):
-    terms = per_example_loss(model, params, image[None], key, beta)
+  def example_loss(params, example, key):
+    image, label = example
+    terms = per_example_loss(model, params, image[None], key, beta,
+                             None if label is None else label[None])
     return terms["loss"][0], jax.tree.map(lambda t: t[0], terms)
 
   mask = batch["mask"]
   scale = batch.get("weight")
   grads, terms, stats = dpsgd.private_gradient(
-      example_loss, state["params"], batch["image"], rng, clip_norm=privacy.clip_norm,
+      example_loss, state["params"], (batch["image"], labels), rng,
+      clip_norm=privacy.clip_norm,
       noise_multiplier=privacy.noise_multiplier,
       expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
       scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
@@ -107,18 +125,18 @@ def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model
 
 
 def decode(state: base.State, z: jax.Array, labels: jax.Array, *, model: VAE) -> jax.Array:
-  """Decoder mean images for latents ``z`` (``labels`` unused: the VAE is unconditional)."""
-  del labels
-  params = model.apply({"params": state["params"]}, z, method=VAE.decode)
+  """Decoder mean images for latents ``z`` (and ``labels``, for a conditional VAE)."""
+  params = model.apply({"params": state["params"]}, z,
+                       labels if model.num_classes else None, method=VAE.decode)
   return model.apply({"params": state["params"]}, params, method=VAE.mean_image)
 
 
 def member_score(state: base.State, images: jax.Array, labels: jax.Array, *, model: VAE,
                  beta: float) -> jax.Array:
   """The ELBO of real ``images`` (one posterior sample, a fixed key): the membership attack
-  of VAE audits (members are reconstructed better)."""
-  del labels
-  terms = per_example_loss(model, state["params"], images, jax.random.key(0), beta)
+  of VAE audits (members are reconstructed better); a conditional VAE's given ``labels``."""
+  terms = per_example_loss(model, state["params"], images, jax.random.key(0), beta,
+                           labels if model.num_classes else None)
   return -terms["loss"]
 
 
@@ -132,7 +150,8 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
   if privacy is not None:
     dpsgd.check_no_batch_stats(jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0), "latent": jax.random.key(1)},
-                           jnp.zeros((1,) + tuple(model.image_shape)))), "VAE")
+                           jnp.zeros((1,) + tuple(model.image_shape)),
+                           _labels_or_none(model, 1))), "VAE")
   tx = base.make_optimizer(optim)
   return base.Objective(
       init=functools.partial(init, model, tx),
@@ -142,5 +161,7 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
                                    privacy=privacy),
       decode=functools.partial(decode, model=model),
       latent_dim=model.latent_dim,
+      num_classes=model.num_classes,
+      condition_key=model.condition_key,
       member_score=functools.partial(member_score, model=model,
                                      beta=float(objective["beta"])))
