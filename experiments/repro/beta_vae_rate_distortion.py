@@ -51,7 +51,7 @@ def plot(results: dict[float, dict[str, float]], path: str) -> str:
     ax.annotate(f"beta={b:g}", (r, d), textcoords="offset points", xytext=(5, 5))
   if 1.0 in results:
     elbo = results[1.0]["rate"] + results[1.0]["distortion"]
-    r = np.linspace(0.0, max(rate.max(), elbo) * 1.05, 2)
+    r = np.linspace(0.0, elbo, 2)
     ax.plot(r, elbo - r, "--", color="tab:gray", label=f"D + R = {elbo:.1f} (beta = 1)")
     ax.legend()
   ax.set_xlabel("rate R = KL(q(z|x) || p(z)), nats")
