@@ -55,15 +55,12 @@ def make_config(method: str, dp: bool, eps: float, seed: int, classifiers: dict,
     c.fair.clip = WEIGHT_CLIP
   if dp:
     c.train.batch_size = 16 if quick else 96
-    c.privacy = privacy.section(clip_norm=1.0, expected_batch_size=12 if quick else 64,
-                                delta=1e-5)
+    c.privacy = privacy.budget_section(eps, clip_norm=1.0, delta=1e-5,
+                                       expected_batch_size=12 if quick else 64)
     if math.isinf(eps):
-      c.privacy.noise_multiplier = 0.0
       c.fair.ratio.noise_multiplier = 0.0
     elif quick:  # No solve: fast tests.
-      c.privacy.noise_multiplier = 1.0
-    else:
-      c.privacy.target_epsilon = eps
+      c.privacy.update(noise_multiplier=1.0, target_epsilon=0.0)
   return c
 
 

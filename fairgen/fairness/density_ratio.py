@@ -142,75 +142,41 @@ def fit_density_ratio(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *
   x_ref = np.asarray(x_ref, np.float32)
   x_bias = np.asarray(x_bias, np.float32)
   _check_sets(x_ref, x_bias, batch_size, steps, augment_shift)
-  if privacy is not None:
-    return _fit_private(x_ref, x_bias, model, steps=steps, lr=lr, weight_decay=weight_decay,
-                        seed=seed, augment_shift=augment_shift, log_every=log_every,
-                        privacy=privacy)
-  half = batch_size // 2
+  n_ref, n_bias = len(x_ref), len(x_bias)
+  if privacy is None:
+    half = batch_size // 2
+    batches = _balanced_batches(x_ref, x_bias, half, seed)
+    balanced_labels = np.repeat(np.array([REF, BIAS], np.int32), half)
+    batching = {"batch_size": int(batch_size), "batches": "balanced"}
+  else:
+    batches = _class_scaled_poisson_batches(x_ref, x_bias, privacy, steps, seed)
+    balanced_labels = None
+    batching = {"expected_batch_size": privacy.expected_batch_size,
+                "batch_size": privacy.batch_size, "batches": "poisson, class-scaled"}
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
   init_rng, dropout_init_rng, base = jax.random.split(jax.random.key(seed), 3)
   state = fit.init_state(model, optimizer, {"params": init_rng, "dropout": dropout_init_rng},
                          x_ref[:1], train=False)
   start_time = time.perf_counter()
-  state, recent = fit.fit(model, optimizer, state, base,
-                          _balanced_batches(x_ref, x_bias, half, seed), steps,
-                          max_shift=augment_shift, num_classes=2, log_every=log_every)
-  params = jax.device_get(state["params"])
-  train_seconds = time.perf_counter() - start_time
-
-  recent = [{"loss": m["loss"], "ref_accuracy": np.mean(m["correct"][:half]),
-             "bias_accuracy": np.mean(m["correct"][half:])} for m in recent]
-  averages = {k: float(np.mean([m[k] for m in recent])) for k in recent[0]}
-  info = {
-      "steps": int(steps),
-      "train_seconds": round(train_seconds, 2),
-      "train_loss": averages["loss"],
-      "balanced_train_accuracy": (averages["ref_accuracy"] + averages["bias_accuracy"]) / 2,
-      "ref_train_accuracy": averages["ref_accuracy"],
-      "bias_train_accuracy": averages["bias_accuracy"],
-      "n_ref": len(x_ref),
-      "n_bias": len(x_bias),
-      "seed": int(seed),
-      "hyperparameters": {"batch_size": int(batch_size), "lr": float(lr),
-                          "weight_decay": float(weight_decay),
-                          "augment_shift": int(augment_shift),
-                          "optimizer": "adamw, cosine decay", "batches": "balanced"},
-  }
-  return params, info
-
-
-def _fit_private(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *, steps: int,
-                 lr: float, weight_decay: float, seed: int, augment_shift: int,
-                 log_every: int, privacy: privacy_lib.DpSettings
-                 ) -> tuple[Any, dict[str, Any]]:
-  """``fit_density_ratio`` by DP-SGD (see its ``privacy`` argument)."""
-  n_ref, n_bias = len(x_ref), len(x_bias)
-  if privacy.num_examples != n_ref + n_bias or privacy.num_steps != steps:
-    raise ValueError(f"The DP settings are for {privacy.num_examples} examples and "
-                     f"{privacy.num_steps} steps, the fit has {n_ref + n_bias} and {steps}.")
-  x = np.concatenate([x_ref, x_bias])
-  labels = np.concatenate([np.full(n_ref, REF, np.int32), np.full(n_bias, BIAS, np.int32)])
-  scale = np.where(labels == REF, min(1.0, n_bias / n_ref), min(1.0, n_ref / n_bias))
-  optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-  init_rng, dropout_init_rng, base = jax.random.split(jax.random.key(seed), 3)
-  state = fit.init_state(model, optimizer, {"params": init_rng, "dropout": dropout_init_rng},
-                         x[:1], train=False)
-  start_time = time.perf_counter()
-  batches = fit.poisson_batches(lambda idx: (x[idx], labels[idx]), privacy, seed,
-                                scale.astype(np.float32))
   state, recent = fit.fit(model, optimizer, state, base, batches, steps,
                           max_shift=augment_shift, num_classes=2, log_every=log_every,
                           privacy=privacy)
   params = jax.device_get(state["params"])
+  train_seconds = time.perf_counter() - start_time
+
+  # Each class's accuracy over the recent batches' (sampled) rows of that class.
   accuracy = {}
   for name, cls in (("ref", REF), ("bias", BIAS)):
-    rows = [(m["correct"] * m["mask"] * (m["label"] == cls), m["mask"] * (m["label"] == cls))
-            for m in recent]
-    accuracy[name] = float(sum(np.sum(c) for c, _ in rows) /
-                           max(sum(np.sum(k) for _, k in rows), 1.0))
+    right = seen = 0.0
+    for m in recent:  # DP batches carry their labels and padding mask.
+      labels = m["label"] if "label" in m else balanced_labels
+      rows = (labels == cls) * m.get("mask", 1.0)
+      right += float(np.sum(m["correct"] * rows))
+      seen += float(np.sum(rows))
+    accuracy[name] = right / max(seen, 1.0)
   info = {
       "steps": int(steps),
-      "train_seconds": round(time.perf_counter() - start_time, 2),
+      "train_seconds": round(train_seconds, 2),
       "train_loss": float(np.mean([m["loss"] for m in recent])),
       "balanced_train_accuracy": (accuracy["ref"] + accuracy["bias"]) / 2,
       "ref_train_accuracy": accuracy["ref"],
@@ -218,16 +184,30 @@ def _fit_private(x_ref: np.ndarray, x_bias: np.ndarray, model: nn.Module, *, ste
       "n_ref": n_ref,
       "n_bias": n_bias,
       "seed": int(seed),
-      "hyperparameters": {"expected_batch_size": privacy.expected_batch_size,
-                          "batch_size": privacy.batch_size, "lr": float(lr),
-                          "weight_decay": float(weight_decay),
+      "hyperparameters": {**batching, "lr": float(lr), "weight_decay": float(weight_decay),
                           "augment_shift": int(augment_shift),
-                          "optimizer": "adamw, cosine decay",
-                          "batches": "poisson, class-scaled"},
-      "privacy": {**privacy_lib.mechanism(privacy),
-                  "epsilon": privacy_lib.epsilon(privacy, steps)},
+                          "optimizer": "adamw, cosine decay"},
   }
+  if privacy is not None:
+    info["privacy"] = {**privacy_lib.mechanism(privacy),
+                       "epsilon": privacy_lib.epsilon(privacy, steps)}
   return params, info
+
+
+def _class_scaled_poisson_batches(x_ref: np.ndarray, x_bias: np.ndarray,
+                                  privacy: privacy_lib.DpSettings, steps: int, seed: int
+                                  ) -> Iterator[tuple[np.ndarray, ...]]:
+  """DP-SGD's batches of ``fit_density_ratio`` (see its ``privacy`` argument): Poisson
+  batches from the union, the larger class's rows scaled down to weigh as the smaller."""
+  n_ref, n_bias = len(x_ref), len(x_bias)
+  if privacy.num_examples != n_ref + n_bias or privacy.num_steps != steps:
+    raise ValueError(f"The DP settings are for {privacy.num_examples} examples and "
+                     f"{privacy.num_steps} steps, the fit has {n_ref + n_bias} and {steps}.")
+  x = np.concatenate([x_ref, x_bias])
+  labels = np.concatenate([np.full(n_ref, REF, np.int32), np.full(n_bias, BIAS, np.int32)])
+  scale = np.where(labels == REF, min(1.0, n_bias / n_ref), min(1.0, n_ref / n_bias))
+  return fit.poisson_batches(lambda idx: (x[idx], labels[idx]), privacy, seed,
+                             scale.astype(np.float32))
 
 
 @functools.partial(jax.jit, static_argnames="model")

@@ -28,6 +28,7 @@ A network with batch statistics mixes examples, so no per-example gradient exist
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -93,7 +94,7 @@ def _clipped_sum(loss_fn: ExampleLoss, params: Any, examples: Any, keys: jax.Arr
     rows = jax.tree.map(lambda x: x[part], examples)
     if ghost:
       summed, aux, n = ghost_lib.clipped_sum(loss_fn, params, rows, keys[part], coeff[part],
-                                             clip_norm)
+                                             functools.partial(clip_factors, clip_norm=clip_norm))
       total = jax.tree.map(jnp.add, total, summed)
       auxes.append(aux)
       norms.append(n)

@@ -56,10 +56,12 @@ def _dense_calls(loss_fn: Callable, params: Any, example: Any, key: jax.Array
 
 
 def clipped_sum(loss_fn: Callable, params: Any, examples: Any, keys: jax.Array,
-                coeff: jax.Array, clip_norm: float) -> tuple[Any, Any, jax.Array]:
-  """``sum_i coeff_i clip(grad l_i, C)`` with ghost norms for Dense layers.
+                coeff: jax.Array, clip_factors: Callable[[jax.Array], jax.Array]
+                ) -> tuple[Any, Any, jax.Array]:
+  """``sum_i coeff_i clip_factors(|grad l_i|) grad l_i`` with ghost norms for Dense layers.
 
-  Args and returns as ``dpsgd._clipped_sum`` (one chunk): the clipped sum (a tree like
+  Args and returns as ``dpsgd._clipped_sum`` (one chunk; ``clip_factors`` maps the norms
+  to their clipping multipliers, ``dpsgd.clip_factors``): the clipped sum (a tree like
   ``params``, float32), the stacked aux outputs and the per-example gradient norms.
   """
   one_example = jax.tree.map(lambda x: x[0], examples)
@@ -100,16 +102,17 @@ def clipped_sum(loss_fn: Callable, params: Any, examples: Any, keys: jax.Array,
 
   # Rows per example: [B, T, width], a path's calls concatenated along T.
   rows = lambda x: x.reshape(batch, -1, x.shape[-1]).astype(jnp.float32)
-  acts, grads = {}, {}
+  parts = {}
   for path, a, d in zip(paths, inputs, deltas):
-    acts[path] = acts.get(path, []) + [rows(a)]
-    grads[path] = grads.get(path, []) + [rows(d)]
+    acts, grads = parts.setdefault(path, ([], []))
+    acts.append(rows(a))
+    grads.append(rows(d))
+  layers = {path: (jnp.concatenate(acts, axis=1), jnp.concatenate(grads, axis=1))
+            for path, (acts, grads) in parts.items()}
   squares = jnp.zeros((batch,), jnp.float32)
   for leaf in jax.tree.leaves(g_rest):
     squares = squares + jnp.sum(leaf.reshape(batch, -1).astype(jnp.float32) ** 2, axis=1)
-  for path in acts:
-    a = jnp.concatenate(acts[path], axis=1)
-    d = jnp.concatenate(grads[path], axis=1)
+  for path, (a, d) in layers.items():
     if a.shape[1] == 1:
       squares = squares + jnp.sum(a[:, 0] ** 2, -1) * jnp.sum(d[:, 0] ** 2, -1)
     else:
@@ -118,12 +121,10 @@ def clipped_sum(loss_fn: Callable, params: Any, examples: Any, keys: jax.Array,
     if path + ("bias",) in fixed:
       squares = squares + jnp.sum(jnp.sum(d, axis=1) ** 2, axis=-1)
   norms = jnp.sqrt(squares)
-  c = coeff * jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+  c = coeff * clip_factors(norms)
 
   total = {k: jnp.tensordot(c, g.astype(jnp.float32), axes=1) for k, g in g_rest.items()}
-  for path in acts:
-    a = jnp.concatenate(acts[path], axis=1)
-    d = jnp.concatenate(grads[path], axis=1)
+  for path, (a, d) in layers.items():
     total[path + ("kernel",)] = jnp.einsum("b,bti,bto->io", c, a, d)
     if path + ("bias",) in fixed:
       total[path + ("bias",)] = jnp.einsum("b,bto->o", c, d)
