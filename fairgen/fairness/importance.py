@@ -48,11 +48,12 @@ def ratio_privacy(config: ml_collections.ConfigDict, num_examples: int
   average (padded by ``privacy.padded_batch_size``) from all ``num_examples``."""
   if "privacy" not in config or "fair" not in config or config.fair.method != "importance":
     return None
-  p, ratio = config.privacy, config.fair.ratio
+  p = {**privacy.DEFAULTS, **config.privacy.to_dict()}  # A section may give some keys only.
+  ratio = config.fair.ratio
   expected = int(ratio.batch_size)
-  section = {"clip_norm": p.clip_norm, "noise_multiplier": ratio.get("noise_multiplier", 3.0),
-             "expected_batch_size": expected, "delta": p.delta,
-             "accountant": p.get("accountant", "pld")}
+  section = {"clip_norm": p["clip_norm"], "noise_multiplier": ratio.noise_multiplier,
+             "expected_batch_size": expected, "delta": p["delta"],
+             "accountant": p["accountant"]}
   return privacy.resolve_section(section, num_examples, privacy.padded_batch_size(expected),
                                  int(ratio.steps), prefix="fair.ratio.")
 

@@ -83,8 +83,8 @@ def validate(config: ml_collections.ConfigDict, objective: Any) -> None:
           f"fair.ratio.batch_size must be even and >= 2, got {ratio.batch_size}.")
   require(ratio.lr > 0, f"fair.ratio.lr must be > 0, got {ratio.lr}.")
   require(0 <= ratio.dropout < 1, f"fair.ratio.dropout must be in [0, 1), got {ratio.dropout}.")
-  require(ratio.get("noise_multiplier", 3.0) >= 0,
-          f"fair.ratio.noise_multiplier must be >= 0, got {ratio.get('noise_multiplier')}.")
+  require(ratio.noise_multiplier >= 0,
+          f"fair.ratio.noise_multiplier must be >= 0, got {ratio.noise_multiplier}.")
   require(ratio.augment_shift >= 0,
           f"fair.ratio.augment_shift must be >= 0, got {ratio.augment_shift}.")
   if fair.target is not None:
