@@ -10,7 +10,9 @@ without losing quality. Evaluation is against the balanced held-out digits.
 
 ``method``: baseline | importance | resample | conditional | penalty (``fairgen/fairness/``).
 ``model``: dcgan (default) | vae (baseline, importance, resample, and conditional: a
-conditional VAE on the group, sampled with the target prior).
+conditional VAE on the group, sampled with the target prior) | ddpm (the same four; its
+conditional is classifier-free guidance on the group, w = 1, the group drawn from the
+target prior; ``experiments/ddpm_mnist.py``'s U-Net and 50-step DDIM sampler).
 ``attribute``: digit_group (default) | color (two stroke colours, shape-independent).
 Flag ``smoke``: a tiny run for tests. The penalty and the fairness evaluators need the
 attribute classifier (``tools/train_classifier.py --dataset=biased_mnist --label=attr
@@ -21,7 +23,7 @@ missing one fails before training with the exact command.
 from fairgen import config as config_lib
 from fairgen import fairness
 
-CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae"),
+CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae", "ddpm"),
            "attribute": ("digit_group", "color")}
 
 
@@ -49,6 +51,14 @@ def get_config(arg=None):
     if method == "conditional":
       c.model.conditional = True
       c.model.condition_key = "attr"
+  elif args["model"] == "ddpm":
+    c.model = dict(name="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                   attn_resolutions=(7,), dropout=0.1, conditional=method == "conditional",
+                   condition_key="attr", dtype="float32")
+    c.objective = dict(name="diffusion", schedule="linear", timesteps=1000, prediction="eps",
+                       ema_decay=0.999, sampler="ddim", sample_steps=50, guidance=1.0,
+                       label_dropout=0.1)
+    c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   else:
     c.model = dict(name="vae", latent_dim=16, arch="mlp", hidden=(256, 128),
                    likelihood="bernoulli", dtype="float32")
@@ -57,7 +67,7 @@ def get_config(arg=None):
     if method == "conditional":
       c.model.update(conditional=True, condition_key="attr")
   c.train.num_steps = 2000
-  c.train.batch_size = 64
+  c.train.batch_size = 32 if args["model"] == "ddpm" else 64  # DDPM: ddpm_mnist.py's.
   c.train.checkpoint_every_steps = 1000
   c.log.every_steps = 100
   c.log.sample_every_steps = 1000
@@ -72,6 +82,9 @@ def get_config(arg=None):
     if args["model"] == "dcgan":
       c.model.width = 0.125
       c.model.latent_dim = 16
+    elif args["model"] == "ddpm":
+      c.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.0)
+      c.objective.update(timesteps=20, sample_steps=4)
     else:
       c.model.hidden = (32, 16)
       c.model.latent_dim = 4

@@ -1,8 +1,10 @@
 """Generation from a train state: batched and sharded, and the ``--mode=sample`` outputs.
 
 ``sample`` mode writes, under ``WORKDIR/sample/step_NNNNNN/``: ``grid.png``, an interpolation
-grid (``interpolation.png``: each row walks a straight line between two latents), and for
-conditional models ``per_class.png`` (one row per class). Each image set is also saved as an
+grid (``interpolation.png``: each row walks a straight line between two latents), for
+iterative samplers (DDPM) ``trajectory.png`` (one row per sample: the noise, the
+intermediate steps, the sample), and for conditional models ``per_class.png`` (one row per
+class). Each image set is also saved as an
 ``.npz`` (``images`` in [-1, 1], plus ``latents`` and ``labels``) for further use. For a DP
 run, ``privacy.json`` records the mechanism and the epsilon the sampled weights spent, and
 each ``.npz`` carries ``epsilon`` and ``delta``.
@@ -30,10 +32,12 @@ from fairgen.config import ConfigError
 
 def decode_images(exp: experiment.Experiment, state: Any,
                   latents: np.ndarray | jax.Array, labels: np.ndarray | jax.Array,
-                  batch_size: int = 256) -> np.ndarray:
+                  batch_size: int = 256, decode: Any = None) -> np.ndarray:
   """Decodes latents to images on the mesh, in batches split over the data axis.
 
   Batches are padded to a multiple of the data-axis size, so one shape is compiled.
+  ``decode``: a jitted ``(state, latents, labels)`` function in place of the objective's
+  ``decode`` (e.g. its sampler's trajectory).
 
   Raises:
     ValueError: for a conditional model's label outside ``[0, num_classes)``.
@@ -46,7 +50,7 @@ def decode_images(exp: experiment.Experiment, state: Any,
     # Under jit an embedding lookup past the table gives NaN (or a clamped row), not an error.
     raise ValueError(f"Conditional labels must be in [0, {classes}), got "
                      f"[{labels.min()}, {labels.max()}].")
-  decode = exp.sharded_decode
+  decode = decode or exp.sharded_decode
   sharding = parallel.data_sharding(exp.mesh)
   out = []
   for start in range(0, len(latents), batch):
@@ -179,6 +183,16 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
   y = np.repeat(prior_labels(rows, exp.objective.num_classes), interpolation_steps)
   files += _save(out_dir, "interpolation", decode_images(exp, state, z, y), z, y,
                  interpolation_steps, scale, extra)
+
+  if exp.objective.trajectory is not None:  # An iterative sampler's steps, one row each.
+    rows = min(8, num)
+    z, y = latents[:rows], labels[:rows]
+    batch = parallel.data_sharding(exp.mesh)
+    trajectory = jax.jit(exp.objective.trajectory, out_shardings=batch,
+                         in_shardings=(exp.state_shardings, batch, batch))
+    frames = decode_images(exp, state, z, y, decode=trajectory)
+    files += _save(out_dir, "trajectory", frames.reshape((-1,) + frames.shape[2:]), z, y,
+                   frames.shape[1], scale, extra)
 
   if exp.objective.num_classes:
     c, per = exp.objective.num_classes, max(1, min(10, num // exp.objective.num_classes))

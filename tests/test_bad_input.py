@@ -111,6 +111,8 @@ def test_an_unwritable_workdir_is_refused_before_training(code, tmp_path, monkey
     ("vae_mnist", "optim.name", "sgdd", "Unknown optim.name='sgdd'"),
     ("vae_mnist", "data.prefetch", -1, "data.prefetch must be >= 0"),
     ("vae_mnist", "eval.kid_subset_size", 1, "eval.kid_subset_size must be >= 2"),
+    ("ddpm_mnist", "objective.sample_steps", 50, "objective.sample_steps must be an integer"),
+    ("ddpm_mnist", "optim.warmup_steps", -5, "optim.warmup_steps must be >= 0"),
 ])
 def test_impossible_values_name_their_key(name, key, value, fragment):
   config = load_config(name, "smoke")

@@ -385,15 +385,16 @@ REPRO_METHODS = ("baseline", "importance", "penalty")
 
 
 def test_choi_repro_script_quick_and_resumable(tmp_path):
+  """Also the DDPM rows: the methods DDPM supports (not the penalty), each its own U-Net run."""
   env = subprocess_env()
   cmd = [sys.executable, "experiments/repro/choi2020_mnist.py", "--quick", f"--out={tmp_path}",
-         f"--methods={','.join(REPRO_METHODS)}"]
+         f"--methods={','.join(REPRO_METHODS)}", "--models=dcgan,ddpm"]
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "attr classifier: test accuracy" in result.stdout
   with open(tmp_path / "results.csv") as f:
     rows = f.read().splitlines()
-  assert len(rows) == 1 + len(REPRO_METHODS)
+  assert len(rows) == 1 + len(REPRO_METHODS) + 2
   table = {line.split(" | ")[1]: line for line in result.stdout.splitlines()
            if line.startswith("| 0.25 | ")}
   # The copy-of-the-data row is measured: for two groups and a uniform target,
@@ -415,6 +416,12 @@ def test_choi_repro_script_quick_and_resumable(tmp_path):
     cells = table[method].split(" | ")
     assert cells[2] == f"{ev['fd_l2']:.3f}" and cells[5] == f"{ev['fid']:.1f}", method
     assert cells[3] == f"{ev['cleam_fd_l2']:.3f}", method
+  for method in ("baseline", "importance"):
+    with open(runs / f"ddpm_{method}_ref0.25_seed0" / "config.json") as f:
+      assert json.load(f)["model"]["name"] == "unet"
+    assert f"| 0.25 | ddpm {method} | " in result.stdout
+  assert "ddpm penalty" not in result.stdout
+  assert (runs / "ddpm_importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert (runs / "importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert not (runs / "baseline_ref0.25_seed0" / "density_ratio").exists()
   # A second invocation reuses the finished runs instead of training them again; a metric

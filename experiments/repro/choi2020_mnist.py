@@ -1,6 +1,7 @@
 r"""Reproduces Choi et al. 2020's comparison of fair-generation methods on biased MNIST.
 
 python experiments/repro/choi2020_mnist.py --out=/tmp/fg/choi [--seeds=3] [--quick]
+  [--models=dcgan,ddpm]
 
 Setting ("Fair Generative Modeling via Weak Supervision", ICML 2020, on fairgen's offline
 MNIST): digits 0-4 are group 0, digits 5-9 group 1. The biased set has 1,400 digits at
@@ -13,6 +14,10 @@ sets, through fairgen's own loop:
   resample     batches balanced by the group labels;
   conditional  a group-conditional generator sampled with the uniform prior;
   penalty      L_G + lambda * KL(mean predicted groups || uniform), the frozen classifier.
+
+``--models=dcgan,ddpm`` adds DDPM rows (``fair_mnist.py:model=ddpm``: the small U-Net,
+sampled by 50-step DDIM) for the methods DDPM supports (all but the penalty; its
+conditional is classifier-free guidance on the group). They are named ``ddpm <method>``.
 
 Each run is evaluated on the balanced held-out digits: FD-L2/FD-KL (the attribute
 classifier's hard labels over 1,000 samples), FID, per-group FID (generated group g
@@ -58,6 +63,9 @@ REF_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 METRICS = ("fd_l2", "cleam_fd_l2", "fd_kl", "fid", "fid_group_0", "fid_group_1",
            "group_share_1", "cleam_share_1")
 COPY_FD_L2 = math.sqrt(2) * 0.4  # A generator that copies the 90/10 split: 0.566.
+# The methods each generator supports (fair_mnist.py's model=).
+MODELS = {"dcgan": fairness.METHODS,
+          "ddpm": tuple(m for m in fairness.METHODS if m != "penalty")}
 CHOI_REDUCTION = 0.346  # Choi et al.: importance weighting reduces bias by up to 34.6%.
 
 
@@ -85,9 +93,10 @@ def train_classifiers(out: str, quick: bool) -> dict[str, dict]:
 
 
 def make_config(method: str, ref_fraction: float, seed: int, classifiers: dict,
-                quick: bool, steps: int | None):
+                quick: bool, steps: int | None, model: str = "dcgan"):
   """The fair_mnist config of one run."""
-  c = config_lib.load_config_file(CONFIG, f"method={method}" + (",smoke" if quick else ""))
+  c = config_lib.load_config_file(CONFIG, f"method={method},model={model}"
+                                  + (",smoke" if quick else ""))
   c.seed = seed
   c.data.options.seed = seed
   c.data.options.ref_fraction = ref_fraction
@@ -102,14 +111,20 @@ def make_config(method: str, ref_fraction: float, seed: int, classifiers: dict,
   return c
 
 
+def row_name(model: str, method: str) -> str:
+  """A run's method column: the method for the DCGAN, ``<model> <method>`` otherwise."""
+  return method if model == "dcgan" else f"{model} {method}"
+
+
 def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict,
-        quick: bool, steps: int | None) -> dict[str, float]:
+        quick: bool, steps: int | None, model: str = "dcgan") -> dict[str, float]:
   """Trains and evaluates one run, or reads the result of a finished one."""
-  workdir = os.path.join(out, "runs", f"{method}_ref{ref_fraction}_seed{seed}")
+  prefix = "" if model == "dcgan" else f"{model}_"
+  workdir = os.path.join(out, "runs", f"{prefix}{method}_ref{ref_fraction}_seed{seed}")
 
   def extra(config, workdir: str) -> dict[str, float]:
     result = {}
-    if method == "baseline":
+    if method == "baseline" and model == "dcgan":
       # The copy-of-the-training-data reference: the union's own groups and FD.
       config.eval.generator = "train_data"
       copy = modes.evaluate(config, workdir)["metrics"]
@@ -123,9 +138,10 @@ def run(method: str, ref_fraction: float, seed: int, out: str, classifiers: dict
           diag.get("effective_proportions", [0, float("nan")])[1])
     return result
 
-  config = make_config(method, ref_fraction, seed, classifiers, quick, steps)
+  config = make_config(method, ref_fraction, seed, classifiers, quick, steps, model)
   return choi_common.run_or_load(workdir, config, METRICS, extra,
-                                 label=f"{method:<11} ref {ref_fraction:<4} seed {seed}")
+                                 label=f"{row_name(model, method):<16} ref {ref_fraction:<4} "
+                                       f"seed {seed}")
 
 
 def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
@@ -173,6 +189,8 @@ def main() -> None:
   parser.add_argument("--methods", default=",".join(fairness.METHODS))
   parser.add_argument("--steps", type=int, default=None,
                       help="train.num_steps of every run (default: the config's)")
+  parser.add_argument("--models", default="dcgan",
+                      help="dcgan and/or ddpm (DDPM rows: every method but the penalty)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny settings, 1 seed, ref_fraction 0.25 (tests)")
   args = parser.parse_args()
@@ -182,16 +200,21 @@ def main() -> None:
   unknown = [m for m in methods if m not in fairness.METHODS]
   if unknown:
     sys.exit(f"Unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
+  models = tuple(args.models.split(","))
+  if not models or any(m not in MODELS for m in models):
+    sys.exit(f"Unknown models in {args.models!r}; valid: {', '.join(MODELS)}.")
+  runs = [(model, m) for model in models for m in methods
+          if m in MODELS[model]]
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   classifiers = train_classifiers(args.out, args.quick)
   results = {}
   for seed in range(seeds):
     for rf in fractions:
-      for m in methods:
-        results[(m, rf, seed)] = run(m, rf, seed, args.out, classifiers, args.quick,
-                                     args.steps)
-  lines = table(results, methods, fractions, seeds)
+      for model, m in runs:
+        results[(row_name(model, m), rf, seed)] = run(m, rf, seed, args.out, classifiers,
+                                                      args.quick, args.steps, model)
+  lines = table(results, tuple(row_name(model, m) for model, m in runs), fractions, seeds)
   lines += ["", f"Attribute classifier: test accuracy {classifiers['attr']['test_accuracy']:.4f}; "
             f"FID classifier: {classifiers['label']['test_accuracy']:.4f}.",
             choi_common.run_time_line(results, seeds, time.time() - start)]

@@ -54,12 +54,26 @@ def prdc(ctx: EvalContext) -> Scalars:
 
 
 def vae_likelihood(ctx: EvalContext) -> Scalars:
-  """Test negative ELBO, its distortion and rate terms, IWAE NLL (nats per example) and
-  bits/dim, for VAEs."""
+  """Test likelihood, nats per example and bits/dim: a VAE's negative ELBO, its distortion
+  and rate terms and its IWAE bound; for other likelihood models (``Objective.nll``:
+  diffusion's variational bound, an autoregressive model's exact NLL) their own terms."""
   model = experiment.build_model(ctx.config, ctx.exp.spec)
+  objective = ctx.exp.objective
   if not isinstance(model, VAE):
-    raise EvalError(f"The 'likelihood' evaluator needs a VAE model; model.name="
-                    f"{ctx.config.model.name!r} is not one.")
+    if objective.nll is None:
+      raise EvalError(f"The 'likelihood' evaluator needs a likelihood model (a VAE, DDPM "
+                      f"or autoregressive model); model.name={ctx.config.model.name!r} is "
+                      f"not one.")
+    state = parallel.to_host(ctx.state)  # Also when sharded (mesh.fsdp).
+    columns = ("image", objective.condition_key) if objective.num_classes else ("image",)
+    values = likelihood.evaluate_nll(
+        lambda state, batch, keys: objective.nll(state, batch, keys, ctx.cfg.iwae_k),
+        state, ctx.real.source, columns=columns, batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed,
+        max_examples=ctx.cfg.likelihood_examples or None)
+    for name, value in values.items():
+      if name != "num_examples":
+        yield name, value
+    return
   params = parallel.to_host(ctx.state["params"])  # Also when sharded (mesh.fsdp).
   values = likelihood.evaluate_likelihood(
       model, params, ctx.real.source, num_samples=ctx.cfg.iwae_k,

@@ -191,51 +191,64 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
     (``nll_iwae / (D ln 2)`` with D = H * W * C), ``iwae_k`` and ``num_examples``.
     See the module docstring for what the NLL means for each likelihood.
   """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-  n = len(source)
-  if max_examples is not None:
-    if max_examples < 1:
-      raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}.")
-    n = min(n, max_examples)
-  if n == 0:
-    raise ValueError("The data source is empty.")
 
-  root = jax.random.key(seed)
-
-  @jax.jit
-  def batch_terms(params, x, labels, indices):
-    keys = jax.vmap(lambda i: jax.random.fold_in(root, i))(indices)
+  def terms(params, batch, keys):
+    labels = batch[model.condition_key].reshape(-1) if model.num_classes else None
     elbo_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     iwae_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-    log_lik, kl = _elbo_terms_from_keys(model, params, x, elbo_keys, labels)
-    return (-log_lik, kl,
-            -_iwae_from_keys(model, params, x, iwae_keys, num_samples, chunk, labels))
+    log_lik, kl = _elbo_terms_from_keys(model, params, batch["image"], elbo_keys, labels)
+    return {"distortion": -log_lik, "rate": kl,
+            "nll": -_iwae_from_keys(model, params, batch["image"], iwae_keys, num_samples,
+                                    chunk, labels)}
 
-  distortion_sum = rate_sum = nll_sum = 0.0
+  columns = ("image", model.condition_key) if model.num_classes else ("image",)
+  out = evaluate_nll(terms, params, source, columns=columns, batch_size=batch_size, seed=seed,
+                     max_examples=max_examples)
+  return {"neg_elbo": out["distortion"] + out["rate"], "distortion": out["distortion"],
+          "rate": out["rate"], "nll_iwae": out["nll"], "bits_per_dim": out["bits_per_dim"],
+          "iwae_k": int(num_samples), "num_examples": out["num_examples"]}
+
+
+def evaluate_nll(nll_fn: Any, state: Any, source: data_base.Source, *, columns: tuple[str, ...],
+                 batch_size: int, seed: int, max_examples: int | None = None
+                 ) -> dict[str, Any]:
+  """The average of a model's per-example likelihood terms over a data source.
+
+  ``nll_fn(state, batch, keys) -> terms`` (jit-friendly) maps the model's ``state``, a batch of ``columns`` read from the
+  source and one PRNG key per example (``fold_in(key(seed), i)`` for example ``i``, so
+  the result does not depend on ``batch_size``) to per-example terms, among them ``nll``
+  in nats. Batches are padded to ``batch_size`` (one compiled shape) and the padding is
+  masked out of float64 host sums.
+
+  Returns:
+    Each term's mean over the examples, ``bits_per_dim`` (``nll / (D ln 2)`` with D the
+    image's size) and ``num_examples``.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if max_examples is not None and max_examples < 1:
+    raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}.")
+  n = len(source) if max_examples is None else min(len(source), max_examples)
+  if n == 0:
+    raise ValueError("The data source is empty.")
+  root = jax.random.key(seed)
+  fn = jax.jit(lambda state, batch, indices: nll_fn(
+      state, batch, jax.vmap(lambda i: jax.random.fold_in(root, i))(indices)))
+  sums: dict[str, float] = {}
   num_dims = None
   for start in range(0, n, batch_size):
     indices = np.arange(start, start + batch_size)
     valid = indices < n
     indices = np.minimum(indices, n - 1)
-    batch = source.get(indices)
-    images = np.asarray(batch["image"], np.float32)
-    labels = (np.asarray(batch[model.condition_key], np.int32).reshape(-1)
-              if model.num_classes else None)
-    num_dims = int(np.prod(images.shape[1:]))
-    distortion, rate, nll = jax.device_get(batch_terms(params, images, labels,
-                                                      indices.astype(np.int32)))
-    distortion_sum += float(np.sum(np.asarray(distortion, np.float64)[valid]))
-    rate_sum += float(np.sum(np.asarray(rate, np.float64)[valid]))
-    nll_sum += float(np.sum(np.asarray(nll, np.float64)[valid]))
-
-  nll_iwae = nll_sum / n
-  return {"neg_elbo": (distortion_sum + rate_sum) / n,
-          "distortion": distortion_sum / n,
-          "rate": rate_sum / n,
-          "nll_iwae": nll_iwae,
-          "bits_per_dim": nll_iwae / (num_dims * math.log(2.0)),
-          "iwae_k": int(num_samples),
-          "num_examples": int(n)}
+    rows = source.get(indices)
+    batch = {k: np.asarray(rows[k], np.float32 if k == "image" else np.int32)
+             for k in columns}
+    num_dims = int(np.prod(batch["image"].shape[1:]))
+    for key, value in jax.device_get(fn(state, batch, indices.astype(np.int32))).items():
+      sums[key] = sums.get(key, 0.0) + float(np.sum(np.asarray(value, np.float64)[valid]))
+  out = {key: total / n for key, total in sums.items()}
+  out["bits_per_dim"] = out["nll"] / (num_dims * math.log(2.0))
+  out["num_examples"] = int(n)
+  return out

@@ -24,6 +24,8 @@ from fairgen.models import dcgan
 from fairgen.models import resnet_gan
 from fairgen.models import tabgan
 from fairgen.models import tabular
+from fairgen.models import unet
+from fairgen.models import transformer
 from fairgen.models import vfae
 from fairgen.models import vae
 from fairgen.registry import Registry
@@ -117,6 +119,35 @@ def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
                  dtype=jnp.dtype(dtype), num_classes=num_classes, condition_key=condition_key)
 
 
+@MODELS.register("unet")
+def build_unet(spec: DataSpec, ch: int = 64, ch_mult: tuple[int, ...] = (1, 2, 2),
+               num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (14, 7),
+               dropout: float = 0.1, conditional: bool = False, condition_key: str = "label",
+               dtype: str = "float32") -> unet.UNet:
+  """The DDPM U-Net (``unet.py``): ``ch`` base channels times ``ch_mult`` per resolution,
+  ``num_res_blocks`` residual blocks each, self-attention at the sides in
+  ``attn_resolutions``; ``conditional``: on ``batch[condition_key]`` with classifier-free
+  guidance. Ho et al.'s CIFAR-10 net: ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+  attn_resolutions=(16,)."""
+  num_classes = _num_conditions(spec, conditional, condition_key)
+  require(isinstance(ch, int) and ch >= 1, f"model.ch must be a positive integer, got {ch!r}.")
+  mults = tuple(ch_mult) if isinstance(ch_mult, (tuple, list)) else (ch_mult,)
+  require(len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults),
+          f"model.ch_mult must be positive integers, got {ch_mult!r}.")
+  require(isinstance(num_res_blocks, int) and num_res_blocks >= 1,
+          f"model.num_res_blocks must be a positive integer, got {num_res_blocks!r}.")
+  attn = tuple(attn_resolutions) if isinstance(attn_resolutions, (tuple, list)) else (
+      attn_resolutions,)
+  try:
+    unet.check_shape(tuple(spec.image_shape), mults, attn)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return unet.UNet(out_channels=spec.image_shape[-1], ch=ch, ch_mult=mults,
+                   num_res_blocks=num_res_blocks, attn_resolutions=attn, dropout=dropout,
+                   num_classes=num_classes, condition_key=condition_key,
+                   dtype=jnp.dtype(dtype))
+
+
 @MODELS.register("fair_mlp")
 def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float = 0.2,
                    equalized_odds: bool = True, dtype: str = "float32"
@@ -125,6 +156,32 @@ def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float =
   del spec  # Dense layers infer the input width.
   return tabular.DebiasModules(tabular.Predictor(tuple(hidden), dropout, jnp.dtype(dtype)),
                                tabular.Adversary(equalized_odds, jnp.dtype(dtype)))
+
+
+@MODELS.register("pixel_transformer")
+def build_pixel_transformer(spec: DataSpec, levels: int = 2, num_layers: int = 4,
+                            num_heads: int = 4, embed_dim: int = 128, mlp_dim: int = 512,
+                            dropout: float = 0.1, positional: str = "learned",
+                            window: int = 0, conditional: bool = False,
+                            condition_key: str = "label", dtype: str = "float32"
+                            ) -> transformer.PixelTransformer:
+  """A GPT-style transformer over the image's pixels quantised to ``levels`` values (2:
+  binarised, ``pixel > 0``), in raster order; ``window`` > 0: local attention in blocks of
+  that many pixels; ``conditional``: ``p(x | y)`` on ``batch[condition_key]`` (the label's
+  embedding is the start token)."""
+  num_classes = _num_conditions(spec, conditional, condition_key)
+  for key, value, low in (("levels", levels, 2), ("num_layers", num_layers, 1),
+                          ("num_heads", num_heads, 1), ("window", window, 0)):
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"model.{key} must be an integer >= {low}, got {value!r}.")
+  require(levels <= 256, f"model.levels must be <= 256, got {levels}.")
+  require(embed_dim % num_heads == 0, f"model.embed_dim={embed_dim} must be divisible by "
+          f"model.num_heads={num_heads}.")
+  require(positional in transformer.POSITIONAL, f"model.positional must be one of "
+          f"{', '.join(transformer.POSITIONAL)}, got {positional!r}.")
+  return transformer.PixelTransformer(
+      tuple(spec.image_shape), levels, num_layers, num_heads, embed_dim, mlp_dim, dropout,
+      positional, window, num_classes, condition_key, jnp.dtype(dtype))
 
 
 MODELS.register("vfae")(vfae.build_vfae)

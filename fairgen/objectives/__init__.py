@@ -13,7 +13,9 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from fairgen.config import ConfigError, require
+from fairgen.objectives import autoregressive
 from fairgen.objectives import debias
+from fairgen.objectives import diffusion
 from fairgen.objectives import gan
 from fairgen.objectives import tabgan
 from fairgen.objectives import vae
@@ -23,7 +25,7 @@ from fairgen.registry import Registry
 
 # Weighting and resampling change only the batches and the per-example weights, which
 # every objective's per-example losses take; the other methods need a conditional or
-# penalised image generator (conditional: GANs and VAEs; penalty: GANs).
+# penalised image generator (conditional: GANs, VAEs and DDPM; penalty: GANs).
 DATA_METHODS = ("baseline", "importance", "resample")
 ALL_METHODS = DATA_METHODS + ("conditional", "penalty")
 
@@ -56,9 +58,14 @@ OBJECTIVES.register("gan")(Entry(gan.build, gan.DEFAULTS, gan.check, gan.OPTIMIZ
                                  ALL_METHODS, private=True))
 OBJECTIVES.register("vae")(Entry(vae.build, vae.DEFAULTS, vae.check,
                                  fair_methods=DATA_METHODS + ("conditional",), private=True))
+OBJECTIVES.register("diffusion")(Entry(diffusion.build, diffusion.DEFAULTS, diffusion.check,
+                                       fair_methods=DATA_METHODS + ("conditional",)))
 OBJECTIVES.register("adversarial_debiasing")(Entry(debias.build, debias.DEFAULTS, debias.check,
                                                   private=True))
 OBJECTIVES.register("vfae")(Entry(vfae.build, vfae.DEFAULTS, vfae.check))
+OBJECTIVES.register("autoregressive")(Entry(
+    autoregressive.build, autoregressive.DEFAULTS, autoregressive.check,
+    fair_methods=DATA_METHODS + ("conditional",)))
 OBJECTIVES.register("tabgan")(Entry(tabgan.build, tabgan.DEFAULTS, tabgan.check,
                                     tabgan.OPTIMIZERS))
 

@@ -52,6 +52,16 @@ class Objective:
     member_score: ``(state, images, labels) -> [B]`` a membership-inference attack's score
       of real examples (higher: more likely a training member), e.g. the discriminator's
       logit or the VAE's ELBO; None where the objective has none.
+    nll: ``(state, batch, keys, num_samples) -> terms``: per-example negative
+      log-likelihood of real data for likelihood models other than VAEs (whose IWAE bound
+      ``fairgen.metrics.likelihood`` computes from the model): ``terms['nll']`` in nats per
+      example (exact, or an upper bound), beside other per-example terms worth averaging;
+      ``keys`` holds one PRNG key per example, ``num_samples`` is the evaluation's budget
+      of Monte Carlo samples per example (``eval.iwae_k``) where the bound is estimated.
+      None where the objective has no likelihood.
+    trajectory: ``(state, latents, labels) -> [B, K, ...]``: an iterative sampler's
+      intermediate states, the latents first and the samples last (``--mode=sample``
+      writes them as ``trajectory.png``); None for one-shot generators.
     constants: frozen arrays the step needs (e.g. a penalty classifier's parameters), or
       None. When set, ``train_step`` takes them as its ``constants`` keyword argument, and
       the loop passes them to the jitted step as arguments (never as compile-time
@@ -69,6 +79,8 @@ class Objective:
   label_probs: tuple[float, ...] | None = None
   constants: Any = None
   member_score: Callable[[State, jax.Array, jax.Array], jax.Array] | None = None
+  nll: Callable[[State, Batch, jax.Array, int], dict[str, jax.Array]] | None = None
+  trajectory: Callable[[State, jax.Array, jax.Array], jax.Array] | None = None
 
   def sample_latents(self, rng: jax.Array, num: int, truncation: float = 0.0) -> jax.Array:
     """Prior latents N(0, I); ``truncation`` > 0 samples the normal truncated to [-t, t]."""
@@ -87,7 +99,9 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
 
   Keys: name, lr, b1, b2, weight_decay, and optionally decay_rate/decay_steps for a
   staircase exponential learning-rate decay (AIF360's schedule), or linear_decay_steps for
-  a linear decay to 0 over that many updates of this optimizer (SNGAN's schedule).
+  a linear decay to 0 over that many updates of this optimizer (SNGAN's schedule);
+  warmup_steps for a linear warm-up from 0 (DDPM's 5,000), and clip_norm to clip the
+  gradient's global norm first (DDPM's 1.0).
   """
   name = cfg.get("name", "adam")
   lr = cfg["lr"]
@@ -96,12 +110,22 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   elif cfg.get("decay_steps"):
     lr = optax.exponential_decay(lr, cfg["decay_steps"], cfg.get("decay_rate", 0.96),
                                  staircase=True)
+  if cfg.get("warmup_steps"):
+    peak = lr
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg["lr"], cfg["warmup_steps"]),
+         peak if callable(peak) else optax.constant_schedule(peak)], [cfg["warmup_steps"]])
   if name == "adam":
-    return optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
-  if name == "adamw":
-    return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
-                       weight_decay=cfg.get("weight_decay", 1e-4))
-  raise ConfigError(f"Unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}.")
+    tx = optax.adam(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999))
+  elif name == "adamw":
+    tx = optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                     weight_decay=cfg.get("weight_decay", 1e-4))
+  else:
+    raise ConfigError(f"Unknown optimizer {name!r}; valid names: "
+                      f"{', '.join(OPTIMIZER_NAMES)}.")
+  if cfg.get("clip_norm"):
+    tx = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), tx)
+  return tx
 
 
 def check_optimizer(cfg: Mapping[str, Any], path: str) -> None:
@@ -114,7 +138,8 @@ def check_optimizer(cfg: Mapping[str, Any], path: str) -> None:
   for b in ("b1", "b2"):
     if b in cfg:
       require(0 <= cfg[b] < 1, f"{path}.{b} must be in [0, 1), got {cfg[b]}.")
-  for key in ("weight_decay", "decay_steps", "linear_decay_steps"):
+  for key in ("weight_decay", "decay_steps", "linear_decay_steps", "warmup_steps",
+              "clip_norm"):
     if cfg.get(key) is not None:
       require(cfg[key] >= 0, f"{path}.{key} must be >= 0, got {cfg[key]}.")
   require(not (cfg.get("decay_steps") and cfg.get("linear_decay_steps")),
