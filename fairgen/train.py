@@ -219,8 +219,10 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
         acc.add(metrics)
         done = step + 1
         stop = preemption.should_stop(done)
-        final = done == num_steps or stop
-        save_due = final or done % config.train.checkpoint_every_steps == 0
+        # A preemption saves and exits at once: its grace period (seconds on spot VMs) is
+        # no time for the sample grid or an evaluation, which the resumed run will make.
+        final = done == num_steps
+        save_due = final or stop or done % config.train.checkpoint_every_steps == 0
         if save_due or done % config.log.every_steps == 0:
           guard = parallel.to_host(state[robust.GUARD_KEY])
           scalars, bad = acc.read()

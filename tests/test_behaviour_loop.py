@@ -596,6 +596,28 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   _assert_same_final_state(workdir, straight, load_config("vae_mnist", "smoke"), 60)
 
 
+def test_a_preemption_checkpoints_without_sampling_or_evaluating_first(tmp_path, monkeypatch):
+  """The grace period of a preemption notice is short: the stop step saves and exits; the
+  sample grid and the evaluation due at the end belong to the resumed run."""
+  from fairgen import robust
+
+  class StopAtThree(robust.Preemption):
+    def should_stop(self, step):
+      return step == 3
+
+  monkeypatch.setattr(robust, "Preemption", StopAtThree)
+  evaluated = []
+  _register_evaluator(monkeypatch, "counted", lambda ctx: evaluated.append(ctx.step) or [])
+  config = load_config("vae_mnist", "smoke", **{
+      "train.num_steps": 10, "train.checkpoint_every_steps": 1000, "log.every_steps": 1,
+      "log.sample_every_steps": 1000, "eval.every_steps": 1000, "eval.metrics": ("counted",)})
+  workdir = str(tmp_path / "w")
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary["preempted"] and summary["final_step"] == 3
+  assert final_state(workdir, config)[0] == 3
+  assert evaluated == [] and not os.path.exists(os.path.join(workdir, "samples"))
+
+
 # --- 4. Best checkpoint and --mode=evaluate of one step. -----------------------------------
 
 _SCORES = {2: 0.5, 4: 0.9, 6: 0.3, 8: 0.7, 10: 0.95}

@@ -56,7 +56,7 @@ def test_unknown_variant_is_refused():
     ("objective.n_disc", 0, "objective.n_disc must be >= 1"),
     ("objective.ema_decay", 1.0, "objective.ema_decay"),
     ("model.name", "stylegan9", "valid names: .*dcgan.*vae"),
-    ("objective.name", "diffusion", "valid names: .*gan, vae"),
+    ("objective.name", "difusion", "valid names: .*gan, vae"),
 ])
 def test_impossible_values_name_the_key(key, value, message):
   config = load_config("dcgan_mnist", "smoke", **{key: value})
