@@ -51,9 +51,17 @@ class Experiment:
   @functools.cached_property
   def sharded_decode(self) -> Any:
     """``objective.decode`` jitted with latents and labels split over the data axis."""
+    return self._over_data(self.objective.decode)
+
+  @functools.cached_property
+  def sharded_trajectory(self) -> Any:
+    """``objective.trajectory``, jitted as ``sharded_decode``."""
+    return self._over_data(self.objective.trajectory)
+
+  def _over_data(self, fn: Any) -> Any:
+    """``fn(state, latents, labels)`` jitted with its batch in and out on the data axis."""
     batch = parallel.data_sharding(self.mesh)
-    return jax.jit(self.objective.decode, in_shardings=(self.state_shardings, batch, batch),
-                   out_shardings=batch)
+    return jax.jit(fn, in_shardings=(self.state_shardings, batch, batch), out_shardings=batch)
 
   @property
   def makes_images(self) -> bool:

@@ -187,10 +187,7 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
   if exp.objective.trajectory is not None:  # An iterative sampler's steps, one row each.
     rows = min(8, num)
     z, y = latents[:rows], labels[:rows]
-    batch = parallel.data_sharding(exp.mesh)
-    trajectory = jax.jit(exp.objective.trajectory, out_shardings=batch,
-                         in_shardings=(exp.state_shardings, batch, batch))
-    frames = decode_images(exp, state, z, y, decode=trajectory)
+    frames = decode_images(exp, state, z, y, decode=exp.sharded_trajectory)
     files += _save(out_dir, "trajectory", frames.reshape((-1,) + frames.shape[2:]), z, y,
                    frames.shape[1], scale, extra)
 

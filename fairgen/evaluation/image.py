@@ -68,8 +68,8 @@ def vae_likelihood(ctx: EvalContext) -> Scalars:
     columns = ("image", objective.condition_key) if objective.num_classes else ("image",)
     values = likelihood.evaluate_nll(
         lambda state, batch, keys: objective.nll(state, batch, keys, ctx.cfg.iwae_k),
-        state, ctx.real.source, columns=columns, batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed,
-        max_examples=ctx.cfg.likelihood_examples or None)
+        state, ctx.real.source, columns=columns, batch_size=ctx.cfg.batch_size,
+        seed=ctx.cfg.seed, max_examples=ctx.cfg.likelihood_examples or None)
     for name, value in values.items():
       if name != "num_examples":
         yield name, value

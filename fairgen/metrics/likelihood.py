@@ -211,16 +211,16 @@ def evaluate_likelihood(model: VAE, params: Any, source: data_base.Source, *,
           "iwae_k": int(num_samples), "num_examples": out["num_examples"]}
 
 
-def evaluate_nll(nll_fn: Any, state: Any, source: data_base.Source, *, columns: tuple[str, ...],
-                 batch_size: int, seed: int, max_examples: int | None = None
-                 ) -> dict[str, Any]:
+def evaluate_nll(nll_fn: Any, state: Any, source: data_base.Source, *,
+                 columns: tuple[str, ...], batch_size: int, seed: int,
+                 max_examples: int | None = None) -> dict[str, Any]:
   """The average of a model's per-example likelihood terms over a data source.
 
-  ``nll_fn(state, batch, keys) -> terms`` (jit-friendly) maps the model's ``state``, a batch of ``columns`` read from the
-  source and one PRNG key per example (``fold_in(key(seed), i)`` for example ``i``, so
-  the result does not depend on ``batch_size``) to per-example terms, among them ``nll``
-  in nats. Batches are padded to ``batch_size`` (one compiled shape) and the padding is
-  masked out of float64 host sums.
+  ``nll_fn(state, batch, keys) -> terms`` (jit-friendly) maps the model's ``state``, a
+  batch of ``columns`` read from the source and one PRNG key per example
+  (``fold_in(key(seed), i)`` for example ``i``, so the result does not depend on
+  ``batch_size``) to per-example terms, among them ``nll`` in nats. Batches are padded to
+  ``batch_size`` (one compiled shape) and the padding is masked out of float64 host sums.
 
   Returns:
     Each term's mean over the examples, ``bits_per_dim`` (``nll / (D ln 2)`` with D the

@@ -100,14 +100,14 @@ def per_example_loss(model: UNet, params: Any, schedule: dp.Schedule, prediction
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: UNet,
                tx: optax.GradientTransformation, schedule: dp.Schedule, prediction: str,
-               ema_decay: float, label_dropout: float, condition_key: str
+               ema_decay: float, label_dropout: float
                ) -> tuple[base.State, base.Metrics]:
   """One update of the denoising loss (importance weights from ``batch['weight']``)."""
   rng = jax.random.fold_in(rng, state["step"])
   k_loss, k_label = jax.random.split(rng)
   labels = None
   if model.num_classes:  # Classifier-free guidance: some labels become "no label".
-    labels = batch[condition_key].astype(jnp.int32)
+    labels = batch[model.condition_key].astype(jnp.int32)
     drop = jax.random.bernoulli(k_label, label_dropout, labels.shape)
     labels = jnp.where(drop, model.num_classes, labels)
 
@@ -184,7 +184,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: U
 
 
 def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int, *,
-        model: UNet, schedule: dp.Schedule, prediction: str, condition_key: str
+        model: UNet, schedule: dp.Schedule, prediction: str
         ) -> dict[str, jax.Array]:
   """The variational bound on ``-log p(x_0)`` per example in nats (Ho et al. eq. 5):
   ``prior`` (``L_T``), ``diffusion`` (``sum_{t=2}^{T} L_{t-1}``) and ``decoder`` (``L_0``,
@@ -196,7 +196,7 @@ def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int,
   stratum, ``sum_k n_k L_{t_k}``.
   """
   x0 = batch["image"].astype(jnp.float32)
-  labels = batch[condition_key].astype(jnp.int32) if model.num_classes else None
+  labels = batch[model.condition_key].astype(jnp.int32) if model.num_classes else None
   params, b, nd = state["ema"], x0.shape[0], x0.ndim
   T = schedule.num_timesteps
   logvar = jnp.asarray(dp.model_log_variance(schedule))
@@ -248,7 +248,6 @@ def build(model: UNet, spec: Any, objective: Mapping[str, Any],
   schedule = dp.make_schedule(objective["schedule"], objective["timesteps"],
                               objective["beta_start"], objective["beta_end"])
   tx = base.make_optimizer(optim)
-  key = model.condition_key
   eta = objective["ddim_eta"] if objective["sampler"] == "ddim" else 1.0
   sampler = functools.partial(
       sample, model=model, image_shape=image_shape, schedule=schedule,
@@ -259,11 +258,11 @@ def build(model: UNet, spec: Any, objective: Mapping[str, Any],
       train_step=functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
           prediction=objective["prediction"], ema_decay=float(objective["ema_decay"]),
-          label_dropout=float(objective["label_dropout"]), condition_key=key),
+          label_dropout=float(objective["label_dropout"])),
       decode=sampler,
       latent_dim=int(np.prod(image_shape)),
       num_classes=model.num_classes,
-      condition_key=key,
+      condition_key=model.condition_key,
       nll=functools.partial(nll, model=model, schedule=schedule,
-                            prediction=objective["prediction"], condition_key=key),
+                            prediction=objective["prediction"]),
       trajectory=functools.partial(sampler, keep=8))
