@@ -10,8 +10,9 @@
 
 The GAN tests use a tiny MLP generator/discriminator (``_tiny_gan``) in place of the DCGAN,
 whose compilation takes tens of seconds on a CPU: the objective code is the same. Identical
-programs compile once: in-process through a module-scoped persistent XLA compilation cache,
-and the subprocesses of a test share one too (``_cache_env``). Resumed and uninterrupted runs
+programs compile once, here and in the processes a test starts: the suite's persistent
+compilation cache (conftest.py; one directory, since JAX's cache key includes its path).
+Resumed and uninterrupted runs
 are compared on the checkpoint files read by Orbax alone (``_saved_arrays``) as well as
 through fairgen's restore, so a restore bug cannot make both sides agree.
 """
@@ -35,7 +36,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from conftest import REPO, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint
@@ -53,28 +53,6 @@ from fairgen.objectives import gan
 from fairgen.objectives import losses
 
 # --- Helpers. ------------------------------------------------------------------------------
-
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _persistent_compilation_cache(tmp_path_factory):
-  """Identical programs compile once in this module (e.g. the step of a run and its resume).
-
-  ``train_and_evaluate`` jits fresh closures on every call, so without this every run of a
-  test compiles its init, step and decode again (seconds each on a CPU).
-  """
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()  # Re-read the options at the next compilation.
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-
 
 class _TinyGenerator(nn.Module):
   """Dense -> BatchNorm -> tanh; ``zero_init``: every output is exactly 0."""
@@ -151,13 +129,6 @@ def _wrap_objective_step(monkeypatch, before_step):
 def _register_evaluator(monkeypatch, name, fn):
   """Registers ``fn`` as evaluator ``name`` for one test."""
   monkeypatch.setitem(runner.EVALUATORS._entries, name, runner.Entry(fn))  # pylint: disable=protected-access
-
-
-def _cache_env(tmp_path):
-  """A persistent XLA compilation cache shared by the subprocesses of one test."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def _metric_records(workdir):
@@ -534,9 +505,11 @@ def test_gan_resume_is_exact(tmp_path, monkeypatch):
   _assert_resume_is_exact(config, tmp_path, 3)
 
 
-def test_resnet_gan_resume_is_exact(tmp_path):
+def test_resnet_gan_resume_is_exact(tmp_path, partitionable_rng):
   """The ResNet smoke config: spectral-norm vectors of G, D and the EMA, the EMA's own
-  batch statistics, DiffAugment, self-attention and conditional batch norm."""
+  batch statistics, DiffAugment, self-attention and conditional batch norm. (In JAX's
+  default threefry mode: the same programs as test_train's 1-device ResNet run, which the
+  compilation cache then holds.)"""
   config = load_config("resnet_gan_mnist", "smoke")
   assert config.objective.spectral_norm == "gen,disc" and config.objective.ema_batch_stats
   _assert_resume_is_exact(config, tmp_path, 2)
@@ -546,8 +519,8 @@ def test_tabular_debiasing_resume_is_exact(tmp_path):
   _assert_resume_is_exact(load_config("adult_debias", "smoke"), tmp_path, 3)
 
 
-def _launch(workdir, flags, env_extra, log_path):
-  env = subprocess_env(env_extra)
+def _launch(workdir, flags, log_path):
+  env = subprocess_env()
   with open(log_path, "w") as log:
     return subprocess.Popen([sys.executable, "-m", "fairgen.main", f"--workdir={workdir}",
                              *flags], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -558,13 +531,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   flags = ("--config=experiments/vae_mnist.py:smoke", "--config.train.num_steps=60",
            "--config.train.checkpoint_every_steps=1000", "--config.log.every_steps=1",
            "--config.log.sample_every_steps=1000")
-  env = _cache_env(tmp_path)
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "w")
-  result = run_main(*flags, f"--workdir={straight}", env_extra=env)  # Also fills the cache.
+  result = run_main(*flags, f"--workdir={straight}")
   assert result.returncode == 0, result.stderr[-3000:]
 
   log_path = str(tmp_path / "stderr.txt")
-  proc = _launch(workdir, flags, env, log_path)
+  proc = _launch(workdir, flags, log_path)
   try:
     deadline = time.monotonic() + 240
     while not _metric_records(workdir) and proc.poll() is None:  # A step is logged.
@@ -589,7 +561,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   finally:
     ckpt.close()
 
-  result = run_main(*flags, f"--workdir={workdir}", env_extra=env)
+  result = run_main(*flags, f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(rf"Resumed from \S+/checkpoints/{stopped}\b", result.stderr), (
       result.stderr[-3000:])

@@ -250,18 +250,23 @@ def test_ddpm_cifar10_trains_evaluates_its_bound_and_samples_a_trajectory(tmp_pa
   np.testing.assert_allclose(frames[:, -1], grid["images"][:8], atol=1e-5)
 
 
-def test_ddpm_resume_is_exact(tmp_path):
+# A conditional U-Net with dropout: the tests below share its compiled programs on one
+# device (both in JAX's default threefry mode).
+CONDITIONAL_DROPOUT = {"model.conditional": True, "model.dropout": 0.1}
+
+
+def test_ddpm_resume_is_exact(tmp_path, partitionable_rng):
   """Params, Adam state and the EMA, with dropout and the label-dropping keys."""
-  _assert_resume_is_exact(load_config("ddpm_mnist", "smoke", **{"model.conditional": True,
-                                                                "model.dropout": 0.1}),
-                          tmp_path, 2)
+  _assert_resume_is_exact(load_config("ddpm_mnist", "smoke", **CONDITIONAL_DROPOUT), tmp_path, 2)
 
 
 def test_ddpm_on_eight_devices_matches_one(tmp_path, partitionable_rng):
-  """The step and the sharded DDIM sampler (the sample grid) on 1 and 8 devices."""
+  """The step (its dropout and dropped labels too) and the sharded DDIM sampler (the sample
+  grid) on 1 and 8 devices."""
   results = {}
   for n in (1, 8):
-    config = load_config("ddpm_mnist", "smoke", **{"mesh.data": n, "train.num_steps": 2,
+    config = load_config("ddpm_mnist", "smoke", **{**CONDITIONAL_DROPOUT,
+                                                    "mesh.data": n, "train.num_steps": 2,
                                                     "train.checkpoint_every_steps": 2,
                                                     "log.every_steps": 2,
                                                     "log.sample_every_steps": 2})
