@@ -96,6 +96,15 @@ def workdir(tmp_path):
   return str(tmp_path / "workdir")
 
 
+def killed_process_cache_env(tmp_path) -> dict:
+  """Environment for the processes of a test that SIGKILLs some: a compilation cache of
+  their own. JAX writes a cache entry in place (not to a temporary file and a rename), so a
+  process killed mid-write can leave a truncated entry, which every later reader of the
+  suite's cache would warn about on stderr. (The other settings come from this process's
+  environment, above.)"""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+
+
 def subprocess_env(extra: dict | None = None) -> dict:
   """The environment of a process the tests start: this one's without the tests' XLA_FLAGS
   (8 fake devices), so the child sees one device unless ``extra`` says otherwise."""
@@ -129,7 +138,7 @@ def final_state(workdir: str, config):
   return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-# The slowest files (cold-cache seconds on 2 cores), started first: the suite runs on two
+# The slowest files (by cold-cache time on 2 cores), started first: the suite runs on two
 # pytest-xdist workers, one file each at a time (setup.cfg), and a long file started last
 # would leave one core idle at the end. A hint only: a file missing here runs after these.
 SLOW_FILES = ("test_train.py", "test_diffusion.py", "test_fair.py", "test_multiprocess.py",

@@ -12,9 +12,9 @@ The GAN tests use a tiny MLP generator/discriminator (``_tiny_gan``) in place of
 whose compilation takes tens of seconds on a CPU: the objective code is the same. Identical
 programs compile once, here and in the processes a test starts: the suite's persistent
 compilation cache (conftest.py; one directory, since JAX's cache key includes its path).
-Resumed and uninterrupted runs
-are compared on the checkpoint files read by Orbax alone (``_saved_arrays``) as well as
-through fairgen's restore, so a restore bug cannot make both sides agree.
+Resumed and uninterrupted runs are compared on the checkpoint files read by Orbax alone
+(``_saved_arrays``) as well as through fairgen's restore, so a restore bug cannot make both
+sides agree.
 """
 
 import dataclasses

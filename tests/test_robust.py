@@ -15,7 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main, subprocess_env
+from conftest import (REPO, final_state, killed_process_cache_env, load_config, run_main,
+                      subprocess_env)
 from fairgen import checkpoint, experiment, robust, train
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
@@ -43,13 +44,6 @@ def _wait_for(proc, text, timeout=120):
   threading.Thread(target=read, daemon=True).start()
   assert seen.wait(timeout), "".join(lines[-20:])
   return lines
-
-
-def _compilation_cache_env(tmp_path):
-  """A persistent XLA compilation cache shared by the launches of one test."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def _logged_steps(workdir, offset):
@@ -117,7 +111,7 @@ def test_sigkill_at_steps_and_mid_save_resumes_bit_identically(tmp_path):
   the middle of asynchronous checkpoint saves; the resumed run ends bit-identical."""
   flags = ("--config.train.num_steps=24", "--config.train.checkpoint_every_steps=2",
            "--config.log.every_steps=1", "--config.log.sample_every_steps=5")
-  env = _compilation_cache_env(tmp_path)
+  env = killed_process_cache_env(tmp_path)
   # The uninterrupted run first: it fills the compilation cache the killed launches read.
   straight = str(tmp_path / "straight")
   result = run_main(f"--config={CONFIG}", f"--workdir={straight}", *flags, env_extra=env)

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main, subprocess_env
+from conftest import (REPO, final_state, killed_process_cache_env, load_config, run_main,
+                      subprocess_env)
 from fairgen import checkpoint, data, robust, storage
 from fairgen.classifiers import backbones, fit
 from fairgen.fairness import importance
@@ -209,9 +210,7 @@ def test_gs_workdir_resumes_after_sigkill_bit_identically_then_evaluates_and_sam
            "--config.eval.num_samples=64", "--config.eval.batch_size=32",
            "--config.eval.kid_subsets=2", "--config.eval.kid_subset_size=32",
            "--config.eval.is_splits=2")
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = killed_process_cache_env(tmp_path)
   straight = str(tmp_path / "straight")
   result = run_main(f"--config={CONFIG}", f"--workdir={straight}", *flags, env_extra=env)
   assert result.returncode == 0, result.stderr[-3000:]
