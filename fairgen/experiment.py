@@ -188,10 +188,18 @@ def full_init(objective: objectives.Objective, rng: jax.Array) -> Any:
   return {**objective.init(rng), robust.GUARD_KEY: robust.init_guard()}
 
 
+# The initial state's program runs once, so it is built for compile time: XLA's LLVM
+# optimisation level 1, not the default 2. Measured on XLA:CPU (jaxlib 0.10.2): the DCGAN
+# smoke init compiles in 3 s instead of 12, the DDPM smoke U-Net's in 5.5 s instead of 17,
+# to the same bits (the ResNet GAN's orthogonal init: 13 of 338 leaves differ in the last
+# bits, and it compiles no faster).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
 def init_state(exp: Experiment) -> Any:
   """The initial state, created directly in its shardings (no host copy, no aliasing)."""
-  return jax.jit(functools.partial(full_init, exp.objective),
-                 out_shardings=exp.state_shardings)(exp.init_rng)
+  return jax.jit(functools.partial(full_init, exp.objective), out_shardings=exp.state_shardings,
+                 compiler_options=INIT_COMPILER_OPTIONS)(exp.init_rng)
 
 
 def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer) -> tuple[Any, int]:

@@ -138,6 +138,41 @@ def final_state(workdir: str, config):
   return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
+
+TIMING_KEYS = ("steps_per_sec", "input_wait_seconds")  # Logged scalars that are not results.
+
+
+def assert_resume_is_exact(config, tmp_path, stop: int, straight: str) -> None:
+  """Trains ``config`` to step ``stop``, then resumes it to ``train.num_steps`` (as after a
+  preemption), and checks that it ends bit-identical to the uninterrupted run in the
+  workdir ``straight``: every state leaf, and the scalars logged after ``stop`` (the config
+  logs every step).
+
+  The tests about device counts use this on their 1-device run: the resumed run reuses the
+  programs that run compiled, where a test of its own would compile them again.
+  """
+  import json
+  import numpy as np
+  from fairgen import train
+  assert config.log.every_steps == 1
+  end, split = config.train.num_steps, str(tmp_path / "stopped_and_resumed")
+  config.train.num_steps = stop
+  assert train.train_and_evaluate(config, split)["final_step"] == stop
+  config.train.num_steps = end
+  resumed = train.train_and_evaluate(config, split)
+  assert resumed["start_step"] == stop and resumed["final_step"] == end  # Really resumed.
+  (step_a, a), (step_b, b) = final_state(split, config), final_state(straight, config)
+  assert step_a == step_b == end
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  logged = []
+  for workdir in (split, straight):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      records = (json.loads(line) for line in f)
+      logged.append({r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS}
+                     for r in records if r["step"] > stop})
+  assert logged[0] == logged[1] and sorted(logged[0]) == list(range(stop + 1, end + 1))
+
 # The slowest files (by cold-cache time on 2 cores), started first: the suite runs on two
 # pytest-xdist workers, one file each at a time (setup.cfg), and a long file started last
 # would leave one core idle at the end. A hint only: a file missing here runs after these.

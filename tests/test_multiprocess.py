@@ -19,12 +19,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, final_state, load_config, run_main, subprocess_env
+from conftest import REPO, TIMING_KEYS, final_state, load_config, run_main, subprocess_env
 from fairgen import checkpoint, data, fairness, train
 
 LAUNCH = os.path.join(REPO, "tools", "launch_local.py")
 WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
-_TIMING = ("steps_per_sec", "input_wait_seconds")
 
 
 def _command(args, record=None, processes=2, devices=4):
@@ -121,7 +120,7 @@ def test_two_processes_match_one_process(name, tmp_path, request):
   logged = _metrics(job)
   assert [r["step"] for r in logged] == [steps]  # One writer: no duplicated lines.
   for key, value in scalars.items():
-    if key not in _TIMING:
+    if key not in TIMING_KEYS:
       np.testing.assert_allclose(logged[0][key], value, rtol=1e-5, err_msg=key)
   # The 2-process checkpoint, restored here on 1 device.
   (step, state), (_, reference) = final_state(job, config), final_state(str(tmp_path / "one"),
@@ -226,8 +225,8 @@ def test_sigterm_resume_across_process_counts_then_evaluate_and_sample(tmp_path,
   _assert_states_close(a, b, exact=True)
   split_logs, straight_logs = _metrics(paths["split"]), _metrics(paths["straight"])
   assert split_logs[-1]["step"] == straight_logs[-1]["step"] == stop + 2
-  assert {k: v for k, v in split_logs[-1].items() if k not in _TIMING} == {
-      k: v for k, v in straight_logs[-1].items() if k not in _TIMING}
+  assert {k: v for k, v in split_logs[-1].items() if k not in TIMING_KEYS} == {
+      k: v for k, v in straight_logs[-1].items() if k not in TIMING_KEYS}
   # 2 processes -> 1 process, and 1 process -> 2 processes.
   summary = train.train_and_evaluate(config, paths["two_then_one"])
   assert summary["start_step"] == stop

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
-from conftest import load_config, run_main
+from conftest import TIMING_KEYS, load_config, run_main
 from fairgen import config as config_lib
 from fairgen import checkpoint, data, experiment, privacy, train
 from fairgen.evaluation import modes, runner
@@ -352,7 +352,7 @@ def test_dp_runs_agree_on_one_and_eight_devices(tmp_path, partitionable_rng):
   (s1, p1), (s8, p8) = results[1], results[8]
   assert s1["epsilon"] == s8["epsilon"] > 0
   for key in s1:
-    if key not in ("steps_per_sec", "input_wait_seconds"):
+    if key not in TIMING_KEYS:
       np.testing.assert_allclose(s8[key], s1[key], rtol=1e-5, atol=1e-6, err_msg=key)
   for a, b in zip(p1, p8, strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import TIMING_KEYS, assert_resume_is_exact, load_config
 from fairgen import checkpoint, experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
@@ -116,28 +116,39 @@ STATE_TOLERANCE = {"resnet_gan_mnist": dict(rtol=5e-2, atol=5e-2)}
 # and 1e-3 held on the machine with AMX. A partitioning bug shows as O(1) errors (the DP
 # conv-kernel one did); the DCGAN's and the VAE's states and scalars agree to 1e-5.
 SCALAR_RTOL = {"resnet_gan_mnist": 1e-2}
+# The ResNet's initial spectral-norm vectors differ in the last bits on 8 FSDP devices (the
+# partitioned power iteration rounds differently; 83 leaves), and by step 5 that can grow past
+# the tolerances above in Adam's first moment (b1 = 0: the last gradient; seen: 0.064 at one
+# element, after a change of the init's LLVM optimisation level alone). It runs 3 steps
+# (there: 43% of the tolerance at worst); the others 5.
+STEPS = {"resnet_gan_mnist": 3}
 
 
 @pytest.mark.parametrize("name", SHARDED_CONFIGS)
 def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
   """1 device and 8 devices (replicated, or FSDP) train to the same numbers; an FSDP
-  checkpoint restores on another mesh (4 devices sharded, 1 device replicated)."""
+  checkpoint restores on another mesh (4 devices sharded, 1 device replicated). The 1-device
+  run, stopped at step 2 and resumed, ends bit-identical to it uninterrupted (for the ResNet
+  smoke config: the spectral-norm vectors of G, D and the EMA, the EMA's own batch
+  statistics, DiffAugment's keys, self-attention and conditional batch norm)."""
   assert jax.device_count() == 8
   results = {}
   for n, fsdp in RUNS[name]:
     config = load_config(name, "smoke", **{"mesh.data": n, "mesh.fsdp": fsdp,
-                                           "train.num_steps": 5,
+                                           "train.num_steps": STEPS.get(name, 5),
                                            "train.checkpoint_every_steps": 5,
-                                           "log.every_steps": 5})
+                                           "log.every_steps": 1})
     # The DCGAN smoke config covers one-sided label smoothing here (REGULARISER_CASES).
     assert name != "dcgan_mnist" or config.objective.label_smoothing > 0
     workdir = str(tmp_path / f"d{n}{fsdp}")
     summary = train.train_and_evaluate(config, workdir)
     results[n, fsdp] = (summary["scalars"], _final_state(config, workdir)[0])
+    if n == 1:
+      assert_resume_is_exact(config, tmp_path, 2, workdir)
   s1, p1 = results[1, False]
   for (n, fsdp), (s, p) in results.items():
     for key in s1:
-      if key not in ("steps_per_sec", "input_wait_seconds"):
+      if key not in TIMING_KEYS:
         np.testing.assert_allclose(s[key], s1[key], rtol=SCALAR_RTOL.get(name, 1e-5),
                                    err_msg=f"{key} {n} {fsdp}")
     _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p), **STATE_TOLERANCE.get(name, {}))
@@ -147,7 +158,7 @@ def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
       config = load_config(name, "smoke", **{"mesh.data": n, "mesh.fsdp": fsdp})
       exp = experiment.setup(config)
       state, step = experiment.restore_checkpoint(exp, str(tmp_path / "d8True"))
-      assert step == 5
+      assert step == STEPS.get(name, 5)
       _assert_same_state(saved, [np.asarray(x) for x in jax.tree.leaves(state)], 0, 0)
 
 
@@ -178,7 +189,7 @@ def test_gan_regularisers_agree_on_one_and_eight_devices(case, tmp_path, partiti
   (s1, p1), (s8, p8) = results[1], results[8]
   assert logged in s1
   for key in s1:
-    if key not in ("steps_per_sec", "input_wait_seconds"):
+    if key not in TIMING_KEYS:
       np.testing.assert_allclose(s8[key], s1[key], rtol=1e-5, atol=1e-7, err_msg=key)
   _assert_same_state(jax.tree.leaves(p1), jax.tree.leaves(p8))
 

@@ -25,12 +25,19 @@ step, never accumulated.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import dp_accounting
-from dp_accounting import pld
-from dp_accounting import rdp
 from scipy import stats
+
+if TYPE_CHECKING:
+  import dp_accounting
+
+
+def _lib():
+  """dp-accounting, imported on first use: the import takes ~1.4 s here (scipy.signal), and
+  every process that trains anything imports this module."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  return dp_accounting
 
 
 def truncation_probability(num_examples: int, rate: float, batch_size: int,
@@ -46,16 +53,16 @@ def truncation_probability(num_examples: int, rate: float, batch_size: int,
 def dp_event(noise_multiplier: float, rate: float, draws: int, num_examples: int,
              batch_size: int, accountant: str) -> dp_accounting.DpEvent:
   """The DP event of ``draws`` sampled Gaussian mechanisms (see the module docstring)."""
+  dp = _lib()
   if accountant == "pld":
-    one = dp_accounting.TruncatedSubsampledGaussianDpEvent(
+    one = dp.TruncatedSubsampledGaussianDpEvent(
         dataset_size=num_examples, sampling_probability=rate,
         truncated_batch_size=batch_size, noise_multiplier=noise_multiplier)
   elif accountant == "rdp":
-    one = dp_accounting.PoissonSampledDpEvent(
-        rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    one = dp.PoissonSampledDpEvent(rate, dp.GaussianDpEvent(noise_multiplier))
   else:
     raise ValueError(f"Unknown accountant {accountant!r}; valid: pld, rdp.")
-  return dp_accounting.SelfComposedDpEvent(one, draws)
+  return dp.SelfComposedDpEvent(one, draws)
 
 
 # A mechanism spent before the run: (noise_multiplier, rate, draws, batch_size).
@@ -70,7 +77,7 @@ def _run_event(noise_multiplier: float, rate: float, draws: int, num_examples: i
   if draws > 0:
     events.append(dp_event(noise_multiplier, rate, draws, num_examples, batch_size,
                            accountant))
-  return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+  return events[0] if len(events) == 1 else _lib().ComposedDpEvent(events)
 
 
 def _truncation(num_examples: int, rate: float, batch_size: int, draws: int,
@@ -90,8 +97,8 @@ PLD_INTERVAL = 1e-3
 
 def _accountant(name: str) -> dp_accounting.PrivacyAccountant:
   if name == "pld":
-    return pld.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
-  return rdp.RdpAccountant()
+    return _lib().pld.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+  return _lib().rdp.RdpAccountant()
 
 
 def epsilon(noise_multiplier: float, rate: float, draws: int, num_examples: int,
@@ -149,11 +156,12 @@ def solve_noise_multiplier(target_epsilon: float, rate: float, draws: int,
       raise ValueError(f"The mechanisms before the run already spend epsilon={spent:.4g}, "
                        f"at least the target {target_epsilon:g}.")
   event = lambda s, name: _run_event(s, rate, draws, num_examples, batch_size, name, prior)
+  dp = _lib()
   try:
-    sigma = float(dp_accounting.calibrate_dp_mechanism(
+    sigma = float(dp.calibrate_dp_mechanism(
         lambda: _accountant("rdp"), lambda s: event(s, "rdp"), target_epsilon, rdp_delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-4, 1.0), tol=1e-4))
-  except (ValueError, dp_accounting.mechanism_calibration.NoBracketIntervalFoundError):
+        bracket_interval=dp.LowerEndpointAndGuess(1e-4, 1.0), tol=1e-4))
+  except (ValueError, dp.mechanism_calibration.NoBracketIntervalFoundError):
     if accountant == "rdp":
       raise
     sigma = 1.0  # RDP's looser prior leaves no room; the PLD search below starts anyway.
@@ -166,6 +174,6 @@ def solve_noise_multiplier(target_epsilon: float, rate: float, draws: int,
   high = max(2 * sigma, 2 * low)
   while eps(high) > target_epsilon:
     low, high = high, 2 * high
-  return float(dp_accounting.calibrate_dp_mechanism(
+  return float(dp.calibrate_dp_mechanism(
       lambda: _accountant("pld"), lambda s: event(s, "pld"), target_epsilon, delta,
-      bracket_interval=dp_accounting.ExplicitBracketInterval(low, high), tol=1e-4))
+      bracket_interval=dp.ExplicitBracketInterval(low, high), tol=1e-4))
