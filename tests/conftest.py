@@ -28,8 +28,12 @@ import chex  # noqa: E402
 
 # 8 fake devices share 2 cores: under load, a device thread can reach an XLA CPU collective
 # rendezvous late, and XLA aborts the process after its default timeout. Give it time.
+# LLVM optimisation level 1 (XLA's default: 2), here and in the processes the tests start:
+# the suite's time is mostly compilation, and level 1 compiled the smoke train steps 5-20%
+# faster (ResNet 26.7 -> 21.3 s) with no slower steps; the numbers agree to rounding.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""),
+    os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
     "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
     "--xla_cpu_collective_timeout_seconds=1200"]).strip()
 chex.set_n_cpu_devices(8)
@@ -106,9 +110,11 @@ def killed_process_cache_env(tmp_path) -> dict:
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
-  """The environment of a process the tests start: this one's without the tests' XLA_FLAGS
-  (8 fake devices), so the child sees one device unless ``extra`` says otherwise."""
+  """The environment of a process the tests start: this one's without the tests' 8 fake
+  devices (XLA_FLAGS: only ``TEST_XLA_FLAGS``), so the child sees one device unless
+  ``extra`` says otherwise."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS
   env.update(extra or {})
   return env
 
