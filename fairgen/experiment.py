@@ -191,8 +191,8 @@ def full_init(objective: objectives.Objective, rng: jax.Array) -> Any:
 # The initial state's program runs once, so it is built for compile time: XLA's LLVM
 # optimisation level 1, not the default 2. Measured on XLA:CPU (jaxlib 0.10.2): the DCGAN
 # smoke init compiles in 3 s instead of 12, the DDPM smoke U-Net's in 5.5 s instead of 17,
-# to the same bits (the ResNet GAN's orthogonal init: 13 of 338 leaves differ in the last
-# bits, and it compiles no faster).
+# to the same bits (the ResNet GAN's too in JAX's default threefry mode; in the
+# non-partitionable one 13 of its 338 leaves differ in the last bits; it compiles no faster).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

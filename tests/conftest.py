@@ -26,12 +26,12 @@ os.environ["JAX_THREEFRY_PARTITIONABLE"] = "false"
 
 import chex  # noqa: E402
 
-# 8 fake devices share 2 cores: under load, a device thread can reach an XLA CPU collective
-# rendezvous late, and XLA aborts the process after its default timeout. Give it time.
 # LLVM optimisation level 1 (XLA's default: 2), here and in the processes the tests start:
 # the suite's time is mostly compilation, and level 1 compiled the smoke train steps 5-20%
 # faster (ResNet 26.7 -> 21.3 s) with no slower steps; the numbers agree to rounding.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+# 8 fake devices share 2 cores: under load, a device thread can reach an XLA CPU collective
+# rendezvous late, and XLA aborts the process after its default timeout. Give it time.
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), TEST_XLA_FLAGS,
     "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
@@ -144,7 +144,6 @@ def final_state(workdir: str, config):
   return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-
 TIMING_KEYS = ("steps_per_sec", "input_wait_seconds")  # Logged scalars that are not results.
 
 
@@ -178,6 +177,7 @@ def assert_resume_is_exact(config, tmp_path, stop: int, straight: str) -> None:
       logged.append({r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS}
                      for r in records if r["step"] > stop})
   assert logged[0] == logged[1] and sorted(logged[0]) == list(range(stop + 1, end + 1))
+
 
 # The slowest files (by cold-cache time on 2 cores), started first: the suite runs on two
 # pytest-xdist workers, one file each at a time (setup.cfg), and a long file started last
