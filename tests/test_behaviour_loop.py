@@ -144,8 +144,6 @@ def _metric_records(workdir):
   return records
 
 
-
-
 def _saved_arrays(workdir, step):
   """{path: array} of the checkpoint of ``step`` as written, read by Orbax alone.
 
