@@ -8,7 +8,8 @@ loss, spectral normalisation of D, n_disc = 2, a generator EMA, and DiffAugment
 python -m fairgen.main --config=experiments/resnet_gan_mnist.py --workdir=/tmp/fg/resnet
 Variants: ``:smoke`` (tiny, for tests: also class-conditional, with G normalised too, so
 that the tests cover conditional batch norm, the projection discriminator and both nets'
-spectral norm).
+spectral norm; one D update per step, which halves the compiled step's discriminator part:
+several are the generic step's, tested on the DCGAN).
 """
 
 from fairgen import config as config_lib
@@ -34,6 +35,7 @@ def get_config(arg=None):
   c.log.sample_every_steps = 1000
   if variant == "smoke":
     c.model.update(latent_dim=16, g_ch=4, d_ch=4, conditional=True)
+    c.objective.n_disc = 1
     c.objective.diffaugment = "color,translation,cutout"
     c.objective.spectral_norm = "gen,disc"
     config_lib.make_smoke(c)

@@ -147,35 +147,83 @@ def final_state(workdir: str, config):
 TIMING_KEYS = ("steps_per_sec", "input_wait_seconds")  # Logged scalars that are not results.
 
 
-def assert_resume_is_exact(config, tmp_path, stop: int, straight: str) -> None:
-  """Trains ``config`` to step ``stop``, then resumes it to ``train.num_steps`` (as after a
-  preemption), and checks that it ends bit-identical to the uninterrupted run in the
-  workdir ``straight``: every state leaf, and the scalars logged after ``stop`` (the config
-  logs every step).
-
-  The tests about device counts use this on their 1-device run: the resumed run reuses the
-  programs that run compiled, where a test of its own would compile them again.
-  """
+def metric_records(workdir: str) -> dict:
+  """{step: the last record of that step} of ``metrics.jsonl`` (complete lines only)."""
   import json
+  records = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.endswith("\n"):
+          record = json.loads(line)
+          records[record["step"]] = record
+  return records
+
+
+def saved_arrays(workdir: str, step: int) -> dict:
+  """{path: array} of WORKDIR/checkpoints/STEP as written, read by Orbax alone.
+
+  Not through fairgen's restore: a restore bug would corrupt both sides of a comparison alike
+  (e.g. a restore that drops the EMA makes every restored state agree).
+  """
+  import jax
   import numpy as np
+  import orbax.checkpoint as ocp
+  reader = ocp.StandardCheckpointer()
+  try:
+    tree = reader.restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
+                                       "default"))
+  finally:
+    reader.close()
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_same_final_state(workdir_a: str, workdir_b: str, config, step: int) -> None:
+  """Both local workdirs end at ``step`` with bit-identical states (restored by fairgen) and
+  checkpoint files (read by Orbax alone)."""
+  import numpy as np
+  (step_a, a), (step_b, b) = final_state(workdir_a, config), final_state(workdir_b, config)
+  assert step_a == step_b == step
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x, y)
+  a, b = saved_arrays(workdir_a, step), saved_arrays(workdir_b, step)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def assert_resume_is_exact(config, tmp_path, stop: int, straight: str | None = None,
+                           after_stop=None) -> None:
+  """Trains ``config`` to step ``stop``, then resumes it to ``train.num_steps`` (as after a
+  preemption), and checks that it ends bit-identical to an uninterrupted run: every state
+  leaf, the checkpoint files, and the scalars logged after ``stop`` (the config logs every
+  step).
+
+  ``straight``: the workdir of an uninterrupted run already made; without it, this trains one
+  (after ``after_stop(split, straight)``, which runs once the split run has stopped). The tests
+  about device counts pass their 1-device run: the resumed run reuses the programs that run
+  compiled, where a test of its own would compile them again.
+  """
   from fairgen import train
   assert config.log.every_steps == 1
   end, split = config.train.num_steps, str(tmp_path / "stopped_and_resumed")
   config.train.num_steps = stop
   assert train.train_and_evaluate(config, split)["final_step"] == stop
   config.train.num_steps = end
+  if straight is None:
+    straight = str(tmp_path / "straight")
+    if after_stop is not None:
+      after_stop(split, straight)
+    assert train.train_and_evaluate(config, straight)["final_step"] == end
   resumed = train.train_and_evaluate(config, split)
   assert resumed["start_step"] == stop and resumed["final_step"] == end  # Really resumed.
-  (step_a, a), (step_b, b) = final_state(split, config), final_state(straight, config)
-  assert step_a == step_b == end
-  for x, y in zip(a, b, strict=True):
-    np.testing.assert_array_equal(x, y)
+  assert_same_final_state(split, straight, config, end)
   logged = []
   for workdir in (split, straight):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      records = (json.loads(line) for line in f)
-      logged.append({r["step"]: {k: v for k, v in r.items() if k not in TIMING_KEYS}
-                     for r in records if r["step"] > stop})
+    logged.append({step: {k: v for k, v in r.items() if k not in TIMING_KEYS}
+                   for step, r in metric_records(workdir).items() if step > stop})
   assert logged[0] == logged[1] and sorted(logged[0]) == list(range(stop + 1, end + 1))
 
 

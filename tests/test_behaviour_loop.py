@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TIMING_KEYS, final_state, load_config, run_main, subprocess_env
+from conftest import (REPO, assert_resume_is_exact, assert_same_final_state, final_state,
+                      load_config, metric_records, run_main, subprocess_env)
 from fairgen import checkpoint
 from fairgen import data
 from fairgen import experiment
@@ -129,47 +129,6 @@ def _wrap_objective_step(monkeypatch, before_step):
 def _register_evaluator(monkeypatch, name, fn):
   """Registers ``fn`` as evaluator ``name`` for one test."""
   monkeypatch.setitem(runner.EVALUATORS._entries, name, runner.Entry(fn))  # pylint: disable=protected-access
-
-
-def _metric_records(workdir):
-  """{step: the last record of that step} of ``metrics.jsonl``."""
-  records = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        if line.endswith("\n"):
-          record = json.loads(line)
-          records[record["step"]] = record
-  return records
-
-
-def _saved_arrays(workdir, step):
-  """{path: array} of the checkpoint of ``step`` as written, read by Orbax alone.
-
-  Not through fairgen's restore: a restore bug would corrupt both sides of a comparison alike
-  (e.g. a restore that drops the EMA makes every restored state agree).
-  """
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "default")
-  reader = ocp.StandardCheckpointer()
-  try:
-    tree = reader.restore(path)
-  finally:
-    reader.close()
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _assert_same_final_state(workdir_a, workdir_b, config, step):
-  """Both workdirs end at ``step`` with bit-identical checkpoints (all state leaves)."""
-  (step_a, a), (step_b, b) = final_state(workdir_a, config), final_state(workdir_b, config)
-  assert step_a == step_b == step
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
-  a, b = _saved_arrays(workdir_a, step), _saved_arrays(workdir_b, step)
-  assert sorted(a) == sorted(b)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 # --- 1. GAN mechanics. ---------------------------------------------------------------------
@@ -444,32 +403,14 @@ def test_training_batches_are_split_over_the_data_axis(monkeypatch, workdir):
 
 
 def _assert_resume_is_exact(config, tmp_path, n, after_stop=None):
-  """Stop at n and resume to 2n == 2n in one go: final state and per-step metrics, bitwise.
-
-  ``after_stop(split, straight)`` runs after the first part of the split run, before the
-  uninterrupted one.
-  """
+  """Stop at n and resume to 2n == 2n in one go (``conftest.assert_resume_is_exact``)."""
   config.mesh.data = 1
   config.train.checkpoint_every_steps = n
   config.log.every_steps = 1
   config.log.sample_every_steps = 1000
   config.eval.every_steps = 0
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  config.train.num_steps = n
-  assert train.train_and_evaluate(config, split)["final_step"] == n
-  if after_stop is not None:
-    after_stop(split, straight)
   config.train.num_steps = 2 * n
-  train.train_and_evaluate(config, straight)
-  resumed = train.train_and_evaluate(config, split)
-  assert resumed["start_step"] == n and resumed["final_step"] == 2 * n  # Really resumed.
-  _assert_same_final_state(split, straight, config, 2 * n)
-  a, b = _metric_records(split), _metric_records(straight)
-  assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
-  for step in range(n + 1, 2 * n + 1):
-    for key in b[step]:
-      if key not in TIMING_KEYS:
-        assert a[step][key] == b[step][key], (step, key)
+  assert_resume_is_exact(config, tmp_path, n, after_stop=after_stop)
 
 
 def test_vae_resume_is_exact(tmp_path):
@@ -526,7 +467,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   proc = _launch(workdir, flags, log_path)
   try:
     deadline = time.monotonic() + 240
-    while not _metric_records(workdir) and proc.poll() is None:  # A step is logged.
+    while not metric_records(workdir) and proc.poll() is None:  # A step is logged.
       assert time.monotonic() < deadline, "no step logged"
       time.sleep(0.002)
     proc.send_signal(signal.SIGTERM)
@@ -541,7 +482,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   assert match, stderr[-3000:]
   stopped = int(match.group(1))
   assert 1 <= stopped < 60
-  assert max(_metric_records(workdir)) == stopped
+  assert max(metric_records(workdir)) == stopped
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     assert ckpt.all_steps() == [stopped]  # Saved where it stopped, and committed.
@@ -552,7 +493,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(rf"Resumed from \S+/checkpoints/{stopped}\b", result.stderr), (
       result.stderr[-3000:])
-  _assert_same_final_state(workdir, straight, load_config("vae_mnist", "smoke"), 60)
+  assert_same_final_state(workdir, straight, load_config("vae_mnist", "smoke"), 60)
 
 
 def test_a_preemption_checkpoints_without_sampling_or_evaluating_first(tmp_path, monkeypatch):

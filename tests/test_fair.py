@@ -2,6 +2,7 @@
 
 import json
 import os
+import importlib.util
 import subprocess
 import sys
 import types
@@ -378,6 +379,29 @@ def test_trained_model_evaluates_with_fairness_metrics(classifiers, workdir):
   assert os.path.exists(os.path.join(workdir, "eval", "groups_step_000004.png"))
 
 
+def test_choi_repro_models_flag_chooses_each_models_methods(capsys):
+  """``--models`` runs each model for those of ``--methods`` it supports, or for the ones it
+  names; an
+  unknown model or a method the model lacks is one ``fairgen: error:`` line, status 2."""
+  spec = importlib.util.spec_from_file_location(
+      "choi2020_mnist", os.path.join(REPO, "experiments", "repro", "choi2020_mnist.py"))
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  methods = ("baseline", "importance", "penalty")
+  assert script.parse_runs("dcgan,ddpm", methods) == [
+      ("dcgan", "baseline"), ("dcgan", "importance"), ("dcgan", "penalty"),
+      ("ddpm", "baseline"), ("ddpm", "importance")]
+  assert script.parse_runs("ddpm:importance+baseline", methods) == [
+      ("ddpm", "baseline"), ("ddpm", "importance")]
+  assert script.parse_runs("dcgan:resample,ddpm", ("penalty",)) == [("dcgan", "resample")]
+  for bad in ("ddpm:penalty", "gan", "dcgan:nope"):
+    with pytest.raises(SystemExit) as exit_info:
+      script.parse_runs(bad, methods)
+    assert exit_info.value.code == 2, bad
+    err = capsys.readouterr().err
+    assert err.startswith("fairgen: error: ") and err.count("\n") == 1, err
+
+
 # The methods the script treats specially: the baseline (it also measures the copy of the
 # data), importance (its density-ratio weights) and penalty (its classifier); the others
 # run the same code path (each method's training: the other tests here).
@@ -385,16 +409,17 @@ REPRO_METHODS = ("baseline", "importance", "penalty")
 
 
 def test_choi_repro_script_quick_and_resumable(tmp_path):
-  """Also the DDPM rows: the methods DDPM supports (not the penalty), each its own U-Net run."""
+  """Also a DDPM row (its own U-Net run, importance-weighted: ``--models=...,ddpm:importance``;
+  the DDPM baseline is the same run without weights, and test_diffusion trains fair DDPMs)."""
   env = subprocess_env()
   cmd = [sys.executable, "experiments/repro/choi2020_mnist.py", "--quick", f"--out={tmp_path}",
-         f"--methods={','.join(REPRO_METHODS)}", "--models=dcgan,ddpm"]
+         f"--methods={','.join(REPRO_METHODS)}", "--models=dcgan,ddpm:importance"]
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "attr classifier: test accuracy" in result.stdout
   with open(tmp_path / "results.csv") as f:
     rows = f.read().splitlines()
-  assert len(rows) == 1 + len(REPRO_METHODS) + 2
+  assert len(rows) == 1 + len(REPRO_METHODS) + 1
   table = {line.split(" | ")[1]: line for line in result.stdout.splitlines()
            if line.startswith("| 0.25 | ")}
   # The copy-of-the-data row is measured: for two groups and a uniform target,
@@ -416,11 +441,10 @@ def test_choi_repro_script_quick_and_resumable(tmp_path):
     cells = table[method].split(" | ")
     assert cells[2] == f"{ev['fd_l2']:.3f}" and cells[5] == f"{ev['fid']:.1f}", method
     assert cells[3] == f"{ev['cleam_fd_l2']:.3f}", method
-  for method in ("baseline", "importance"):
-    with open(runs / f"ddpm_{method}_ref0.25_seed0" / "config.json") as f:
-      assert json.load(f)["model"]["name"] == "unet"
-    assert f"| 0.25 | ddpm {method} | " in result.stdout
-  assert "ddpm penalty" not in result.stdout
+  with open(runs / "ddpm_importance_ref0.25_seed0" / "config.json") as f:
+    assert json.load(f)["model"]["name"] == "unet"
+  assert "| 0.25 | ddpm importance | " in result.stdout
+  assert "ddpm penalty" not in result.stdout and "ddpm baseline" not in result.stdout
   assert (runs / "ddpm_importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert (runs / "importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert not (runs / "baseline_ref0.25_seed0" / "density_ratio").exists()

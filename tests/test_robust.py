@@ -12,11 +12,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (REPO, final_state, killed_process_cache_env, load_config, run_main,
-                      subprocess_env)
+from conftest import (REPO, assert_same_final_state, final_state, killed_process_cache_env,
+                      load_config, run_main, subprocess_env)
 from fairgen import checkpoint, experiment, robust, train
 
 CONFIG = "experiments/dcgan_mnist.py:smoke"
@@ -79,18 +78,6 @@ def _checkpoint_entries(workdir):
   return committed, saving
 
 
-def _saved_arrays(workdir, step):
-  """{path: array} of WORKDIR/checkpoints/STEP as written, read by Orbax alone."""
-  reader = ocp.StandardCheckpointer()
-  try:
-    tree = reader.restore(os.path.join(os.path.abspath(workdir), "checkpoints", str(step),
-                                       "default"))
-  finally:
-    reader.close()
-  return {jax.tree_util.keystr(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 # Where each launch is killed, relative to the step ``s`` it resumes from (checkpoints every
 # 2 steps): (name, condition on the steps it logged, committed and is saving).
 _KILL_POINTS = (
@@ -150,15 +137,8 @@ def test_sigkill_at_steps_and_mid_save_resumes_bit_identically(tmp_path):
   result = run_main(f"--config={CONFIG}", f"--workdir={workdir}", *flags, env_extra=env)
   assert result.returncode == 0, result.stderr[-3000:]
   config = load_config("dcgan_mnist", "smoke")
-  (step_a, a), (step_b, b) = final_state(workdir, config), final_state(straight, config)
-  assert step_a == step_b == 24
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
   # The files too, read without fairgen's restore (which could hide a bug on both sides).
-  a, b = _saved_arrays(workdir, 24), _saved_arrays(straight, 24)
-  assert sorted(a) == sorted(b)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  assert_same_final_state(workdir, straight, config, 24)
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert all(n.isdigit() for n in names), names  # partial directories are cleaned up
   assert not _checkpoint_entries(workdir)[1], names  # and every step directory is committed

@@ -8,20 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TIMING_KEYS, assert_resume_is_exact, load_config
-from fairgen import checkpoint, experiment, parallel, train
+from conftest import TIMING_KEYS, assert_resume_is_exact, final_state, load_config
+from fairgen import experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
 # Sharding tests also run the ResNet GAN (spectral norm, attention, DiffAugment).
 SHARDED_CONFIGS = OBJECTIVE_CONFIGS + ["resnet_gan_mnist"]
-
-
-def _final_state(config, workdir):
-  exp = experiment.setup(config)
-  ckpt = checkpoint.Checkpointer(workdir, 1, 1)
-  state, step = experiment.restore_or_init(exp, ckpt)
-  ckpt.close()
-  return jax.tree.map(np.asarray, state), step
 
 
 @pytest.mark.parametrize("name", OBJECTIVE_CONFIGS)
@@ -142,7 +134,7 @@ def test_one_device_and_eight_devices_agree(name, tmp_path, partitionable_rng):
     assert name != "dcgan_mnist" or config.objective.label_smoothing > 0
     workdir = str(tmp_path / f"d{n}{fsdp}")
     summary = train.train_and_evaluate(config, workdir)
-    results[n, fsdp] = (summary["scalars"], _final_state(config, workdir)[0])
+    results[n, fsdp] = (summary["scalars"], final_state(workdir, config)[1])
     if n == 1:
       assert_resume_is_exact(config, tmp_path, 2, workdir)
   s1, p1 = results[1, False]
@@ -185,7 +177,7 @@ def test_gan_regularisers_agree_on_one_and_eight_devices(case, tmp_path, partiti
         "log.every_steps": 4, **overrides})
     workdir = str(tmp_path / f"d{n}")
     summary = train.train_and_evaluate(config, workdir)
-    results[n] = (summary["scalars"], _final_state(config, workdir)[0])
+    results[n] = (summary["scalars"], final_state(workdir, config)[1])
   (s1, p1), (s8, p8) = results[1], results[8]
   assert logged in s1
   for key in s1:

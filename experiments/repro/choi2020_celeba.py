@@ -168,7 +168,7 @@ def main() -> None:
   for name, given, valid in (("methods", methods, fairness.METHODS), ("biases", biases, BIASES)):
     unknown = [m for m in given if m not in valid]
     if unknown:
-      sys.exit(f"Unknown {name} {unknown}; valid: {', '.join(valid)}.")
+      choi_common.usage_error(f"unknown {name} {unknown}; valid: {', '.join(valid)}.")
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   classifiers = train_classifiers(args.out, biases, args.tfds_data_dir, args.quick)

@@ -18,6 +18,7 @@ sets, through fairgen's own loop:
 ``--models=dcgan,ddpm`` adds DDPM rows (``fair_mnist.py:model=ddpm``: the small U-Net,
 sampled by 50-step DDIM) for the methods DDPM supports (all but the penalty; its
 conditional is classifier-free guidance on the group). They are named ``ddpm <method>``.
+``--models=dcgan,ddpm:baseline+importance`` runs DDPM for those two methods only.
 
 Each run is evaluated on the balanced held-out digits: FD-L2/FD-KL (the attribute
 classifier's hard labels over 1,000 samples), FID, per-group FID (generated group g
@@ -166,19 +167,40 @@ def table(results: dict, methods: tuple[str, ...], fractions: tuple[float, ...],
             f"{100 * CHOI_REDUCTION:.1f}% on average over baselines.", "",
             "Target: importance reduces FD-L2 vs the baseline by >= 30% at ref_fraction >= 0.25,"
             " with FID <= 1.25x the baseline's:"]
-  if "importance" in methods and "baseline" in methods:
+  for model in MODELS:
+    baseline, weighted = row_name(model, "baseline"), row_name(model, "importance")
+    if baseline not in methods or weighted not in methods:
+      continue
     for rf in fractions:
-      base = [results[("baseline", rf, s)] for s in range(seeds)]
-      imp = [results[("importance", rf, s)] for s in range(seeds)]
+      base = [results[(baseline, rf, s)] for s in range(seeds)]
+      imp = [results[(weighted, rf, s)] for s in range(seeds)]
       b_fd, i_fd = np.mean([r["fd_l2"] for r in base]), np.mean([r["fd_l2"] for r in imp])
       b_fid, i_fid = np.mean([r["fid"] for r in base]), np.mean([r["fid"] for r in imp])
       reduction = 1.0 - i_fd / b_fd if b_fd > 0 else float("nan")
       ok = reduction >= 0.30 and i_fid <= 1.25 * b_fid
       scope = "" if rf >= 0.25 else " (outside the target's range)"
-      lines.append(f"- ref_fraction {rf}: FD-L2 reduction {100 * reduction:.1f}% "
+      lines.append(f"- {model}, ref_fraction {rf}: FD-L2 reduction {100 * reduction:.1f}% "
                    f"(Choi et al.: up to {100 * CHOI_REDUCTION:.1f}%), FID ratio "
                    f"{i_fid / b_fid:.2f}: {'met' if ok else 'NOT met'}{scope}")
   return lines
+
+
+def parse_runs(models: str, methods: tuple[str, ...]) -> list[tuple[str, str]]:
+  """The (model, method) runs of ``--models``: each of ``methods`` the model supports, or for
+  ``MODEL:M1+M2``, M1 and M2 instead (``dcgan,ddpm:importance``)."""
+  runs = []
+  for entry in models.split(","):
+    model, _, only = entry.partition(":")
+    if model not in MODELS:
+      choi_common.usage_error(f"unknown model {model!r} in --models={models}; valid: "
+                              f"{', '.join(MODELS)}.")
+    chosen = only.split("+") if only else methods
+    refused = [m for m in chosen if only and m not in MODELS[model]]
+    if refused:
+      choi_common.usage_error(f"--models={models}: {model} does not support {refused}; it "
+                              f"supports {', '.join(MODELS[model])}.")
+    runs += [(model, m) for m in MODELS[model] if m in chosen]
+  return runs
 
 
 def main() -> None:
@@ -190,7 +212,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None,
                       help="train.num_steps of every run (default: the config's)")
   parser.add_argument("--models", default="dcgan",
-                      help="dcgan and/or ddpm (DDPM rows: every method but the penalty)")
+                      help="dcgan and/or ddpm (DDPM rows: every method but the penalty); "
+                      "MODEL:M1+M2 runs that model for M1 and M2 instead of --methods")
   parser.add_argument("--quick", action="store_true",
                       help="tiny settings, 1 seed, ref_fraction 0.25 (tests)")
   args = parser.parse_args()
@@ -199,12 +222,8 @@ def main() -> None:
   methods = tuple(args.methods.split(","))
   unknown = [m for m in methods if m not in fairness.METHODS]
   if unknown:
-    sys.exit(f"Unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
-  models = tuple(args.models.split(","))
-  if not models or any(m not in MODELS for m in models):
-    sys.exit(f"Unknown models in {args.models!r}; valid: {', '.join(MODELS)}.")
-  runs = [(model, m) for model in models for m in methods
-          if m in MODELS[model]]
+    choi_common.usage_error(f"unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
+  runs = parse_runs(args.models, methods)
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   classifiers = train_classifiers(args.out, args.quick)

@@ -18,6 +18,13 @@ from fairgen import train  # The scripts put the repository on sys.path first.
 from fairgen.evaluation import modes
 
 
+def usage_error(message: str) -> None:
+  """Bad arguments: one ``fairgen: error:`` line on stderr and exit status 2, as fairgen's own
+  command line does."""
+  print(f"fairgen: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run_or_load(workdir: str, config: Any, metrics: Sequence[str],
                 extra: Callable[[Any, str], dict[str, float]] | None = None,
                 label: str = "") -> dict[str, float]:

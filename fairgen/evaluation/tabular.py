@@ -23,10 +23,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from scipy import stats
-from sklearn import dummy
-from sklearn import linear_model
-
 from fairgen import data
 from fairgen import experiment
 from fairgen import parallel
@@ -40,6 +36,8 @@ from fairgen.objectives import vfae as vfae_objective
 
 def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
   """A logistic-regression probe (a constant one when ``y`` has a single class)."""
+  # Imported here: scikit-learn takes ~0.6 s to import, in every process that trains.
+  from sklearn import dummy, linear_model  # pylint: disable=g-import-not-at-top
   if len(np.unique(y)) < 2:
     return dummy.DummyClassifier(strategy="most_frequent").fit(x, y)
   return linear_model.LogisticRegression(max_iter=1000, random_state=seed).fit(x, y)
@@ -121,6 +119,7 @@ def marginal_distances(spec: tabular.TabularSpec, synthetic: np.ndarray,
       q = np.array([np.mean(ref[col.name] == c) for c in col.categories])
       tv.append(0.5 * np.abs(p - q).sum())
     else:
+      from scipy import stats  # pylint: disable=g-import-not-at-top
       w1.append(stats.wasserstein_distance(syn[col.name], ref[col.name]))
   return {"marginal_tv": float(np.mean(tv)) if tv else float("nan"),
           "marginal_w1": float(np.mean(w1)) if w1 else float("nan")}
