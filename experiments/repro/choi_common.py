@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from fairgen import train  # The scripts put the repository on sys.path first.
 from fairgen.evaluation import modes
 
 
-def usage_error(message: str) -> None:
+def usage_error(message: str) -> NoReturn:
   """Bad arguments: one ``fairgen: error:`` line on stderr and exit status 2, as fairgen's own
   command line does."""
   print(f"fairgen: error: {message}", file=sys.stderr)
