@@ -17,8 +17,9 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("plain", "smoke"))
   c = config_lib.base_config()
   c.data.name = "adult"
+  # audit_groups: e.g. ('sex', 'race'), evaluated as k-way intersectional groups.
   c.data.options = dict(sensitive="sex", include_sensitive=False,
-                        adult_dir=config_dict.placeholder(str))
+                        adult_dir=config_dict.placeholder(str), audit_groups=())
   c.model = dict(name="tabgan", latent_dim=64, hidden=(256, 256), critic_hidden=(256, 256),
                  temperature=0.2, hard=False, dtype="float32")
   c.objective = dict(name="tabgan", n_critic=2, gp_weight=10.0,

@@ -14,6 +14,7 @@ from fairgen import parallel
 from fairgen.evaluation import tabular as tabular_eval
 from fairgen.data import tabular
 from fairgen.data import uci
+from fairgen.metrics import fairness
 from fairgen.models import tabgan as tabgan_models
 from fairgen import objectives
 from fairgen.objectives import losses
@@ -162,18 +163,26 @@ def test_config_errors():
     objectives.validate({"name": "tabgan", "gp_weight": -1.0}, OPTIM)
 
 
+AUDIT = ("sex", "race")  # Adult's intersectional audit groups: 2 x 5 values.
+
+
 def test_tstr_evaluator(adult_run):
+  """Binary-attribute metrics, and with audit groups (evaluation only: data.eval_options)
+  the same probes' test predictions, the real and the synthetic labels over sex x race
+  (the synthetic rows' sex from their generated attr, their race decoded)."""
   config = config_lib.base_config()
   config.data.name = "adult"
+  config.data.eval_options = {"audit_groups": AUDIT}
   config.eval.num_samples = 500
   config.eval.batch_size = 256
   ctx = types.SimpleNamespace(
       config=config, cfg=config.eval, state=adult_run.state,
       real=evaluate.RealData(config), exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
   results = dict(tabular_eval.tstr(ctx))
-  assert set(results) == {"tstr_accuracy", "tstr_spd", "trtr_accuracy", "trtr_spd",
-                          "synthetic_spd", "real_spd", "marginal_tv", "marginal_w1"}
-  assert all(np.isfinite(v) for v in results.values()), results
+  assert {k for k in results if "_groups_" not in k} == {
+      "tstr_accuracy", "tstr_spd", "trtr_accuracy", "trtr_spd", "synthetic_spd", "real_spd",
+      "marginal_tv", "marginal_w1"}
+  assert all(np.isfinite(v) for k, v in results.items() if "_groups_" not in k), results
   assert results["trtr_accuracy"] > 0.8  # Logistic regression on Adult: ~0.85.
   y, a = adult_run.source.arrays["label"], adult_run.source.arrays["attr"]
   assert results["real_spd"] == pytest.approx(y[a == 0].mean() - y[a == 1].mean())
@@ -189,6 +198,35 @@ def test_tstr_evaluator(adult_run):
   # A table against itself is at distance 0.
   same = tabular_eval.marginal_distances(spec, real, real)
   assert same["marginal_tv"] == 0 and same["marginal_w1"] == 0
+  _check_tstr_groups(results, features, label, attr, adult_run.source.spec, config.eval.seed)
+
+
+def _check_tstr_groups(results, features, label, attr, spec, seed):
+  test, train = uci.adult("test", audit_groups=AUDIT), uci.adult("train", audit_groups=AUDIT)
+  groups, priv = test.spec.audit_groups, test.spec.audit_privileged
+  assert len(groups) == 10 and groups[priv] == ("Male", "White")
+  te, tr = test.arrays, train.arrays
+  for prefix, (x, y) in (("tstr", (features, label)), ("trtr", (tr["features"], tr["label"]))):
+    pred = tabular_eval.fit_probe(x, y, seed).predict(te["features"])
+    expected = fairness.multigroup_report(te["label"], pred, te["groups"], len(groups), priv)
+    for key, value in expected.items():
+      assert results[f"{prefix}_groups_{key}"] == pytest.approx(value, nan_ok=True), key
+  # The tables' own labels: selection rates only, and SPD against (Male, White).
+  race = tabular.decode_rows(spec, features)["race"]
+  sex = np.where(attr == 1, "Male", "Female")
+  for prefix, rows in (("real", (tr["label"], tr["groups"])),
+                       ("synthetic", (label, [groups.index((a, b)) if (a, b) in groups else -1
+                                              for a, b in zip(sex, race)]))):
+    y, g = np.asarray(rows[0]), np.asarray(rows[1])
+    rate = {i: y[g == i].mean() if np.any(g == i) else np.nan for i in range(len(groups))}
+    for i in range(len(groups)):
+      assert results[f"{prefix}_groups_n_{i}"] == np.sum(g == i)
+      assert results[f"{prefix}_groups_selection_rate_{i}"] == pytest.approx(rate[i], nan_ok=True)
+      assert f"{prefix}_groups_tpr_{i}" not in results
+      if i != priv:
+        assert results[f"{prefix}_groups_statistical_parity_difference_{i}"] == pytest.approx(
+            rate[i] - rate[priv], nan_ok=True)
+  assert 0 < np.mean(attr) < 1  # Both sexes generated: the mapping from attr is exercised.
 
 
 def _hand_marginals(spec, synthetic, real):

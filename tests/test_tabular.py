@@ -4,6 +4,7 @@ The files are the copies vendored in ``fairgen/data/files/`` (from the ``respons
 the expected values are re-derived here with an independent pandas parse.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -147,3 +148,23 @@ def test_bad_options_and_arrays_raise_data_errors():
                               ("label", np.zeros(2, np.int32), "shape")):
     with pytest.raises(base.DataError, match=f"'german'.*{message}"):
       tabular.TabularSource(spec, {**good, key: value})
+  # Audit groups: one value per audit column, ids within range.
+  audited = dataclasses.replace(spec, audit_groups=(("a",), ("b",)), audit_columns=("age",))
+  tabular.TabularSource(audited, {**good, "groups": np.array([0, 1, 1], np.int32)})
+  for bad_spec, groups, message in (
+      (dataclasses.replace(audited, audit_columns=()), [0, 1, 1], "one value per audit column"),
+      (audited, [0, 2, 1], "groups must be int32 ids"),
+      (spec, [0, 1, 1], "go together")):
+    with pytest.raises(base.DataError, match=message):
+      tabular.TabularSource(bad_spec, {**good, "groups": np.array(groups, np.int32)})
+
+
+def test_adult_audit_groups_name_their_columns():
+  source = uci.adult("test", audit_groups=("race", "sex"))
+  spec = source.spec
+  assert spec.audit_columns == ("race", "sex") and len(spec.audit_groups) == 10
+  assert spec.audit_groups[spec.audit_privileged] == ("White", "Male")
+  table = tabular.decode_rows(spec, source.arrays["features"])  # race is a feature column
+  names = [spec.audit_groups[g] for g in source.arrays["groups"][:200]]
+  assert [n[0] for n in names] == list(table["race"][:200])
+  assert [n[1] == "Male" for n in names] == list(source.arrays["attr"][:200] == 1)

@@ -1,5 +1,6 @@
 """VFAE: training on Adult, shapes, sharding, the MMD penalty's effect, the probe evaluator."""
 
+import functools
 import types
 
 import jax
@@ -13,6 +14,7 @@ from fairgen import parallel
 from fairgen.evaluation import tabular as tabular_eval
 from fairgen.data import tabular
 from fairgen.data import uci
+from fairgen.metrics import fairness
 from fairgen.metrics import mmd
 from fairgen.models import vfae as vfae_models
 from fairgen import objectives
@@ -136,17 +138,40 @@ def test_unknown_objective_key_raises():
 
 
 def test_vfae_probe_evaluator(adult_run):
+  """The probes, and with audit groups (sex x race, evaluation only) the y-probe's decisions
+  over them and a probe for the group id from z1."""
   config = config_lib.base_config()
   config.data.name = "adult"
+  config.data.eval_options = {"audit_groups": ("sex", "race")}
   config.model = {"name": "vfae", "latent_dim": 8, "hidden": (32,), "hierarchical": True}
   config.eval.batch_size = 4096
   ctx = types.SimpleNamespace(
       config=config, cfg=config.eval, state=adult_run.state,
       real=evaluate.RealData(config), exp=types.SimpleNamespace(spec=adult_run.source.spec, objective=adult_run.objective))
   results = dict(tabular_eval.vfae_probe(ctx))
-  assert set(results) == {"probe_y_accuracy", "probe_y_spd", "probe_s_accuracy",
-                          "s_majority_rate", "recon"}
-  assert all(np.isfinite(v) for v in results.values()), results
+  assert {k for k in results if not k.startswith("probe_y_groups_")} == {
+      "probe_y_accuracy", "probe_y_spd", "probe_s_accuracy", "s_majority_rate", "recon",
+      "probe_groups_accuracy", "groups_majority_rate"}
+  assert all(np.isfinite(results[k]) for k in ("probe_y_accuracy", "probe_y_spd", "recon"))
+  # The group metrics are those of the same probes, refitted here on the posterior means.
+  test, train = (uci.adult(s, audit_groups=("sex", "race")) for s in ("test", "train"))
+  encode = jax.jit(functools.partial(vfae.encode_representation, modules=adult_run.model))
+  params = {"params": adult_run.state["params"]}
+  z = {name: parallel.map_in_chunks(lambda x, s: encode(params, x, s),
+                                    (split.arrays["features"], split.arrays["attr"]),
+                                    config.eval.batch_size)
+       for name, split in (("train", train), ("test", test))}
+  te, tr, spec = test.arrays, train.arrays, test.spec
+  y_pred = tabular_eval.fit_probe(z["train"], tr["label"], config.eval.seed).predict(z["test"])
+  report = fairness.multigroup_report(te["label"], y_pred, te["groups"], 10,
+                                      spec.audit_privileged)
+  for key, value in report.items():
+    assert results[f"probe_y_groups_{key}"] == pytest.approx(value, rel=1e-6, nan_ok=True), key
+  g_pred = tabular_eval.fit_probe(z["train"], tr["groups"], config.eval.seed).predict(z["test"])
+  assert len(np.unique(g_pred)) > 1
+  assert results["probe_groups_accuracy"] == pytest.approx(np.mean(g_pred == te["groups"]))
+  assert results["groups_majority_rate"] == pytest.approx(
+      np.max(np.bincount(te["groups"])) / len(te["groups"]))
   test = uci.adult("test").arrays
   share = float(np.mean(test["attr"]))
   assert results["s_majority_rate"] == pytest.approx(max(share, 1.0 - share))

@@ -14,8 +14,9 @@ Each run is evaluated on the balanced held-out test split: FD-L2/FD-KL (the ResN
 attribute classifier's hard labels), FID, per-group FID and each group's share. The script
 first trains one ResNet attribute classifier per grouping (Male; Black_Hair+Male) on
 CelebA's training split into ``OUT/classifiers/`` and reports their held-out accuracy.
-They also give FID its features, as a stand-in for the Inception FID of the paper (issue
-14 adds ``eval.backbone=inception_v3``), so FIDs here are not comparable to the paper's.
+They also give FID its features, as a stand-in for the Inception FID of the paper, so FIDs
+here are not comparable to the paper's (evaluate a run's workdir again with
+``--mode=evaluate --config.eval.backbone=inception_v3`` for that).
 
 Published numbers: the paper's CelebA FD and FID results could not be retrieved on this
 offline machine (only the abstracts of the paper's pages are searchable), so the table

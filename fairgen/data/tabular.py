@@ -65,6 +65,8 @@ class TabularSpec:
       evaluation reports on, beside the binary ``attr``): the attribute values of each
       group id, e.g. ``(('Female', 'Black'), ...)``; empty otherwise.
     audit_privileged: the privileged group's id among ``audit_groups``, or -1 for none.
+    audit_columns: the names of the attributes whose values ``audit_groups`` lists, in
+      order (e.g. ``('sex', 'race')``); empty without audit groups.
   """
 
   name: str
@@ -77,6 +79,7 @@ class TabularSpec:
   columns: tuple[Column, ...]
   audit_groups: tuple[tuple[str, ...], ...] = ()
   audit_privileged: int = -1
+  audit_columns: tuple[str, ...] = ()
 
   @property
   def feature_shape(self) -> tuple[int]:
@@ -206,6 +209,9 @@ def validate_tabular(spec: TabularSpec, arrays: Mapping[str, np.ndarray]) -> Non
   if ("groups" in arrays) != bool(spec.audit_groups):
     raise base.DataError(f"Dataset {name!r}: a 'groups' array and spec.audit_groups go "
                          "together.")
+  if spec.audit_groups and any(len(g) != len(spec.audit_columns) for g in spec.audit_groups):
+    raise base.DataError(f"Dataset {name!r}: each audit group needs one value per audit "
+                         f"column {spec.audit_columns}.")
   if "groups" in arrays:
     groups = arrays["groups"]
     if (groups.shape != (len(features),) or groups.dtype != np.int32 or groups.min() < 0

@@ -211,7 +211,7 @@ def _adult_arrays(adult_dir: str | None, sensitive: str, drop_missing: bool,
       name="adult", feature_dim=columns[-1].stop, num_classes=2, num_groups=2,
       sensitive=sensitive, privileged=f"{sensitive} == {privileged!r}",
       label_name="income == '>50K'", columns=columns, audit_groups=group_names,
-      audit_privileged=group_priv)
+      audit_privileged=group_priv, audit_columns=audit_groups)
   parts = {}
   for split, table in tables.items():
     parts[split] = _freeze({

@@ -12,6 +12,11 @@ Each is a function ``(ctx) -> iterable of (name, value)`` reading ``ctx.config``
   with fairness and marginal fidelity of the synthetic table, and the train-on-real
   reference.
 
+Each also reports k-way or intersectional fairness where the eval split has a ``groups``
+array (e.g. Adult's ``data.options.audit_groups=('sex', 'race')``): ``..._groups_<metric>``,
+``fairgen.metrics.fairness.multigroup_report`` over those groups, against
+``spec.audit_privileged``, beside the binary attribute's metrics.
+
 The probes are scikit-learn ``LogisticRegression`` (lbfgs, ``max_iter=1000``). When the
 training labels of a probe have a single class, it predicts that class.
 """
@@ -45,12 +50,71 @@ def fit_probe(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
 
 
 def _splits(ctx: EvalContext) -> tuple[tabular.TabularSource, tabular.TabularSource]:
-  train = data.load(ctx.config.data, ctx.config.data.split)
+  # The train split as the held-out one is loaded (with data.eval_options, e.g. audit groups).
+  train = data.load(ctx.config.data, ctx.config.data.split, ctx.config.data.get("eval_options"))
   test = ctx.real.source  # The held-out split, loaded once per run.
   if not isinstance(train, tabular.TabularSource):
     raise EvalError(f"Tabular evaluators need a tabular dataset, got "
                       f"data.name={ctx.config.data.name!r}.")
   return train, test
+
+
+# multigroup_report's metrics that need no true labels: selection rates and their ratios.
+_SELECTION_METRICS = ("n_", "selection_rate_", "demographic_parity_",
+                      "statistical_parity_difference", "disparate_impact",
+                      "worst_statistical_parity_difference", "worst_disparate_impact")
+
+
+def group_report(prefix: str, y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray,
+                 spec: tabular.TabularSpec, selection_only: bool = False) -> Scalars:
+  """``multigroup_report`` over the spec's audit groups as ``{prefix}groups_<metric>``.
+
+  Args:
+    prefix: the name prefix, e.g. ``'tstr_'``.
+    y_true: true labels ``[n]``.
+    y_pred: decisions ``[n]`` (0/1).
+    groups: audit-group ids ``[n]``; rows with id -1 (a combination that no real row has)
+      are left out.
+    spec: the spec whose ``audit_groups`` and ``audit_privileged`` name the groups.
+    selection_only: only the selection-rate metrics (group sizes, selection rates,
+      demographic parity, SPD and disparate impact against the privileged group): for a
+      table's own labels (``y_pred = y_true``), whose error rates say nothing.
+  """
+  keep = np.asarray(groups) >= 0
+  report = fairness.multigroup_report(
+      np.asarray(y_true)[keep], np.asarray(y_pred)[keep], np.asarray(groups)[keep],
+      len(spec.audit_groups),
+      privileged=spec.audit_privileged if spec.audit_privileged >= 0 else None)
+  for key, value in report.items():
+    if not selection_only or key.startswith(_SELECTION_METRICS):
+      yield f"{prefix}groups_{key}", value
+
+
+def generated_groups(spec: tabular.TabularSpec, features: np.ndarray,
+                     attr: np.ndarray) -> np.ndarray | None:
+  """Audit-group ids of generated rows (-1: a combination no real row has), or None.
+
+  Each audit column is read from the decoded features, or, for the binary sensitive
+  attribute (which the features leave out), from the generated ``attr`` (1: the privileged
+  group's value). None when the rows do not determine the groups (no audit groups, or an
+  audit column that is neither, e.g. 5-valued race with ``sensitive='race'``).
+  """
+  if not spec.audit_groups:
+    return None
+  table = tabular.decode_rows(spec, features)
+  columns = []
+  for i, name in enumerate(spec.audit_columns):
+    values = sorted({g[i] for g in spec.audit_groups})
+    if name in table:
+      columns.append(np.asarray(table[name]).astype(str))
+    elif name == spec.sensitive and len(values) == 2 and spec.audit_privileged >= 0:
+      privileged = spec.audit_groups[spec.audit_privileged][i]
+      other = values[1 - values.index(privileged)]
+      columns.append(np.where(np.asarray(attr) == 1, privileged, other))
+    else:
+      return None
+  index = {g: i for i, g in enumerate(spec.audit_groups)}
+  return np.array([index.get(tuple(row), -1) for row in zip(*columns)], np.int32)
 
 
 def vfae_probe(ctx: EvalContext) -> Scalars:
@@ -62,7 +126,10 @@ def vfae_probe(ctx: EvalContext) -> Scalars:
     ``probe_s_accuracy`` (of the s-probe: near ``s_majority_rate`` is good, i.e. z1
     carries no usable information about s), ``s_majority_rate`` (the test split's
     majority-group share) and ``recon`` (mean reconstruction NLL of test rows from the
-    posterior mean, nats per row).
+    posterior mean, nats per row). With audit groups, also ``probe_y_groups_<metric>``
+    (the y-probe's test predictions over them, see :func:`group_report`),
+    ``probe_groups_accuracy`` (a multinomial probe for the group id from z1) and
+    ``groups_majority_rate`` (the largest group's test share: what z1 should not beat).
   """
   modules = experiment.build_model(ctx.config, ctx.exp.spec)
   if not isinstance(modules, VFAE):
@@ -86,6 +153,11 @@ def vfae_probe(ctx: EvalContext) -> Scalars:
   yield "probe_s_accuracy", fairness.accuracy(te["attr"], s_probe.predict(z["test"]))
   share = float(np.mean(te["attr"]))
   yield "s_majority_rate", max(share, 1.0 - share)
+  if "groups" in te:
+    yield from group_report("probe_y_", te["label"], y_pred, te["groups"], test.spec)
+    g_probe = fit_probe(z["train"], tr["groups"], ctx.cfg.seed)
+    yield "probe_groups_accuracy", float(np.mean(g_probe.predict(z["test"]) == te["groups"]))
+    yield "groups_majority_rate", float(np.bincount(te["groups"]).max() / len(te["groups"]))
   nll = parallel.map_in_chunks(lambda x, s: recon(state, x, s), (te["features"], te["attr"]), bs)
   yield "recon", float(np.mean(nll))
 
@@ -139,6 +211,11 @@ def tstr(ctx: EvalContext) -> Scalars:
     synthetic label's SPD w.r.t. the synthetic attribute; NaN if a group was never
     generated), ``real_spd`` (the same on the real train split), ``marginal_tv`` and
     ``marginal_w1`` (see :func:`marginal_distances`; against the real train split).
+    With audit groups (see :func:`group_report`): ``tstr_groups_<metric>`` and
+    ``trtr_groups_<metric>`` (the probes' test predictions over them),
+    ``real_groups_<metric>`` (the real train labels' selection rates over them) and,
+    where the generated rows determine their groups (:func:`generated_groups`),
+    ``synthetic_groups_<metric>`` (the synthetic labels').
   """
   spec = ctx.exp.spec
   train, test = _splits(ctx)
@@ -149,8 +226,17 @@ def tstr(ctx: EvalContext) -> Scalars:
     pred = fit_probe(x, y, ctx.cfg.seed).predict(te["features"])
     yield f"{prefix}_accuracy", fairness.accuracy(te["label"], pred)
     yield f"{prefix}_spd", fairness.statistical_parity_difference(pred, te["attr"])
+    if "groups" in te:
+      yield from group_report(f"{prefix}_", te["label"], pred, te["groups"], test.spec)
   yield "synthetic_spd", fairness.statistical_parity_difference(label, attr)
   yield "real_spd", fairness.statistical_parity_difference(tr["label"], tr["attr"])
+  if "groups" in te:
+    yield from group_report("real_", tr["label"], tr["label"], tr["groups"], test.spec,
+                            selection_only=True)
+    groups = generated_groups(test.spec, features, attr)
+    if groups is not None:
+      yield from group_report("synthetic_", label, label, groups, test.spec,
+                              selection_only=True)
   yield from marginal_distances(spec, features, tr["features"]).items()
 
 
@@ -179,10 +265,5 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
   y_true = np.concatenate(columns["label"])
   yield from fairness.classification_report(y_true, y_pred,
                                             np.concatenate(columns["attr"])).items()
-  spec = source.spec
   if columns["groups"]:
-    report = fairness.multigroup_report(
-        y_true, y_pred, np.concatenate(columns["groups"]), len(spec.audit_groups),
-        privileged=spec.audit_privileged if spec.audit_privileged >= 0 else None)
-    for key, value in report.items():
-      yield f"groups_{key}", value
+    yield from group_report("", y_true, y_pred, np.concatenate(columns["groups"]), source.spec)
