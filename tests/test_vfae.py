@@ -152,7 +152,7 @@ def test_vfae_probe_evaluator(adult_run):
   assert {k for k in results if not k.startswith("probe_y_groups_")} == {
       "probe_y_accuracy", "probe_y_spd", "probe_s_accuracy", "s_majority_rate", "recon",
       "probe_groups_accuracy", "groups_majority_rate"}
-  assert all(np.isfinite(results[k]) for k in ("probe_y_accuracy", "probe_y_spd", "recon"))
+  assert all(np.isfinite(v) for k, v in results.items() if "_groups_" not in k), results
   # The group metrics are those of the same probes, refitted here on the posterior means.
   test, train = (uci.adult(s, audit_groups=("sex", "race")) for s in ("test", "train"))
   encode = jax.jit(functools.partial(vfae.encode_representation, modules=adult_run.model))
