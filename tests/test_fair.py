@@ -1,8 +1,8 @@
 """Fairness mitigations (fairgen/fair.py) and the fairness evaluators (fairgen/fair_eval.py)."""
 
+import importlib.util
 import json
 import os
-import importlib.util
 import subprocess
 import sys
 import types
@@ -381,8 +381,8 @@ def test_trained_model_evaluates_with_fairness_metrics(classifiers, workdir):
 
 def test_choi_repro_models_flag_chooses_each_models_methods(capsys):
   """``--models`` runs each model for those of ``--methods`` it supports, or for the ones it
-  names; an
-  unknown model or a method the model lacks is one ``fairgen: error:`` line, status 2."""
+  names; an unknown model or a method the model lacks is one ``fairgen: error:`` line, status
+  2."""
   spec = importlib.util.spec_from_file_location(
       "choi2020_mnist", os.path.join(REPO, "experiments", "repro", "choi2020_mnist.py"))
   script = importlib.util.module_from_spec(spec)

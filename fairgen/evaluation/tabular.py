@@ -104,15 +104,15 @@ def generated_groups(spec: tabular.TabularSpec, features: np.ndarray,
   table = tabular.decode_rows(spec, features)
   columns = []
   for i, name in enumerate(spec.audit_columns):
-    values = sorted({g[i] for g in spec.audit_groups})
     if name in table:
       columns.append(np.asarray(table[name]).astype(str))
-    elif name == spec.sensitive and len(values) == 2 and spec.audit_privileged >= 0:
-      privileged = spec.audit_groups[spec.audit_privileged][i]
-      other = values[1 - values.index(privileged)]
-      columns.append(np.where(np.asarray(attr) == 1, privileged, other))
-    else:
+      continue
+    values = sorted({g[i] for g in spec.audit_groups})
+    if name != spec.sensitive or len(values) != 2 or spec.audit_privileged < 0:
       return None
+    privileged = spec.audit_groups[spec.audit_privileged][i]
+    other = values[1 - values.index(privileged)]
+    columns.append(np.where(np.asarray(attr) == 1, privileged, other))
   index = {g: i for i, g in enumerate(spec.audit_groups)}
   return np.array([index.get(tuple(row), -1) for row in zip(*columns)], np.int32)
 
