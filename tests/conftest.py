@@ -104,9 +104,14 @@ def killed_process_cache_env(tmp_path) -> dict:
   """Environment for the processes of a test that SIGKILLs some: a compilation cache of
   their own. JAX writes a cache entry in place (not to a temporary file and a rename), so a
   process killed mid-write can leave a truncated entry, which every later reader of the
-  suite's cache would warn about on stderr. (The other settings come from this process's
-  environment, above.)"""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+  suite's cache would warn about on stderr. It starts as a copy of the suite's cache (tens
+  of MB), so the processes compile only what no earlier test did. (The other settings come
+  from this process's environment, above.)"""
+  import shutil
+  own = str(tmp_path / "xla_cache")
+  if os.path.isdir(JAX_CACHE):
+    shutil.copytree(JAX_CACHE, own, dirs_exist_ok=True)
+  return {"JAX_COMPILATION_CACHE_DIR": own}
 
 
 def subprocess_env(extra: dict | None = None) -> dict:

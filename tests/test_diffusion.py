@@ -272,7 +272,9 @@ def test_ddpm_on_eight_devices_matches_one(tmp_path, partitionable_rng):
     exp = experiment.setup(config)
     from conftest import final_state
     _, leaves = final_state(workdir, config)
-    state = jax.tree.unflatten(jax.tree.structure(exp.abstract_state), leaves)
+    # Placed as in training, so that the sampler is the program the loop's grid compiled.
+    state = jax.device_put(jax.tree.unflatten(jax.tree.structure(exp.abstract_state), leaves),
+                           exp.state_shardings)
     from fairgen import sampling
     images, _ = sampling.generate_images(exp, state, jax.random.key(0), 16)
     results[n] = summary["scalars"], leaves, images

@@ -404,8 +404,10 @@ def test_choi_repro_models_flag_chooses_each_models_methods(capsys):
 
 # The methods the script treats specially: the baseline (it also measures the copy of the
 # data), importance (its density-ratio weights) and penalty (its classifier); the others
-# run the same code path (each method's training: the other tests here).
-REPRO_METHODS = ("baseline", "importance", "penalty")
+# run the same code path (each method's training: the other tests here). DCGAN rows for
+# two of them; importance runs on the DDPM row, which fits its own density ratio (the
+# script's path for weights is the same for both models; one run fewer keeps it short).
+REPRO_METHODS = ("baseline", "penalty")
 
 
 def test_choi_repro_script_quick_and_resumable(tmp_path):
@@ -446,7 +448,6 @@ def test_choi_repro_script_quick_and_resumable(tmp_path):
   assert "| 0.25 | ddpm importance | " in result.stdout
   assert "ddpm penalty" not in result.stdout and "ddpm baseline" not in result.stdout
   assert (runs / "ddpm_importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
-  assert (runs / "importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert not (runs / "baseline_ref0.25_seed0" / "density_ratio").exists()
   # A second invocation reuses the finished runs instead of training them again; a metric
   # missing from a finished run's result (added to the script later) is evaluated again.
