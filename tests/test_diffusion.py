@@ -173,8 +173,9 @@ def test_guidance_combines_the_conditional_and_unconditional_outputs():
   exp = experiment.setup(config)
   model = experiment.build_model(config, exp.spec)
   params = jax.jit(exp.objective.init)(jax.random.key(0))["params"]
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
-                        params)  # Zero-initialised output layers would hide the label.
+  noise = np.random.default_rng(1)  # On the host: no program compiled per parameter shape.
+  params = jax.tree.map(lambda p: np.asarray(p) + np.float32(0.05) * noise.standard_normal(
+      p.shape, np.float32), params)  # Zero-initialised output layers would hide the label.
   x = jax.random.normal(jax.random.key(2), (3, 28, 28, 1))
   t, y = jnp.array([1, 5, 9]), jnp.array([0, 3, 7])
   f = jax.jit(lambda labels: model.apply({"params": params}, x, t, labels))
@@ -199,7 +200,7 @@ def test_training_drops_labels_at_the_configured_rate(monkeypatch):
   config = load_config("ddpm_mnist", "smoke", **{"model.conditional": True,
                                                   "objective.label_dropout": 0.3})
   exp = experiment.setup(config)
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))  # One program, not one per shape.
   batch = {"image": np.zeros((4000, 28, 28, 1), np.float32),
            "label": np.arange(4000, dtype=np.int32) % 10}
   jax.eval_shape(exp.objective.train_step, state, batch, jax.random.key(0))
@@ -294,7 +295,7 @@ def test_fair_ddpm_trains_with_weights_and_samples_groups_from_the_target(method
   target = {"fair.target": (0.25, 0.75)} if method == "conditional" else {}
   config = load_config("fair_mnist", f"method={method},model=ddpm,smoke", **target)
   exp = experiment.setup(config)
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))
   x = np.asarray(jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1))
   batch = {"image": x, "attr": np.array([0, 1, 0, 1], np.int32), "weight": np.ones(4, np.float32)}
   if method == "importance":

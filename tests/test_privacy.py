@@ -119,10 +119,11 @@ def test_ghost_clipping_is_the_same_clipped_sum():
   kwargs = dict(clip_norm=0.7, noise_multiplier=0.0, expected_batch_size=5.0,
                 mask=jnp.array([1, 1, 1, 1, 0, 1.0]), scale=jnp.array([1, 2, 0.5, 1, 1, 1.0]),
                 scale_bound=2.0, microbatch_size=3)
-  exact, aux, stats = dpsgd.private_gradient(loss, params, {"x": x, "s": seq},
-                                             jax.random.key(0), **kwargs)
-  ghost, ghost_aux, ghost_stats = dpsgd.private_gradient(
-      loss, params, {"x": x, "s": seq}, jax.random.key(0), ghost=True, **kwargs)
+  # Jitted, as in training: one program each, not one per operation and shape.
+  exact, aux, stats = jax.jit(lambda p, b, k: dpsgd.private_gradient(loss, p, b, k, **kwargs))(
+      params, {"x": x, "s": seq}, jax.random.key(0))
+  ghost, ghost_aux, ghost_stats = jax.jit(lambda p, b, k: dpsgd.private_gradient(
+      loss, p, b, k, ghost=True, **kwargs))(params, {"x": x, "s": seq}, jax.random.key(0))
   assert float(stats["clipped_fraction"]) > 0.5  # Clipping is exercised.
   for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(ghost), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

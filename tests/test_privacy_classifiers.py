@@ -2,6 +2,7 @@
 (both networks, clipped jointly), and the density-ratio classifier of importance weighting,
 whose epsilon a DP run composes with its own."""
 
+import functools
 import importlib.util
 import math
 import os
@@ -40,13 +41,15 @@ def test_a_private_classifier_step_without_noise_or_clipping_is_the_plain_step()
   images = rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 8).astype(np.int32)
   state = fit.init_state(model, optimizer, jax.random.key(0), images[:1])
-  plain, _ = fit.classification_step(state, images, labels, jax.random.key(1), model=model,
-                                     optimizer=optimizer, max_shift=0)
+  # Jitted, as in training: one program per step, not one per operation and shape.
+  plain, _ = jax.jit(functools.partial(fit.classification_step, model=model,
+                                       optimizer=optimizer, max_shift=0))(
+      state, images, labels, jax.random.key(1))
   dp = _settings(8, 100)
   ones = np.ones(8, np.float32)
-  private, metrics = fit.private_classification_step(
-      state, images, labels, ones, ones, jax.random.key(1), model=model, optimizer=optimizer,
-      max_shift=0, privacy=dp)
+  private, metrics = jax.jit(functools.partial(
+      fit.private_classification_step, model=model, optimizer=optimizer, max_shift=0,
+      privacy=dp))(state, images, labels, ones, ones, jax.random.key(1))
   _close_trees(plain["params"], private["params"], rtol=1e-4, atol=1e-6)
   assert not np.allclose(np.asarray(jax.tree.leaves(state["params"])[0]),
                          np.asarray(jax.tree.leaves(plain["params"])[0]))
