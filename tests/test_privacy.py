@@ -213,7 +213,7 @@ def test_padding_rows_never_touch_the_update(name, arg):
   labels, so the real labels reach only the clipped, noised real-data term."""
   config = load_config(name, arg)
   exp = experiment.setup(config)
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))
   rng = np.random.default_rng(0)
   b = config.train.batch_size
   mask = np.r_[np.ones(9), np.zeros(b - 9)].astype(np.float32)

@@ -120,7 +120,7 @@ def test_private_adversarial_debiasing_without_noise_or_clipping_is_the_plain_st
   source = data.load(dp_exp.config.data, "train")
   batch = source.get(np.arange(100, 132))
   batch = {k: batch[k] for k in ("features", "label", "attr")}
-  state = plain_exp.objective.init(jax.random.key(0))
+  state = jax.jit(plain_exp.objective.init)(jax.random.key(0))
   want, _ = jax.jit(plain_exp.objective.train_step)(state, batch, jax.random.key(3))
   got, metrics = jax.jit(dp_exp.objective.train_step)(
       state, {**batch, "mask": np.ones(32, np.float32)}, jax.random.key(3))
@@ -140,7 +140,7 @@ def test_dp_debiasing_clips_the_three_gradients_as_one_vector():
   source = data.load(exp.config.data, "train")
   batch = source.get(np.arange(32))
   batch = {k: batch[k] for k in ("features", "label", "attr")}
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))
   _, metrics = jax.jit(exp.objective.train_step)(
       state, {**batch, "mask": np.ones(32, np.float32)}, jax.random.key(3))
   assert float(metrics["clipped_fraction"]) == 1.0

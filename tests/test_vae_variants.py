@@ -20,7 +20,7 @@ from fairgen.objectives import vae
 def _cvae(**overrides):
   config = load_config("vae_mnist", "smoke", **{"model.conditional": True, **overrides})
   exp = experiment.setup(config)
-  return config, exp, exp.objective.init(jax.random.key(0))
+  return config, exp, jax.jit(exp.objective.init)(jax.random.key(0))
 
 
 def test_the_conditional_vae_encodes_and_decodes_with_the_label():
@@ -40,7 +40,7 @@ def test_the_conditional_vae_encodes_and_decodes_with_the_label():
                          exp.objective.decode(state, z, threes))
   # An unconditional VAE has no label input: its samples ignore the labels.
   plain = experiment.setup(load_config("vae_mnist", "smoke"))
-  plain_state = plain.objective.init(jax.random.key(0))
+  plain_state = jax.jit(plain.objective.init)(jax.random.key(0))
   np.testing.assert_array_equal(plain.objective.decode(plain_state, z, zeros),
                                 plain.objective.decode(plain_state, z, threes))
 
@@ -53,7 +53,7 @@ def test_the_conditional_vae_trains_and_evaluates_on_its_label_column(dp):
   config = load_config("dp_vae_mnist" if dp else "vae_mnist", "smoke",
                        **{"model.conditional": True, **overrides})
   exp = experiment.setup(config)
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))
   source = data.load(config.data, "train")
   b = config.train.batch_size
   batch = source.get(np.arange(b))
@@ -98,7 +98,7 @@ def test_the_train_step_weighs_the_kl_by_the_annealed_beta():
   distortion + 2 KL, from step 2 on distortion + 4 KL."""
   config = load_config("beta_vae_mnist", "beta=4,smoke")
   exp = experiment.setup(config)
-  state = exp.objective.init(jax.random.key(0))
+  state = jax.jit(exp.objective.init)(jax.random.key(0))
   batch = {"image": data.load(config.data, "train").get(np.arange(16))["image"]}
   step = jax.jit(exp.objective.train_step)
   for expected in (0.0, 2.0, 4.0, 4.0):
