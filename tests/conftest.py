@@ -232,12 +232,19 @@ def assert_resume_is_exact(config, tmp_path, stop: int, straight: str | None = N
   assert logged[0] == logged[1] and sorted(logged[0]) == list(range(stop + 1, end + 1))
 
 
-# The slowest files (by cold-cache time on 2 cores), started first: the suite runs on two
-# pytest-xdist workers, one file each at a time (setup.cfg), and a long file started last
-# would leave one core idle at the end. A hint only: a file missing here runs after these.
-SLOW_FILES = ("test_train.py", "test_diffusion.py", "test_fair.py", "test_multiprocess.py",
-              "test_privacy.py", "test_behaviour_loop.py", "test_transformer.py",
-              "test_choi_celeba.py", "test_privacy_audit.py", "test_robust.py")
+# The slowest files, slowest first (cold-cache time on 2 cores, measured), then the others:
+# the suite runs on two pytest-xdist workers, one file each at a time, in this order
+# (setup.cfg's --no-loadscope-reorder; xdist's default order is by number of tests, which
+# started a 100 s one-test file last and left one core idle for a minute at the end).
+# Longest first leaves the short files to even out the two workers' ends.
+SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_fair.py", "test_privacy.py",
+              "test_multiprocess.py", "test_behaviour_loop.py", "test_privacy_audit.py",
+              "test_robust.py", "test_inception.py", "test_transformer.py",
+              "test_choi_celeba.py", "test_privacy_classifiers.py", "test_evaluate.py",
+              "test_storage.py", "test_backbones.py", "test_behaviour_fair.py",
+              "test_resnet_gan.py", "test_vfae.py", "test_debias.py", "test_tabgan.py",
+              "test_models.py", "test_vae_variants.py", "test_tabular_configs.py",
+              "test_likelihood.py")
 
 
 def pytest_collection_modifyitems(items):
