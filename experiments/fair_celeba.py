@@ -20,12 +20,13 @@ training mode; 50,000 G steps stand for their 150 epochs (~50k steps of 4 x 128 
     --workdir=... --config.data.tfds_data_dir=DIR
 
 ``method``: baseline | importance | resample | conditional | penalty. ``bias``: 90_10 |
-80_20 | multi. Flag ``smoke``: a tiny run for tests. CelebA comes from TFDS (``tfds build
+80_20 | multi. Flag ``smoke``: a tiny run for tests, on 32x32 faces. CelebA comes from TFDS (``tfds build
 celeb_a --file_format=array_record`` on a machine with internet); nothing is downloaded at
 run time. The fairness evaluators and the penalty need the attribute classifier (a ResNet:
 ``tools/train_classifier.py --dataset=biased_celeb_a --label=attr --arch=resnet --option
 subset=balanced --option attribute=Male``, or ``attribute=Black_Hair+Male``); FID uses the
-classifier backbone at ``eval.backbone_dir`` (Inception FID is issue 14's).
+classifier backbone at ``eval.backbone_dir``, or with ``eval.backbone=inception_v3``
+pytorch-fid's Inception (``tools/convert_inception.py``).
 """
 
 from fairgen import config as config_lib
@@ -69,6 +70,7 @@ def get_config(arg=None):
   if args["smoke"]:
     config_lib.make_smoke(c)
     c.model.update(latent_dim=16, g_ch=2, d_ch=2)
+    c.data.options.image_size = 32  # One ResNet block fewer per net: a faster compile.
     c.objective.n_disc = 1  # Several D steps: the generic step's, tested on the DCGAN.
     c.objective.ema_decay = 0.99
     # The multi-attribute shares are exact in thousandths only.

@@ -78,8 +78,10 @@ def train_classifiers(out: str, biases: tuple[str, ...], tfds_data_dir: str | No
     directory = os.path.join(out, "classifiers", attribute)
     info_path = os.path.join(directory, backbones.INFO_FILE)
     if not os.path.exists(info_path):
+      # --quick's runs (fair_celeba.py:smoke) see 32x32 faces; the paper's 64x64.
       config = {"name": "biased_celeb_a", "tfds_data_dir": tfds_data_dir,
-                "options": {"attribute": attribute, "subset": "all"}}
+                "options": {"attribute": attribute, "subset": "all",
+                            "image_size": 32 if quick else 64}}
       train_src, test_src = data.load(config, "train"), data.load(config, "test")
       params, info = fit.train_classifier(
           train_src, test_src, label_key="attr", num_classes=train_src.spec.num_groups,
