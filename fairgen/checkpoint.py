@@ -120,7 +120,8 @@ MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 def _use_min_replica_slice() -> None:
-  """Registers Orbax's jax.Array handler with ``MIN_REPLICA_SLICE_BYTES`` (once)."""
+  """Registers Orbax's jax.Array handler with ``MIN_REPLICA_SLICE_BYTES`` (once; Orbax's
+  type-handler registry is process-wide)."""
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
     return
