@@ -22,11 +22,11 @@ training mode; 50,000 G steps stand for their 150 epochs (~50k steps of 4 x 128 
 ``method``: baseline | importance | resample | conditional | penalty. ``bias``: 90_10 |
 80_20 | multi. Flag ``smoke``: a tiny run for tests, on 32x32 faces. CelebA comes from TFDS
 (``tfds build celeb_a --file_format=array_record`` on a machine with internet); nothing is
-downloaded at run time. The fairness evaluators and the penalty need the attribute classifier (a ResNet:
-``tools/train_classifier.py --dataset=biased_celeb_a --label=attr --arch=resnet --option
-subset=balanced --option attribute=Male``, or ``attribute=Black_Hair+Male``); FID uses the
-classifier backbone at ``eval.backbone_dir``, or with ``eval.backbone=inception_v3``
-pytorch-fid's Inception (``tools/convert_inception.py``).
+downloaded at run time. The fairness evaluators and the penalty need the attribute
+classifier (a ResNet: ``tools/train_classifier.py --dataset=biased_celeb_a --label=attr
+--arch=resnet --option subset=balanced --option attribute=Male``, or
+``attribute=Black_Hair+Male``); FID uses the classifier backbone at ``eval.backbone_dir``, or
+with ``eval.backbone=inception_v3`` pytorch-fid's Inception (``tools/convert_inception.py``).
 """
 
 from fairgen import config as config_lib
