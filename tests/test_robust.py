@@ -282,5 +282,6 @@ def test_a_replicated_save_writes_small_arrays_whole_and_splits_large_ones(tmp_p
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           state)
   restored = ckpt.restore(1, abstract)
+  ckpt.close()
   for key in state:
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
