@@ -7,6 +7,7 @@ system temp directory) and shared by the tests and the processes they start.
 """
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -107,7 +108,6 @@ def killed_process_cache_env(tmp_path) -> dict:
   suite's cache would warn about on stderr. It starts as a copy of the suite's cache (tens
   of MB), so the processes compile only what no earlier test did. (The other settings come
   from this process's environment, above.)"""
-  import shutil
   own = str(tmp_path / "xla_cache")
   if os.path.isdir(JAX_CACHE):
     shutil.copytree(JAX_CACHE, own, dirs_exist_ok=True)

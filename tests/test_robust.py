@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -254,7 +255,6 @@ def test_a_replicated_save_writes_small_arrays_whole_and_splits_large_ones(tmp_p
   """On 8 devices a replicated array under ``MIN_REPLICA_SLICE_BYTES`` per replica is saved
   by one replica, with no slice program compiled per (shape, device); a larger one is still
   split across the replicas. Both restore exactly."""
-  import logging
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rows = checkpoint.MIN_REPLICA_SLICE_BYTES // (4 * 128)  # 1/8 of it per replica: the minimum.

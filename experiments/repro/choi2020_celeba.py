@@ -78,10 +78,12 @@ def train_classifiers(out: str, biases: tuple[str, ...], tfds_data_dir: str | No
     directory = os.path.join(out, "classifiers", attribute)
     info_path = os.path.join(directory, backbones.INFO_FILE)
     if not os.path.exists(info_path):
-      # --quick's runs (fair_celeba.py:smoke) see 32x32 faces; the paper's 64x64.
+      # The faces of the runs it evaluates (fair_celeba.py's, smaller in its smoke variant).
+      image_size = config_lib.load_config_file(
+          CONFIG, "smoke" if quick else None).data.options.image_size
       config = {"name": "biased_celeb_a", "tfds_data_dir": tfds_data_dir,
                 "options": {"attribute": attribute, "subset": "all",
-                            "image_size": 32 if quick else 64}}
+                            "image_size": image_size}}
       train_src, test_src = data.load(config, "train"), data.load(config, "test")
       params, info = fit.train_classifier(
           train_src, test_src, label_key="attr", num_classes=train_src.spec.num_groups,
