@@ -295,10 +295,11 @@ def test_fair_ddpm_trains_with_weights_and_samples_groups_from_the_target(method
   target = {"fair.target": (0.25, 0.75)} if method == "conditional" else {}
   config = load_config("fair_mnist", f"method={method},model=ddpm,smoke", **target)
   exp = experiment.setup(config)
-  state = jax.jit(exp.objective.init)(jax.random.key(0))
-  x = np.asarray(jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1))
-  batch = {"image": x, "attr": np.array([0, 1, 0, 1], np.int32), "weight": np.ones(4, np.float32)}
   if method == "importance":
+    state = jax.jit(exp.objective.init)(jax.random.key(0))
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (4, 28, 28, 1), minval=-1, maxval=1))
+    batch = {"image": x, "attr": np.array([0, 1, 0, 1], np.int32),
+             "weight": np.ones(4, np.float32)}
     step = jax.jit(exp.objective.train_step)
     w = np.array([1, 0, 0, 0], np.float32)
     a, _ = step(state, {**batch, "weight": w}, jax.random.key(2))

@@ -59,6 +59,23 @@ def _events(path):
   return out
 
 
+def test_the_events_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch whenever it is installed (the test extras install it): 2.2 s
+  of every run's start. The run's writer works without it and leaves no trace of the block
+  (an entry for torch in ``sys.modules`` would also stop later imports of torch)."""
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  code = ("import sys; from fairgen import logs; w = logs.summary_writer(sys.argv[1]); "
+          "w.add_scalar('x', 1.0, 3); w.close(); print('torch' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300, env=subprocess_env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["False"]
+  (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert [(v.tag, e.step) for e in _events(path) for v in e.summary.value] == [("x", 3)]
+
+
 def test_an_evaluators_chart_goes_to_tensorboard(tmp_path):
   from fairgen import logs
   from fairgen.metrics import fairness_discrepancy
