@@ -40,7 +40,13 @@ def _model(window=0, num_classes=0, levels=2, dropout=0.0):
 def _params(model, seed=0):
   tokens = jnp.zeros((1, model.length), jnp.int32)
   labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-  return model.init(jax.random.key(seed), tokens, labels)["params"]
+  return jax.jit(model.init)(jax.random.key(seed), tokens, labels)["params"]
+
+
+def _apply(model):
+  """``model.apply`` jitted (eager Flax ops compile one small program each)."""
+  return jax.jit(lambda params, tokens, labels=None: model.apply({"params": params}, tokens,
+                                                                   labels))
 
 
 @pytest.mark.parametrize("window", [0, 8])
@@ -48,10 +54,11 @@ def test_attention_is_causal(window):
   model = _model(window)
   params = _params(model)
   tokens = jax.random.bernoulli(jax.random.key(1), 0.5, (2, model.length)).astype(jnp.int32)
-  logits = model.apply({"params": params}, tokens)
+  apply = _apply(model)
+  logits = apply(params, tokens)
   for j in (0, 7, 20, 35):
     changed = tokens.at[:, j].set(1 - tokens[:, j])
-    other = model.apply({"params": params}, changed)
+    other = apply(params, changed)
     # Pixel i's logits see pixels < i only: up to j nothing moves, after j something does.
     np.testing.assert_allclose(other[:, :j + 1], logits[:, :j + 1], atol=1e-6)
     if j + 1 < model.length:
@@ -65,8 +72,8 @@ def test_local_attention_sees_its_block_and_the_one_before():
                                        mlp_dim=32, window=8)
   params = _params(model)
   tokens = jnp.zeros((1, model.length), jnp.int32)
-  diff = np.abs(model.apply({"params": params}, tokens.at[:, 9].set(1))
-                - model.apply({"params": params}, tokens))[0]
+  apply = _apply(model)
+  diff = np.abs(apply(params, tokens.at[:, 9].set(1)) - apply(params, tokens))[0]
   assert diff[:10].max() < 1e-6 and diff[24:].max() < 1e-6
   assert diff[10:24].min() > 1e-6
 
@@ -78,18 +85,19 @@ def test_cached_sampler_matches_full_recomputation(window, num_classes, levels):
   u = jax.random.uniform(jax.random.key(2), (3, model.length))
   labels = jnp.array([0, 2, 1]) if num_classes else None
   tokens, step_logits = jax.jit(lambda p, u: transformer.sample(model, p, u, labels))(params, u)
-  full = model.apply({"params": params}, tokens, labels)
+  apply = _apply(model)
+  full = apply(params, tokens, labels)
   np.testing.assert_allclose(step_logits, full, atol=2e-5)
   np.testing.assert_array_equal(transformer.inverse_cdf(full, u), tokens)
   assert len(np.unique(np.asarray(tokens))) == levels  # Not a constant image.
   if num_classes:  # The label is the start token: another label, other logits.
-    other = model.apply({"params": params}, tokens, jnp.array([1, 0, 2]))
+    other = apply(params, tokens, jnp.array([1, 0, 2]))
     assert np.abs(other - full).max() > 1e-4
   # Greedy: temperature 0 and top-1 both take the most likely level at every pixel.
   for temperature, top_k in ((0.0, 0), (1.0, 1)):
-    greedy, _ = transformer.sample(model, params, u, labels, temperature, top_k)
-    np.testing.assert_array_equal(
-        jnp.argmax(model.apply({"params": params}, greedy, labels), -1), greedy)
+    greedy, _ = jax.jit(lambda p, u: transformer.sample(model, p, u, labels, temperature,
+                                                         top_k))(params, u)
+    np.testing.assert_array_equal(jnp.argmax(apply(params, greedy, labels), -1), greedy)
 
 
 def test_inverse_cdf_follows_temperature_and_top_k():
@@ -116,22 +124,23 @@ def test_nll_is_the_sum_of_pixel_cross_entropies():
   model = _model()
   params = _params(model)
   images = jax.random.uniform(jax.random.key(3), (4,) + SHAPE, minval=-1, maxval=1)
-  nll = np.asarray(autoregressive.per_example_loss(model, params, images))
+  loss = jax.jit(lambda p, x: autoregressive.per_example_loss(model, p, x))
+  nll = np.asarray(loss(params, images))
   bits = (np.asarray(images).reshape(4, -1) > 0).astype(np.int32)  # Binarised like the VAE.
-  logits = np.asarray(model.apply({"params": params}, jnp.asarray(bits)), np.float64)
+  logits = np.asarray(_apply(model)(params, jnp.asarray(bits)), np.float64)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected = -np.take_along_axis(log_p, bits[..., None], -1)[..., 0].sum(-1)
   np.testing.assert_allclose(nll, expected, rtol=1e-5)
   # A model that predicts nothing (zero logits) costs exactly ln 2 nats per pixel.
   zero_head = jax.tree.map(jnp.zeros_like, params["head"])
-  uniform = autoregressive.per_example_loss(model, {**params, "head": zero_head}, images)
+  uniform = loss({**params, "head": zero_head}, images)
   np.testing.assert_allclose(uniform, model.length * math.log(2.0), rtol=1e-6)
 
 
 def test_importance_weight_on_one_example_equals_training_on_it():
   model = _model()
   tx = optax.sgd(1e-2)  # Adam's first step is about sign(g): it would hide a scale error.
-  state = autoregressive.init(model, tx, jax.random.key(0))
+  state = jax.jit(lambda key: autoregressive.init(model, tx, key))(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(4), (4,) + SHAPE, minval=-1, maxval=1)
   step = jax.jit(lambda s, b: autoregressive.train_step(s, b, jax.random.key(5), model=model,
                                                         tx=tx))
