@@ -1,5 +1,7 @@
 """Parameter counts and output shapes of every model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,15 +23,18 @@ def test_dcgan_matches_the_seeds_parameter_counts():
   # moving statistics excluded) and 212,865 discriminator parameters.
   nets = MODELS.get("dcgan")(MNIST)
   z = jnp.zeros((2, 100))
-  g_vars = nets.generator.init(jax.random.key(0), z, train=False)
-  d_vars = nets.discriminator.init(jax.random.key(1), jnp.zeros((2, 28, 28, 1)), train=False)
+  # Jitted: eager Flax ops compile one small program each.
+  g_vars = jax.jit(functools.partial(nets.generator.init, train=False))(jax.random.key(0), z)
+  d_vars = jax.jit(functools.partial(nets.discriminator.init, train=False))(
+      jax.random.key(1), jnp.zeros((2, 28, 28, 1)))
   assert _count(g_vars["params"]) == 2_305_472
   assert _count(d_vars["params"]) == 212_865
   z = jax.random.normal(jax.random.key(2), (2, 100))
-  images = nets.generator.apply(g_vars, z, train=False)
+  images = jax.jit(functools.partial(nets.generator.apply, train=False))(g_vars, z)
   assert images.shape == (2, 28, 28, 1)
   assert float(jnp.mean(jnp.abs(images[0] - images[1]))) > 1e-3  # the image depends on z
-  assert nets.discriminator.apply(d_vars, images, train=False).shape == (2,)
+  assert jax.jit(functools.partial(nets.discriminator.apply, train=False))(
+      d_vars, images).shape == (2,)
 
 
 @pytest.mark.parametrize("width,expected_channels", [(0.5, (128, 64, 32)), (0.25, (64, 32, 16))])
@@ -57,13 +62,16 @@ def test_conditional_dcgan_shapes_and_label_dependence():
   nets = MODELS.get("dcgan")(spec, latent_dim=4, width=0.25, conditional=True)
   z = jnp.zeros((4, 4))
   labels = jnp.array([0, 1, 2, 3])
-  g_vars = nets.generator.init(jax.random.key(0), z, labels, train=False)
-  images = nets.generator.apply(g_vars, z, labels, train=False)
+  g_vars = jax.jit(functools.partial(nets.generator.init, train=False))(
+      jax.random.key(0), z, labels)
+  images = jax.jit(functools.partial(nets.generator.apply, train=False))(g_vars, z, labels)
   assert images.shape == (4, 8, 8, 1)
   assert not np.allclose(images[0], images[1])  # same z, different label
-  d_vars = nets.discriminator.init(jax.random.key(1), images, labels, train=False)
+  d_vars = jax.jit(functools.partial(nets.discriminator.init, train=False))(
+      jax.random.key(1), images, labels)
   assert "label_projection" in d_vars["params"]
-  assert nets.discriminator.apply(d_vars, images, labels, train=False).shape == (4,)
+  assert jax.jit(functools.partial(nets.discriminator.apply, train=False))(
+      d_vars, images, labels).shape == (4,)
   with pytest.raises(ValueError, match="labels"):
     nets.generator.apply(g_vars, z, train=False)
 

@@ -1,6 +1,8 @@
 """The SNGAN/BigGAN ResNets: parameter counts against the references, and each part against
 its definition (self-attention, conditional batch norm, the projection, the initialisers)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,13 +60,14 @@ def test_generator_and_discriminator_shapes_with_attention():
                                   conditional=True)
   z = jax.random.normal(jax.random.key(0), (3, 8))
   y = jnp.asarray([0, 4, 9])
-  g_vars = nets.generator.init(jax.random.key(1), z, y, train=False)
+  # Jitted: eager Flax ops compile one small program each.
+  g_vars = jax.jit(functools.partial(nets.generator.init, train=False))(jax.random.key(1), z, y)
   assert "attention" in g_vars["params"]
-  images = nets.generator.apply(g_vars, z, y, train=False)
+  images = jax.jit(functools.partial(nets.generator.apply, train=False))(g_vars, z, y)
   assert images.shape == (3, 32, 32, 1)
-  d_vars = nets.discriminator.init(jax.random.key(2), images, y)
+  d_vars = jax.jit(nets.discriminator.init)(jax.random.key(2), images, y)
   assert "attention" in d_vars["params"]
-  assert nets.discriminator.apply(d_vars, images, y).shape == (3,)
+  assert jax.jit(nets.discriminator.apply)(d_vars, images, y).shape == (3,)
   # A SAGAN block starts as the identity (gamma = 0), so it adds 1.25 C^2 + 1 parameters.
   c = 2 * 4  # g_ch x the multiplier of every block at 32x32
   assert _count(g_vars["params"]["attention"]) == int(1.25 * c * c) + 1
@@ -141,7 +144,8 @@ def test_weight_initialisers():
   kernels = {}
   for name in resnet_gan.INITS:
     nets = MODELS.get("resnet_gan")(spec, g_ch=4, d_ch=4, weight_init=name)
-    params = nets.discriminator.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = jax.jit(nets.discriminator.init)(jax.random.key(0),
+                                              jnp.zeros((1, 32, 32, 3)))["params"]
     kernel = np.asarray(params["block_1"]["conv_0"]["kernel"], np.float64)
     kernels[name] = kernel.reshape(-1, kernel.shape[-1])  # [fan_in 144, out 16]
   m = kernels["ortho"]
