@@ -18,11 +18,13 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
 # Every program, however small: the suite starts ~80 processes, and each would otherwise
 # recompile the same small eager ops and initializers (measured: 20% off the CLI tests).
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-# Threefry's partitionable mode (JAX's default, and fairgen's) makes XLA:CPU compile every
-# program that draws random bits 2-4x slower: a DCGAN smoke run takes 31 s cold, 16 s
-# without it. Tests check behaviour, not particular random bits, so the suite (and the
-# processes it starts) runs in the faster mode, except the tests about device and process
-# counts, which use the ``partitionable_rng`` fixture: the mode training runs in.
+# Threefry's partitionable mode (JAX's default, and fairgen's) made XLA:CPU compile programs
+# that draw random bits 2-4x slower (a DCGAN smoke run: 31 s cold, 16 s without it). Since
+# the initial state compiles at optimisation level 1 (experiment.INIT_COMPILER_OPTIONS) the
+# gap is small (2026-12-04, cold: DCGAN smoke 6.8-7.2 s vs 6.0-6.5 s; the DDPM's alike).
+# Tests check behaviour, not particular random bits, so the suite (and the processes it
+# starts) runs in the faster mode, except the tests about device and process counts, which
+# use the ``partitionable_rng`` fixture: the mode training runs in.
 os.environ["JAX_THREEFRY_PARTITIONABLE"] = "false"
 
 import chex  # noqa: E402
