@@ -61,12 +61,11 @@ def test_masked_equals_unmasked(unbiased):
   z = np.concatenate([x, y])[order]
   group = np.concatenate([np.zeros(len(x)), np.ones(len(y))])[order].astype(np.int32)
   expected = float(mmd.mmd2(x, y, 2.0, unbiased=unbiased))
-  got = float(jax.jit(mmd.masked_mmd2, static_argnames="unbiased")(
-      z, group, 2.0, unbiased=unbiased))
+  masked = jax.jit(mmd.masked_mmd2, static_argnames="unbiased")
+  got = float(masked(z, group, 2.0, unbiased=unbiased))
   assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
   # Weights of 1 change nothing; a zero weight removes the row from its group.
   ones = np.ones(len(z), np.float32)
-  masked = jax.jit(mmd.masked_mmd2, static_argnames="unbiased")
   assert float(masked(z, group, 2.0, ones, unbiased=unbiased)) == pytest.approx(expected,
                                                                                 rel=1e-5)
   w = ones.copy()

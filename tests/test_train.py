@@ -3,12 +3,15 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import TIMING_KEYS, assert_resume_is_exact, final_state, load_config
+from conftest import (TIMING_KEYS, assert_resume_is_exact, final_state, load_config,
+                      subprocess_env)
 from fairgen import experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
@@ -63,9 +66,6 @@ def test_the_events_writer_does_not_import_torch(tmp_path):
   """tensorboardX imports torch whenever it is installed (the test extras install it): 2.2 s
   of every run's start. The run's writer works without it and leaves no trace of the block
   (an entry for torch in ``sys.modules`` would also stop later imports of torch)."""
-  import subprocess
-  import sys
-  from conftest import subprocess_env
   code = ("import sys; from fairgen import logs; w = logs.summary_writer(sys.argv[1]); "
           "w.add_scalar('x', 1.0, 3); w.close(); print('torch' in sys.modules)")
   result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
