@@ -73,6 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"train.nan_policy must be 'halt' or 'skip', got {train.nan_policy!r}.")
   require(train.max_nan_skips >= 1,
           f"train.max_nan_skips must be >= 1, got {train.max_nan_skips}.")
+  xla_options(train.get("xla_options", ""))
   profile = tuple(train.get("profile_steps") or ())
   require(profile == () or (len(profile) == 2 and all(isinstance(v, int) for v in profile)
                             and 0 <= profile[0] < profile[1]),
@@ -90,6 +91,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(sample.interpolation_steps >= 2,
             f"sample.interpolation_steps must be >= 2, got {sample.interpolation_steps}.")
     _check_checkpoint_name(sample.checkpoint, "sample.checkpoint")
+
+
+def xla_options(text: str) -> dict[str, bool | int | float | str]:
+  """``train.xla_options`` ('--xla_NAME=VALUE ...') as the compile options ``jax.jit`` takes.
+
+  Values: ``true``/``false`` become booleans and numbers ints or floats (XLA refuses them as
+  strings); the rest stay strings. Whether XLA knows a name and value is checked by compiling
+  (``fairgen.train.validate``).
+
+  Raises:
+    ConfigError: for a token that is not ``--xla_NAME=VALUE``, or a name given twice.
+  """
+  require(isinstance(text, str), f"train.xla_options must be a string, got {text!r}.")
+  options: dict[str, bool | int | float | str] = {}
+  for token in text.split():
+    name, sep, value = token.removeprefix("--").partition("=")
+    require(token.startswith("--xla_") and sep == "=" and value != "" and name not in options,
+            f"train.xla_options must be '--xla_NAME=VALUE ...' with each name once, got "
+            f"{token!r} in {text!r}.")
+    if value.lower() in ("true", "false"):
+      options[name] = value.lower() == "true"
+      continue
+    for kind in (int, float):
+      try:
+        options[name] = kind(value)
+        break
+      except ValueError:
+        pass
+    else:
+      options[name] = value
+  return options
 
 
 def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +186,12 @@ def base_config() -> ml_collections.ConfigDict:
       # (start, stop): trace steps [start, stop) with jax.profiler into WORKDIR/profile
       # (fairgen.logs.Profiler); () for none.
       profile_steps=(),
+      # XLA compile options of the train step, in XLA_FLAGS' syntax ('--xla_NAME=VALUE ...'),
+      # recorded in config.json with the run. Unlike XLA_FLAGS they need no restart of the
+      # backend and apply to this program only. Enum values take their full names, e.g.
+      # '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT' (XLA:CPU
+      # convolutions on Eigen, not YNNPACK: faster DCGAN steps, other rounding).
+      xla_options="",
   ))
   # mesh.data: devices on the data axis (-1: all). distributed: call
   # jax.distributed.initialize() first (multi-host; arguments from the environment).

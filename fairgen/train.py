@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from fairgen import checkpoint
+from fairgen import config as config_lib
 from fairgen import data
 from fairgen import experiment
 from fairgen import fairness
@@ -38,6 +39,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Every check a training run makes before anything compiles (all sections, ``eval`` too)."""
   experiment.validate(config)
   runner.validate(config.eval)
+  check_xla_options(config.train.get("xla_options", ""))
+
+
+def check_xla_options(text: str) -> None:
+  """Compiles a one-op program with ``train.xla_options``, so that an option this XLA does
+  not know (or an impossible value) is one config error before the run, not at step 0.
+
+  Raises:
+    config.ConfigError: naming XLA's complaint.
+  """
+  options = config_lib.xla_options(text)
+  if not options:
+    return
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+  except Exception as e:  # XlaRuntimeError: INVALID_ARGUMENT with the option's name.
+    raise config_lib.ConfigError(
+        f"train.xla_options={text!r}: XLA refused them: {(str(e).splitlines() or [''])[0]}"
+    ) from None
 
 
 class TrainStep:
@@ -46,7 +66,7 @@ class TrainStep:
   Called as ``step(state, batch, rng)``. The objective's ``constants`` (frozen arrays, e.g.
   the penalty classifier's parameters) are placed on the mesh once and passed to the jitted
   function as arguments on every call, so they are inputs of the compiled step, not
-  constants folded into it.
+  constants folded into it. ``train.xla_options`` are its XLA compile options.
   """
 
   def __init__(self, exp: experiment.Experiment):
@@ -61,7 +81,9 @@ class TrainStep:
 
     self._jitted = jax.jit(
         step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl, repl),
-        out_shardings=(exp.state_shardings, repl), donate_argnums=0)
+        out_shardings=(exp.state_shardings, repl), donate_argnums=0,
+        compiler_options=config_lib.xla_options(exp.config.train.get("xla_options", ""))
+        or None)
     # The arrays passed as the jitted function's last argument (None without constants).
     self.constants = (None if objective.constants is None else
                       parallel.replicate(objective.constants, exp.mesh))

@@ -248,3 +248,43 @@ def test_several_discriminator_steps_load_that_many_batches():
     config = load_config("dcgan_mnist", "smoke", **{"objective.n_disc": n_disc})
     exp = experiment.setup(config)
     assert exp.global_batch == n_disc * config.train.batch_size
+
+
+def test_xla_options_are_the_steps_compile_options_and_bad_ones_fail_before_training():
+  """``train.xla_options`` reach the train step's compilation (an option XLA does not know
+  fails there), valid ones compile and run, and bad ones are config errors up front."""
+  from fairgen import config as config_lib, data
+  text = ("--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=1 "
+          "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+  assert config_lib.xla_options(text) == {
+      "xla_cpu_enable_fast_math": False, "xla_backend_optimization_level": 1,
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  config = load_config("vae_mnist", "smoke")
+  source = data.load(config.data, config.data.split)
+
+  def build_step(options):
+    config.train.xla_options = options
+    exp = experiment.setup(config, source.spec)
+    return train.make_train_step(exp), experiment.init_state(exp), exp
+
+  step, state, exp = build_step(text)
+  loader = data.Loader(source, exp.global_batch, 0, parallel.data_sharding(exp.mesh), 0, 1)
+  try:
+    _, batch = next(iter(loader))
+  finally:
+    loader.close()
+  rng = parallel.replicate(exp.step_rng, exp.mesh)
+  _, metrics = step(state, batch, rng)
+  assert np.isfinite(float(metrics["loss"]))
+  train.validate(config)
+  unknown = "--xla_cpu_no_such_option=1"
+  step, state, _ = build_step(unknown)
+  with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+    step.lower(state, batch, rng).compile()
+  with pytest.raises(config_lib.ConfigError, match="xla_cpu_no_such_option"):
+    train.validate(config)
+  for bad in ("xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math",
+              "--xla_a=1 --xla_a=2", "--jax_enable_x64=1"):
+    config.train.xla_options = bad
+    with pytest.raises(config_lib.ConfigError, match="train.xla_options"):
+      config_lib.validate(config)

@@ -15,7 +15,8 @@ Options: --config (required), --repeats R (default 5), --steps S per repeat (def
 parameters; XLA:CPU 0.10 converts bf16 convolutions and matmuls to f32, so this is slower
 on CPU), --set mesh.fsdp=True (parameters and optimizer state sharded), --xla_flags
 "..." (appended to XLA_FLAGS, e.g. --xla_cpu_experimental_ynn_fusion_type=individual_dot,
-which sends convolutions to Eigen instead of YNNPACK: ~20% faster DCGAN steps here).
+which sends convolutions to Eigen instead of YNNPACK: ~20% faster DCGAN steps here; or, for
+the step alone and recorded with the run, --set train.xla_options=--xla_NAME=VALUE).
 
 The step is the one ``fairgen.train`` trains with: ``experiment.setup`` -> ``init_state`` ->
 ``make_train_step`` on the config's own dataset. The bare step is timed first, then the
