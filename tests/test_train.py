@@ -12,6 +12,7 @@ import pytest
 
 from conftest import (TIMING_KEYS, assert_resume_is_exact, final_state, load_config,
                       subprocess_env)
+from fairgen import config as config_lib
 from fairgen import experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
@@ -91,7 +92,6 @@ def test_an_evaluators_chart_goes_to_tensorboard(tmp_path):
 
 
 def test_impossible_profile_steps_are_refused():
-  from fairgen import config as config_lib
   for bad in ((3, 3), (5,), (-1, 2), ("a", 4)):
     config = load_config("vae_mnist", "smoke", **{"train.profile_steps": bad})
     with pytest.raises(config_lib.ConfigError, match="train.profile_steps must be"):
@@ -253,7 +253,7 @@ def test_several_discriminator_steps_load_that_many_batches():
 def test_xla_options_are_the_steps_compile_options_and_bad_ones_fail_before_training():
   """``train.xla_options`` reach the train step's compilation (an option XLA does not know
   fails there), valid ones compile and run, and bad ones are config errors up front."""
-  from fairgen import config as config_lib, data
+  from fairgen import data
   text = ("--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=1 "
           "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
   assert config_lib.xla_options(text) == {
