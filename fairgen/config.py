@@ -34,6 +34,10 @@ ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
               "fair.ratio.noise_multiplier": 3.0, "privacy.ghost_clipping": False}
 
 
+# jax.random's key implementations a run may use (config.rng_impl); the first is JAX's default.
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
 class ConfigError(ValueError):
   """A config value is missing, unknown or impossible; the message names the key."""
 
@@ -60,6 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(section in config, f"The config has no '{section}' section.")
   require(isinstance(config.get("seed"), int) and not isinstance(config.get("seed"), bool),
           f"seed must be an integer, got {config.get('seed')!r}.")
+  require(config.get("rng_impl", RNG_IMPLS[0]) in RNG_IMPLS,
+          f"Unknown rng_impl={config.get('rng_impl')!r}; valid: {', '.join(RNG_IMPLS)}.")
   train = config.train
   require(train.num_steps >= 1, f"train.num_steps must be >= 1, got {train.num_steps}.")
   require(train.batch_size >= 1, f"train.batch_size must be >= 1, got {train.batch_size}.")
@@ -160,6 +166,12 @@ def base_config() -> ml_collections.ConfigDict:
   """The sections every experiment shares, with defaults; experiments fill in the rest."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # JAX's PRNG of the run's keys (init, every step's dropout/noise/latents): 'threefry2x32'
+  # (JAX's default: the same bits on any device count), or the counter-based 'rbg' and
+  # 'unsafe_rbg' (XLA's RngBitGenerator: faster on TPU; other bits, which JAX does not
+  # promise across its versions or shardings). Either way a step's randomness is a function
+  # of (seed, step), so resume stays exact.
+  c.rng_impl = RNG_IMPLS[0]
   c.data = ml_collections.ConfigDict(dict(
       name="mnist_5k",
       split="train",

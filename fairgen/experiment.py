@@ -144,7 +144,7 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
                                              fairness.private_prior(config, num_examples)),
                              mesh=mesh)
     objective = build_objective(config, spec, for_training, dp)
-  root = jax.random.key(config.seed)
+  root = jax.random.key(config.seed, impl=config.get("rng_impl", config_lib.RNG_IMPLS[0]))
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
   abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
   exp = Experiment(

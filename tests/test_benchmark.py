@@ -74,3 +74,33 @@ def test_benchmark_smoke_and_scaling_losses_agree():
     assert math.isclose(1 + loop["overhead_pct"] / 100,
                         loop["seconds_per_repeat"] / loop["bare_seconds_per_repeat"],
                         rel_tol=1e-2)
+
+
+def test_compare_interleaves_fresh_processes_and_reports_ratios_and_missing_peers():
+  """``--compare``: fairgen's real VAE loop and PyTorch's eager VAE, each in its own process;
+  the ratio is fairgen's it/s over the peer's in the same round; a peer whose Python does not
+  exist is reported as unavailable, and the rest still runs."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "benchmark.py"), "--compare=vae",
+       "--rounds=2", "--repeats=1", "--steps=3", "--quiet_timeout=0",
+       "--sides=fairgen,torch_eager,tf_graph", "--tf_python=/nonexistent/python"],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  vae = out["models"]["vae"]
+  assert vae["config"] == "experiments/vae_mnist.py" and out["rounds"] == 2
+  assert set(vae["sides"]) == {"fairgen", "torch_eager"}
+  assert "nonexistent" in vae["unavailable"]["tf_graph"]
+  ours, theirs = (vae["sides"][s]["it_per_s"] for s in ("fairgen", "torch_eager"))
+  assert len(ours) == len(theirs) == 2 and min(ours + theirs) > 0
+  ratio = vae["ratios"]["fairgen/torch_eager"]
+  for r, a, b in zip(ratio["per_round"], ours, theirs):
+    assert math.isclose(r, a / b, rel_tol=2e-3), (r, a, b)
+  assert ratio["min"] <= ratio["median"] <= ratio["max"]
+  for side in ("fairgen", "torch_eager"):
+    assert all(0 <= s <= 1 for s in vae["sides"][side]["others_cpu_share"])
+  assert out["machine"]["cores"] == os.cpu_count()
+  row = next(ln for ln in proc.stderr.splitlines() if ln.startswith("| torch_eager |"))
+  assert row.endswith(f"| {ratio['median']:.2f}× ({ratio['min']:.2f}–{ratio['max']:.2f}) |")
+  assert "| vae: `experiments/vae_mnist.py` |" in proc.stderr
+  assert "| tf_graph | unavailable: " in proc.stderr

@@ -128,3 +128,21 @@ def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_onl
   config.objective.loss = "hinge"
   with pytest.raises(checkpoint.WorkdirError, match="objective.loss: None -> 'hinge'"):
     checkpoint.check_and_write_config(str(tmp_path), config)
+
+
+def test_the_main_jobs_learning_rates_reach_zero_at_its_last_step_and_raising_steps_warns():
+  """The main job decays both rates linearly to 0 over exactly its run (its recipe, README;
+  the schedule itself: test_resnet_gan); with num_steps raised alone the rates would sit at
+  0, and validation says so."""
+  for variant in (None, "full"):
+    config = load_config("dcgan_mnist", variant)
+    for name in ("gen", "disc"):
+      assert config.optim[name].linear_decay_steps == config.train.num_steps, (variant, name)
+    assert train.early_decay_warnings(config) == []
+  assert "linear_decay_steps" not in load_config("dcgan_mnist", "seeds").optim.gen
+  config = load_config("dcgan_mnist", None, **{"train.num_steps": 12000})
+  assert train.early_decay_warnings(config) == [
+      f"optim.{n}.linear_decay_steps=10000 < train.num_steps=12000: its learning rate is 0 "
+      "from update 10000 on." for n in ("disc", "gen")]
+  vae = load_config("vae_mnist", None, **{"train.num_steps": 10**6})
+  assert train.early_decay_warnings(vae) == []  # No decay at all: nothing to warn about.

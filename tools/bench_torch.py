@@ -44,15 +44,13 @@ import sys
 import time
 from typing import Callable
 
-from cpu_load import cpu_snapshot, others_share  # tools/, beside this script
+from cpu_load import quiet_stats, stats, time_rounds  # tools/, beside this script
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 LEAKY_SLOPE = 0.3
-# A round counts as quiet if other processes used less than this share of all cores.
-QUIET_SHARE = 0.05
 
 
 class Generator(nn.Module):
@@ -172,17 +170,6 @@ def make_vae_step(compiled: bool, channels_last: bool, adam: str,
   return step
 
 
-def _stats(values) -> dict[str, float]:
-  return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
-          "max": round(max(values), 4)}
-
-
-def _quiet_stats(values, shares) -> dict[str, float] | None:
-  """Stats over the rounds during which other processes used < QUIET_SHARE of the CPU."""
-  quiet = [v for v, share in zip(values, shares) if share < QUIET_SHARE]
-  return {**_stats(quiet), "rounds": len(quiet)} if quiet else None
-
-
 def main(argv=None) -> None:
   """Times the modes in interleaved rounds and prints the JSON summary."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -212,28 +199,16 @@ def main(argv=None) -> None:
       steps[name]()
     warm[name] = round(time.perf_counter() - start, 2)
     print(f"[bench_torch] {name}: warm-up {warm[name]} s", file=sys.stderr, flush=True)
-  rates = {name: [] for name in modes}
-  others = {name: [] for name in modes}
-  for r in range(args.rounds):
-    for name, step in steps.items():
-      snap = cpu_snapshot()
-      for _ in range(iters):
-        step()
-      after = cpu_snapshot()
-      rates[name].append(iters / (after[0] - snap[0]))
-      others[name].append(others_share(snap, after))
-    print(f"[bench_torch] round {r + 1}/{args.rounds}: " +
-          ", ".join(f"{n} {v[-1]:.3f} it/s" for n, v in rates.items()),
-          file=sys.stderr, flush=True)
-  stats = {n: _stats(v) for n, v in rates.items()}
+  rates, others = time_rounds(steps, args.rounds, iters, "bench_torch")
+  speed = {n: stats(v) for n, v in rates.items()}
   result = {
       "model": args.model, "batch": args.batch, "torch_version": torch.__version__,
       "threads": torch.get_num_threads(), "adam": args.adam, "rounds": args.rounds,
       "iters": iters, "loadavg": [round(x, 2) for x in os.getloadavg()],
-      "compile_warmup_s": warm, "it_per_s": stats,
+      "compile_warmup_s": warm, "it_per_s": speed,
       "others_cpu_share": {n: round(statistics.median(v), 3) for n, v in others.items()},
-      "it_per_s_quiet": {n: _quiet_stats(rates[n], others[n]) for n in modes},
-      "fastest": max(stats, key=lambda n: stats[n]["median"])}
+      "it_per_s_quiet": {n: quiet_stats(rates[n], others[n], "rounds") for n in modes},
+      "fastest": max(speed, key=lambda n: speed[n]["median"])}
   print(json.dumps(result))
 
 

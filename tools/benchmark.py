@@ -78,6 +78,12 @@ devices, same global batch, same other flags), prints a table to stderr and one 
 {"scaling": [per-run summaries], "first_step_metrics_agree": bool, "max_rel_diff": float,
 "runs": [full per-run results]} to stdout. On one CPU the devices share the same cores, so
 the table checks correctness and overhead, not speed-up.
+
+``--compare dcgan,vae`` (no --config) times fairgen's loop against PyTorch and TensorFlow
+versions of the same models (``bench_torch.py``, ``bench_tf.py``), each side in a fresh
+process, interleaved over ``--rounds`` rounds on a quiet machine, and prints the ratios
+(``compare_peers.py`` says how). TensorFlow lives in its own environment:
+  python tools/benchmark.py --compare dcgan,vae --rounds 3 --tf_python /tmp/tfvenv/bin/python
 """
 
 from __future__ import annotations
@@ -93,33 +99,37 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from cpu_load import cpu_snapshot, others_share  # tools/, beside this script
+import compare_peers  # tools/, beside this script
+from cpu_load import cpu_snapshot, others_share, quiet_stats, sig, stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # First-step metrics of different device counts agree to this relative tolerance.
 SCALING_RTOL = 1e-4
 SCALING_ATOL = 1e-6
-# A repeat counts as quiet if other processes used less than this share of all cores.
-QUIET_SHARE = 0.05
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   """Parses the command line (see the module docstring)."""
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True, help="experiments/FILE.py[:variant]")
+  p.add_argument("--config", default="", help="experiments/FILE.py[:variant]")
   p.add_argument("--devices", type=int, default=0,
                  help="N > 0: N fake CPU devices and mesh.data=N (default: the config's mesh)")
   p.add_argument("--repeats", type=int, default=5, help="timed repeats (>= 5 for reports)")
-  p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+  p.add_argument("--steps", type=int, default=0,
+                 help="steps per timed repeat (default 10; --compare: 10 DCGAN, 200 VAE)")
   p.add_argument("--batch_size", type=int, default=0, help="override train.batch_size")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set model.width=0.5 (repeatable)")
   p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
   p.add_argument("--scaling", default="", help="comma-separated device counts, e.g. 1,2,4,8")
+  compare_peers.add_args(p)
   args = p.parse_args(argv)
+  args.steps_given, args.steps = args.steps, args.steps or 10
   if args.repeats < 1 or args.steps < 1:
     p.error("--repeats and --steps must be >= 1")
+  if bool(args.config) == bool(args.compare):
+    p.error("give --config (one experiment) or --compare (fairgen against the peers)")
   return args
 
 
@@ -162,22 +172,6 @@ def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0,
   return config
 
 
-def _sig(value: float, digits: int = 5) -> float:
-  """``value`` to ``digits`` significant digits: small times keep their relative precision."""
-  return float(f"{value:.{digits}g}")
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-  return {"median": _sig(statistics.median(values)),
-          "min": _sig(min(values)), "max": _sig(max(values))}
-
-
-def _quiet_stats(values: Sequence[float], shares: Sequence[float]) -> dict[str, Any] | None:
-  """``_stats`` over the repeats during which other processes used < QUIET_SHARE of the CPU."""
-  quiet = [v for v, share in zip(values, shares) if share < QUIET_SHARE]
-  return {**_stats(quiet), "repeats": len(quiet)} if quiet else None
-
-
 def _loadavg() -> float:
   try:
     return round(os.getloadavg()[0], 2)
@@ -210,7 +204,7 @@ def matmul_peaks(n: int = 2048, repeats: int = 5) -> dict[str, float]:
 def memory_report(exp: Any, compiled: Any) -> dict[str, float | None]:
   """The ``memory`` section (see the module doc): the state's and XLA's bytes, in MiB."""
   from fairgen import parallel  # pylint: disable=g-import-not-at-top
-  mib = lambda b: None if b is None else _sig(b / 2**20)
+  mib = lambda b: None if b is None else sig(b / 2**20)
   replicated = parallel.state_shardings(exp.mesh, exp.abstract_state, fsdp=False)
   out = {"state_per_device": mib(parallel.bytes_per_device(exp.abstract_state,
                                                            exp.state_shardings)),
@@ -353,33 +347,33 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       "cpu_count": os.cpu_count(),
       "loadavg_start": load_start,
       "loadavg_end": _loadavg(),
-      "others_cpu_share": _stats(others),
+      "others_cpu_share": stats(others),
       "compile": {
-          "lower_s": _sig(lower_s),
-          "compile_s": _sig(compile_s),
-          "first_call_s": _sig(first_call_s),
-          "first_call_minus_step_s": _sig(first_call_s - statistics.median(step_s)),
+          "lower_s": sig(lower_s),
+          "compile_s": sig(compile_s),
+          "first_call_s": sig(first_call_s),
+          "first_call_minus_step_s": sig(first_call_s - statistics.median(step_s)),
       },
-      "cost": {"gflop_per_step": _sig(flops / 1e9),
-               "gbytes_accessed_per_step": _sig(float(cost.get("bytes accessed", 0)) / 1e9)},
+      "cost": {"gflop_per_step": sig(flops / 1e9),
+               "gbytes_accessed_per_step": sig(float(cost.get("bytes accessed", 0)) / 1e9)},
       "memory": memory,
       "step": {
-          "steps_per_s": _stats([1 / s for s in step_s]),
-          "steps_per_s_quiet": _quiet_stats([1 / s for s in step_s], others),
-          "examples_per_s": _stats([exp.global_batch / s for s in step_s]),
-          "achieved_gflop_per_s": _stats(achieved),
-          "ms_per_step": _sig(1e3 * statistics.median(step_s)),
+          "steps_per_s": stats([1 / s for s in step_s]),
+          "steps_per_s_quiet": quiet_stats([1 / s for s in step_s], others),
+          "examples_per_s": stats([exp.global_batch / s for s in step_s]),
+          "achieved_gflop_per_s": stats(achieved),
+          "ms_per_step": sig(1e3 * statistics.median(step_s)),
       },
       "peak": {**peaks,
-               "achieved_over_peak": _sig(statistics.median(achieved) / peak),
-               "achieved_over_jax_peak": _sig(
+               "achieved_over_peak": sig(statistics.median(achieved) / peak),
+               "achieved_over_jax_peak": sig(
                    statistics.median(achieved) / peaks["jax_matmul_gflop_per_s"])},
       "loop": {
-          "steps_per_s": _stats([steps / t for t in loop_t]),
-          "seconds_per_repeat": _sig(med_loop),
-          "bare_seconds_per_repeat": _sig(med_bare),
-          "overhead_pct": _sig(100 * (med_loop / med_bare - 1)),
-          "input_wait_share": _stats(waits),
+          "steps_per_s": stats([steps / t for t in loop_t]),
+          "seconds_per_repeat": sig(med_loop),
+          "bare_seconds_per_repeat": sig(med_bare),
+          "overhead_pct": sig(100 * (med_loop / med_bare - 1)),
+          "input_wait_share": stats(waits),
       },
       "first_step_metrics": {k: float(np.float64(v)) for k, v in first_metrics.items()},
   }
@@ -456,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   """Entry point: one benchmark, or a scaling sweep in subprocesses."""
   args = parse_args(argv)
   sys.path.insert(0, REPO)  # Allow `python tools/benchmark.py` without installing fairgen.
+  if args.compare:
+    print(json.dumps(compare_peers.run_compare(args)), flush=True)
+    return
   if args.scaling:
     print(json.dumps(run_scaling(args)), flush=True)
     return
