@@ -30,15 +30,11 @@ the stats over quiet rounds only, or null}, "loadavg", "fastest": mode}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import sys
-import time
 from typing import Callable
 
-from cpu_load import quiet_stats, stats, time_rounds  # tools/, beside this script
+from cpu_load import parse_peer_args, peer_parser, time_peer  # tools/, beside this script
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow starts.
 import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -46,6 +42,7 @@ import keras  # noqa: E402  pylint: disable=g-import-not-at-top
 from keras import layers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 LATENT = 100
+MODES = ("graph", "xla", "eager")
 
 
 def make_generator() -> keras.Model:
@@ -137,40 +134,13 @@ def make_vae_step(mode: str, batch: int) -> Callable[[], float]:
 
 def main(argv=None) -> None:
   """Times the modes in interleaved rounds and prints the JSON summary."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", choices=("dcgan", "vae"), required=True)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--iters", type=int, default=0, help="per round (default: 5 DCGAN, 200 VAE)")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
-  p.add_argument("--modes", default="graph,xla", help="comma-separated: graph, xla, eager")
-  args = p.parse_args(argv)
-  modes = args.modes.split(",")
-  unknown = set(modes) - {"graph", "xla", "eager"}
-  if unknown or args.rounds < 1 or args.iters < 0:
-    p.error(f"bad --modes {sorted(unknown)}" if unknown else "--rounds/--iters out of range")
-  iters = args.iters or (5 if args.model == "dcgan" else 200)
+  p = peer_parser(__doc__.splitlines()[0], MODES, "graph,xla")
+  args = parse_peer_args(p, argv, MODES)
   tf.random.set_seed(0)
   make = make_dcgan_step if args.model == "dcgan" else make_vae_step
-  steps, warm = {}, {}
-  for mode in modes:
-    steps[mode] = _wrap(make(mode, args.batch), mode)
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-      steps[mode]()
-    warm[mode] = round(time.perf_counter() - start, 2)
-    print(f"[bench_tf] {mode}: warm-up {warm[mode]} s", file=sys.stderr, flush=True)
-  rates, others = time_rounds(steps, args.rounds, iters, "bench_tf")
-  speed = {n: stats(v) for n, v in rates.items()}
-  result = {
-      "model": args.model, "batch": args.batch, "tf_version": tf.__version__,
-      "keras_version": keras.__version__, "rounds": args.rounds, "iters": iters,
-      "loadavg": [round(x, 2) for x in os.getloadavg()], "compile_warmup_s": warm,
-      "it_per_s": speed,
-      "others_cpu_share": {n: round(statistics.median(v), 3) for n, v in others.items()},
-      "it_per_s_quiet": {n: quiet_stats(rates[n], others[n], "rounds") for n in modes},
-      "fastest": max(speed, key=lambda n: speed[n]["median"])}
-  print(json.dumps(result))
+  steps = {mode: _wrap(make(mode, args.batch), mode) for mode in args.modes}
+  print(json.dumps({"model": args.model, "batch": args.batch, "tf_version": tf.__version__,
+                    "keras_version": keras.__version__, **time_peer(steps, args, "bench_tf")}))
 
 
 if __name__ == "__main__":

@@ -36,21 +36,17 @@ all cores that other processes used during that mode's rounds (0: a quiet machin
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
-import sys
-import time
 from typing import Callable
 
-from cpu_load import quiet_stats, stats, time_rounds  # tools/, beside this script
+from cpu_load import parse_peer_args, peer_parser, time_peer  # tools/, beside this script
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 LEAKY_SLOPE = 0.3
+MODES = ("eager", "compile")
 
 
 class Generator(nn.Module):
@@ -172,44 +168,22 @@ def make_vae_step(compiled: bool, channels_last: bool, adam: str,
 
 def main(argv=None) -> None:
   """Times the modes in interleaved rounds and prints the JSON summary."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", choices=("dcgan", "vae"), required=True)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--iters", type=int, default=0, help="per round (default: 5 DCGAN, 200 VAE)")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
+  p = peer_parser(__doc__.splitlines()[0], MODES, "eager,compile")
   p.add_argument("--adam", choices=("fused", "default"), default="fused")
-  p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
   p.add_argument("--channels_last", action="store_true",
                  help="also time channels-last variants (DCGAN)")
-  args = p.parse_args(argv)
-  iters = args.iters or (5 if args.model == "dcgan" else 200)
+  args = parse_peer_args(p, argv, MODES)
   torch.manual_seed(0)
   make = make_dcgan_step if args.model == "dcgan" else make_vae_step
-  modes: dict[str, tuple[bool, bool]] = {}
-  for mode in args.modes.split(","):
+  steps = {}
+  for mode in args.modes:
     variants = [False, True] if args.channels_last and args.model == "dcgan" else [False]
     for cl in variants:
-      modes[mode + ("+channels_last" if cl else "")] = (mode == "compile", cl)
-  steps, warm = {}, {}
-  for name, (compiled, cl) in modes.items():
-    steps[name] = make(compiled, cl, args.adam, args.batch)
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-      steps[name]()
-    warm[name] = round(time.perf_counter() - start, 2)
-    print(f"[bench_torch] {name}: warm-up {warm[name]} s", file=sys.stderr, flush=True)
-  rates, others = time_rounds(steps, args.rounds, iters, "bench_torch")
-  speed = {n: stats(v) for n, v in rates.items()}
-  result = {
-      "model": args.model, "batch": args.batch, "torch_version": torch.__version__,
-      "threads": torch.get_num_threads(), "adam": args.adam, "rounds": args.rounds,
-      "iters": iters, "loadavg": [round(x, 2) for x in os.getloadavg()],
-      "compile_warmup_s": warm, "it_per_s": speed,
-      "others_cpu_share": {n: round(statistics.median(v), 3) for n, v in others.items()},
-      "it_per_s_quiet": {n: quiet_stats(rates[n], others[n], "rounds") for n in modes},
-      "fastest": max(speed, key=lambda n: speed[n]["median"])}
-  print(json.dumps(result))
+      steps[mode + ("+channels_last" if cl else "")] = make(mode == "compile", cl, args.adam,
+                                                             args.batch)
+  print(json.dumps({"model": args.model, "batch": args.batch,
+                    "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+                    "adam": args.adam, **time_peer(steps, args, "bench_torch")}))
 
 
 if __name__ == "__main__":

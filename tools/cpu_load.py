@@ -6,6 +6,7 @@ imports neither JAX, PyTorch nor TensorFlow.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -98,3 +99,53 @@ def wait_quiet(max_share: float = QUIET_SHARE, window_s: float = 1.0,
     share = others_share(before, cpu_snapshot())
     if share < max_share or time.perf_counter() >= deadline:
       return share
+
+
+def peer_parser(description: str, modes: Sequence[str], default_modes: str
+                ) -> argparse.ArgumentParser:
+  """The options ``bench_torch.py`` and ``bench_tf.py`` share (their own come on top)."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--model", choices=("dcgan", "vae"), required=True)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--iters", type=int, default=0, help="per round (default: 5 DCGAN, 200 VAE)")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
+  p.add_argument("--modes", default=default_modes, help=f"comma-separated: {', '.join(modes)}")
+  return p
+
+
+def parse_peer_args(p: argparse.ArgumentParser, argv: Sequence[str] | None,
+                    modes: Sequence[str]) -> argparse.Namespace:
+  """Parses and checks a peer's command line; ``iters`` gets its per-model default and
+  ``modes`` becomes a list."""
+  args = p.parse_args(argv)
+  args.modes = [m for m in args.modes.split(",") if m]
+  unknown = sorted(set(args.modes) - set(modes))
+  if unknown or not args.modes:
+    p.error(f"--modes: unknown {unknown}; valid: {', '.join(modes)}")
+  if args.rounds < 1 or args.iters < 0 or args.warmup < 0 or args.batch < 1:
+    p.error("--rounds, --batch >= 1 and --iters, --warmup >= 0, please")
+  args.iters = args.iters or (5 if args.model == "dcgan" else 200)
+  return args
+
+
+def time_peer(steps: Mapping[str, Callable[[], Any]], args: argparse.Namespace,
+              tag: str) -> dict[str, Any]:
+  """Warms each step up, times them in interleaved rounds, and returns the JSON fields a
+  peer reports: rounds, iters, loadavg, compile_warmup_s, it_per_s, others_cpu_share,
+  it_per_s_quiet and fastest."""
+  warm = {}
+  for name, step in steps.items():
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+      step()
+    warm[name] = round(time.perf_counter() - start, 2)
+    print(f"[{tag}] {name}: warm-up {warm[name]} s", file=sys.stderr, flush=True)
+  rates, others = time_rounds(steps, args.rounds, args.iters, tag)
+  speed = {n: stats(v) for n, v in rates.items()}
+  return {"rounds": args.rounds, "iters": args.iters,
+          "loadavg": [round(x, 2) for x in os.getloadavg()], "compile_warmup_s": warm,
+          "it_per_s": speed,
+          "others_cpu_share": {n: round(statistics.median(v), 3) for n, v in others.items()},
+          "it_per_s_quiet": {n: quiet_stats(rates[n], others[n], "rounds") for n in steps},
+          "fastest": max(speed, key=lambda n: speed[n]["median"])}
