@@ -15,8 +15,9 @@ Inputs are fixed random tensors, as in ``bench_torch.py``. Modes:
 - ``xla``: the same ``tf.function(jit_compile=True)``, compiled by XLA;
 - ``eager``: plain TF eager execution.
 
-TensorFlow is a benchmark-only tool here, not a fairgen dependency, and it conflicts with
-fairgen's pins: install it in its own environment and point ``benchmark.py --compare`` at it:
+TensorFlow is a benchmark-only tool here, not a fairgen dependency: install it in an
+environment of its own (fairgen's stays as setup.cfg makes it) and point
+``benchmark.py --compare --tf_python`` at it:
   python -m venv /tmp/tfvenv && /tmp/tfvenv/bin/pip install tensorflow-cpu==2.21.0
   /tmp/tfvenv/bin/python tools/bench_tf.py --model dcgan --rounds 5 --iters 5
   /tmp/tfvenv/bin/python tools/bench_tf.py --model vae --rounds 5 --iters 200

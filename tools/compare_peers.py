@@ -19,9 +19,11 @@ A peer that cannot start (its framework is not installed in ``--torch_python`` o
 
 Output: a Markdown table on stderr (paste it into the README with its date and machine), and
 one JSON object on stdout: {"date", "machine": {"cpu", "cores", "flags"}, "rounds", "models":
-{model: {"config", "sides": {side: {"it_per_s": [per round], "others_cpu_share": [per round],
-"median"}}, "ratios": {"fairgen/<peer>": {"per_round", "median", "min", "max"}},
-"unavailable": {side: reason}}}}.
+{model: {"config", "sides": {side: {"median", and per round: "it_per_s", "others_cpu_share",
+"others_before_start" (the load the wait for quiet ended at), and for fairgen's sides
+"bare_steps_per_s", "loop_overhead_pct", "achieved_over_peak"}}, "ratios":
+{"<fairgen side>/<other side>": {"per_round", "median", "min", "max"}}, "unavailable":
+{side: reason}}}}.
 """
 
 from __future__ import annotations
@@ -123,10 +125,10 @@ def summarize(model: str, rounds: Sequence[dict[str, dict[str, Any]]],
   out: dict[str, Any] = {"config": MODELS[model][0], "sides": {}, "ratios": {},
                          "unavailable": unavailable}
   for side in sides:
-    series = [r[side]["it_per_s"] for r in rounds if side in r]
-    out["sides"][side] = {
-        "it_per_s": series, "median": sig(statistics.median(series)),
-        "others_cpu_share": [r[side]["others_cpu_share"] for r in rounds if side in r]}
+    results = [r[side] for r in rounds if side in r]
+    series = [res["it_per_s"] for res in results]
+    out["sides"][side] = {"median": sig(statistics.median(series)),
+                          **{key: [res[key] for res in results] for key in results[0]}}
   for ours in (s for s in sides if s.startswith("fairgen")):
     for peer in (s for s in sides if s != ours):
       per_round = [sig(r[ours]["it_per_s"] / r[peer]["it_per_s"], 3)
