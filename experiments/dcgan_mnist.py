@@ -44,7 +44,7 @@ def get_config(arg=None):
   # TTUR-ready: separate generator and discriminator optimizers. linear_decay_steps: the
   # learning rate falls linearly from lr to 0 over this many updates (set it with
   # train.num_steps: fairgen warns when the rate would reach 0 before the run ends).
-  decay = {} if variant == "seeds" else dict(linear_decay_steps=10000)
+  decay = {} if variant == "seeds" else dict(linear_decay_steps=c.train.num_steps)
   c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999, **decay),
                  disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999, **decay))
   c.train.xla_options = "" if variant == "seeds" else EIGEN_CONVOLUTIONS

@@ -27,6 +27,7 @@ from fairgen import data
 from fairgen import experiment
 from fairgen import fairness
 from fairgen import logs
+from fairgen import objectives
 from fairgen import parallel
 from fairgen import privacy
 from fairgen import robust
@@ -47,12 +48,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def early_decay_warnings(config: ml_collections.ConfigDict) -> list[str]:
   """A warning for each optimizer whose linear decay reaches 0 before ``train.num_steps``
   (e.g. after ``--config.train.num_steps`` was raised alone): its last updates are void."""
-  sections = ([("optim", config.optim)] if "lr" in config.optim else
-              [(f"optim.{k}", v) for k, v in config.optim.items() if hasattr(v, "get")])
   steps = config.train.num_steps
   return [f"{path}.linear_decay_steps={sec['linear_decay_steps']} < train.num_steps={steps}: "
           f"its learning rate is 0 from update {sec['linear_decay_steps']} on."
-          for path, sec in sections
+          for path, sec in objectives.optimizer_sections(config.objective, config.optim)
           if sec.get("linear_decay_steps") and sec["linear_decay_steps"] < steps]
 
 

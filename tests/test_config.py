@@ -143,6 +143,6 @@ def test_the_main_jobs_learning_rates_reach_zero_at_its_last_step_and_raising_st
   config = load_config("dcgan_mnist", None, **{"train.num_steps": 12000})
   assert train.early_decay_warnings(config) == [
       f"optim.{n}.linear_decay_steps=10000 < train.num_steps=12000: its learning rate is 0 "
-      "from update 10000 on." for n in ("disc", "gen")]
+      "from update 10000 on." for n in ("gen", "disc")]
   vae = load_config("vae_mnist", None, **{"train.num_steps": 10**6})
   assert train.early_decay_warnings(vae) == []  # No decay at all: nothing to warn about.

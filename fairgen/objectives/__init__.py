@@ -93,12 +93,19 @@ def validate(objective: Mapping[str, Any], optim: Mapping[str, Any]) -> None:
   cfg = settings(objective)
   entry = OBJECTIVES.get(objective["name"])
   entry.check(cfg)
-  if not entry.optimizers:
-    check_optimizer(optim, "optim")
   for net in entry.optimizers:
     require(net in optim, f"The {objective['name']!r} objective needs optim.{net} (an "
             f"optimizer section: name, lr, b1, b2).")
-    check_optimizer(optim[net], f"optim.{net}")
+  for path, section in optimizer_sections(objective, optim):
+    check_optimizer(section, path)
+
+
+def optimizer_sections(objective: Mapping[str, Any], optim: Mapping[str, Any]
+                       ) -> list[tuple[str, Mapping[str, Any]]]:
+  """(dotted path, section) of each optimizer the objective trains with: ``optim`` itself,
+  or ``optim.<net>`` for each of its nets (e.g. a GAN's gen and disc)."""
+  nets = OBJECTIVES.get(objective["name"]).optimizers
+  return [(f"optim.{net}", optim[net]) for net in nets] if nets else [("optim", optim)]
 
 
 def build(objective: Mapping[str, Any], optim: Mapping[str, Any], modules: Any, spec: Any,
