@@ -8,7 +8,7 @@ Usage (from the repository root):
   python tools/benchmark.py --config=experiments/dcgan_mnist.py --set model.width=0.5 \
       --set train.batch_size=64 --set model.dtype=bfloat16
 
-Options: --config (required), --repeats R (default 5), --steps S per repeat (default 10),
+Options: --config (unless --compare), --repeats R (default 5), --steps S per repeat (default 10),
 --batch_size B (train.batch_size), --set KEY=VALUE (any config key, repeatable),
 --devices N (N fake CPU devices, mesh.data=N), --scaling 1,2,4,8 (see below),
 --set model.dtype=bfloat16 (mixed precision: the models compute in bf16 with float32
