@@ -1,6 +1,6 @@
 """What keeps long runs safe: preemption, non-finite guards and the workdir lock.
 
-- ``Preemption``: SIGTERM/SIGINT set a flag; the loop finishes the current step, saves a
+- ``Preemption``: SIGTERM/SIGINT set a flag; the loop finishes the current dispatch, saves a
   checkpoint, waits for it to commit and exits 0. On multi-process runs all processes must
   stop at the same step, so the decision comes from JAX's preemption sync point
   (``multihost_utils.reached_preemption_sync_point``), which the distributed runtime
@@ -87,10 +87,14 @@ class Preemption:
                       signal.Signals(signum).name)
     self.signal_received = signum
 
-  def should_stop(self, step: int) -> bool:
-    """Whether to checkpoint and stop after ``step`` (the same answer on all processes)."""
+  def should_stop(self, step: int, steps: int = 1) -> bool:
+    """Whether to checkpoint and stop after ``step``, the last of a dispatch of ``steps``
+    steps (the same answer on all processes). JAX's sync point is one step id, which every
+    process must pass: each step of the dispatch is reported to it."""
     if jax.process_count() > 1:
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+      reached = [bool(multihost_utils.reached_preemption_sync_point(s))
+                 for s in range(step - steps + 1, step + 1)]
+      return any(reached)
     return self.signal_received is not None
 
 

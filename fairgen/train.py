@@ -76,15 +76,21 @@ def check_xla_options(text: str) -> None:
 class TrainStep:
   """The objective's guarded step, jitted once with explicit shardings and state donation.
 
-  Called as ``step(state, batch, rng)``. The objective's ``constants`` (frozen arrays, e.g.
-  the penalty classifier's parameters) are placed on the mesh once and passed to the jitted
-  function as arguments on every call, so they are inputs of the compiled step, not
-  constants folded into it. ``train.xla_options`` are its XLA compile options.
+  Called as ``step(state, batch, rng)``; ``step.steps(state, batches, rng, total)`` runs
+  ``len(batches)`` consecutive steps in one program (``train.steps_per_dispatch``): a
+  ``lax.scan`` of the same guarded step, whose metrics it adds to ``total`` one step at a
+  time, in the order and with the float32 adds of the loop's own accumulation. The
+  objective's ``constants`` (frozen arrays, e.g. the penalty classifier's parameters) are
+  placed on the mesh once and passed to the jitted functions as arguments on every call, so
+  they are inputs of the compiled step, not constants folded into it.
+  ``train.xla_options`` are its XLA compile options.
   """
 
   def __init__(self, exp: experiment.Experiment):
     objective = exp.objective
     repl = parallel.replicated(exp.mesh)
+    data = parallel.data_sharding(exp.mesh)
+    options = config_lib.xla_options(exp.config.train.get("xla_options", "")) or None
 
     def step(state, batch, rng, constants):
       fn = objective.train_step
@@ -92,11 +98,23 @@ class TrainStep:
         fn = functools.partial(fn, constants=constants)
       return robust.guard_step(fn)(state, batch, rng)
 
+    def steps(state, batches, rng, constants, total):
+      def body(carry, batch):
+        state, total = carry
+        state, metrics = step(state, batch, rng, constants)
+        return (state, jax.tree.map(jnp.add, total, metrics)), None
+
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+      (state, total), _ = jax.lax.scan(body, (state, total), stacked)
+      return state, total
+
     self._jitted = jax.jit(
-        step, in_shardings=(exp.state_shardings, parallel.data_sharding(exp.mesh), repl, repl),
-        out_shardings=(exp.state_shardings, repl), donate_argnums=0,
-        compiler_options=config_lib.xla_options(exp.config.train.get("xla_options", ""))
-        or None)
+        step, in_shardings=(exp.state_shardings, data, repl, repl),
+        out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
+    self._jitted_steps = jax.jit(
+        steps, in_shardings=(exp.state_shardings, data, repl, repl, repl),
+        out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
+    self.mesh = exp.mesh
     # The arrays passed as the jitted function's last argument (None without constants).
     self.constants = (None if objective.constants is None else
                       parallel.replicate(objective.constants, exp.mesh))
@@ -104,9 +122,33 @@ class TrainStep:
   def __call__(self, state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
     return self._jitted(state, batch, rng, self.constants)
 
+  def steps(self, state: Any, batches: tuple[Any, ...], rng: jax.Array,
+            total: dict[str, jax.Array] | None = None) -> tuple[Any, dict[str, jax.Array]]:
+    """``len(batches)`` steps in one dispatch; returns the state and ``total`` (zeros if
+    None) plus each step's metrics."""
+    if total is None:
+      shapes = jax.eval_shape(self._jitted, state, batches[0], rng, self.constants)[1]
+      total = parallel.replicate(
+          jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), self.mesh)
+    return self._jitted_steps(state, tuple(batches), rng, self.constants, total)
+
   def lower(self, state: Any, batch: Any, rng: jax.Array) -> Any:
     """The lowered step (for cost and memory analysis)."""
     return self._jitted.lower(state, batch, rng, self.constants)
+
+
+def dispatch_size(step: int, k: int, every: tuple[int, ...], stops: tuple[int, ...]) -> int:
+  """How many steps the dispatch that starts at ``step`` runs: ``k``, or fewer so that it
+  ends at the next multiple of each cadence in ``every`` (0: none) and at each step of
+  ``stops`` after ``step``, where the loop must be between two steps."""
+  end = step + k
+  for e in every:
+    if e:
+      end = min(end, (step // e + 1) * e)
+  for s in stops:
+    if s > step:
+      end = min(end, s)
+  return end - step
 
 
 def make_train_step(exp: experiment.Experiment) -> TrainStep:
@@ -127,11 +169,10 @@ class _Accumulator:
   """Sums step metrics on device; averages over the finite steps when read."""
 
   def __init__(self):
-    self.total, self.steps = None, 0
+    self.total: dict[str, jax.Array] | None = None
 
   def add(self, metrics: dict[str, jax.Array]) -> None:
     self.total = metrics if self.total is None else _add_metrics(self.total, metrics)
-    self.steps += 1
 
   def read(self) -> tuple[dict[str, float], list[str]]:
     """(averages over finite steps, names of quantities that were ever non-finite)."""
@@ -141,7 +182,7 @@ class _Accumulator:
                  if k.startswith(robust.NONFINITE_PREFIX) and v > 0)
     averages = {k: v / max(finite, 1.0) for k, v in host.items()
                 if not k.startswith(robust.NONFINITE_PREFIX)}
-    self.total, self.steps = None, 0
+    self.total = None
     return averages, bad
 
 
@@ -219,7 +260,8 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
          lock: robust.WorkdirLock | None = None) -> dict[str, Any]:
   """Runs steps ``start_step .. train.num_steps`` of ``exp`` from ``state``.
 
-  Every step: the next batch, the jitted step, metric accumulation on device. Every
+  Every dispatch: the next batch, the jitted step, metric accumulation on device (or
+  ``train.steps_per_dispatch`` batches and steps in one program, ``TrainStep.steps``). Every
   ``log.every_steps`` (and at checkpoints): the guard and averages read to the host and a
   ``metrics.jsonl`` line with ``steps_per_sec`` and ``input_wait_seconds`` of the window.
   Sample grids, periodic evaluation with the best checkpoint, checkpoints and the
@@ -244,25 +286,41 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
                                       exp.objective.label_probs)
   rng = parallel.replicate(exp.step_rng, exp.mesh)
   logger = logs.MetricLogger(workdir, num_steps, start_step)
+  per_dispatch = config.train.get("steps_per_dispatch", 1)
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=config.data.prefetch, sampler=batch_sampler(exp, source, sampler))
+                       prefetch=max(config.data.prefetch, per_dispatch),
+                       sampler=batch_sampler(exp, source, sampler))
   acc, wait_mark = _Accumulator(), 0.0
-  profiler = logs.Profiler(workdir, tuple(config.train.get("profile_steps") or ()))
+  profile_steps = tuple(config.train.get("profile_steps") or ())
+  profiler = logs.Profiler(workdir, profile_steps)
+  # Where a dispatch of several steps must end: at every step the loop acts on.
+  cadences = (config.log.every_steps, config.train.checkpoint_every_steps,
+              config.log.sample_every_steps if exp.makes_images else 0,
+              config.eval.every_steps if evaluator is not None else 0)
+  stops = (num_steps,) + profile_steps
+  batches = iter(loader)
   try:
     with robust.Preemption() as preemption:
-      for step, batch in loader:
+      for step, batch in batches:
         t0 = time.perf_counter()
         profiler.before(step)
-        state, metrics = train_step(state, batch, rng)
-        profiler.after(step + 1, metrics)
+        size = dispatch_size(step, per_dispatch, cadences, stops)
+        if size == 1:
+          state, metrics = train_step(state, batch, rng)
+          acc.add(metrics)
+        else:
+          group = (batch,) + tuple(next(batches)[1] for _ in range(size - 1))
+          state, acc.total = train_step.steps(state, group, rng, acc.total)
+          metrics = acc.total
+        done = step + size
+        profiler.after(done, metrics)
         if "compile_seconds" not in summary:
           jax.block_until_ready(metrics)
           summary["compile_seconds"] = time.perf_counter() - t0
-          logging.info("First step (compilation included) took %.1f s.", time.perf_counter() - t0)
-        acc.add(metrics)
-        done = step + 1
-        stop = preemption.should_stop(done)
+          logging.info("First step (compilation included; %d step(s) in the dispatch) took "
+                       "%.1f s.", size, time.perf_counter() - t0)
+        stop = preemption.should_stop(done, size)
         # A preemption saves and exits at once: its grace period (seconds on spot VMs) is
         # no time for the sample grid or an evaluation, which the resumed run will make.
         final = done == num_steps

@@ -52,7 +52,9 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
       batch shard, the key and the objective's constants), outputs, scratch buffers, and
       the outputs that reuse donated arguments. Null where the backend gives none.
   step: the bare compiled step on one fixed device-resident batch (no input, no metrics
-    fetch), per repeat ``steps`` calls then ``block_until_ready``.
+    fetch), per repeat ``steps`` calls then ``block_until_ready``; with
+    ``train.steps_per_dispatch=k``, the loop's k-step program on k copies of that batch,
+    ``steps // k`` calls (timed as ``steps`` steps).
     steps_per_s, examples_per_s, achieved_gflop_per_s: {median, min, max} over repeats;
     steps_per_s_quiet: the same over the quiet repeats only (others used < 5% of the CPU),
       with their count; null if there were none;
@@ -268,6 +270,7 @@ def _time_real_loop(exp: Any, source: Any, reps: int, steps: int) -> tuple[list[
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   """Runs every measurement of the module docstring for one configuration."""
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fairgen import data  # pylint: disable=g-import-not-at-top
   from fairgen import parallel  # pylint: disable=g-import-not-at-top
@@ -311,12 +314,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     first_call_s = time.perf_counter() - start
 
     fixed = jax.device_put(loader.host_batch(0), data_sharding)
-    bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)
+    per_dispatch = config.train.get("steps_per_dispatch", 1)
+    if per_dispatch > 1:  # The loop's program: that many steps per call.
+      group = (fixed,) * per_dispatch
+      zeros = jax.tree.map(jnp.zeros_like, metrics)
+      bare = lambda s: lowering_step.steps(s, group, rng, zeros)
+    else:
+      bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)
     state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
+    calls = max(1, steps // per_dispatch)
     bare_t, others = [], []
     for r in range(reps):
       snap = cpu_snapshot()
-      state, t = _time_bare(bare, state, steps)
+      state, t = _time_bare(bare, state, calls)
+      t *= steps / (calls * per_dispatch)  # Per `steps` steps.
       others.append(others_share(snap, cpu_snapshot()))
       bare_t.append(t)
       print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / t:.3f} steps/s",
