@@ -287,18 +287,20 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   rng = parallel.replicate(exp.step_rng, exp.mesh)
   logger = logs.MetricLogger(workdir, num_steps, start_step)
   per_dispatch = config.train.get("steps_per_dispatch", 1)
-  loader = data.Loader(source, exp.global_batch, config.seed,
-                       parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=max(config.data.prefetch, per_dispatch),
-                       sampler=batch_sampler(exp, source, sampler))
-  acc, wait_mark = _Accumulator(), 0.0
-  profile_steps = tuple(config.train.get("profile_steps") or ())
-  profiler = logs.Profiler(workdir, profile_steps)
   # Where a dispatch of several steps must end: at every step the loop acts on.
   cadences = (config.log.every_steps, config.train.checkpoint_every_steps,
               config.log.sample_every_steps if exp.makes_images else 0,
               config.eval.every_steps if evaluator is not None else 0)
+  profile_steps = tuple(config.train.get("profile_steps") or ())
   stops = (num_steps,) + profile_steps
+  # The loader keeps one whole dispatch of batches ready (at most a log window's).
+  largest = min(per_dispatch, config.log.every_steps)
+  loader = data.Loader(source, exp.global_batch, config.seed,
+                       parallel.data_sharding(exp.mesh), start_step, num_steps,
+                       prefetch=max(config.data.prefetch, largest),
+                       sampler=batch_sampler(exp, source, sampler))
+  acc, wait_mark = _Accumulator(), 0.0
+  profiler = logs.Profiler(workdir, profile_steps)
   batches = iter(loader)
   try:
     with robust.Preemption() as preemption:

@@ -502,7 +502,7 @@ def test_a_preemption_checkpoints_without_sampling_or_evaluating_first(tmp_path,
   from fairgen import robust
 
   class StopAtThree(robust.Preemption):
-    def should_stop(self, step):
+    def should_stop(self, step, steps=1):
       return step == 3
 
   monkeypatch.setattr(robust, "Preemption", StopAtThree)

@@ -134,6 +134,23 @@ def test_several_steps_per_dispatch_are_the_same_run(tmp_path):
       config_lib.validate(config)
 
 
+def test_a_huge_steps_per_dispatch_prefetches_at_most_a_log_window(tmp_path, monkeypatch):
+  """The loader keeps a dispatch of batches on the devices, but a dispatch never spans more
+  than a log window, so ``train.steps_per_dispatch=10**6`` does not queue 10**6 batches."""
+  from fairgen import data
+  seen, init = [], data.Loader.__init__
+
+  def spy(self, *args, prefetch=2, **kwargs):
+    seen.append(prefetch)
+    init(self, *args, prefetch=prefetch, **kwargs)
+
+  monkeypatch.setattr(data.Loader, "__init__", spy)
+  config = load_config("vae_mnist", "smoke", **{"train.steps_per_dispatch": 10**6,
+                                                "log.every_steps": 3, "data.prefetch": 1})
+  assert train.train_and_evaluate(config, str(tmp_path))["final_step"] == 4
+  assert seen == [3]
+
+
 def test_impossible_profile_steps_are_refused():
   for bad in ((3, 3), (5,), (-1, 2), ("a", 4)):
     config = load_config("vae_mnist", "smoke", **{"train.profile_steps": bad})
