@@ -73,6 +73,15 @@ def check_xla_options(text: str) -> None:
     ) from None
 
 
+@jax.jit
+def _add_metrics(total: dict[str, jax.Array], metrics: dict[str, jax.Array]
+                 ) -> dict[str, jax.Array]:
+  """One dispatch for the whole sum, where an eager add per metric made a dozen dispatches
+  per step: a measurable overhead on a small step (the VAE's, README "Benchmarks"). The
+  same float32 adds, so the same sums."""
+  return jax.tree.map(jnp.add, total, metrics)
+
+
 class TrainStep:
   """The objective's guarded step, jitted once with explicit shardings and state donation.
 
@@ -102,7 +111,7 @@ class TrainStep:
       def body(carry, batch):
         state, total = carry
         state, metrics = step(state, batch, rng, constants)
-        return (state, jax.tree.map(jnp.add, total, metrics)), None
+        return (state, _add_metrics(total, metrics)), None
 
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
       (state, total), _ = jax.lax.scan(body, (state, total), stacked)
@@ -115,6 +124,7 @@ class TrainStep:
         steps, in_shardings=(exp.state_shardings, data, repl, repl, repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
     self.mesh = exp.mesh
+    self._zero_total: dict[str, jax.Array] | None = None  # Made at the first ``steps``.
     # The arrays passed as the jitted function's last argument (None without constants).
     self.constants = (None if objective.constants is None else
                       parallel.replicate(objective.constants, exp.mesh))
@@ -127,9 +137,11 @@ class TrainStep:
     """``len(batches)`` steps in one dispatch; returns the state and ``total`` (zeros if
     None) plus each step's metrics."""
     if total is None:
-      shapes = jax.eval_shape(self._jitted, state, batches[0], rng, self.constants)[1]
-      total = parallel.replicate(
-          jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), self.mesh)
+      if self._zero_total is None:  # Not donated, so one set of zeros serves every call.
+        shapes = jax.eval_shape(self._jitted, state, batches[0], rng, self.constants)[1]
+        self._zero_total = parallel.replicate(
+            jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), self.mesh)
+      total = self._zero_total
     return self._jitted_steps(state, tuple(batches), rng, self.constants, total)
 
   def lower(self, state: Any, batch: Any, rng: jax.Array) -> Any:
@@ -154,15 +166,6 @@ def dispatch_size(step: int, k: int, every: tuple[int, ...], stops: tuple[int, .
 def make_train_step(exp: experiment.Experiment) -> TrainStep:
   """The experiment's jitted train step (see ``TrainStep``)."""
   return TrainStep(exp)
-
-
-@jax.jit
-def _add_metrics(total: dict[str, jax.Array], metrics: dict[str, jax.Array]
-                 ) -> dict[str, jax.Array]:
-  """One dispatch for the whole sum, where an eager add per metric made a dozen dispatches
-  per step: a measurable overhead on a small step (the VAE's, README "Benchmarks"). The
-  same float32 adds, so the same sums."""
-  return jax.tree.map(jnp.add, total, metrics)
 
 
 class _Accumulator:

@@ -270,7 +270,6 @@ def _time_real_loop(exp: Any, source: Any, reps: int, steps: int) -> tuple[list[
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   """Runs every measurement of the module docstring for one configuration."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fairgen import data  # pylint: disable=g-import-not-at-top
   from fairgen import parallel  # pylint: disable=g-import-not-at-top
@@ -317,8 +316,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     per_dispatch = config.train.get("steps_per_dispatch", 1)
     if per_dispatch > 1:  # The loop's program: that many steps per call.
       group = (fixed,) * per_dispatch
-      zeros = jax.tree.map(jnp.zeros_like, metrics)
-      bare = lambda s: lowering_step.steps(s, group, rng, zeros)
+      bare = lambda s: lowering_step.steps(s, group, rng)
     else:
       bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)
     state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
