@@ -8,10 +8,13 @@ latest step: it is removed before the manager opens the directory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -133,6 +136,58 @@ def _use_min_replica_slice() -> None:
           array_metadata_store=store), override=True)
 
 
+# How long the close of a restore's event loop waits for reads still in flight (below).
+DRAIN_SECONDS = 120.0
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks end before it closes.
+
+  Orbax runs each restore in a fresh loop (``run_until_complete``, then ``close``) and,
+  unlike ``asyncio.run``, leaves the tasks still pending behind. When one array of a damaged
+  checkpoint cannot be read, ``asyncio.gather`` raises at once while TensorStore still reads
+  the others; as each of those reads ends, TensorStore calls ``call_soon_threadsafe`` on the
+  closed loop, and each ``RuntimeError: Event loop is closed`` is printed as a traceback (by
+  ``sys.unraisablehook``), dozens per damaged checkpoint.
+  """
+
+  def close(self) -> None:
+    if not self.is_closed() and not self.is_running():
+      self._drain()
+    super().close()
+
+  def _drain(self) -> None:
+    pending = asyncio.all_tasks(self)
+    if not pending:
+      return
+    _, late = self.run_until_complete(asyncio.wait(pending, timeout=DRAIN_SECONDS))
+    if late:  # A read that hangs (a remote store): give up on it, as asyncio.run would.
+      for task in late:
+        task.cancel()
+      self.run_until_complete(asyncio.wait(late, timeout=1.0))
+    for task in pending:
+      if task.done() and not task.cancelled():
+        task.exception()  # Marks it retrieved: asyncio logs no "never retrieved" error.
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  """``asyncio.new_event_loop()`` (which Orbax calls) makes ``_DrainingEventLoop``s."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops() -> Iterator[None]:
+  """Event loops created inside, in any thread, wait for their tasks before they close."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir."""
 
@@ -169,7 +224,8 @@ class Checkpointer:
         changed since the checkpoint was written).
     """
     try:
-      return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      with _draining_event_loops():
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except ValueError as e:
       if "do not match" not in str(e):
         raise  # Damaged files, not a different model: the caller may fall back.

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import numbers
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -54,12 +57,37 @@ def _check_checkpoint_name(value: Any, key: str) -> None:
           f"{key} must be 'latest', 'best' or a step number, got {which!r}.")
 
 
+def check_finite(node: Any, key: str = "") -> None:
+  """Raises ConfigError naming the first NaN or +-inf number anywhere in a config.
+
+  Walks every section, nested section and tuple or list, so that no family has to remember
+  it: a NaN passes every ``x >= 0`` check (and would reach the step, where the non-finite
+  guard stops step 1), and no option means anything at inf (an unbounded setting has a
+  value of its own, e.g. ``fair.clip=0``).
+
+  Args:
+    node: a ConfigDict, or a mapping, sequence or value within one.
+    key: ``node``'s dotted key, for the message ('' for a whole config); an item of a
+      tuple or list is named ``key[i]``.
+  """
+  if isinstance(node, (Mapping, ml_collections.ConfigDict)):
+    for name, value in node.items():
+      check_finite(value, f"{key}.{name}" if key else str(name))
+  elif isinstance(node, (tuple, list)):
+    for i, value in enumerate(node):
+      check_finite(value, f"{key}[{i}]")
+  elif isinstance(node, numbers.Real) and not isinstance(node, bool):
+    require(math.isfinite(node), f"{key}={float(node)!r} is not a finite number.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first impossible value of the sections every run shares.
 
-  The sections of the families (``data``, ``model``, ``objective``, ``optim``, ``fair``,
-  ``eval``) are checked by their owners; ``fairgen.experiment.validate`` calls them all.
+  Every section's numbers must be finite (``check_finite``). The other checks of the
+  families' sections (``data``, ``model``, ``objective``, ``optim``, ``fair``, ``eval``)
+  are their owners'; ``fairgen.experiment.validate`` calls them all.
   """
+  check_finite(config)
   for section in REQUIRED_SECTIONS:
     require(section in config, f"The config has no '{section}' section.")
   require(isinstance(config.get("seed"), int) and not isinstance(config.get("seed"), bool),
@@ -261,6 +289,13 @@ def base_config() -> ml_collections.ConfigDict:
   # --mode=sample: num images, a fixed seed, truncation (> 0: truncated normal latents).
   c.sample = ml_collections.ConfigDict(dict(num=64, seed=0, truncation=0.0,
                                             interpolation_steps=8, checkpoint="latest"))
+  # --mode=audit (fairgen/audit.py): a one-run privacy audit of a DP config with this many
+  # canaries of each kind (white-box gradient canaries, black-box input canaries), each in
+  # the training data with probability 1/2; the lower bound's confidence; the canaries' seed.
+  # active: set by --mode=audit in its own run (WORKDIR/audit/), whose DP-SGD step then
+  # privatises the white-box canaries' coordinates too.
+  c.audit = ml_collections.ConfigDict(dict(canaries=1000, confidence=0.95, seed=0,
+                                           active=False))
   return c
 
 

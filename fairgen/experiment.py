@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -143,7 +144,11 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
                                              fairness.weight_bound(config),
                                              fairness.private_prior(config, num_examples)),
                              mesh=mesh)
+    if config.get("audit") is not None and config.audit.get("active", False):
+      dp = dataclasses.replace(dp, audit_canaries=int(config.audit.canaries))
     objective = build_objective(config, spec, for_training, dp)
+    if dp.audit_canaries:
+      objective = with_canary_scores(objective, dp.audit_canaries)
   root = jax.random.key(config.seed, impl=config.get("rng_impl", config_lib.RNG_IMPLS[0]))
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
   abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
@@ -155,6 +160,25 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
       init_rng=init_rng, step_rng=step_rng, sample_rng=sample_rng, privacy=dp)
   parallel.check_batch(exp.global_batch, mesh)
   return exp
+
+
+CANARY_SCORES = "canary_scores"
+
+
+def with_canary_scores(objective: objectives.Objective, num: int) -> objectives.Objective:
+  """``objective`` whose state sums the privatised values of the ``num`` white-box audit
+  canaries over the steps (``state['canary_scores']``, ``fairgen.audit``): the step's
+  ``canary_block`` metric, moved into the state."""
+  def init(rng: jax.Array) -> Any:
+    return {**objective.init(rng), CANARY_SCORES: jnp.zeros((num,), jnp.float32)}
+
+  def train_step(state: Any, batch: Any, rng: jax.Array, **kwargs: Any) -> Any:
+    inner = {k: v for k, v in state.items() if k != CANARY_SCORES}
+    new, metrics = objective.train_step(inner, batch, rng, **kwargs)
+    metrics = dict(metrics)
+    return {**new, CANARY_SCORES: state[CANARY_SCORES] + metrics.pop("canary_block")}, metrics
+
+  return dataclasses.replace(objective, init=init, train_step=train_step)
 
 
 def check_data(exp: Experiment, source: data.Source) -> None:
@@ -217,9 +241,8 @@ def restore_or_init(exp: Experiment, ckpt: checkpoint.Checkpointer) -> tuple[Any
       raise  # The model code changed: every checkpoint would fail the same way.
     except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
       moved = ckpt.quarantine(step)
-      logging.error("Checkpoint %s/%d cannot be read (%s: %s); moved it to %s and trying the "
-                    "previous one.", ckpt.directory, step, type(e).__name__,
-                    (str(e).splitlines() or [""])[0][:200], moved)
+      logging.error("Checkpoint %s/%d cannot be read (%s); moved it to %s and trying the "
+                    "previous one.", ckpt.directory, step, _why(e), moved)
       errors.append(step)
       continue
     logging.info("Resumed from %s/%d.", ckpt.directory, step)
@@ -235,7 +258,7 @@ def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> 
   """Loads a checkpoint read-only: 'latest', 'best' (by eval.best_metric) or a step number.
 
   Raises:
-    checkpoint.WorkdirError: if the workdir has no such checkpoint.
+    checkpoint.WorkdirError: if the workdir has no such checkpoint, or it cannot be read.
   """
   which = str(which)
   subdir = "best" if which == "best" else "checkpoints"
@@ -251,6 +274,20 @@ def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> 
       if step not in steps:
         raise checkpoint.WorkdirError(f"No checkpoint for step {step}; available: {steps}.")
     target = checkpoint.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
-    return ckpt.restore(step, target), int(step)
+    try:
+      return ckpt.restore(step, target), int(step)
+    except checkpoint.WorkdirError:
+      raise
+    except Exception as e:  # Damaged files; read-only, so it is reported, not moved.
+      hint = ("Choose 'latest' or a step number instead." if subdir == "best" else
+              f"Choose another of steps {steps}, or resume training, which moves it to "
+              f"{ckpt.directory}_damaged/ and goes on from the previous one.")
+      raise checkpoint.WorkdirError(
+          f"The checkpoint {ckpt.directory}/{step} cannot be read ({_why(e)}). {hint}") from None
   finally:
     ckpt.close()
+
+
+def _why(error: BaseException) -> str:
+  """Why a checkpoint failed to restore, in one line (TensorStore's run to kilobytes)."""
+  return config_lib.one_line(error)[:200]

@@ -26,9 +26,11 @@ _ALLOW_NEW = flags.DEFINE_bool(
     "allow_new_experiment", False,
     "Resume a workdir even if its config.json has different data/model/objective sections "
     "(the old config is kept as config.<time>.json).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"],
-                          "train (resumes), evaluate (eval.checkpoint: latest/best/step) or "
-                          "sample (writes grids and .npz under WORKDIR/sample/).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "audit"],
+                          "train (resumes), evaluate (eval.checkpoint: latest/best/step), "
+                          "sample (writes grids and .npz under WORKDIR/sample/) or audit (a "
+                          "DP config's one-run privacy audit: trains WORKDIR/audit/, writes "
+                          "WORKDIR/eval/audit_step_N.json).")
 
 
 def fail(message: str) -> None:
@@ -121,7 +123,7 @@ def main(argv: list[str]) -> None:
     fail(f"--workdir={e}")
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import checkpoint, data, parallel, registry, robust, train
+  from fairgen import audit, checkpoint, data, parallel, registry, robust, train
   from fairgen.classifiers import backbones
   from fairgen.evaluation import context, modes
 
@@ -142,6 +144,8 @@ def main(argv: list[str]) -> None:
         logging.info("Done: step %d, %s", summary["final_step"], summary["scalars"])
     elif _MODE.value == "evaluate":
       modes.evaluate(config, workdir)
+    elif _MODE.value == "audit":
+      audit.run(config, workdir)
     else:
       modes.sample(config, workdir)
   except (config_lib.ConfigError, data.DataError, checkpoint.WorkdirError,

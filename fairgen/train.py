@@ -190,7 +190,8 @@ class _Accumulator:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_new_experiment: bool = False) -> dict[str, Any]:
+                       allow_new_experiment: bool = False,
+                       source: data.Source | None = None) -> dict[str, Any]:
   """Trains ``config`` in ``workdir``, resuming if it holds a checkpoint.
 
   Args:
@@ -198,6 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: the run directory (see README: the workdir contract).
     allow_new_experiment: resume even if the workdir's config.json has different
       data/model/objective sections (the old config is kept as config.<time>.json).
+    source: the training examples (default: ``config.data``'s training split), e.g. the
+      split with a privacy audit's canaries (``fairgen.audit``).
 
   Returns:
     A summary: start and final step, the last logged scalars, the last evaluation, how
@@ -205,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   validate(config)
   workdir = storage.normalize(workdir)
-  source = data.load(config.data, config.data.split)
+  if source is None:
+    source = data.load(config.data, config.data.split)
   exp = experiment.setup(config, source.spec, num_examples=len(source))
   experiment.check_data(exp, source)
   checkpoint.ensure_writable(workdir)

@@ -7,12 +7,14 @@ impossible for their key; nothing is written and no earlier result is touched.
 import errno
 import os
 
+import ml_collections
 import pytest
 
 from conftest import load_config, run_main
 from fairgen import checkpoint
 from fairgen import config as config_lib
 from fairgen import train
+from fairgen.evaluation import modes
 
 SMOKE = "experiments/vae_mnist.py:smoke"
 
@@ -100,8 +102,8 @@ def test_an_unwritable_workdir_is_refused_before_training(code, tmp_path, monkey
     ("dcgan_mnist", "model.latent_dim", 0, "model.latent_dim must be a positive integer"),
     ("vae_mnist", "model.hidden", (64, 0), "model.hidden must be positive layer widths"),
     ("dcgan_mnist", "model.dropout", 1.0, "model.dropout must be in [0, 1)"),
-    ("fair_mnist", "fair.alpha", float("nan"), "fair.alpha must be >= 0"),
-    ("fair_mnist", "fair.target", (float("nan"), 0.5), "fair.target must be a probability"),
+    ("fair_mnist", "fair.alpha", -0.5, "fair.alpha must be >= 0"),
+    ("fair_mnist", "fair.target", (0.7, 0.7), "fair.target must be a probability"),
     ("fair_mnist", "fair.ratio.batch_size", 7, "fair.ratio.batch_size must be even"),
     ("dcgan_mnist", "log.num_samples", 0, "log.num_samples must be >= 1"),
     ("dcgan_mnist", "eval.checkpoint", "12.5", "eval.checkpoint must be 'latest', 'best'"),
@@ -125,6 +127,70 @@ def test_impossible_values_name_their_key(name, key, value, fragment):
   with pytest.raises(config_lib.ConfigError) as info:
     train.validate(config)
   assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _set(config, key, value):
+  """Sets a dotted key of ``config``, creating sections that do not exist."""
+  node = config
+  *parents, leaf = key.split(".")
+  with config.unlocked():
+    for p in parents:
+      if p not in node:
+        node[p] = ml_collections.ConfigDict()
+      node = node[p]
+    node[leaf] = value
+
+
+# (config, dotted key, value, the key and value the message names): NaN and +-inf in every
+# kind of section, nested ones, a tuple, and a section no family owns.
+NON_FINITE = [
+    ("vae_mnist", "optim.lr", NAN, "optim.lr=nan"),
+    ("vae_mnist", "objective.beta", INF, "objective.beta=inf"),
+    ("dcgan_mnist", "optim.gen.lr", NAN, "optim.gen.lr=nan"),
+    ("dcgan_mnist", "optim.disc.b2", -INF, "optim.disc.b2=-inf"),
+    ("dcgan_mnist", "objective.gp_weight", NAN, "objective.gp_weight=nan"),
+    ("dcgan_mnist", "model.dropout", INF, "model.dropout=inf"),
+    ("vae_mnist", "eval.truncation", NAN, "eval.truncation=nan"),
+    ("vae_mnist", "sample.truncation", INF, "sample.truncation=inf"),
+    ("fair_mnist", "fair.alpha", NAN, "fair.alpha=nan"),
+    ("fair_mnist", "fair.ratio.lr", INF, "fair.ratio.lr=inf"),
+    ("fair_mnist", "fair.target", (0.5, NAN), "fair.target[1]=nan"),
+    ("fair_mnist", "data.options.ref_fraction", -INF, "data.options.ref_fraction=-inf"),
+    ("fair_mnist", "data.options.proportions", (INF, 0.1), "data.options.proportions[0]=inf"),
+    ("dp_vae_mnist", "privacy.clip_norm", NAN, "privacy.clip_norm=nan"),
+    ("dp_vae_mnist", "privacy.delta", INF, "privacy.delta=inf"),
+    ("vae_mnist", "extra.scale", (1.0, (2.0, -INF)), "extra.scale[1][1]=-inf"),
+]
+
+
+@pytest.mark.parametrize("name,key,value,named", NON_FINITE)
+def test_a_non_finite_number_in_any_section_is_refused(name, key, value, named):
+  config = load_config(name, "smoke")
+  _set(config, key, value)
+  with pytest.raises(config_lib.ConfigError) as info:
+    train.validate(config)
+  assert str(info.value) == f"{named} is not a finite number."
+
+
+def test_evaluate_and_sample_refuse_a_non_finite_number_first(tmp_path):
+  """Before they read the workdir (which does not exist here) or build anything."""
+  config = load_config("vae_mnist", "smoke")
+  _set(config, "optim.lr", NAN)
+  for mode in (modes.evaluate, modes.sample):
+    with pytest.raises(config_lib.ConfigError, match=r"^optim\.lr=nan is not a finite"):
+      mode(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_non_finite_override_fails_on_the_command_line(tmp_path):
+  result = run_main("--config=experiments/dcgan_mnist.py:smoke", f"--workdir={tmp_path / 'w'}",
+                    "--config.optim.gen.lr=nan", timeout=240)
+  line = _assert_one_line_error(result)
+  assert line == "fairgen: error: optim.gen.lr=nan is not a finite number."
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_misspelt_dataset_option_is_an_error():

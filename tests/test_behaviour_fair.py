@@ -9,8 +9,9 @@ trains and yields finite numbers; these check that each method does what it clai
 - the group-conditional generator uses its group label (and an out-of-range group label
   is an error, not a silently clamped or NaN embedding);
 - the penalty changes the generator's update and nothing else;
-- a short importance-weighted run generates the minority group more often than the
-  baseline; adversarial debiasing lowers |SPD| and |EOD| on Adult.
+- the penalty is the config's weight times its divergence from the config's target;
+- short importance-weighted and resampled runs generate the minority group more often than
+  the baseline; adversarial debiasing lowers |SPD| and |EOD| on Adult.
 
 Every config is shrunk to one device (``mesh.data=1``): none of these is about sharding.
 """
@@ -335,6 +336,26 @@ def test_penalty_changes_only_the_generator_update(classifiers, dcgan_state):
   assert max(changed) > 0.01, changed
 
 
+@pytest.mark.parametrize("divergence", ["kl", "l2"])
+def test_the_penalty_is_the_configs_weight_times_its_divergence_from_the_target(
+    divergence, classifiers, dcgan_state):
+  """``g_loss - g_adv_loss = weight * D(p || target)`` with the config's weight, target and
+  divergence, ``p`` the generated batch's mean predicted groups (logged as gen_group_*)."""
+  weight, target = 2.5, np.array([0.3, 0.7])
+  c = mnist_config("method=penalty", **{
+      "fair.classifier_dir": classifiers["attr"], "fair.penalty.weight": weight,
+      "fair.penalty.divergence": divergence, "fair.target": tuple(target)})
+  source = data.load(c.data, "train")
+  exp = experiment.setup(c, source.spec)
+  _, m = run_step(train.make_train_step(exp), exp, dcgan_state, first_batch(exp, source))
+  p = np.array([m["gen_group_0"], m["gen_group_1"]])
+  assert abs(p.sum() - 1) < 1e-5  # (The initial generator draws group 0 only.)
+  want = (np.sum(p * np.log(p / target)) if divergence == "kl"
+          else np.sqrt(np.sum((p - target) ** 2)))
+  np.testing.assert_allclose(m["fair_penalty"], want, rtol=1e-4)
+  np.testing.assert_allclose(m["g_loss"] - m["g_adv_loss"], weight * want, rtol=1e-4)
+
+
 # --- 5. A short importance-weighted run generates the minority group more often. --------
 
 
@@ -351,22 +372,24 @@ def short_run(config, workdir, num_steps):
   return exp, state
 
 
-def test_importance_weighting_lowers_the_generated_minority_gap(classifiers, tmp_path):
-  """Biased colour digits (group 1 is 18% of biased + reference): importance weighting
-  moves the share of group 1 among generated samples toward 1/2.
+def test_importance_weighting_and_resampling_lower_the_generated_minority_gap(classifiers,
+                                                                               tmp_path):
+  """Biased colour digits (group 1 is 18% of biased + reference): importance weighting and
+  resampling each move the share of group 1 among generated samples toward 1/2.
 
   A VAE, not the GAN: over a few hundred steps the smoke DCGAN's colour share swings
   between 0 and 1 with the seed (baseline 0.0-0.1, importance 0.02-0.52 at 400 steps),
-  while the VAE's follows its (weighted) data. Measured at 500 steps, seeds 0-3: baseline
-  share 0.26-0.37 (gap 0.13-0.24), importance 0.51-0.60 (gap 0.01-0.10), the gap lowered
-  by 0.09-0.22 (similar at 300 and 1,000 steps); this test (seed 0, 1,000 samples):
-  0.337 and 0.538 with JAX's partitionable threefry; the suite's non-partitionable bits
-  (tests/conftest.py) give 0.399 and 0.578, an overshoot past 1/2. With the weights ignored
-  both runs are the same run.
+  while the VAE's follows its (weighted or resampled) data. Measured at 500 steps, seeds
+  0-3: baseline share 0.26-0.37 (gap 0.13-0.24), importance 0.51-0.60 (gap 0.01-0.10), the
+  gap lowered by 0.09-0.22 (similar at 300 and 1,000 steps); this test (seed 0, 1,000
+  samples): 0.337 and 0.538 with JAX's partitionable threefry; the suite's
+  non-partitionable bits (tests/conftest.py) give 0.399 and 0.578, an overshoot past 1/2
+  (2026-12-07: baseline 0.403, importance 0.584, resampling 0.577). With the weights
+  ignored (or the sampler unused) a run is the baseline run.
   """
   assert classifiers["attr_accuracy"] > 0.99
   shares = {}
-  for method in ("baseline", "importance"):
+  for method in ("baseline", "importance", "resample"):
     c = mnist_config(f"method={method},model=vae", **{
         "fair.classifier_dir": classifiers["attr"], "train.batch_size": 32,
         "model.hidden": (64, 32), "model.latent_dim": 8,
@@ -378,8 +401,9 @@ def test_importance_weighting_lowers_the_generated_minority_gap(classifiers, tmp
     groups = np.argmax(fair.attribute_classifier(c).probs(images), axis=-1)
     shares[method] = float(np.mean(groups == 1))
   gaps = {k: abs(v - 0.5) for k, v in shares.items()}
-  assert shares["importance"] > shares["baseline"] + 0.1, shares
-  assert gaps["importance"] < gaps["baseline"], shares  # closer to 1/2, not only higher
+  for method in ("importance", "resample"):
+    assert shares[method] > shares["baseline"] + 0.1, shares
+    assert gaps[method] < gaps["baseline"], shares  # closer to 1/2, not only higher
 
 
 # --- 6. Adversarial debiasing on Adult. -------------------------------------------------

@@ -21,7 +21,7 @@ FLOORS = [
     {"experiment"},
     {"sampling"},
     {"evaluation"},
-    {"train"},
+    {"train", "audit"},
     {"main"},
 ]
 # The launcher defers its imports so that bad flags fail before JAX starts.

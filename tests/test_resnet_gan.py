@@ -132,6 +132,7 @@ def test_projection_discriminator_adds_the_label_embedding_inner_product():
   one_hot = np.concatenate([np.zeros((1, width)), np.eye(width)]).astype(np.float32)
   unconditional = apply(one_hot, 0)
   h = np.stack([apply(one_hot, k + 1) - unconditional for k in range(width)], axis=-1)
+  assert np.abs(h).max() > 1e-3  # The label reaches the logit at all.
   for label in (0, 3, width):
     np.testing.assert_allclose(apply(table, label), unconditional + h @ table[label],
                                rtol=1e-4, atol=1e-4)

@@ -111,11 +111,8 @@ def private_classification_step(
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, label[None])[0]
     return loss, {"loss": loss, "correct": jnp.argmax(logits[0]) == label}
 
-  grads, out, stats = dpsgd.private_gradient(
-      example_loss, state["params"], (images, labels), rng, clip_norm=privacy.clip_norm,
-      noise_multiplier=privacy.noise_multiplier,
-      expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
-      microbatch_size=privacy.microbatch_size, ghost=privacy.ghost_clipping)
+  grads, out, stats = dpsgd.dp_gradient(example_loss, state["params"], (images, labels), rng,
+                                        privacy, mask, scale)
   updates, opt = optimizer.update(grads, state["opt"], state["params"])
   state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
            "opt": opt}

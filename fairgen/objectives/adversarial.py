@@ -181,7 +181,7 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     return jax.random.randint(jax.random.fold_in(key, 7), y.shape, 0, settings.num_classes,
                               y.dtype)
 
-  def d_update(d_params, d_opt, d_sn, x_real, y, w, m, keys):
+  def d_update(d_params, d_opt, d_sn, x_real, y, w, m, c, keys):
     z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))
     y_fake = fake_labels(keys["latent"], y)
     fake = jax.lax.stop_gradient(adapter.generate(gen_now, z, y_fake)[0])
@@ -218,13 +218,13 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
       (value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
     else:
       value, aux, grads = _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, y_fake, w,
-                                           m, keys)
+                                           m, c, keys)
     updates, d_opt = disc_tx.update(grads, d_opt, d_params)
     d_params = optax.apply_updates(d_params, updates)
     return d_params, d_opt, d_sn, {f"{p}_loss": value, **aux,
                                    f"{p}_grad_norm": base.global_norm(grads)}
 
-  def _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, y_fake, w, m, keys):
+  def _private_d_grads(d_params, d_sn, x_real, fake, mixed, y, y_fake, w, m, c, keys):
     """The DP-SGD gradient of D's loss: private real-data terms plus the exact fake term."""
     privacy = settings.privacy
 
@@ -250,12 +250,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
     examples = {"x": x_real, "y": y}
     if mixed is not None:
       examples["mixed"] = mixed
-    private, aux, stats = dpsgd.private_gradient(
-        example_loss, d_params, examples, keys["real"], clip_norm=privacy.clip_norm,
-        noise_multiplier=privacy.noise_multiplier,
-        expected_batch_size=privacy.expected_batch_size, mask=m,
-        scale=w, scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
-        mesh=privacy.mesh, ghost=privacy.ghost_clipping)
+    private, aux, stats = dpsgd.dp_gradient(example_loss, d_params, examples, keys["real"],
+                                            privacy, m, w, c)
 
     def fake_example_loss(raw_params, ex, key):
       fake_out = adapter.discriminate(_normalized(raw_params, d_sn), ex["x"][None],
@@ -288,22 +284,32 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, adapter:
 
   masks = (losses.split_microbatches(batch["mask"], n_disc) if settings.privacy is not None
            else jnp.ones(conds.shape, jnp.float32))
+  # White-box audit canaries (fairgen.audit) ride with the private real rows.
+  canaries = (losses.split_microbatches(batch["canary"], n_disc) if "canary" in batch
+              else jnp.full(conds.shape, -1, jnp.int32))
   d_params, d_opt, d_sn = state["disc"]["params"], state["disc"]["opt"], sn.get("disc")
   if adapter.scan_disc:
     def body(carry, inputs):
-      x, y, w, m, i = inputs
-      *carry, metrics = d_update(*carry, x, y, w, m,
+      x, y, w, m, c, i = inputs
+      *carry, metrics = d_update(*carry, x, y, w, m, c,
                                  adapter.d_keys(jax.random.fold_in(rng, i)))
       return tuple(carry), metrics
 
-    (d_params, d_opt, d_sn), d_metrics = jax.lax.scan(
-        body, (d_params, d_opt, d_sn), (reals, conds, weights, masks, jnp.arange(n_disc)))
-    d_metrics = jax.tree.map(lambda m: m[-1], d_metrics)
+    (d_params, d_opt, d_sn), stacked = jax.lax.scan(
+        body, (d_params, d_opt, d_sn),
+        (reals, conds, weights, masks, canaries, jnp.arange(n_disc)))
+    d_metrics = jax.tree.map(lambda m: m[-1], stacked)
+    blocks = [stacked["canary_block"]] if "canary_block" in stacked else []
   else:
+    blocks = []
     for i in range(n_disc):
       d_params, d_opt, d_sn, d_metrics = d_update(
-          d_params, d_opt, d_sn, reals[i], conds[i], weights[i], masks[i],
+          d_params, d_opt, d_sn, reals[i], conds[i], weights[i], masks[i], canaries[i],
           adapter.d_keys(jax.random.fold_in(rng, i)))
+      if "canary_block" in d_metrics:
+        blocks.append(d_metrics["canary_block"][None])
+  if blocks:  # An audit's canary coordinates: every D update's privatised values, summed.
+    d_metrics["canary_block"] = jnp.sum(jnp.concatenate(blocks), axis=0)
 
   keys = adapter.g_keys(jax.random.fold_in(rng, n_disc))
   z = jax.random.normal(keys["latent"], (b, adapter.latent_dim))

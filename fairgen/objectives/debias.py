@@ -138,14 +138,9 @@ def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *,
     return total, out
 
   mask = batch["mask"]
-  scale = batch.get("weight")
-  grads, out, stats = dpsgd.private_gradient(
-      example_loss, params, (batch["features"], batch["label"], batch["attr"]), rng,
-      clip_norm=privacy.clip_norm, noise_multiplier=privacy.noise_multiplier,
-      expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
-      scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
-      mesh=privacy.mesh,
-      ghost=privacy.ghost_clipping)
+  grads, out, stats = dpsgd.dp_gradient(
+      example_loss, params, (batch["features"], batch["label"], batch["attr"]), rng, privacy,
+      mask, batch.get("weight"), batch.get("canary"))
   metrics = {"pred_loss": dpsgd.masked_mean(out["pred_loss"], mask),
              "pred_grad_norm": base.global_norm(grads["pred"]),
              "train_accuracy": dpsgd.masked_mean(out["correct"], mask),

@@ -1,9 +1,10 @@
 """DDPM (Ho et al. 2020): the denoising objective, DDIM and ancestral samplers, and the
 variational bound in nats (bits/dim through the ``likelihood`` evaluator).
 
-Training draws ``t`` uniformly, ``x_t ~ q(x_t | x_0)``, and regresses the noise (``eps``) or
-``v`` with a per-example mean squared error (Ho et al.'s ``L_simple``), so importance
-weights enter as one multiplication. The sampler reads the EMA parameters.
+Training draws ``t`` uniformly, ``x_t ~ q(x_t | x_0)``, and regresses the noise (``eps``), the
+clean image (``x0``) or ``v`` with a per-example mean squared error (Ho et al.'s
+``L_simple``), so importance weights enter as one multiplication. The sampler reads the EMA
+parameters.
 
 ``decode(state, latents, labels)`` is a deterministic function of its inputs, as every
 objective's: the latents are ``x_T`` (``latent_dim = H * W * C``, drawn N(0, I) by
@@ -37,7 +38,7 @@ DEFAULTS = {
     "timesteps": 1000,
     "beta_start": 1e-4,  # The linear schedule's ends.
     "beta_end": 0.02,
-    "prediction": "eps",  # 'eps' or 'v'.
+    "prediction": "eps",  # 'eps', 'x0' or 'v'.
     "ema_decay": 0.9999,
     "label_dropout": 0.1,  # Conditional models: P(label -> "no label") in training.
     "guidance": 0.0,  # Classifier-free guidance weight w at sampling (0: conditional only).
@@ -88,7 +89,8 @@ def per_example_loss(model: UNet, params: Any, schedule: dp.Schedule, prediction
                      x0: jax.Array, labels: jax.Array | None, rng: jax.Array,
                      train: bool = True) -> jax.Array:
   """Ho et al.'s ``L_simple`` per example: the mean squared error of the network's
-  ``eps`` (or ``v``) at a uniform timestep, averaged over pixels."""
+  ``eps`` (``x0``, ``v``) at a uniform timestep, averaged over pixels (equal weight for
+  every timestep)."""
   k_t, k_noise, k_drop = jax.random.split(rng, 3)
   t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(k_noise, x0.shape)

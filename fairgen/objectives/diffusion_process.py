@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +66,12 @@ def q_sample(s: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.
 
 def target(s: Schedule, prediction: str, x0: jax.Array, t: jax.Array,
            noise: jax.Array) -> jax.Array:
-  """What the network regresses: the noise (``eps``), or ``v = sqrt(alpha_bar) eps -
-  sqrt(1 - alpha_bar) x_0`` (Salimans & Ho 2022)."""
+  """What the network regresses: the noise (``eps``), the clean image (``x0``), or ``v =
+  sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0`` (Salimans & Ho 2022)."""
   if prediction == "eps":
     return noise
+  if prediction == "x0":
+    return x0
   ab = _at(s.alpha_bar, t, x0.ndim)
   return jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
 
@@ -80,6 +82,8 @@ def predict_x0_eps(s: Schedule, prediction: str, x_t: jax.Array, t: jax.Array,
   ab = _at(s.alpha_bar, t, x_t.ndim)
   if prediction == "eps":
     return (x_t - jnp.sqrt(1.0 - ab) * out) / jnp.sqrt(ab), out
+  if prediction == "x0":
+    return out, (x_t - jnp.sqrt(ab) * out) / jnp.sqrt(1.0 - ab)
   x0 = jnp.sqrt(ab) * x_t - jnp.sqrt(1.0 - ab) * out
   return x0, jnp.sqrt(1.0 - ab) * x_t + jnp.sqrt(ab) * out
 

@@ -106,15 +106,9 @@ def _private_step(state: base.State, batch: base.Batch, labels: jax.Array | None
     return terms["loss"][0], jax.tree.map(lambda t: t[0], terms)
 
   mask = batch["mask"]
-  scale = batch.get("weight")
-  grads, terms, stats = dpsgd.private_gradient(
-      example_loss, state["params"], (batch["image"], labels), rng,
-      clip_norm=privacy.clip_norm,
-      noise_multiplier=privacy.noise_multiplier,
-      expected_batch_size=privacy.expected_batch_size, mask=mask, scale=scale,
-      scale_bound=privacy.weight_bound, microbatch_size=privacy.microbatch_size,
-      mesh=privacy.mesh,
-      ghost=privacy.ghost_clipping)
+  grads, terms, stats = dpsgd.dp_gradient(
+      example_loss, state["params"], (batch["image"], labels), rng, privacy, mask,
+      batch.get("weight"), batch.get("canary"))
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": dpsgd.masked_mean(terms["loss"], mask),

@@ -92,6 +92,7 @@ class DpSettings:
     accountant: 'pld' or 'rdp'.
     microbatch_size: examples per vmapped per-example-gradient call.
     ghost_clipping: Dense layers by ghost clipping (not part of the mechanism).
+    audit_canaries: white-box canaries of a ``--mode=audit`` run (0: none).
     weight_bound: importance weights are divided by this before they scale the clipped
       gradients, so each example's contribution stays within C (1: no weights).
     prior: mechanisms spent on the same data before the first step (e.g. the DP
@@ -116,6 +117,9 @@ class DpSettings:
   # The run's mesh (set by fairgen.experiment.setup): where per-example gradients are
   # computed. Not part of the mechanism, nor of equality.
   mesh: Any = dataclasses.field(default=None, compare=False, repr=False)
+  # White-box canaries of a --mode=audit run (fairgen.audit; 0: none): coordinates of the
+  # privatised vector that no example's gradient touches. Not part of the mechanism.
+  audit_canaries: int = dataclasses.field(default=0, compare=False)
 
   @property
   def sampling_rate(self) -> float:

@@ -24,6 +24,17 @@ mesh with several data devices, each device clips and sums its own rows (``shard
 
 A network with batch statistics mixes examples, so no per-example gradient exists for it:
 ``check_no_batch_stats`` refuses it.
+
+White-box audit canaries (``fairgen.audit``): with ``num_canaries = m`` > 0, the gradient
+vector gains ``m`` coordinates that no example's loss touches, and a row whose ``canary``
+entry is ``j >= 0`` contributes ``C e_j`` there (times its mask and weight) instead of its own
+clipped gradient: a Dirac gradient of the largest norm the mechanism admits, where no data
+gradient hides it (Steinke, Nasr & Jagielski 2023's white-box canaries). Those coordinates
+get the same noise and divisor as the rest, and come back as ``stats['canary_block']``
+``[m]``.
+
+``dp_gradient`` is how every private objective calls this module: the mechanism from its
+``DpSettings``, the batch's mask, weights and canaries, the same call for every network.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from fairgen import parallel
 from fairgen.config import ConfigError
+from fairgen.privacy import DpSettings
 from fairgen.privacy import ghost as ghost_lib
 
 # (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
@@ -113,7 +125,8 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
                      clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                      mask: jax.Array, scale: jax.Array | None = None,
                      scale_bound: float = 1.0, microbatch_size: int = 0, mesh: Mesh | None = None,
-                     ghost: bool = False) -> tuple[Any, Any, dict[str, jax.Array]]:
+                     ghost: bool = False, canary: jax.Array | None = None,
+                     num_canaries: int = 0) -> tuple[Any, Any, dict[str, jax.Array]]:
   """The noisy mean of clipped per-example gradients (see the module docstring).
 
   Args:
@@ -135,6 +148,9 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
       every device but the first (jax 0.10, measured).
     ghost: clip Dense layers by ghost clipping (``fairgen.privacy.ghost``): the same sum
       without their per-example gradients.
+    canary: optional ``[B]`` int32: the white-box audit canary a row is (its coordinate in
+      ``[0, num_canaries)``), -1 for the other rows (see the module docstring).
+    num_canaries: m, the audit's white-box canaries (0: none, ``canary`` unused).
 
   Returns:
     ``(gradient, aux, stats)``: the private gradient (a tree like ``params``), the stacked
@@ -146,6 +162,9 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
   coeff = mask.astype(jnp.float32)
   if scale is not None:
     coeff = coeff * scale.astype(jnp.float32) / scale_bound
+  canary_coeff = None
+  if num_canaries:  # A canary row's own loss gradient does not count.
+    canary_coeff, coeff = coeff * (canary >= 0), coeff * (canary < 0)
   if mesh is not None and mesh.shape[parallel.DATA_AXIS] > 1:
     def local(params, examples, keys, coeff):
       total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
@@ -161,15 +180,47 @@ def private_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.
   else:
     total, aux, norms = _clipped_sum(loss_fn, params, examples, keys, coeff, clip_norm,
                                      microbatch_size, ghost)
+  if num_canaries:
+    total = {"params": total, "canaries": jnp.zeros((num_canaries,), jnp.float32).at[
+        jnp.maximum(canary, 0)].add(jnp.where(canary >= 0, canary_coeff * clip_norm, 0.0))}
   if noise_multiplier > 0:
     noise = noise_like(total, jax.random.fold_in(key, 1), noise_multiplier * clip_norm)
     total = jax.tree.map(jnp.add, total, noise)
   factor = scale_bound / expected_batch_size if scale is not None else 1 / expected_batch_size
+  stats = {}
+  if num_canaries:
+    total, stats["canary_block"] = total["params"], total["canaries"] * factor
   gradient = jax.tree.map(lambda t, p: (t * factor).astype(p.dtype), total, params)
   sampled = jnp.maximum(jnp.sum(mask), 1.0)
-  stats = {"clipped_fraction": jnp.sum(mask * (norms > clip_norm)) / sampled,
-           "example_grad_norm": jnp.sum(mask * norms) / sampled}
+  stats.update(clipped_fraction=jnp.sum(mask * (norms > clip_norm)) / sampled,
+               example_grad_norm=jnp.sum(mask * norms) / sampled)
   return gradient, aux, stats
+
+
+def dp_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array,
+                settings: DpSettings, mask: jax.Array, scale: jax.Array | None = None,
+                canary: jax.Array | None = None) -> tuple[Any, Any, dict[str, jax.Array]]:
+  """``private_gradient`` with the mechanism of ``settings`` (clip, noise, expected batch,
+  weight bound, microbatches, mesh, ghost clipping): the one call of every private step.
+
+  Args:
+    loss_fn: one example's loss and aux outputs.
+    params: the private network's parameters.
+    examples: the Poisson batch's rows (a pytree of ``[B, ...]`` arrays).
+    key: the update's key.
+    settings: the run's resolved DP-SGD parameters.
+    mask: ``[B]``, 1 for sampled rows.
+    scale: optional ``[B]`` importance weights in [0, ``settings.weight_bound``].
+    canary: optional ``[B]`` white-box canary of each row (-1: none); used when
+      ``settings.audit_canaries`` > 0.
+  """
+  return private_gradient(
+      loss_fn, params, examples, key, clip_norm=settings.clip_norm,
+      noise_multiplier=settings.noise_multiplier,
+      expected_batch_size=settings.expected_batch_size, mask=mask, scale=scale,
+      scale_bound=settings.weight_bound, microbatch_size=settings.microbatch_size,
+      mesh=settings.mesh, ghost=settings.ghost_clipping, canary=canary,
+      num_canaries=settings.audit_canaries)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
