@@ -247,14 +247,14 @@ def assert_resume_is_exact(config, tmp_path, stop: int, straight: str | None = N
 # (setup.cfg's --no-loadscope-reorder; xdist's default order is by number of tests, which
 # started a 100 s one-test file last and left one core idle for a minute at the end).
 # Longest first leaves the short files to even out the two workers' ends.
-SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_fair.py", "test_privacy.py",
-              "test_multiprocess.py", "test_behaviour_loop.py", "test_privacy_audit.py",
-              "test_robust.py", "test_inception.py", "test_transformer.py",
-              "test_choi_celeba.py", "test_privacy_classifiers.py", "test_evaluate.py",
-              "test_storage.py", "test_backbones.py", "test_behaviour_fair.py",
-              "test_resnet_gan.py", "test_vfae.py", "test_debias.py", "test_tabgan.py",
-              "test_models.py", "test_vae_variants.py", "test_tabular_configs.py",
-              "test_likelihood.py")
+SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_fair.py", "test_privacy_audit.py",
+              "test_privacy_wiring.py", "test_privacy.py", "test_multiprocess.py",
+              "test_behaviour_loop.py", "test_behaviour_fair.py", "test_robust.py",
+              "test_inception.py", "test_transformer.py", "test_choi_celeba.py",
+              "test_objective_wiring.py", "test_privacy_classifiers.py", "test_evaluate.py",
+              "test_storage.py", "test_backbones.py", "test_resnet_gan.py", "test_vfae.py",
+              "test_debias.py", "test_tabgan.py", "test_gan_wiring.py", "test_models.py",
+              "test_vae_variants.py", "test_tabular_configs.py", "test_likelihood.py")
 
 
 def pytest_collection_modifyitems(items):
