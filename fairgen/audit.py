@@ -118,6 +118,8 @@ class CanarySource:
     n = len(self.base)
     inside = indices < n
     out = self.base.get(np.where(inside, indices, 0))
+    if not len(self.canary):  # Every canary left out (a 2^-2m chance): the split itself.
+      return {**out, "canary": np.full(len(indices), -1, np.int32)}
     rows = np.where(inside, 0, indices - n)
     for key, values in out.items():
       shape = (-1,) + (1,) * (values.ndim - 1)
