@@ -37,6 +37,9 @@ ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
               "fair.ratio.noise_multiplier": 3.0, "privacy.ghost_clipping": False}
 
 
+# mesh.peer_timeout_seconds's default: fairgen.peers' detection bound for a dead or hung peer.
+PEER_TIMEOUT_SECONDS = 10.0
+
 # jax.random's key implementations a run may use (config.rng_impl); the first is JAX's default.
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -49,6 +52,18 @@ def require(cond: bool, message: str) -> None:
   """Raises ``ConfigError(message)`` unless ``cond`` (the validators' one check)."""
   if not cond:
     raise ConfigError(message)
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  """Checks the ``mesh`` section (``fairgen.main`` checks it before joining a job)."""
+  require(mesh.data == -1 or mesh.data >= 1,
+          f"mesh.data must be -1 (all devices) or >= 1, got {mesh.data}.")
+  for key in ("distributed", "fsdp"):
+    require(isinstance(mesh.get(key, False), bool),
+            f"mesh.{key} must be True or False, got {mesh.get(key)!r}.")
+  timeout = mesh.get("peer_timeout_seconds", PEER_TIMEOUT_SECONDS)
+  require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0,
+          f"mesh.peer_timeout_seconds must be a number of seconds > 0, got {timeout!r}.")
 
 
 def _check_checkpoint_name(value: Any, key: str) -> None:
@@ -116,11 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                             and 0 <= profile[0] < profile[1]),
           f"train.profile_steps must be () or (start, stop) with 0 <= start < stop, got "
           f"{train.get('profile_steps')!r}.")
-  require(config.mesh.data == -1 or config.mesh.data >= 1,
-          f"mesh.data must be -1 (all devices) or >= 1, got {config.mesh.data}.")
-  for key in ("distributed", "fsdp"):
-    require(isinstance(config.mesh.get(key, False), bool),
-            f"mesh.{key} must be True or False, got {config.mesh.get(key)!r}.")
+  validate_mesh(config.mesh)
   if "sample" in config:
     sample = config.sample
     require(sample.num >= 1, f"sample.num must be >= 1, got {sample.num}.")
@@ -245,7 +256,11 @@ def base_config() -> ml_collections.ConfigDict:
   # mesh.data: devices on the data axis (-1: all). distributed: call
   # jax.distributed.initialize() first (multi-host; arguments from the environment).
   # fsdp: shard parameters and optimizer state over the data axis (fairgen/parallel.py).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False))
+  # peer_timeout_seconds: in a multi-process job, how long a silent process may go unanswered
+  # before the others stop with one line (fairgen/peers.py); detection takes at most this
+  # plus two heartbeats (a tenth of it each, at least 0.5 s).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False,
+                                          peer_timeout_seconds=PEER_TIMEOUT_SECONDS))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
   # Evaluation (fairgen/evaluate.py). metrics: evaluator names. every_steps: periodic
   # evaluation during training (0: never). backbone_dir: the feature/attribute classifier

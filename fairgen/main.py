@@ -121,19 +121,44 @@ def main(argv: list[str]) -> None:
     workdir = storage.normalize(_WORKDIR.value)
   except storage.StorageError as e:
     fail(f"--workdir={e}")
+  try:
+    config_lib.validate_mesh(config.mesh)
+  except config_lib.ConfigError as e:
+    fail(str(e))
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import audit, checkpoint, data, parallel, registry, robust, train
+  from fairgen import parallel, peers
+
+  watchdog = None
+  if config.mesh.distributed or parallel.launched_locally():
+    timeout = config.mesh.get("peer_timeout_seconds", config_lib.PEER_TIMEOUT_SECONDS)
+    try:
+      parallel.initialize_distributed(peers.jax_heartbeat_seconds(timeout))
+    except parallel.MeshError as e:
+      fail(str(e))
+    if jax.process_count() > 1:
+      watchdog = peers.Watchdog(workdir, timeout).start()
+  logging.info("fairgen on %d process(es), %d device(s): %s", jax.process_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  finished = False
+  try:
+    run_mode(config, workdir)
+    finished = True
+  except Exception as e:  # In a multi-process job, a lost peer explains most errors.
+    if watchdog is not None:
+      watchdog.explain(e)
+    raise
+  finally:
+    if watchdog is not None:
+      watchdog.stop(finished)
+
+
+def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Runs ``--mode`` on ``config``; bad input ends in ``fail``."""
+  from fairgen import audit, checkpoint, data, parallel, registry, robust, storage, train
   from fairgen.classifiers import backbones
   from fairgen.evaluation import context, modes
 
-  if config.mesh.distributed or parallel.launched_locally():
-    try:
-      parallel.initialize_distributed()
-    except parallel.MeshError as e:
-      fail(str(e))
-  logging.info("fairgen on %d process(es), %d device(s): %s", jax.process_count(),
-               jax.device_count(), jax.devices()[0].platform)
   try:
     if _MODE.value == "train":
       summary = train.train_and_evaluate(config, workdir, _ALLOW_NEW.value)

@@ -32,13 +32,18 @@ def launched_locally() -> bool:
   return NUM_PROCESSES_ENV in os.environ
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(heartbeat_seconds: int = 100) -> None:
   """Joins this process to its multi-process job (``jax.distributed.initialize``).
 
   The job is described by ``tools/launch_local.py``'s environment (coordinator address,
   process count and index) where it is set, else by JAX's own detection of the cluster
   (Cloud TPU, SLURM, Open MPI, Kubernetes). CPU devices exchange data with other
   processes through gloo (JAX's CPU collectives); GPUs and TPUs use their own.
+
+  Args:
+    heartbeat_seconds: JAX's own dead-peer timeout (it aborts the survivors); fairgen's
+      ``peers.Watchdog`` stops them first, so this is set above its bound
+      (``peers.jax_heartbeat_seconds``).
 
   Raises:
     MeshError: the job cannot be joined (no cluster detected, a bad environment, or the
@@ -56,7 +61,7 @@ def initialize_distributed() -> None:
                       f"tools/launch_local.py.") from None
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_seconds)
   except (ValueError, RuntimeError) as e:
     message = " ".join(str(e).split())[:300].rstrip(".")
     raise MeshError(f"mesh.distributed=True, but this process could not join a "

@@ -29,6 +29,7 @@ from fairgen import fairness
 from fairgen import logs
 from fairgen import objectives
 from fairgen import parallel
+from fairgen import peers
 from fairgen import privacy
 from fairgen import robust
 from fairgen import sampling
@@ -323,6 +324,7 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
           state, acc.total = train_step.steps(state, group, rng, acc.total)
           metrics = acc.total
         done = step + size
+        peers.note_step(done)
         profiler.after(done, metrics)
         if "compile_seconds" not in summary:
           jax.block_until_ready(metrics)

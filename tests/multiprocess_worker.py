@@ -8,13 +8,21 @@ the process writes ``DIR/process_<index>.json`` at exit:
 - ``writes``: every file it opened for writing from Python (Python's ``open`` audit event:
   logs, TensorBoard events, sample grids, eval JSON, density-ratio weights; Orbax writes
   checkpoint data from C++, which this does not see).
+
+With ``FAIRGEN_TEST_FAIL=PROCESS:STEP:HOW`` process PROCESS sends itself a signal once the
+training loop has dispatched STEP (``fairgen.peers.note_step``), as a host dies or hangs
+there: HOW is ``kill`` (SIGKILL), ``stop`` (SIGSTOP: a hung host) or ``save`` (SIGKILL just
+after the checkpoint save of STEP started, its writes in flight). Just before, it writes the
+time (``time.time()``) to ``FAIRGEN_TEST_FAIL_MARK``, the file named there.
 """
 
 import atexit
 import json
 import os
 import runpy
+import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORD = os.environ.get("FAIRGEN_TEST_RECORD")
@@ -51,6 +59,38 @@ def _record_training_reads():
   data.load = recording_load
 
 
+def _signal_self(sig):
+  with open(os.environ["FAIRGEN_TEST_FAIL_MARK"], "w") as f:
+    f.write(repr(time.time()))
+  os.kill(os.getpid(), sig)
+
+
+def _fail_at_step(spec):
+  import jax
+  from fairgen import checkpoint, peers
+  process, step, how = spec.split(":")
+  process, step = int(process), int(step)
+  if how == "save":
+    save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, at, state, force=False):
+      saved = save(self, at, state, force)
+      if jax.process_index() == process and at == step:
+        _signal_self(signal.SIGKILL)
+      return saved
+
+    checkpoint.Checkpointer.save = save_then_die
+    return
+  note_step = peers.note_step
+
+  def note_then_fail(at):
+    note_step(at)
+    if jax.process_index() == process and at >= step:
+      _signal_self(signal.SIGSTOP if how == "stop" else signal.SIGKILL)
+
+  peers.note_step = note_then_fail
+
+
 def _save():
   import jax
   with open(os.path.join(RECORD, f"process_{jax.process_index()}.json"), "w") as f:
@@ -61,5 +101,7 @@ if RECORD:
   _record_training_reads()
   sys.addaudithook(_audit)
   atexit.register(_save)
+if os.environ.get("FAIRGEN_TEST_FAIL"):
+  _fail_at_step(os.environ["FAIRGEN_TEST_FAIL"])
 sys.argv[0] = "fairgen.main"
 runpy.run_module("fairgen.main", run_name="__main__", alter_sys=True)

@@ -15,7 +15,7 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
-    {"config", "registry", "parallel", "storage", "checkpoint", "logs", "robust"},
+    {"config", "registry", "parallel", "storage", "checkpoint", "logs", "robust", "peers"},
     {"data", "metrics", "models", "classifiers", "privacy"},
     {"objectives", "fairness"},
     {"experiment"},

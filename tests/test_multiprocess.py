@@ -9,6 +9,7 @@ tolerance. Runs are tiny; each launch costs two interpreter starts and two compi
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -277,6 +278,25 @@ def test_launcher_stops_the_job_when_a_process_fails_and_rejects_bad_flags(tmp_p
   assert time.monotonic() - start < 30  # process 1 was stopped, not waited for
   lines = _by_process(done.stdout)
   assert lines[0] == ["process 0 of 2"] and lines[1] == ["process 1 of 2"]
+  assert done.stderr.splitlines()[0].startswith(
+      "fairgen: error: process 0 (pid "), done.stderr
+  assert ") exited with status 3; stopping the other processes." in done.stderr
+  # A process other than the first one dies (SIGKILL) while process 0 runs on: noticed
+  # within a poll, named, and the job stopped; process 0 gets SIGTERM (it exits 0 on it).
+  code = ("import os, signal, sys, time; i = int(os.environ['FAIRGEN_PROCESS_ID']); "
+          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+          "time.sleep(1); os.kill(os.getpid(), signal.SIGKILL) if i == 1 else time.sleep(20)")
+  start = time.monotonic()
+  done = subprocess.run([sys.executable, LAUNCH, "--processes=2", "--", sys.executable, "-c",
+                         code], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert time.monotonic() - start < 10, done.stdout + done.stderr
+  assert done.returncode == 128 + signal.SIGKILL, done.stdout + done.stderr
+  failure = [line for line in done.stderr.splitlines() if line.startswith("fairgen: error:")]
+  assert len(failure) == 1 and failure[0].startswith("fairgen: error: process 1 (pid "), failure
+  assert ") was killed by SIGKILL; stopping the other processes. The last committed " \
+      "checkpoint is kept; to resume, run the same command: " in failure[0], failure
+  resume = shlex.split(failure[0].split("run the same command: ", 1)[1])
+  assert resume[1:] == [LAUNCH, "--processes=2", "--", sys.executable, "-c", code], resume
   for flags in (["--processes=0", "--", "true"], ["--processes=2"]):
     bad = subprocess.run([sys.executable, LAUNCH, *flags], cwd=REPO, capture_output=True,
                          text=True, timeout=60)

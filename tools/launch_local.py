@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -32,6 +33,7 @@ import time
 from typing import Sequence
 
 GRACE_SECONDS = 20.0  # After a failure: how long the others get to stop on SIGTERM.
+POLL_SECONDS = 0.05  # How often every process's status is read.
 
 
 def free_port() -> int:
@@ -99,12 +101,14 @@ def launch(command: Sequence[str], processes: int, devices_per_process: int,
 
 def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, str]] | None,
                   out=None, timeout: float | None = None,
-                  label: str = "launch_local") -> list[int]:
+                  label: str = "launch_local", resume: str | None = None) -> list[int]:
   """Runs one process per command as one job; returns their exit statuses.
 
   Every line of process ``i`` is written to ``out`` as ``[i] line``. SIGTERM and SIGINT to
-  this process are forwarded to all of them; when one fails (or ``timeout`` passes) the
-  others get SIGTERM, then SIGKILL after ``GRACE_SECONDS``.
+  this process are forwarded to all of them. When one fails, within ``POLL_SECONDS`` one
+  ``fairgen: error:`` line (``failure_line``) says which, how and how to resume, and the
+  others get SIGTERM, then SIGKILL after ``GRACE_SECONDS`` (the same when ``timeout``
+  passes).
 
   Args:
     commands: one argv per process.
@@ -112,6 +116,8 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, st
     out: where the prefixed lines go (default: stdout).
     timeout: seconds before the job is stopped; None: no limit.
     label: the name in the ``[label] process i: pid N`` lines.
+    resume: the command that resumes the job, for the failure line (default: this
+      process's own command line).
   """
   out = out or sys.stdout
   lock = threading.Lock()
@@ -143,17 +149,21 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, st
   deadline = None if timeout is None else time.monotonic() + timeout
   stop_at = None  # When the survivors of a failure get SIGKILL.
   try:
-    while any(p.poll() is None for p in procs):
+    # Every process is polled on every pass (a list, not a short-circuiting any()).
+    while [p.poll() for p in procs].count(None):
       now = time.monotonic()
-      failed = any(p.returncode not in (None, 0) for p in procs)
-      if stop_at is None and (failed or (deadline is not None and now > deadline)):
+      failed = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+      if stop_at is None and (failed is not None or (deadline is not None and now > deadline)):
+        if failed is not None:
+          print(failure_line(failed, procs[failed].pid, procs[failed].returncode, resume),
+                file=sys.stderr, flush=True)
         forward(signal.SIGTERM, None)
         stop_at = now + GRACE_SECONDS
       if stop_at is not None and now > stop_at:
         for p in procs:
           if p.poll() is None:
             p.kill()
-      time.sleep(0.05)
+      time.sleep(POLL_SECONDS)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -189,6 +199,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  timeout=args.timeout)
   print(f"[launch_local] exit statuses: {codes}", file=sys.stderr)
   return job_status(codes)
+
+
+def failure_line(index: int, pid: int, returncode: int, resume: str | None = None) -> str:
+  """The one line printed when process ``index`` failed: which, how, and the command that
+  resumes the job (default: this process's own command line)."""
+  if returncode < 0:
+    try:
+      how = f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+      how = f"was killed by signal {-returncode}"
+  else:
+    how = f"exited with status {returncode}"
+  resume = resume or shlex.join([os.path.basename(sys.executable), *sys.argv])
+  return (f"fairgen: error: process {index} (pid {pid}) {how}; stopping the other processes. "
+          f"The last committed checkpoint is kept; to resume, run the same command: {resume}")
 
 
 def after_dashes(rest: Sequence[str]) -> list[str]:
