@@ -262,7 +262,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False,
                                           peer_timeout_seconds=PEER_TIMEOUT_SECONDS))
   c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
-  # Evaluation (fairgen/evaluate.py). metrics: evaluator names. every_steps: periodic
+  # Evaluation (fairgen/evaluation/). metrics: evaluator names. every_steps: periodic
   # evaluation during training (0: never). backbone_dir: the feature/attribute classifier
   # (default: ~/.cache/fairgen/classifier_<dataset>_label, made by tools/train_classifier.py).
   # checkpoint: which one --mode=evaluate/sample loads: 'latest', 'best' or a step number.

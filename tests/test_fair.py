@@ -1,4 +1,5 @@
-"""Fairness mitigations (fairgen/fair.py) and the fairness evaluators (fairgen/fair_eval.py)."""
+"""Fairness mitigations (fairgen/fairness/) and the fairness evaluators
+(fairgen/evaluation/groups.py)."""
 
 import importlib.util
 import json

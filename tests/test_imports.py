@@ -163,3 +163,22 @@ def test_readme_layout_matches_the_tree():
 def test_files_stay_under_about_500_lines(module):
   with open(MODULES[module]) as f:
     assert sum(1 for _ in f) <= 520, module
+
+
+TEXT_ROOTS = ("fairgen", "tools", "experiments", "tests", "docs", "README.md")
+
+
+def test_every_fairgen_path_named_in_the_text_exists():
+  """Comments, docstrings and docs name only files that exist (``fairgen/...py``)."""
+  stale = []
+  for root in TEXT_ROOTS:
+    top = os.path.join(REPO, root)
+    paths = [top] if os.path.isfile(top) else [
+        os.path.join(d, f) for d, _, files in os.walk(top) for f in files
+        if f.endswith((".py", ".md"))]
+    for path in paths:
+      for number, line in enumerate(open(path, encoding="utf-8"), 1):
+        for named in re.findall(r"\bfairgen/[A-Za-z0-9_/]+\.py\b", line):
+          if not os.path.exists(os.path.join(REPO, named)):
+            stale.append(f"{os.path.relpath(path, REPO)}:{number}: {named}")
+  assert not stale, "\n".join(stale)

@@ -31,7 +31,7 @@ def fair_section(method: str = "baseline") -> ml_collections.ConfigDict:
       # importance: w**alpha; clip > 0 clips w to [1/clip, clip] (0: no clipping).
       alpha=1.0,
       clip=0.0,
-      # importance: the density-ratio classifier (fairgen/density_ratio.py).
+      # importance: the density-ratio classifier (fairgen/fairness/density_ratio.py).
       # With a privacy section it trains by DP-SGD (privacy.clip_norm, this noise
       # multiplier, Poisson batches of batch_size on average) and its epsilon is part of
       # the run's.
