@@ -33,8 +33,11 @@ What fairgen cannot intercept: when process 0 itself dies, its coordination serv
 with it, and JAX's client in every other process aborts at once from C++ ("Terminating
 process because the JAX distributed service detected fatal errors"), before any Python runs
 (jaxlib's client takes a Python callback for this, but cannot pass it the error: a
-``std::bad_cast``). Likewise a collective that loses its peer mid-message may abort in gloo. A checkpoint that a failure interrupts is never restored:
-Orbax commits a step only once every process has written its part (``fairgen.checkpoint``).
+``std::bad_cast``). What it does intercept: gloo's abort when a CPU peer dies mid-message
+(an exception on gloo's thread, so ``std::terminate``): a terminate handler waits there for
+the verdict (``Watchdog.on_terminate``). A checkpoint that a failure interrupts is never
+restored: Orbax commits a step only once every process has written its part
+(``fairgen.checkpoint``).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def _failing_launch(workdir, tmp_path, failure, devices=1):
   end = ended.get("first") if how == "stop" else time.time()
   reader.join(timeout=10)
   text = "".join(out)
-  assert mark.exists(), text[-4000:]
+  assert mark.exists() and end is not None, text[-4000:]  # None: the survivor never exited.
   return end - float(mark.read_text()), proc.returncode, _by_process(text), text
 
 
