@@ -102,8 +102,6 @@ def _is_committed(step_dir: str) -> bool:
 def committed_steps(directory: str) -> list[int]:
   """The committed steps in a checkpoint directory, oldest first (plain storage reads: safe
   from any thread, with no collective)."""
-  if not storage.isdir(directory):
-    return []
   return sorted(int(n) for n in storage.listdir(directory)
                 if n.isdigit() and _is_committed(os.path.join(directory, n)))
 
