@@ -12,33 +12,32 @@ label is the start token).
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
   variant = config_lib.check_variant(
       arg, ("smoke", "sinusoidal", "full_attention", "conditional"))
   c = config_lib.base_config()
-  c.model = dict(name="pixel_transformer", levels=2, num_layers=4, num_heads=4, embed_dim=64,
-                 mlp_dim=256, dropout=0.0, positional="learned", window=28, dtype="float32")
-  c.objective = dict(name="autoregressive", temperature=1.0, top_k=0)
+  # Binarised pixels (levels=2), 4 layers of 4 heads: the pixel_transformer's defaults.
+  c.model = dict(name="pixel_transformer", embed_dim=64, mlp_dim=256, dropout=0.0, window=28)
+  c.objective = dict(name="autoregressive")  # Samples at temperature 1, no top-k.
   c.train.num_steps = 1200
   c.train.batch_size = 32
   c.optim = dict(name="adamw", lr=2e-3, b1=0.9, b2=0.99, weight_decay=1e-4,
                  linear_decay_steps=c.train.num_steps)
   c.train.checkpoint_every_steps = 400
-  c.log.every_steps = 50
   c.log.sample_every_steps = 600
   # The exact NLL of all 1,000 test digits (nats per image and bits/dim) every 400 steps.
-  c.eval.update(metrics=("likelihood",), every_steps=400, batch_size=100, best_metric="nll",
-                best_mode="min")
+  c.eval.update(metrics=("likelihood",), every_steps=400, batch_size=100, best_metric="nll")
   if variant == "sinusoidal":
     c.model.positional = "sinusoidal"
   elif variant == "full_attention":
     c.model.window = 0
   elif variant == "conditional":
-    c.model.update(conditional=True, condition_key="label")
+    c.model.conditional = True
   elif variant == "smoke":  # Dropout on: its keys are part of resume and sharding tests.
     c.model.update(num_layers=1, num_heads=2, embed_dim=16, mlp_dim=32, dropout=0.1)
     c.eval.update(likelihood_examples=32, batch_size=16, every_steps=0)
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

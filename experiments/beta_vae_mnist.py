@@ -13,6 +13,7 @@ the curve. Variants: ``beta=`` one of ``BETAS``; ``smoke`` (tiny, for tests).
 import os
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 BETAS = ("1", "0.25", "0.5", "2", "4")
 
@@ -26,9 +27,8 @@ def get_config(arg=None):
   c.objective.kl_warmup_steps = 1000
   c.eval.metrics = ("likelihood",)
   c.eval.best_metric = "nll_iwae"
-  c.eval.best_mode = "min"
   c.eval.every_steps = c.train.num_steps  # One evaluation, at the end.
   if args["smoke"]:
     c.objective.kl_warmup_steps = 2
     c.eval.update(iwae_k=4, likelihood_examples=64)
-  return c
+  return experiment.complete(c)

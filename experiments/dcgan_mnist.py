@@ -19,6 +19,7 @@ running statistics, XLA's default convolutions), ``:smoke`` (tiny, for tests), `
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 # XLA:CPU's convolutions on Eigen instead of YNNPACK (README "Benchmarks").
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
@@ -27,19 +28,15 @@ EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE
 def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke", "full", "seeds"))
   c = config_lib.base_config()
-  c.model = dict(name="dcgan", latent_dim=100, width=0.5, conditional=False, dropout=0.0,
-                 fast_conv=True, dtype="float32")
-  # loss: nonsaturating | wasserstein | hinge | ls. Regularisers of D: gp_weight (WGAN-GP at
-  # interpolates), r1_gamma and r1_every (R1 at reals, lazy every k steps), label_smoothing;
-  # diffaugment: "color,translation,cutout" or a part (DiffAugment of D's inputs);
-  # spectral_norm: "disc" or "gen,disc" (spectral normalisation of those nets' weights);
-  # ema_batch_stats: the EMA generator keeps its own batch-norm statistics; standing_stats:
-  # samples use the statistics the EMA weights give on this many latents (0: the raw
-  # generator's running averages, as the seeds and the README's older numbers).
-  c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.999,
-                     gp_weight=0.0, r1_gamma=0.0, r1_every=1, label_smoothing=0.1,
-                     diffaugment="", spectral_norm="", ema_batch_stats=False,
-                     standing_stats=1024)
+  c.model = dict(name="dcgan", width=0.5, dropout=0.0)
+  # The GAN objective's other keys stay at their defaults (fairgen/objectives/gan.py: the
+  # nonsaturating loss, one D step, EMA 0.999, no regulariser of D); each takes an override,
+  # e.g. --config.objective.loss=hinge (nonsaturating | wasserstein | hinge | ls),
+  # gp_weight, r1_gamma and r1_every, diffaugment="color,translation,cutout",
+  # spectral_norm="gen,disc", ema_batch_stats. standing_stats: samples use the statistics
+  # the EMA weights give on this many latents (0: the raw generator's running averages, as
+  # the seeds and the README's older numbers).
+  c.objective = dict(name="gan", label_smoothing=0.1, standing_stats=1024)
   c.train.num_steps = 4000 if variant == "seeds" else 10000
   # TTUR-ready: separate generator and discriminator optimizers. linear_decay_steps: the
   # learning rate falls linearly from lr to 0 over this many updates (set it with
@@ -69,4 +66,4 @@ def get_config(arg=None):
     c.optim.gen.lr = c.optim.disc.lr = 2e-4
     c.model.dropout = 0.3
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -18,6 +18,7 @@ Variants: ``:smoke`` (tiny, for tests; runs on TFDS mock data).
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
@@ -25,8 +26,7 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.name = "cifar10"
   c.model = dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, conditional=False, condition_key="label",
-                 dtype="float32")
+                 attn_resolutions=(16,), dropout=0.1)
   c.objective = dict(name="diffusion", schedule="linear", timesteps=1000, beta_start=1e-4,
                      beta_end=0.02, prediction="eps", ema_decay=0.9999, sampler="ancestral",
                      sample_steps=1000)
@@ -48,4 +48,4 @@ def get_config(arg=None):
     c.eval.likelihood_examples = 8
     c.eval.metrics = ("likelihood",)
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -9,17 +9,14 @@ guidance, w = 1), ``:cosine`` (the cosine schedule with v-prediction).
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke", "conditional", "cosine"))
   c = config_lib.base_config()
-  c.model = dict(name="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                 attn_resolutions=(7,), dropout=0.1, conditional=False,
-                 condition_key="label", dtype="float32")
-  c.objective = dict(name="diffusion", schedule="linear", timesteps=1000, prediction="eps",
-                     ema_decay=0.999, sampler="ddim", sample_steps=50, ddim_eta=0.0,
-                     guidance=0.0, label_dropout=0.1)
+  c.model = dict(name="unet", ch=16, num_res_blocks=1, attn_resolutions=(7,))
+  c.objective = dict(name="diffusion", ema_decay=0.999, sample_steps=50)
   c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   c.train.num_steps = 4000
   c.train.batch_size = 32
@@ -40,4 +37,4 @@ def get_config(arg=None):
     c.eval.iwae_k = 4
     c.eval.likelihood_examples = 16
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -14,6 +14,7 @@ sigma = 1 given, not solved).
 import os
 
 from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import privacy
 
 EPSILONS = ("1", "10", "inf")
@@ -41,4 +42,4 @@ def get_config(arg=None):
     config_lib.make_smoke(c, num_steps=6, batch_size=32, every=3)
     c.eval.every_steps = 6
     c.privacy.update(expected_batch_size=24, noise_multiplier=1.0, target_epsilon=0.0)
-  return c
+  return experiment.complete(c)

@@ -17,6 +17,7 @@ for ``tstr_images``), ``smoke`` (tiny, for tests: sigma = 1 given, not solved).
 import os
 
 from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import privacy
 
 EPSILONS = ("10", "1", "inf")
@@ -29,7 +30,8 @@ def get_config(arg=None):
   here = os.path.dirname(os.path.abspath(__file__))
   c = config_lib.load_config_file(os.path.join(here, "dcgan_mnist.py"),
                                   "smoke" if args["smoke"] else None)
-  c.model.conditional = args["conditional"]
+  if args["conditional"]:
+    c.model.conditional = True
   c.train.num_steps = 2000
   # Poisson batches of 128 examples on average, padded to 176 rows (4.3 standard deviations
   # above the mean); the accountant knows the rare larger draw is cut to 176.
@@ -47,4 +49,4 @@ def get_config(arg=None):
     c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
     c.privacy.update(expected_batch_size=12, microbatch_size=8, noise_multiplier=1.0,
                      target_epsilon=0.0)  # No solve: fast tests.
-  return c
+  return experiment.complete(c)

@@ -12,6 +12,7 @@ given, not solved).
 import os
 
 from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import privacy
 
 EPSILONS = ("10", "1", "inf")
@@ -39,4 +40,4 @@ def get_config(arg=None):
     c.eval.update(every_steps=0, num_samples=200, tstr_steps=20, audit_examples=200)
     c.privacy.update(expected_batch_size=12, noise_multiplier=1.0,
                      target_epsilon=0.0)  # No solve: fast tests.
-  return c
+  return experiment.complete(c)

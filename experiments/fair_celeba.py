@@ -30,6 +30,7 @@ with ``eval.backbone=inception_v3`` pytorch-fid's Inception (``tools/convert_inc
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import fairness
 from fairgen.data import bias as bias_lib
 
@@ -44,15 +45,14 @@ def get_config(arg=None):
   c.data.name = "biased_celeb_a"
   c.data.options = dict(
       attribute=attribute if isinstance(attribute, str) else "+".join(attribute),
-      proportions=tuple(setting["proportions"]), ref_fraction=0.25, subset="union", seed=0,
-      image_size=64)
+      proportions=tuple(setting["proportions"]), subset="union", image_size=64)
   c.data.eval_options = dict(subset="balanced")
   c.model = dict(name="resnet_gan", latent_dim=128, g_ch=64, d_ch=64, attention=0,
-                 conditional=method == "conditional", condition_key="attr", weight_init="N02",
-                 dtype="float32")
-  c.objective = dict(name="gan", loss="hinge", n_disc=4, ema_decay=0.9999, gp_weight=0.0,
-                     r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="",
-                     spectral_norm="gen,disc", ema_batch_stats=True, standing_stats=0)
+                 condition_key="attr", weight_init="N02")
+  if method == "conditional":
+    c.model.conditional = True
+  c.objective = dict(name="gan", loss="hinge", n_disc=4, ema_decay=0.9999,
+                     spectral_norm="gen,disc", ema_batch_stats=True)
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.999),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.999))
   c.train.num_steps = 50_000
@@ -76,4 +76,4 @@ def get_config(arg=None):
     # The multi-attribute shares are exact in thousandths only.
     c.data.options.biased_size = 1000 if args["bias"] == "multi" else 40
     fairness.make_smoke(c)
-  return c
+  return experiment.complete(c)

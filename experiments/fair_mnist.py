@@ -21,10 +21,51 @@ missing one fails before training with the exact command.
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 from fairgen import fairness
 
 CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae", "ddpm"),
            "attribute": ("digit_group", "color")}
+
+
+def _dcgan(c, method):
+  """The smallest DCGAN that still draws recognisable digits in 2,000 steps on a CPU (35
+  steps/s). Tuned for short runs: no D dropout, lr 1e-3, a short EMA (0.999 would average in
+  the generators of the first 1,000 steps)."""
+  c.model = dict(name="dcgan", latent_dim=64, width=0.25, dropout=0.0)
+  c.objective = dict(name="gan", ema_decay=0.99)
+  c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
+                 disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
+  if method == "conditional":
+    c.model.update(conditional=True, condition_key="attr")
+
+
+def _ddpm(c, method):
+  """ddpm_mnist.py's U-Net and 50-step DDIM sampler; guidance w = 1 for the conditional
+  method (classifier-free guidance on the group)."""
+  c.model = dict(name="unet", ch=16, num_res_blocks=1, attn_resolutions=(7,),
+                 condition_key="attr")
+  c.objective = dict(name="diffusion", ema_decay=0.999, sample_steps=50, guidance=1.0)
+  c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+  if method == "conditional":
+    c.model.conditional = True
+
+
+def _vae(c, method):
+  """An MLP VAE with a Bernoulli likelihood; a conditional VAE on the group for the
+  conditional method."""
+  c.model = dict(name="vae", latent_dim=16, hidden=(256, 128))
+  c.objective = dict(name="vae", beta=1.0)
+  c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+  if method == "conditional":
+    c.model.update(conditional=True, condition_key="attr")
+
+
+MODEL_SECTIONS = {"dcgan": _dcgan, "ddpm": _ddpm, "vae": _vae}
+# The smoke variant's model sizes.
+SMOKE_SIZES = {"dcgan": dict(width=0.125, latent_dim=16),
+               "ddpm": dict(ch=8, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.0),
+               "vae": dict(hidden=(32, 16), latent_dim=4)}
 
 
 def get_config(arg=None):
@@ -34,38 +75,9 @@ def get_config(arg=None):
   # A fixed biased-set size for every ref_fraction (1,400 still leaves room for a
   # reference set as large as the biased set: 1,260 + 700 of the 2,000 group-0 digits).
   c.data.name = "biased_mnist"
-  c.data.options = dict(attribute=args["attribute"], proportions=(0.9, 0.1),
-                        ref_fraction=0.25, subset="union", seed=0, biased_size=1400)
+  c.data.options = dict(attribute=args["attribute"], subset="union", biased_size=1400)
   c.data.eval_options = dict(subset="balanced")
-  if args["model"] == "dcgan":
-    # The smallest DCGAN that still draws recognisable digits in 2,000 steps on a CPU
-    # (35 steps/s). Tuned for short runs: no D dropout, lr 1e-3, a short EMA (0.999
-    # would average in the generators of the first 1,000 steps).
-    c.model = dict(name="dcgan", latent_dim=64, width=0.25, conditional=False, dropout=0.0,
-                   fast_conv=True, condition_key="label", dtype="float32")
-    c.objective = dict(name="gan", loss="nonsaturating", n_disc=1, ema_decay=0.99,
-                       gp_weight=0.0, r1_gamma=0.0, r1_every=1, label_smoothing=0.0,
-                       diffaugment="", spectral_norm="", ema_batch_stats=False, standing_stats=0)
-    c.optim = dict(gen=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999),
-                   disc=dict(name="adam", lr=1e-3, b1=0.5, b2=0.999))
-    if method == "conditional":
-      c.model.conditional = True
-      c.model.condition_key = "attr"
-  elif args["model"] == "ddpm":
-    c.model = dict(name="unet", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                   attn_resolutions=(7,), dropout=0.1, conditional=method == "conditional",
-                   condition_key="attr", dtype="float32")
-    c.objective = dict(name="diffusion", schedule="linear", timesteps=1000, prediction="eps",
-                       ema_decay=0.999, sampler="ddim", sample_steps=50, guidance=1.0,
-                       label_dropout=0.1)
-    c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
-  else:
-    c.model = dict(name="vae", latent_dim=16, arch="mlp", hidden=(256, 128),
-                   likelihood="bernoulli", dtype="float32")
-    c.objective = dict(name="vae", beta=1.0)
-    c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
-    if method == "conditional":
-      c.model.update(conditional=True, condition_key="attr")
+  MODEL_SECTIONS[args["model"]](c, method)
   c.train.num_steps = 2000
   c.train.batch_size = 32 if args["model"] == "ddpm" else 64  # DDPM: ddpm_mnist.py's.
   c.train.checkpoint_every_steps = 1000
@@ -74,18 +86,11 @@ def get_config(arg=None):
   c.eval.metrics = ("fid", "prdc", "fairness_discrepancy", "group_quality")
   c.eval.best_metric = "fd_l2"
   c.fair = fairness.fair_section(method)
-  c.fair.penalty.weight = 1.0
   if args["smoke"]:
     config_lib.make_smoke(c)
     fairness.make_smoke(c)
     c.data.options.biased_size = 200
-    if args["model"] == "dcgan":
-      c.model.width = 0.125
-      c.model.latent_dim = 16
-    elif args["model"] == "ddpm":
-      c.model.update(ch=8, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.0)
+    c.model.update(SMOKE_SIZES[args["model"]])
+    if args["model"] == "ddpm":
       c.objective.update(timesteps=20, sample_steps=4)
-    else:
-      c.model.hidden = (32, 16)
-      c.model.latent_dim = 4
-  return c
+  return experiment.complete(c)

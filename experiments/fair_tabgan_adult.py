@@ -11,6 +11,7 @@ classifier trained on synthetic rows, plus marginal fidelity.
 from ml_collections import config_dict
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
@@ -18,12 +19,11 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.data.name = "adult"
   # audit_groups: e.g. ('sex', 'race'), evaluated as k-way intersectional groups.
-  c.data.options = dict(sensitive="sex", include_sensitive=False,
-                        adult_dir=config_dict.placeholder(str), audit_groups=())
-  c.model = dict(name="tabgan", latent_dim=64, hidden=(256, 256), critic_hidden=(256, 256),
-                 temperature=0.2, hard=False, dtype="float32")
-  c.objective = dict(name="tabgan", n_critic=2, gp_weight=10.0,
-                     lambda_fair=0.0 if variant == "plain" else 0.5, fair_start_step=3000)
+  # Sex is the sensitive column, left out of the features (the loader's defaults).
+  c.data.options = dict(adult_dir=config_dict.placeholder(str), audit_groups=())
+  c.model = dict(name="tabgan", latent_dim=64)
+  c.objective = dict(name="tabgan", n_critic=2, fair_start_step=3000,
+                     lambda_fair=0.0 if variant == "plain" else 0.5)
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.5, b2=0.9),
                  disc=dict(name="adam", lr=2e-4, b1=0.5, b2=0.9))
   c.train.batch_size = 256
@@ -40,4 +40,4 @@ def get_config(arg=None):
     c.objective.fair_start_step = 2
     c.eval.num_samples = 256
     c.eval.every_steps = 4
-  return c
+  return experiment.complete(c)

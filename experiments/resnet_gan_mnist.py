@@ -13,18 +13,16 @@ several are the generic step's, tested on the DCGAN).
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke",))
   c = config_lib.base_config()
-  c.data.options = dict(pad_to=32)
-  c.data.eval_options = dict(pad_to=32)
-  c.model = dict(name="resnet_gan", latent_dim=64, g_ch=16, d_ch=16, attention=16,
-                 conditional=False, condition_key="label", weight_init="ortho", dtype="float32")
-  c.objective = dict(name="gan", loss="hinge", n_disc=2, ema_decay=0.999, gp_weight=0.0,
-                     r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="translation",
-                     spectral_norm="disc", ema_batch_stats=True, standing_stats=0)
+  c.data.options = dict(pad_to=32)  # Evaluation too: eval_options only override options.
+  c.model = dict(name="resnet_gan", latent_dim=64, g_ch=16, d_ch=16, attention=16)
+  c.objective = dict(name="gan", loss="hinge", n_disc=2, diffaugment="translation",
+                     spectral_norm="disc", ema_batch_stats=True)
   # SNGAN's Adam (Miyato et al. 2018: lr 2e-4, betas (0, 0.9)).
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9))
@@ -39,4 +37,4 @@ def get_config(arg=None):
     c.objective.diffaugment = "color,translation,cutout"
     c.objective.spectral_norm = "gen,disc"
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -16,6 +16,7 @@ Variants: ``:smoke`` (tiny, for tests; runs on TFDS mock data).
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 G_STEPS = 50_000
 N_DISC = 5
@@ -25,11 +26,9 @@ def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke",))
   c = config_lib.base_config()
   c.data.name = "cifar10"
-  c.model = dict(name="resnet_gan", latent_dim=128, g_ch=64, d_ch=32, attention=0,
-                 conditional=False, condition_key="label", weight_init="xavier", dtype="float32")
-  c.objective = dict(name="gan", loss="hinge", n_disc=N_DISC, ema_decay=0.0, gp_weight=0.0,
-                     r1_gamma=0.0, r1_every=1, label_smoothing=0.0, diffaugment="",
-                     spectral_norm="disc", ema_batch_stats=False, standing_stats=0)
+  c.model = dict(name="resnet_gan", g_ch=64, d_ch=32, weight_init="xavier")
+  c.objective = dict(name="gan", loss="hinge", n_disc=N_DISC, ema_decay=0.0,
+                     spectral_norm="disc")
   c.optim = dict(gen=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9, linear_decay_steps=G_STEPS),
                  disc=dict(name="adam", lr=2e-4, b1=0.0, b2=0.9,
                            linear_decay_steps=G_STEPS * N_DISC))
@@ -46,4 +45,4 @@ def get_config(arg=None):
     c.optim.disc.linear_decay_steps = 8
     c.eval.num_samples = 64
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -7,17 +7,16 @@ into encoder and decoder; samples of a chosen digit, and ``log p(x | y)`` in eva
 """
 
 from fairgen import config as config_lib
+from fairgen import experiment
 
 
 def get_config(arg=None):
   variant = config_lib.check_variant(arg, ("smoke", "conv", "digits", "conditional"))
   c = config_lib.base_config()
-  c.model = dict(name="vae", latent_dim=32, arch="mlp", hidden=(512, 256),
-                 likelihood="bernoulli", dtype="float32")
-  c.objective = dict(name="vae", beta=1.0)
+  c.model = dict(name="vae")  # The defaults: a 784-512-256-32 MLP.
+  c.objective = dict(name="vae")
   c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
   c.train.num_steps = 3000
-  c.train.batch_size = 128
   # Eight steps per dispatch: its ~4 ms step is no longer paced by the Python loop (README
   # "Benchmarks"); for the MLP, the same bits as one step per dispatch.
   c.train.steps_per_dispatch = 8
@@ -28,7 +27,7 @@ def get_config(arg=None):
     c.model.arch = "conv"
     c.model.hidden = (32, 64)
   elif variant == "conditional":
-    c.model.update(conditional=True, condition_key="label")
+    c.model.conditional = True
   elif variant == "digits":
     c.data.name = "digits"
     c.model.hidden = (256, 128)
@@ -37,4 +36,4 @@ def get_config(arg=None):
     c.model.hidden = (64, 32)
     c.model.latent_dim = 8
     config_lib.make_smoke(c)
-  return c
+  return experiment.complete(c)

@@ -43,7 +43,6 @@ from absl import logging
 
 from fairgen import data
 from fairgen import experiment
-from fairgen import privacy
 from fairgen import storage
 from fairgen import train
 from fairgen.config import require
@@ -175,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config)
   workdir = storage.normalize(workdir)
   base = data.load(config.data, config.data.split)
-  claim = experiment.setup(config, base.spec, for_training=False, num_examples=len(base))
+  claim = experiment.build(config, base.spec, for_training=False, num_examples=len(base))
   held_out = (data.load_eval(config.data) if claim.objective.member_score is not None
               else None)
   audit = config.audit
@@ -188,11 +187,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary = train.train_and_evaluate(run_config, run_dir, source=source)
   if summary["preempted"]:
     return {"step": summary["final_step"], "metrics": {}, "path": None}
-  exp = experiment.setup(run_config, base.spec, num_examples=len(source))
+  exp = experiment.build(run_config, base.spec, num_examples=len(source))
   state, step = experiment.restore_checkpoint(exp, run_dir)
   delta = exp.privacy.delta
-  results = {"epsilon": privacy.epsilon(exp.privacy, step),
-             "epsilon_config": privacy.epsilon(claim.privacy, step)}
+  results = {"epsilon": exp.privacy.epsilon(step),
+             "epsilon_config": claim.privacy.epsilon(step)}
   results.update(_bounds("audit_white_box",
                          np.asarray(state[experiment.CANARY_SCORES], np.float64),
                          canaries.white_in, delta, audit.confidence))
@@ -200,7 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results.update(_bounds("audit_black_box", black_box_scores(
         exp, state, canaries.black, config.eval.batch_size), canaries.black_in, delta,
         audit.confidence))
-  provenance = {"privacy": privacy.mechanism(exp.privacy),
+  provenance = {"privacy": exp.privacy.mechanism(),
                 "audit": {k: audit[k] for k in ("canaries", "confidence", "seed")},
                 "num_examples_config": len(base), "method": "steinke2023_one_run"}
   path = os.path.join(workdir, "eval", f"audit_step_{step:06d}.json")

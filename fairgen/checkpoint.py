@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -28,6 +28,8 @@ from fairgen import storage
 COMMIT_MARKER = "commit_success.txt"
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.json"
+# ``config -> defaults of the families it names``, e.g. ``fairgen.experiment.section_defaults``.
+SectionDefaults = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
 
 class WorkdirError(RuntimeError):
@@ -353,14 +355,15 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
 
 
 def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
-                           force: bool = False) -> None:
+                           force: bool = False, defaults: SectionDefaults | None = None
+                           ) -> None:
   """Refuses a workdir made by another experiment, then writes the resolved config.
 
   With ``force``, a differing config.json is kept as ``config.<unix time>.json`` (nothing
-  is deleted) and the new one is written.
+  is deleted) and the new one is written. ``defaults``: as for ``check_config``.
   """
   try:
-    check_config(workdir, config)
+    check_config(workdir, config, defaults)
   except WorkdirError:
     if not force:
       raise
@@ -375,8 +378,19 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
                          config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_config(workdir: str, config: ml_collections.ConfigDict,
+                 defaults: SectionDefaults | None = None) -> None:
   """Refuses a workdir made by another experiment (read-only).
+
+  Args:
+    workdir: the run directory.
+    config: the config to run it with.
+    defaults: ``config -> the defaults of the families it names``
+      (``fairgen.experiment.section_defaults``), applied to the saved config and to
+      ``config`` alike: a key at its default and an absent key are then the same
+      experiment, so a config.json written before an experiment stopped stating a default
+      (or before a family gained a key) still matches. None: keys compare as written
+      (``fairgen.config.fingerprint``).
 
   Raises:
     WorkdirError: if ``WORKDIR/config.json`` exists and its data/model/objective sections
@@ -388,7 +402,9 @@ def check_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       saved = json.loads(storage.read_text(path))
     except ValueError as e:
       raise WorkdirError(f"{path} is not valid JSON ({e}); use a new --workdir.") from None
-    changes = config_lib.diff(config_lib.fingerprint(saved), config_lib.fingerprint(config))
+    changes = config_lib.diff(
+        config_lib.fingerprint(saved, defaults(saved) if defaults else None),
+        config_lib.fingerprint(config, defaults(config) if defaults else None))
     if changes:
       raise WorkdirError(
           f"--workdir={workdir} holds a run of a different experiment; these keys differ "

@@ -16,7 +16,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
 
@@ -29,7 +29,11 @@ EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
                   "fair.group_samples", "objective.standing_stats")
 # Keys added to the configs after workdirs were written without them, at the value those
 # workdirs ran with: left out of the fingerprint at that value, so that such a workdir still
-# resumes, and a run with another value is still another experiment.
+# resumes, and a run with another value is still another experiment. Only for a fingerprint
+# taken without the families' defaults: with them (``fingerprint(config, defaults)``, as
+# ``fairgen.checkpoint.check_config`` is given them) a key at its default and an absent key
+# are the same already, so a new key needs no entry here. Frozen; to go once every caller
+# of ``check_config`` passes the defaults.
 ADDED_KEYS = {"model.dtype": "float32", "objective.loss": "nonsaturating",
               "objective.gp_weight": 0.0, "objective.r1_gamma": 0.0, "objective.r1_every": 1,
               "objective.label_smoothing": 0.0, "objective.diffaugment": "",
@@ -172,21 +176,50 @@ def xla_options(text: str) -> dict[str, bool | int | float | str]:
   return options
 
 
-def fingerprint(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
-  """The sections that identify an experiment (a resumed workdir must match them)."""
+def fingerprint(config: ml_collections.ConfigDict | Mapping[str, Any],
+                defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The sections that identify an experiment (a resumed workdir must match them).
+
+  Args:
+    config: a config, or its dict (e.g. a workdir's config.json).
+    defaults: the defaults of the families ``config`` names, section by section
+      (``fairgen.experiment.section_defaults(config)``; this module knows no family). Every
+      key the config leaves out takes its default, so a key at its default and an absent key
+      are the same experiment: an experiment may stop stating a default, and a family may
+      gain a key at the value its runs had, without refusing the workdirs written before;
+      another value is still another experiment. None: keys compare as given, except
+      ``ADDED_KEYS`` at their values.
+
+  Returns:
+    The ``FINGERPRINT_SECTIONS`` as nested JSON values, without ``EVAL_ONLY_KEYS``.
+  """
   as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-  out = json.loads(json.dumps({k: as_dict.get(k) for k in FINGERPRINT_SECTIONS}, sort_keys=True))
+  sections = {k: as_dict.get(k) for k in FINGERPRINT_SECTIONS}
+  if defaults is not None:
+    sections = {k: _with_defaults(v, defaults.get(k)) for k, v in sections.items()}
+  out = json.loads(json.dumps(sections, sort_keys=True, default=str))
   for key in EVAL_ONLY_KEYS:
     section, field = key.split(".")
     if isinstance(out.get(section), dict):
       out[section].pop(field, None)
-  for key, value in ADDED_KEYS.items():
+  for key, value in ({} if defaults is not None else ADDED_KEYS).items():
     *parents, field = key.split(".")
     node = out
     for name in parents:
       node = node.get(name) if isinstance(node, dict) else None
     if isinstance(node, dict) and field in node and node[field] == value:
       node.pop(field)
+  return out
+
+
+def _with_defaults(given: Any, default: Any) -> Any:
+  """``given`` with the keys it lacks taken from ``default``, at every depth (a section the
+  config does not have stays absent)."""
+  if not isinstance(given, Mapping) or not isinstance(default, Mapping):
+    return given
+  out = dict(default)
+  for key, value in given.items():
+    out[key] = _with_defaults(value, default.get(key))
   return out
 
 
@@ -204,17 +237,9 @@ def diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str
   return out
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """The sections every experiment shares, with defaults; experiments fill in the rest."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  # JAX's PRNG of the run's keys (init, every step's dropout/noise/latents): 'threefry2x32'
-  # (JAX's default: the same bits on any device count), or the counter-based 'rbg' and
-  # 'unsafe_rbg' (XLA's RngBitGenerator: faster on TPU; other bits, which JAX does not
-  # promise across its versions or shardings). Either way a step's randomness is a function
-  # of (seed, step), so resume stays exact.
-  c.rng_impl = RNG_IMPLS[0]
-  c.data = ml_collections.ConfigDict(dict(
+def _data_section() -> ml_collections.ConfigDict:
+  """The ``data`` section: the dataset, its splits and options."""
+  return ml_collections.ConfigDict(dict(
       name="mnist_5k",
       split="train",
       eval_split="test",
@@ -225,10 +250,11 @@ def base_config() -> ml_collections.ConfigDict:
       eval_options=ml_collections.ConfigDict(),
       prefetch=2,
   ))
-  c.model = ml_collections.ConfigDict()
-  c.objective = ml_collections.ConfigDict()
-  c.optim = ml_collections.ConfigDict()
-  c.train = ml_collections.ConfigDict(dict(
+
+
+def _train_section() -> ml_collections.ConfigDict:
+  """The ``train`` section: the run's length, batch, checkpoints and step options."""
+  return ml_collections.ConfigDict(dict(
       num_steps=1000,
       batch_size=128,
       checkpoint_every_steps=500,
@@ -253,15 +279,10 @@ def base_config() -> ml_collections.ConfigDict:
       # dispatch never crosses one (fairgen.train.dispatch_size).
       steps_per_dispatch=1,
   ))
-  # mesh.data: devices on the data axis (-1: all). distributed: call
-  # jax.distributed.initialize() first (multi-host; arguments from the environment).
-  # fsdp: shard parameters and optimizer state over the data axis (fairgen/parallel.py).
-  # peer_timeout_seconds: in a multi-process job, how long a silent process may go unanswered
-  # before the others stop with one line (fairgen/peers.py); detection takes at most this
-  # plus two heartbeats (a tenth of it each, at least 0.5 s).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False,
-                                          peer_timeout_seconds=PEER_TIMEOUT_SECONDS))
-  c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
+
+
+def _eval_section() -> ml_collections.ConfigDict:
+  """The ``eval`` section: evaluators, their sizes and backbones (see the comment)."""
   # Evaluation (fairgen/evaluation/). metrics: evaluator names. every_steps: periodic
   # evaluation during training (0: never). backbone_dir: the feature/attribute classifier
   # (default: ~/.cache/fairgen/classifier_<dataset>_label, made by tools/train_classifier.py).
@@ -272,7 +293,7 @@ def base_config() -> ml_collections.ConfigDict:
   # preprocessing is resize ('bilinear': pytorch-fid; 'pil_bicubic': clean-fid) and quantize
   # (round samples to uint8 levels first). reference_stats: an .npz of (mu, sigma) (pytorch-fid's
   # layout, tools/fid_stats.py) that FID uses in place of real images' features.
-  c.eval = ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(dict(
       metrics=("fid", "kid", "prdc", "is"),
       every_steps=0,
       num_samples=1000,
@@ -301,6 +322,33 @@ def base_config() -> ml_collections.ConfigDict:
       audit_examples=1000,
       tstr_steps=1000,  # tstr_images: Adam steps of the classifier fitted on samples.
   ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The sections every experiment shares, with defaults; experiments fill in the rest."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # JAX's PRNG of the run's keys (init, every step's dropout/noise/latents): 'threefry2x32'
+  # (JAX's default: the same bits on any device count), or the counter-based 'rbg' and
+  # 'unsafe_rbg' (XLA's RngBitGenerator: faster on TPU; other bits, which JAX does not
+  # promise across its versions or shardings). Either way a step's randomness is a function
+  # of (seed, step), so resume stays exact.
+  c.rng_impl = RNG_IMPLS[0]
+  c.data = _data_section()
+  c.model = ml_collections.ConfigDict()
+  c.objective = ml_collections.ConfigDict()
+  c.optim = ml_collections.ConfigDict()
+  c.train = _train_section()
+  # mesh.data: devices on the data axis (-1: all). distributed: call
+  # jax.distributed.initialize() first (multi-host; arguments from the environment).
+  # fsdp: shard parameters and optimizer state over the data axis (fairgen/parallel.py).
+  # peer_timeout_seconds: in a multi-process job, how long a silent process may go unanswered
+  # before the others stop with one line (fairgen/peers.py); detection takes at most this
+  # plus two heartbeats (a tenth of it each, at least 0.5 s).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, distributed=False, fsdp=False,
+                                          peer_timeout_seconds=PEER_TIMEOUT_SECONDS))
+  c.log = ml_collections.ConfigDict(dict(every_steps=50, sample_every_steps=500, num_samples=64))
+  c.eval = _eval_section()
   # --mode=sample: num images, a fixed seed, truncation (> 0: truncated normal latents).
   c.sample = ml_collections.ConfigDict(dict(num=64, seed=0, truncation=0.0,
                                             interpolation_steps=8, checkpoint="latest"))
@@ -334,7 +382,7 @@ def check_variant(arg: str | None, variants: tuple[str, ...]) -> str:
   return variant
 
 
-def parse_arg(arg: str | None, choices: dict[str, tuple[str, ...]],
+def parse_arg(arg: str | None, choices: Mapping[str, Iterable[str]],
               flags: tuple[str, ...] = ()) -> dict[str, Any]:
   """Parses ``--config=FILE:key=value,flag,...`` into a dict (flags map to True).
 
@@ -346,7 +394,7 @@ def parse_arg(arg: str | None, choices: dict[str, tuple[str, ...]],
   Raises:
     ConfigError: for an unknown key, value or flag.
   """
-  out: dict[str, Any] = {k: v[0] for k, v in choices.items()}
+  out: dict[str, Any] = {k: next(iter(v)) for k, v in choices.items()}
   out.update({f: False for f in flags})
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import inspect
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from fairgen import models
 from fairgen import objectives
 from fairgen import parallel
 from fairgen import privacy
+from fairgen.privacy import ledger
 from fairgen import robust
 
 
@@ -69,6 +71,11 @@ class Experiment:
     """Whether the objective generates images (sample grids apply)."""
     return self.objective.decode is not None and hasattr(self.spec, "image_shape")
 
+  def write_privacy_release(self, directory: str, step: int) -> dict[str, Any] | None:
+    """``privacy.json`` beside a release of the weights of ``step`` (what they spent);
+    None without privacy (``fairgen.privacy.ledger.write_release``)."""
+    return ledger.write_release(directory, self.privacy, step)
+
   @property
   def global_batch(self) -> int:
     """Examples consumed per step (all processes together)."""
@@ -88,7 +95,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   models.validate(config.model)
   objectives.validate(config.objective, config.optim)
   if "fair" in config:
-    fairness.validate(config, objectives.OBJECTIVES.get(config.objective.name))
+    fairness.validate(config, objectives.OBJECTIVES.get(config.objective.name).capabilities,
+                      config.objective.name)
   if "privacy" in config:
     privacy.validate(config, objectives.OBJECTIVES.get(config.objective.name).private)
 
@@ -103,10 +111,11 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
                     dp: privacy.DpSettings | None = None) -> objectives.Objective:
   """The objective of ``config`` for data of ``spec``, with its fairness mitigation.
 
-  ``fair.method='penalty'`` adds the frozen attribute classifier's penalty to the
-  generator's loss (only ``for_training``: evaluation and sampling never run the step, so
-  they do not load the classifier); a group-conditional generator samples its groups from
-  ``fair.target``. ``dp``: train with DP-SGD (``fairgen.privacy``).
+  The fairness method's generator penalty (``fair.method='penalty'``) joins the generator's
+  loss (only ``for_training``: evaluation and sampling never run the step, so they do not
+  load its classifier); a group-conditional generator samples its groups from
+  ``fair.target``. ``dp``: the objective trains its data-seeing networks by DP-SGD, through
+  the one ``privacy.DpGradient`` it is handed.
   """
   modules = build_model(config, spec)
   extras = {}
@@ -115,15 +124,35 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
     if penalty is not None:
       extras["penalty"] = penalty
   if dp is not None:
-    extras["privacy"] = dp
+    extras["privacy"] = privacy.DpGradient(dp)
   objective = objectives.build(config.objective, config.optim, modules, spec, **extras)
   probs = fairness.label_probs(config, objective.num_classes)
   return dataclasses.replace(objective, label_probs=probs) if probs else objective
 
 
+def resolve_privacy(config: ml_collections.ConfigDict, num_examples: int | None,
+                    mesh: jax.sharding.Mesh | None = None) -> privacy.DpSettings | None:
+  """The run's DP-SGD mechanism (None without a privacy section): sigma solved for the run's
+  draws (the objective's examples per step) from ``num_examples`` (default: the training
+  split's size), the fairness method's weight bound and prior mechanisms composed in, and a
+  privacy audit's canaries."""
+  if "privacy" not in config:
+    return None
+  if num_examples is None:  # Evaluation and sampling: N of the split it was trained on.
+    num_examples = len(data.load(config.data, config.data.split))
+  draws = objectives.examples_per_step(config.objective)
+  dp = dataclasses.replace(privacy.resolve(config, num_examples, draws,
+                                           fairness.weight_bound(config),
+                                           fairness.private_prior(config, num_examples)),
+                           mesh=mesh)
+  if config.get("audit") is not None and config.audit.get("active", False):
+    dp = dataclasses.replace(dp, audit_canaries=int(config.audit.canaries))
+  return dp
+
+
 def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
           for_training: bool = True, num_examples: int | None = None) -> Experiment:
-  """Validates ``config`` and builds the mesh, objective and abstract sharded state.
+  """Validates ``config``, then ``build``s it (what a caller that has not validated calls).
 
   Args:
     config: the experiment config.
@@ -133,22 +162,28 @@ def setup(config: ml_collections.ConfigDict, spec: data.DataSpec | None = None,
       with a privacy section (read from the split when not given).
   """
   validate(config)
-  mesh = parallel.make_mesh(config.mesh.data)
-  if spec is None or ("privacy" in config and num_examples is None):
+  if spec is None:
     source = data.load(config.data, config.data.split)
-    spec, num_examples = source.spec, len(source)
-  objective = build_objective(config, spec, for_training)
-  dp = None
-  if "privacy" in config:
-    dp = dataclasses.replace(privacy.resolve(config, num_examples, objective.examples_per_step,
-                                             fairness.weight_bound(config),
-                                             fairness.private_prior(config, num_examples)),
-                             mesh=mesh)
-    if config.get("audit") is not None and config.audit.get("active", False):
-      dp = dataclasses.replace(dp, audit_canaries=int(config.audit.canaries))
-    objective = build_objective(config, spec, for_training, dp)
-    if dp.audit_canaries:
-      objective = with_canary_scores(objective, dp.audit_canaries)
+    spec, num_examples = source.spec, num_examples or len(source)
+  return build(config, spec, for_training, num_examples)
+
+
+def build(config: ml_collections.ConfigDict, spec: data.DataSpec, for_training: bool = True,
+          num_examples: int | None = None) -> Experiment:
+  """The mesh, the objective (built once) and the abstract sharded state of a validated
+  ``config`` (``validate``: the entry points validate once, then build).
+
+  Args:
+    config: the validated experiment config.
+    spec: the dataset's spec.
+    for_training: build the training step's extras too (the penalty's classifier).
+    num_examples: the training split's size (for a privacy section; read when None).
+  """
+  mesh = parallel.make_mesh(config.mesh.data)
+  dp = resolve_privacy(config, num_examples, mesh)
+  objective = build_objective(config, spec, for_training, dp)
+  if dp is not None and dp.audit_canaries:
+    objective = with_canary_scores(objective, dp.audit_canaries)
   root = jax.random.key(config.seed, impl=config.get("rng_impl", config_lib.RNG_IMPLS[0]))
   init_rng, step_rng, sample_rng = jax.random.split(root, 3)
   abstract_state = jax.eval_shape(functools.partial(full_init, objective), init_rng)
@@ -291,3 +326,65 @@ def restore_checkpoint(exp: Experiment, workdir: str, which: str = "latest") -> 
 def _why(error: BaseException) -> str:
   """Why a checkpoint failed to restore, in one line (TensorStore's run to kilobytes)."""
   return config_lib.one_line(error)[:200]
+
+
+def section_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The value of every key a config may leave out, from the families the config names.
+
+  The shared sections' from ``fairgen.config.base_config``; ``data.options`` from the
+  dataset loader's keyword defaults (``data.eval_options``: the resolved ``data.options``,
+  which it overrides); ``model`` from the builder's, ``objective`` from its registry
+  entry's, ``fair`` from ``fairness.fair_section`` and ``privacy`` from
+  ``privacy.DEFAULTS`` (the last two only for a config with that section). A name fairgen
+  does not know (e.g. in an older workdir's config.json) contributes no defaults.
+  ``fairgen.checkpoint.check_config`` compares workdir configs with these filled in, so a
+  key at its default and an absent key are the same experiment.
+
+  Args:
+    config: a config, or its dict (e.g. a workdir's config.json).
+
+  Returns:
+    Nested dicts, section by section (``model`` and ``objective`` without a ``name``).
+  """
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  out = config_lib.base_config().to_dict()
+  given_data = given.get("data") or {}
+  name = given_data.get("name", out["data"]["name"])
+  if name in data.DATASETS:
+    options = {k: p.default for k, p in data.DATASETS.get(name).options().items()
+               if p.default is not p.empty}
+    out["data"].update(options=options,
+                       eval_options={**options, **dict(given_data.get("options") or {})})
+  name = (given.get("model") or {}).get("name")
+  if name in models.MODELS:
+    out["model"] = {k: p.default for k, p in inspect.signature(
+        models.MODELS.get(name)).parameters.items() if k != "spec" and p.default is not p.empty}
+  name = (given.get("objective") or {}).get("name")
+  if name in objectives.OBJECTIVES:
+    out["objective"] = dict(objectives.OBJECTIVES.get(name).defaults)
+  if given.get("fair") is not None:
+    out["fair"] = fairness.fair_section(given["fair"].get("method", "baseline")).to_dict()
+  if given.get("privacy") is not None:
+    out["privacy"] = dict(privacy.DEFAULTS)
+  return out
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with every key of the families it names: the ``model`` builder's
+  hyperparameters and the ``objective``'s keys, each at its family's default where the
+  experiment does not state it. (``data.options`` stay as stated: ``--config.data.name``
+  may switch to a dataset that takes other options.)
+
+  An experiment file states only what differs from those defaults and returns
+  ``complete(c)`` from ``get_config``, so the config a run sees, writes to config.json and
+  takes ``--config.<section>.<key>=`` overrides for holds every key.
+  """
+  defaults = section_defaults(config)
+  for name in ("model", "objective"):
+    section = config.get(name)
+    if section is None:
+      continue
+    for key, value in (defaults.get(name) or {}).items():
+      if key not in section:
+        section[key] = value
+  return config

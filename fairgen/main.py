@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from fairgen import config as config_lib
+from fairgen.cli import fail  # The one bad-input line, exit status 2, of every fairgen CLI.
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -31,13 +32,6 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "audi
                           "sample (writes grids and .npz under WORKDIR/sample/) or audit (a "
                           "DP config's one-run privacy audit: trains WORKDIR/audit/, writes "
                           "WORKDIR/eval/audit_step_N.json).")
-
-
-def fail(message: str) -> None:
-  """Prints ``fairgen: error: <message>`` on one line and exits with status 2."""
-  text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-  print(f"fairgen: error: {text}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _config_path(argv: list[str]) -> str | None:

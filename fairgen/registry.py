@@ -59,4 +59,5 @@ class Registry(Generic[T]):
     return name in self._entries
 
   def __iter__(self) -> Iterator[str]:
-    return iter(self.names())
+    """The names in the order they were registered (``names`` sorts them)."""
+    return iter(self._entries)

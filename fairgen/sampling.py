@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 from typing import Any, Iterator
 
@@ -25,7 +24,6 @@ from absl import logging
 from fairgen import experiment
 from fairgen import logs
 from fairgen import parallel
-from fairgen import privacy
 from fairgen import storage
 from fairgen.config import ConfigError
 
@@ -162,14 +160,11 @@ def write_samples(exp: experiment.Experiment, state: Any, step: int, out_dir: st
   scale = grid_scale(exp.spec)
   ncols = int(np.ceil(np.sqrt(num)))
   extra, files = {}, []
-  if exp.privacy is not None:  # What the sampled weights spent, beside the samples.
-    record = {"step": int(step), "epsilon": privacy.epsilon(exp.privacy, step),
-              "delta": exp.privacy.delta, "mechanism": privacy.mechanism(exp.privacy)}
+  release = exp.write_privacy_release(out_dir, step)  # What the sampled weights spent.
+  if release is not None:
+    record = release["record"]
     extra = {"epsilon": np.float64(record["epsilon"]), "delta": np.float64(record["delta"])}
-    path = os.path.join(out_dir, "privacy.json")
-    if jax.process_index() == 0:
-      storage.write_atomic(path, json.dumps(record, indent=2))
-    files.append(path)
+    files.append(release["path"])
     logging.info("Samples of step %d: epsilon %.4g at delta %g.", step, record["epsilon"],
                  record["delta"])
 

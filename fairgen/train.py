@@ -10,7 +10,6 @@ they build (pure functions, see ``objectives/base.py``).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -30,11 +29,11 @@ from fairgen import logs
 from fairgen import objectives
 from fairgen import parallel
 from fairgen import peers
-from fairgen import privacy
 from fairgen import robust
 from fairgen import sampling
 from fairgen import storage
 from fairgen.evaluation import runner
+from fairgen.privacy import ledger
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -211,13 +210,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = storage.normalize(workdir)
   if source is None:
     source = data.load(config.data, config.data.split)
-  exp = experiment.setup(config, source.spec, num_examples=len(source))
+  exp = experiment.build(config, source.spec, num_examples=len(source))
   experiment.check_data(exp, source)
   checkpoint.ensure_writable(workdir)
   with robust.WorkdirLock(workdir) as lock:
-    checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment)
-    if exp.privacy is not None:
-      _check_and_write_privacy(workdir, exp.privacy)
+    checkpoint.check_and_write_config(workdir, config, force=allow_new_experiment,
+                                      defaults=experiment.section_defaults)
+    ledger.open_run(workdir, exp.privacy)
     ckpt = checkpoint.Checkpointer(workdir, config.train.max_to_keep,
                                    config.train.checkpoint_every_steps)
     try:
@@ -234,32 +233,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       ckpt.close()
 
 
-PRIVACY_RECORD = "privacy.json"
-
-
 def batch_sampler(exp: experiment.Experiment, source: data.Source,
                   sampler: data.WeightedSampler | None = None
                   ) -> data.IndexSampler | data.WeightedSampler | data.PoissonSampler | None:
   """What draws the run's batches: Poisson sampling for a DP run (what its accountant
   assumes), else ``sampler`` (None: the loader's epochs of permutations)."""
-  if exp.privacy is None:
-    return sampler
-  return data.PoissonSampler(len(source), exp.config.train.batch_size,
-                             exp.privacy.sampling_rate, exp.config.seed,
-                             exp.objective.examples_per_step)
+  poisson = ledger.sampler(exp.privacy, len(source), exp.config.train.batch_size,
+                           exp.config.seed, exp.objective.examples_per_step)
+  return sampler if poisson is None else poisson
 
 
-def _check_and_write_privacy(workdir: str, settings: privacy.DpSettings) -> None:
-  """Refuses to resume a DP run with another mechanism; records the mechanism."""
-  path = os.path.join(workdir, PRIVACY_RECORD)
-  record = json.loads(storage.read_text(path)) if storage.exists(path) else None
-  changed = privacy.check_record(record, settings)
-  if changed:
-    raise checkpoint.WorkdirError(
-        f"{workdir} was trained with another DP mechanism ({'; '.join(changed)}); steps of "
-        f"two mechanisms cannot be accounted as one run. Use a new workdir.")
-  if record is None and jax.process_index() == 0:
-    storage.write_atomic(path, json.dumps(privacy.mechanism(settings), indent=2))
+class _Run:
+  """One call of ``loop``: what acts between steps, each on its own cadence.
+
+  ``log`` writes a ``metrics.jsonl`` line (the guard, averages, input wait, epsilon),
+  ``grid`` a sample grid, ``evaluate`` the periodic evaluation with the best checkpoint,
+  ``save`` a checkpoint (after checking the workdir's lease).
+  """
+
+  def __init__(self, exp: experiment.Experiment, workdir: str, start_step: int,
+               ckpt: checkpoint.Checkpointer, lock: robust.WorkdirLock | None):
+    config = exp.config
+    self.exp, self.config, self.workdir, self.ckpt, self.lock = exp, config, workdir, ckpt, lock
+    self.summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step,
+                                    "scalars": {}, "preempted": False}
+    self.evaluator = self.best = None
+    if config.eval.every_steps:
+      self.evaluator = runner.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
+      self.evaluator.check()  # A missing backbone fails now, not after hours of training.
+      self.best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric,
+                                            config.eval.best_mode,
+                                            self.evaluator.provenance())
+    self.grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng,
+                                                                config.log.num_samples))
+    self.grid_labels = sampling.prior_labels(config.log.num_samples,
+                                             exp.objective.num_classes,
+                                             exp.objective.label_probs)
+    self.logger = logs.MetricLogger(workdir, config.train.num_steps, start_step)
+    self.acc, self.wait_mark = _Accumulator(), 0.0
+
+  def cadences(self) -> tuple[int, ...]:
+    """Where a dispatch of several steps must end: at every step the loop acts on."""
+    config = self.config
+    return (config.log.every_steps, config.train.checkpoint_every_steps,
+            config.log.sample_every_steps if self.exp.makes_images else 0,
+            config.eval.every_steps if self.evaluator is not None else 0)
+
+  def log(self, done: int, state: Any, loader: data.Loader) -> None:
+    """Reads the guard and the window's averages to the host and writes them."""
+    config = self.config
+    guard = parallel.to_host(state[robust.GUARD_KEY])
+    scalars, bad = self.acc.read()
+    robust.check_guard(guard, config.train.nan_policy, config.train.max_nan_skips, bad)
+    wait, self.wait_mark = loader.wait_seconds - self.wait_mark, loader.wait_seconds
+    scalars.update(self.logger.progress(done, scalars), input_wait_seconds=wait,
+                   nan_skipped=float(guard["skipped"]))
+    scalars.update(ledger.scalars(self.exp.privacy, done))
+    self.logger.write(done, scalars)
+    self.summary.update(final_step=done, scalars=scalars)
+
+  def grid(self, done: int, state: Any) -> None:
+    """The sample grid of ``state``: a PNG under ``WORKDIR/samples/`` and the event log."""
+    exp = self.exp
+    images = sampling.decode_images(exp, state, self.grid_latents, self.grid_labels)
+    if jax.process_index() == 0:
+      logs.save_image_grid(images, os.path.join(self.workdir, "samples",
+                                                f"step_{done:06d}.png"),
+                           scale=sampling.grid_scale(exp.spec))
+    self.logger.image("samples", images, done)
+
+  def evaluate(self, done: int, state: Any) -> None:
+    """The periodic evaluation: its report, its scalars, and the best checkpoint."""
+    eval_dir = os.path.join(self.workdir, "eval")
+    results = self.evaluator(state, done)
+    runner.write_report(os.path.join(eval_dir, f"step_{done:06d}.json"), done, "training",
+                        results, self.evaluator.provenance())
+    self.logger.write(done, {f"eval/{k}": v for k, v in results.items()})
+    self.logger.image_file("eval/group_proportions",
+                           os.path.join(eval_dir, f"groups_step_{done:06d}.png"), done)
+    if self.best.update(done, results, state):
+      logging.info("New best %s=%.5g at step %d.", self.best.metric,
+                   self.best.record["value"], done)
+    self.summary["eval"] = results
+
+  def save(self, done: int, state: Any) -> None:
+    """A checkpoint of ``done``, never into a workdir whose lease another run took over."""
+    if self.lock is not None:
+      self.lock.check()
+    self.ckpt.save(done, state, force=True)
+
+  def close(self) -> None:
+    """Closes the logger and the best checkpoint."""
+    self.logger.close()
+    if self.best is not None:
+      self.best.close()
 
 
 def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step: int,
@@ -273,41 +340,25 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   ``log.every_steps`` (and at checkpoints): the guard and averages read to the host and a
   ``metrics.jsonl`` line with ``steps_per_sec`` and ``input_wait_seconds`` of the window.
   Sample grids, periodic evaluation with the best checkpoint, checkpoints and the
-  preemption stop follow their own cadences. ``tools/benchmark.py`` times this function.
+  preemption stop follow their own cadences (``_Run``). ``tools/benchmark.py`` times this
+  function.
 
   Returns:
     The summary of ``train_and_evaluate``.
   """
   config = exp.config
   num_steps = config.train.num_steps
-  summary: dict[str, Any] = {"start_step": start_step, "final_step": start_step,
-                             "scalars": {}, "preempted": False}
-  evaluator = best = None
-  if config.eval.every_steps:
-    evaluator = runner.Evaluator(exp, out_dir=os.path.join(workdir, "eval"))
-    evaluator.check()  # A missing backbone fails now, not after hours of training.
-    best = checkpoint.BestCheckpoint(workdir, config.eval.best_metric, config.eval.best_mode,
-                                     evaluator.provenance())
+  run = _Run(exp, workdir, start_step, ckpt, lock)
   train_step = make_train_step(exp)
-  grid_latents = np.asarray(exp.objective.sample_latents(exp.sample_rng, config.log.num_samples))
-  grid_labels = sampling.prior_labels(config.log.num_samples, exp.objective.num_classes,
-                                      exp.objective.label_probs)
   rng = parallel.replicate(exp.step_rng, exp.mesh)
-  logger = logs.MetricLogger(workdir, num_steps, start_step)
   per_dispatch = config.train.get("steps_per_dispatch", 1)
-  # Where a dispatch of several steps must end: at every step the loop acts on.
-  cadences = (config.log.every_steps, config.train.checkpoint_every_steps,
-              config.log.sample_every_steps if exp.makes_images else 0,
-              config.eval.every_steps if evaluator is not None else 0)
   profile_steps = tuple(config.train.get("profile_steps") or ())
-  stops = (num_steps,) + profile_steps
   # The loader keeps one whole dispatch of batches ready (at most a log window's).
-  largest = min(per_dispatch, config.log.every_steps)
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=max(config.data.prefetch, largest),
+                       prefetch=max(config.data.prefetch,
+                                    min(per_dispatch, config.log.every_steps)),
                        sampler=batch_sampler(exp, source, sampler))
-  acc, wait_mark = _Accumulator(), 0.0
   profiler = logs.Profiler(workdir, profile_steps)
   batches = iter(loader)
   try:
@@ -315,67 +366,51 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
       for step, batch in batches:
         t0 = time.perf_counter()
         profiler.before(step)
-        size = dispatch_size(step, per_dispatch, cadences, stops)
+        size = dispatch_size(step, per_dispatch, run.cadences(), (num_steps,) + profile_steps)
         if size == 1:
           state, metrics = train_step(state, batch, rng)
-          acc.add(metrics)
+          run.acc.add(metrics)
         else:
           group = (batch,) + tuple(next(batches)[1] for _ in range(size - 1))
-          state, acc.total = train_step.steps(state, group, rng, acc.total)
-          metrics = acc.total
+          state, run.acc.total = train_step.steps(state, group, rng, run.acc.total)
+          metrics = run.acc.total
         done = step + size
         peers.note_step(done)
         profiler.after(done, metrics)
-        if "compile_seconds" not in summary:
+        if "compile_seconds" not in run.summary:
           jax.block_until_ready(metrics)
-          summary["compile_seconds"] = time.perf_counter() - t0
+          run.summary["compile_seconds"] = time.perf_counter() - t0
           logging.info("First step (compilation included; %d step(s) in the dispatch) took "
                        "%.1f s.", size, time.perf_counter() - t0)
-        stop = preemption.should_stop(done, size)
-        # A preemption saves and exits at once: its grace period (seconds on spot VMs) is
-        # no time for the sample grid or an evaluation, which the resumed run will make.
-        final = done == num_steps
-        save_due = final or stop or done % config.train.checkpoint_every_steps == 0
-        if save_due or done % config.log.every_steps == 0:
-          guard = parallel.to_host(state[robust.GUARD_KEY])
-          scalars, bad = acc.read()
-          robust.check_guard(guard, config.train.nan_policy, config.train.max_nan_skips, bad)
-          wait, wait_mark = loader.wait_seconds - wait_mark, loader.wait_seconds
-          scalars.update(logger.progress(done, scalars), input_wait_seconds=wait,
-                         nan_skipped=float(guard["skipped"]))
-          if exp.privacy is not None:
-            scalars["epsilon"] = privacy.epsilon(exp.privacy, done)
-          logger.write(done, scalars)
-          summary.update(final_step=done, scalars=scalars)
-        if exp.makes_images and (final or done % config.log.sample_every_steps == 0):
-          images = sampling.decode_images(exp, state, grid_latents, grid_labels)
-          if jax.process_index() == 0:
-            logs.save_image_grid(images, os.path.join(workdir, "samples", f"step_{done:06d}.png"),
-                                 scale=sampling.grid_scale(exp.spec))
-          logger.image("samples", images, done)
-        if evaluator is not None and (final or done % config.eval.every_steps == 0):
-          results = evaluator(state, done)
-          runner.write_report(os.path.join(workdir, "eval", f"step_{done:06d}.json"), done,
-                              "training", results, evaluator.provenance())
-          logger.write(done, {f"eval/{k}": v for k, v in results.items()})
-          logger.image_file("eval/group_proportions",
-                            os.path.join(workdir, "eval", f"groups_step_{done:06d}.png"), done)
-          if best.update(done, results, state):
-            logging.info("New best %s=%.5g at step %d.", best.metric, best.record["value"], done)
-          summary["eval"] = results
-        if save_due:
-          if lock is not None:
-            lock.check()  # Never write into a workdir whose lease another run took over.
-          ckpt.save(done, state, force=True)
-        if stop:
-          ckpt.wait()
-          summary["preempted"] = True
-          logging.warning("Preempted: checkpoint of step %d committed; exiting.", done)
+        if _between_steps(run, done, state, loader, preemption.should_stop(done, size)):
           break
   finally:
     profiler.close()
     loader.close()
-    logger.close()
-    if best is not None:
-      best.close()
-  return summary
+    run.close()
+  return run.summary
+
+
+def _between_steps(run: _Run, done: int, state: Any, loader: data.Loader, stop: bool) -> bool:
+  """What is due after step ``done``: a log line, a sample grid, an evaluation, a
+  checkpoint; True when the run must stop (a preemption, whose checkpoint is committed).
+
+  A preemption saves and exits at once: its grace period (seconds on spot VMs) is no time
+  for the sample grid or an evaluation, which the resumed run will make.
+  """
+  config = run.config
+  final = done == config.train.num_steps
+  save_due = final or stop or done % config.train.checkpoint_every_steps == 0
+  if save_due or done % config.log.every_steps == 0:
+    run.log(done, state, loader)
+  if run.exp.makes_images and (final or done % config.log.sample_every_steps == 0):
+    run.grid(done, state)
+  if run.evaluator is not None and (final or done % config.eval.every_steps == 0):
+    run.evaluate(done, state)
+  if save_due:
+    run.save(done, state)
+  if stop:
+    run.ckpt.wait()
+    run.summary["preempted"] = True
+    logging.warning("Preempted: checkpoint of step %d committed; exiting.", done)
+  return stop

@@ -88,8 +88,8 @@ def max_traces(monkeypatch):
   def limit(n):
     chex.clear_trace_counter()
 
-    def build(config, spec, for_training=True):
-      objective = original(config, spec, for_training)
+    def build(config, spec, for_training=True, dp=None):
+      objective = original(config, spec, for_training, dp)
       step = objective.train_step
 
       def train_step(state, batch, rng, **kwargs):  # A function: chex reads its source.

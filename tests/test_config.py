@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import EXPERIMENTS, load_config
-from fairgen import checkpoint, config as config_lib, parallel, privacy, train
+from fairgen import checkpoint, config as config_lib, experiment, parallel, privacy, train
 
 VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "vae_mnist": [None, "smoke", "conv", "digits", "conditional"],
@@ -117,17 +117,21 @@ def test_workdirs_from_before_the_nested_and_privacy_keys_resume(tmp_path):
     checkpoint.check_and_write_config(str(tmp_path), config)
 
 
-def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_only(tmp_path):
-  # The seeds' recipe: the keys below at the values such workdirs ran with.
-  config = load_config("dcgan_mnist", "seeds")
-  for key in ("loss", "gp_weight", "r1_gamma", "r1_every", "label_smoothing", "diffaugment"):
-    del config.objective[key]  # A config.json written before the keys existed.
-  checkpoint.check_and_write_config(str(tmp_path), config)
-  config = load_config("dcgan_mnist", "seeds")
-  checkpoint.check_and_write_config(str(tmp_path), config)  # The defaults: the same run.
+@pytest.mark.parametrize("defaults", [None, experiment.section_defaults])
+def test_a_gan_workdir_from_before_objective_loss_resumes_with_the_same_loss_only(
+    tmp_path, defaults):
+  """Without the families' defaults, config.ADDED_KEYS makes a key at the value such
+  workdirs ran with the same as an absent one; with them (test_experiment_defaults.py),
+  every key at its default is."""
+  config = load_config("dcgan_mnist", "seeds")  # The seeds' recipe states none of the keys.
+  checkpoint.check_and_write_config(str(tmp_path), config, defaults=defaults)
+  config.objective.update(loss="nonsaturating", gp_weight=0.0, r1_gamma=0.0, r1_every=1,
+                          diffaugment="")
+  # The defaults: the same run.
+  checkpoint.check_and_write_config(str(tmp_path), config, defaults=defaults)
   config.objective.loss = "hinge"
-  with pytest.raises(checkpoint.WorkdirError, match="objective.loss: None -> 'hinge'"):
-    checkpoint.check_and_write_config(str(tmp_path), config)
+  with pytest.raises(checkpoint.WorkdirError, match="objective.loss: .* -> 'hinge'"):
+    checkpoint.check_and_write_config(str(tmp_path), config, defaults=defaults)
 
 
 def test_the_main_jobs_learning_rates_reach_zero_at_its_last_step_and_raising_steps_warns():

@@ -8,6 +8,8 @@ higher one, and the module-level import graph has no cycle (within a floor eithe
 import ast
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -15,7 +17,8 @@ from conftest import REPO
 
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
-    {"config", "registry", "parallel", "storage", "checkpoint", "logs", "robust", "peers"},
+    {"config", "cli", "registry", "parallel", "storage", "checkpoint", "logs", "robust",
+     "peers"},
     {"data", "metrics", "models", "classifiers", "privacy"},
     {"objectives", "fairness"},
     {"experiment"},
@@ -182,3 +185,88 @@ def test_every_fairgen_path_named_in_the_text_exists():
           if not os.path.exists(os.path.join(REPO, named)):
             stale.append(f"{os.path.relpath(path, REPO)}:{number}: {named}")
   assert not stale, "\n".join(stale)
+
+
+SCRIPT_ROOTS = ("tools", "experiments", "fairgen")
+# The one definition of the bad-input line (``fairgen: error: ...``, exit status 2).
+FAIL_HOME = os.path.join("fairgen", "cli.py")
+
+
+def _python_files(roots: tuple[str, ...] = SCRIPT_ROOTS) -> list[str]:
+  """Repository-relative paths of every .py file under ``roots``."""
+  return sorted(os.path.relpath(os.path.join(d, f), REPO)
+                for root in roots for d, _, files in os.walk(os.path.join(REPO, root))
+                for f in files if f.endswith(".py"))
+
+
+def _is_sys_path(node: ast.AST) -> bool:
+  return (isinstance(node, ast.Attribute) and node.attr == "path"
+          and isinstance(node.value, ast.Name) and node.value.id == "sys")
+
+
+def _sys_path_edits(tree: ast.AST) -> list[int]:
+  """Lines that assign to ``sys.path`` (or an item or slice of it) or call a method on it
+  that changes it (insert, append, extend, ...)."""
+  mutators = {"insert", "append", "extend", "remove", "pop", "clear", "__setitem__",
+              "__iadd__"}
+  lines = []
+  for node in ast.walk(tree):
+    targets = []
+    if isinstance(node, ast.Assign):
+      targets = node.targets
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+      targets = [node.target]
+    elif isinstance(node, ast.Delete):
+      targets = node.targets
+    for target in targets:
+      for part in ast.walk(target):
+        if _is_sys_path(part) or (isinstance(part, ast.Subscript) and _is_sys_path(part.value)):
+          lines.append(node.lineno)
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr in mutators and _is_sys_path(node.func.value)):
+      lines.append(node.lineno)
+  return sorted(set(lines))
+
+
+def _fail_definitions(tree: ast.AST) -> list[int]:
+  """Lines of functions named ``fail`` that are not methods (a class's ``fail`` is its own)."""
+  methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+  return [n.lineno for n in ast.walk(tree)
+          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "fail"
+          and id(n) not in methods]
+
+
+def _parse(path: str) -> ast.AST:
+  with open(os.path.join(REPO, path), encoding="utf-8") as f:
+    return ast.parse(f.read(), path)
+
+
+def test_no_script_or_module_edits_sys_path():
+  """fairgen is installed (``pip install -e .``); a script finds the modules beside it with
+  ``fairgen.cli.import_beside``."""
+  edits = [f"{p}:{line}" for p in _python_files() for line in _sys_path_edits(_parse(p))]
+  assert not edits, "sys.path edited at:\n" + "\n".join(edits)
+
+
+def test_fail_is_defined_once_in_fairgen_cli():
+  found = [f"{p}:{line}" for p in _python_files() for line in _fail_definitions(_parse(p))]
+  assert [f.split(":")[0] for f in found] == [FAIL_HOME], found
+
+
+def test_the_script_checks_find_planted_edits():
+  """The two checks above are not vacuous."""
+  tree = ast.parse("import sys\nsys.path.insert(0, 'x')\nsys.path.append('y')\n"
+                   "sys.path[:0] = ['z']\nsys.path = ['w']\nsys.path += ['v']\n"
+                   "print(sys.path[0])\nsys.path.index('x')\n"
+                   "def fail(m):\n  pass\n\nclass Dog:\n  def fail(self):\n    pass\n")
+  assert _sys_path_edits(tree) == [2, 3, 4, 5, 6]
+  assert _fail_definitions(tree) == [9]
+
+
+def test_every_feature_switch_finds_its_text_once():
+  """``tests/feature_switches.py`` names the exact text that wires each feature in; a
+  refactor that moves it must move the switch too, or the switch would test nothing."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "feature_switch.py"),
+                           "--check"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "stale: none" in result.stdout

@@ -160,7 +160,7 @@ def test_the_density_ratio_classifier_trains_privately_and_its_epsilon_is_the_ru
   exp = experiment.setup(config)
   dp = exp.privacy
   n = dp.num_examples
-  ratio = importance.ratio_privacy(config, n)
+  ratio = density_ratio.ratio_privacy(config, n)
   assert dp.prior == ((3.0, ratio.sampling_rate, config.fair.ratio.steps, ratio.batch_size),)
   assert privacy.epsilon(dp, 0) == pytest.approx(privacy.epsilon(ratio, ratio.num_steps))
   assert privacy.epsilon(dp, 0) > 0

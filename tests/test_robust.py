@@ -149,8 +149,8 @@ def _wrap_step(monkeypatch, transform):
   """Makes every built objective pass its step's outputs through ``transform``."""
   original = experiment.build_objective
 
-  def build(config, spec, for_training=True):
-    obj = original(config, spec, for_training)
+  def build(config, spec, for_training=True, dp=None):
+    obj = original(config, spec, for_training, dp)
 
     def train_step(state, batch, rng):
       return transform(state, *obj.train_step(state, batch, rng))

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -23,9 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Allow `python tools/bench_layers.py` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen.models import fast_conv as layers  # pylint: disable=g-import-not-at-top
+from fairgen.models import fast_conv as layers
 
 # (name, kind, in_hw, cin, cout, kernel, stride, variants)
 SHAPES = [

@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-# Allow `python tools/bench_tfds_attributes.py` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen.data import tfds_datasets  # pylint: disable=g-import-not-at-top
-from fairgen.data import tfds_fakes  # pylint: disable=g-import-not-at-top
+from fairgen.data import tfds_datasets
+from fairgen.data import tfds_fakes
 
 CELEB_A_TRAIN = 162_770
 NAMES = ("Black_Hair", "Male")

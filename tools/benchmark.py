@@ -269,48 +269,61 @@ def _time_real_loop(exp: Any, source: Any, reps: int, steps: int) -> tuple[list[
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
   """Runs every measurement of the module docstring for one configuration."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from fairgen import data  # pylint: disable=g-import-not-at-top
-  from fairgen import parallel  # pylint: disable=g-import-not-at-top
   from fairgen import experiment  # pylint: disable=g-import-not-at-top
-  from fairgen import train  # pylint: disable=g-import-not-at-top
 
   load_start = _loadavg()
   config = load_config(args.config, args.set, args.batch_size, args.devices)
   source = data.load(config.data, config.data.split)
   exp = experiment.setup(config, source.spec, num_examples=len(source))
+  step = _measure_step(args, config, exp, source)
+  loop_t, waits = _time_real_loop(exp, source, args.repeats, args.steps)
+  print(f"[benchmark] the training loop: {[round(args.steps / t, 3) for t in loop_t]} steps/s",
+        file=sys.stderr, flush=True)
+  peaks = matmul_peaks()
+  return {**_conditions(args, config, exp, load_start, step["others"]),
+          **_step_sections(exp, step, peaks, args.steps),
+          "loop": _loop_section(loop_t, waits, step["bare_t"], args.steps),
+          "first_step_metrics": step["first_metrics"]}
+
+
+def _measure_step(args: argparse.Namespace, config: Any, exp: Any, source: Any
+                  ) -> dict[str, Any]:
+  """Compiles the train step, runs step 0 and times the bare step on a fixed batch.
+
+  Returns:
+    The raw measurements: ``lower_s``, ``compile_s``, ``flops``, ``bytes_accessed``,
+    ``memory`` (from ``_compile_step``), ``first_call_s``, ``first_metrics`` (step 0's
+    metrics, float64), and ``bare_t``, ``others`` (per repeat: seconds for ``steps`` steps
+    and the CPU share other processes used).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fairgen import data  # pylint: disable=g-import-not-at-top
+  from fairgen import experiment  # pylint: disable=g-import-not-at-top
+  from fairgen import parallel  # pylint: disable=g-import-not-at-top
+  from fairgen import train  # pylint: disable=g-import-not-at-top
+
   state = experiment.init_state(exp)
   data_sharding = parallel.data_sharding(exp.mesh)
   rng = parallel.replicate(exp.step_rng, exp.mesh)
-  reps, steps = args.repeats, args.steps
   # One Loader serves the warm-up and every timed loop repeat, as in a long training run.
   loader = data.Loader(source, exp.global_batch, config.seed, data_sharding, 0, 1,
                        prefetch=config.data.prefetch, sampler=train.batch_sampler(exp, source))
   try:
     it = iter(loader)
     _, batch = next(it)  # Step 0's batch: the first-step metrics come from it.
-
     print(f"[benchmark] {args.config} devices={exp.mesh.size} batch={exp.global_batch}: "
           "compiling", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    lowering_step = train.make_train_step(exp)
-    lowered = lowering_step.lower(state, batch, rng)
-    lower_s = time.perf_counter() - start
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
-    memory = memory_report(exp, compiled)
+    lowering_step, compiled, out = _compile_step(exp, state, batch, rng)
 
     # A fresh jit of the same step: its first call traces, compiles and runs step 0.
     train_step = train.make_train_step(exp)
     start = time.perf_counter()
     state, metrics = train_step(state, batch, rng)
     first_metrics = {k: float(v) for k, v in parallel.to_host(metrics).items()}
-    first_call_s = time.perf_counter() - start
+    out["first_call_s"] = time.perf_counter() - start
+    out["first_metrics"] = {k: float(np.float64(v)) for k, v in first_metrics.items()}
 
     fixed = jax.device_put(loader.host_batch(0), data_sharding)
     per_dispatch = config.train.get("steps_per_dispatch", 1)
@@ -319,36 +332,77 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       bare = lambda s: lowering_step.steps(s, group, rng)
     else:
       bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)
-    state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
-    calls = max(1, steps // per_dispatch)
-    bare_t, others = [], []
-    for r in range(reps):
-      snap = cpu_snapshot()
-      state, t = _time_bare(bare, state, calls)
-      t *= steps / (calls * per_dispatch)  # Per `steps` steps.
-      others.append(others_share(snap, cpu_snapshot()))
-      bare_t.append(t)
-      print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / t:.3f} steps/s",
-            file=sys.stderr, flush=True)
+    out["bare_t"], out["others"] = _time_bare_repeats(bare, state, per_dispatch,
+                                                      args.repeats, args.steps)
   finally:
     loader.close()
-  del state
-  loop_t, waits = _time_real_loop(exp, source, reps, steps)
-  print(f"[benchmark] the training loop: {[round(steps / t, 3) for t in loop_t]} steps/s",
-        file=sys.stderr, flush=True)
-  peaks = matmul_peaks()
-  step_s = [t / steps for t in bare_t]
-  achieved = [flops / s / 1e9 for s in step_s]
-  peak = max(peaks.values())
-  med_bare, med_loop = statistics.median(bare_t), statistics.median(loop_t)
+  return out
+
+
+def _compile_step(exp: Any, state: Any, batch: Any, rng: Any
+                  ) -> tuple[Any, Any, dict[str, Any]]:
+  """Lowers and compiles the train step, timing each, and reads XLA's cost and memory.
+
+  Returns:
+    The lowering jit (``train.make_train_step``), its compiled executable, and a dict of
+    ``lower_s``, ``compile_s``, ``flops``, ``bytes_accessed`` and ``memory``.
+  """
+  from fairgen import train  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  lowering_step = train.make_train_step(exp)
+  lowered = lowering_step.lower(state, batch, rng)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return lowering_step, compiled, {
+      "lower_s": lower_s, "compile_s": compile_s, "flops": float(cost.get("flops", 0.0)),
+      "bytes_accessed": float(cost.get("bytes accessed", 0)),
+      "memory": memory_report(exp, compiled)}
+
+
+def _time_bare_repeats(bare: Callable[[Any], Any], state: Any, per_dispatch: int, reps: int,
+                       steps: int) -> tuple[list[float], list[float]]:
+  """Times ``reps`` repeats of ``steps`` bare steps after one warm-up call.
+
+  Args:
+    bare: one call of the compiled program (``per_dispatch`` steps); donates its state.
+    state: the train state to start from.
+    per_dispatch: steps per call of ``bare``.
+    reps, steps: repeats, and steps per repeat.
+
+  Returns:
+    Seconds per ``steps`` steps, and the share of the CPU other processes used, per repeat.
+  """
+  state, _ = _time_bare(bare, state, 1)  # Warm-up of the compiled executable.
+  calls = max(1, steps // per_dispatch)
+  bare_t, others = [], []
+  for r in range(reps):
+    snap = cpu_snapshot()
+    state, t = _time_bare(bare, state, calls)
+    t *= steps / (calls * per_dispatch)  # Per `steps` steps.
+    others.append(others_share(snap, cpu_snapshot()))
+    bare_t.append(t)
+    print(f"[benchmark] repeat {r + 1}/{reps}: bare {steps / t:.3f} steps/s",
+          file=sys.stderr, flush=True)
+  return bare_t, others
+
+
+def _conditions(args: argparse.Namespace, config: Any, exp: Any, load_start: float,
+                others: list[float]) -> dict[str, Any]:
+  """The run's settings and the machine's conditions: the report's fields from ``config``
+  to ``others_cpu_share`` (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
   return {
       "config": args.config,
       "overrides": list(args.set) + ([f"train.batch_size={args.batch_size}"]
                                      if args.batch_size else []),
       "devices": int(exp.mesh.size),
       "global_batch": int(exp.global_batch),
-      "steps": steps,
-      "repeats": reps,
+      "steps": args.steps,
+      "repeats": args.repeats,
       "model_dtype": config.model.get("dtype", "float32"),
       "backend": jax.default_backend(),
       "jax_version": jax.__version__,
@@ -357,18 +411,29 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
       "loadavg_start": load_start,
       "loadavg_end": _loadavg(),
       "others_cpu_share": stats(others),
+  }
+
+
+def _step_sections(exp: Any, step: dict[str, Any], peaks: dict[str, float], steps: int
+                   ) -> dict[str, Any]:
+  """The ``compile``, ``cost``, ``memory``, ``step`` and ``peak`` sections, from
+  ``_measure_step``'s measurements and ``matmul_peaks``."""
+  step_s = [t / steps for t in step["bare_t"]]
+  achieved = [step["flops"] / s / 1e9 for s in step_s]
+  peak = max(peaks.values())
+  return {
       "compile": {
-          "lower_s": sig(lower_s),
-          "compile_s": sig(compile_s),
-          "first_call_s": sig(first_call_s),
-          "first_call_minus_step_s": sig(first_call_s - statistics.median(step_s)),
+          "lower_s": sig(step["lower_s"]),
+          "compile_s": sig(step["compile_s"]),
+          "first_call_s": sig(step["first_call_s"]),
+          "first_call_minus_step_s": sig(step["first_call_s"] - statistics.median(step_s)),
       },
-      "cost": {"gflop_per_step": sig(flops / 1e9),
-               "gbytes_accessed_per_step": sig(float(cost.get("bytes accessed", 0)) / 1e9)},
-      "memory": memory,
+      "cost": {"gflop_per_step": sig(step["flops"] / 1e9),
+               "gbytes_accessed_per_step": sig(step["bytes_accessed"] / 1e9)},
+      "memory": step["memory"],
       "step": {
           "steps_per_s": stats([1 / s for s in step_s]),
-          "steps_per_s_quiet": quiet_stats([1 / s for s in step_s], others),
+          "steps_per_s_quiet": quiet_stats([1 / s for s in step_s], step["others"]),
           "examples_per_s": stats([exp.global_batch / s for s in step_s]),
           "achieved_gflop_per_s": stats(achieved),
           "ms_per_step": sig(1e3 * statistics.median(step_s)),
@@ -377,14 +442,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                "achieved_over_peak": sig(statistics.median(achieved) / peak),
                "achieved_over_jax_peak": sig(
                    statistics.median(achieved) / peaks["jax_matmul_gflop_per_s"])},
-      "loop": {
-          "steps_per_s": stats([steps / t for t in loop_t]),
-          "seconds_per_repeat": sig(med_loop),
-          "bare_seconds_per_repeat": sig(med_bare),
-          "overhead_pct": sig(100 * (med_loop / med_bare - 1)),
-          "input_wait_share": stats(waits),
-      },
-      "first_step_metrics": {k: float(np.float64(v)) for k, v in first_metrics.items()},
+  }
+
+
+def _loop_section(loop_t: list[float], waits: list[float], bare_t: list[float], steps: int
+                  ) -> dict[str, Any]:
+  """The ``loop`` section: the training loop's windows against the bare step's."""
+  med_bare, med_loop = statistics.median(bare_t), statistics.median(loop_t)
+  return {
+      "steps_per_s": stats([steps / t for t in loop_t]),
+      "seconds_per_repeat": sig(med_loop),
+      "bare_seconds_per_repeat": sig(med_bare),
+      "overhead_pct": sig(100 * (med_loop / med_bare - 1)),
+      "input_wait_share": stats(waits),
   }
 
 
@@ -458,7 +528,6 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
   """Entry point: one benchmark, or a scaling sweep in subprocesses."""
   args = parse_args(argv)
-  sys.path.insert(0, REPO)  # Allow `python tools/benchmark.py` without installing fairgen.
   if args.compare:
     print(json.dumps(compare_peers.run_compare(args)), flush=True)
     return

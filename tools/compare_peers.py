@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 from cpu_load import sig, wait_quiet  # tools/, beside this script
 
+from fairgen import cli
+
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 # fairgen's side of each model: the config and the overrides that match the peers' model.
@@ -182,9 +184,10 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
   models = [m.strip() for m in args.compare.split(",") if m.strip()]
   sides = [s.strip() for s in args.sides.split(",") if s.strip()]
   bad = [m for m in models if m not in MODELS] + [s for s in sides if s not in SIDES]
-  if bad or args.rounds < 1:
-    raise SystemExit(f"fairgen: error: --compare: unknown {bad}; models: {sorted(MODELS)}, "
-                     f"sides: {', '.join(SIDES)}" if bad else "fairgen: error: --rounds < 1")
+  if bad:
+    cli.fail(f"--compare: unknown {bad}; models: {sorted(MODELS)}, sides: {', '.join(SIDES)}")
+  if args.rounds < 1:
+    cli.fail(f"--rounds must be >= 1, got {args.rounds}.")
   result: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": machine(),
                             "rounds": args.rounds, "models": {}}
   for model in models:

@@ -22,21 +22,13 @@ import hashlib
 import io
 import json
 import os
-import sys
 
 import numpy as np
 
-# Allow `python tools/convert_inception.py` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen import storage  # pylint: disable=g-import-not-at-top
-from fairgen.classifiers import backbones  # pylint: disable=g-import-not-at-top
-from fairgen.classifiers import inception  # pylint: disable=g-import-not-at-top
-
-
-def fail(message: str) -> None:
-  """One line on stderr and exit status 2, as ``fairgen.main`` does for bad input."""
-  print(f"fairgen: error: {message}", file=sys.stderr)
-  sys.exit(2)
+from fairgen import cli
+from fairgen import storage
+from fairgen.classifiers import backbones
+from fairgen.classifiers import inception
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,14 +47,14 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    fail("converting needs torch (pip install torch); evaluation itself does not.")
+    cli.fail("converting needs torch (pip install torch); evaluation itself does not.")
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    fail(f"{path} is not a PyTorch state dict that loads with weights_only=True: "
-         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    cli.fail(f"{path} is not a PyTorch state dict that loads with weights_only=True: "
+             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
   if not isinstance(state, dict) or not all(hasattr(v, "numpy") for v in state.values()):
-    fail(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    cli.fail(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
   return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
 
@@ -70,17 +62,17 @@ def main(argv: list[str] | None = None) -> dict:
   """Converts, checks against the network's variables, writes; returns the JSON summary."""
   args = parse_args(argv)
   if not os.path.isfile(args.weights):
-    fail(f"--weights={args.weights} is not a file.")
+    cli.fail(f"--weights={args.weights} is not a file.")
   out = storage.normalize(args.out or backbones.default_inception_path())
   if storage.exists(out) and not args.overwrite:
-    fail(f"{out} exists; pass --overwrite to replace it.")
+    cli.fail(f"{out} exists; pass --overwrite to replace it.")
   with open(args.weights, "rb") as f:
     source_sha = hashlib.sha256(f.read()).hexdigest()
   try:
     arrays = inception.flax_arrays_from_torch(read_state_dict(args.weights))
     backbones.inception_variables(arrays, args.weights)
   except ValueError as e:
-    fail(str(e))
+    cli.fail(str(e))
   arrays["__source__"] = np.array(f"{os.path.basename(args.weights)} sha256={source_sha}")
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)

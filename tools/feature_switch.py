@@ -28,18 +28,14 @@ import sys
 import tempfile
 import time
 
+from fairgen import cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_switches() -> list:
   """The entries of tests/feature_switches.py (a plain module of data, loaded by path)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(REPO, "tests", "feature_switches.py")
-  spec = importlib.util.spec_from_file_location("feature_switches", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses looks its module up while decorating.
-  spec.loader.exec_module(module)
-  return module.SWITCHES
+  return cli.load_module(os.path.join(REPO, "tests", "feature_switches.py")).SWITCHES
 
 
 def _tree_files() -> list[str]:
@@ -112,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     names = set(args.only.split(","))
     unknown = names - {s.name for s in switches}
     if unknown:
-      print(f"fairgen: error: unknown entries {sorted(unknown)}", file=sys.stderr)
-      return 2
+      cli.fail(f"unknown entries {sorted(unknown)}")
     switches = [s for s in switches if s.name in names]
   if args.list:
     for s in switches:

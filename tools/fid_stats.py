@@ -17,17 +17,14 @@ Use it with ``--config.eval.reference_stats=FILE``; published pytorch-fid files 
 from __future__ import annotations
 
 import json
-import os
 import resource
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-# Allow `python tools/fid_stats.py` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen import main as fairgen_main  # pylint: disable=g-import-not-at-top
+from fairgen import cli
+from fairgen import main as fairgen_main
 
 _OUT = flags.DEFINE_string("out", None, "Output .npz (local or gs://).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split (default: data.eval_split).")
@@ -42,13 +39,12 @@ def _plain(options) -> dict:
 
 def main(argv: list[str]) -> None:
   """Computes and writes the statistics; prints a JSON summary (time, peak memory)."""
-  fail = fairgen_main.fail
   if len(argv) > 1:
-    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _OUT.value:
-    fail("--out is required.")
+    cli.fail("--out is required.")
   if _NUM.value < 0:
-    fail(f"--num must be >= 0, got {_NUM.value}.")
+    cli.fail(f"--num must be >= 0, got {_NUM.value}.")
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fairgen import config as config_lib  # pylint: disable=g-import-not-at-top
   from fairgen import data, storage  # pylint: disable=g-import-not-at-top
@@ -60,7 +56,7 @@ def main(argv: list[str]) -> None:
   try:
     out = storage.normalize(_OUT.value)
     if storage.exists(out) and not _OVERWRITE.value:
-      fail(f"{out} exists; pass --overwrite to replace it.")
+      cli.fail(f"{out} exists; pass --overwrite to replace it.")
     runner.validate(config.eval)
     split = _SPLIT.value or config.data.eval_split
     start = time.perf_counter()
@@ -77,7 +73,7 @@ def main(argv: list[str]) -> None:
     digest = reference_stats.save(out, stats.mean(), stats.cov(), n, provenance)
   except (config_lib.ConfigError, data.DataError, storage.StorageError,
           backbones.BackboneNotFoundError, ValueError) as e:
-    fail(str(e))
+    cli.fail(str(e))
   print(json.dumps({"out": out, "sha256": digest, "num_samples": n, "split": split,
                     "seconds": round(time.perf_counter() - start, 1),
                     "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

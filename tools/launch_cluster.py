@@ -36,8 +36,10 @@ import subprocess
 import sys
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fairgen import cli
+
+# tools/, beside this script (found by path: the tests load the launchers by path, too).
+launch_local = cli.import_beside(__file__, "launch_local")
 
 DEFAULT_PORT = 12355
 TERM_BEFORE_LIMIT_S = 300  # SIGTERM this long before the time limit: time to checkpoint.
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   problem = check_args(args)
   if problem:
-    return launch_local.usage_error(problem)
+    cli.fail(problem)
   if args.scheduler == "slurm":
     script = sbatch_script(args)
     if args.dry_run:

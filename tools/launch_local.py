@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Sequence
 
+from fairgen import cli
+
 GRACE_SECONDS = 20.0  # After a failure: how long the others get to stop on SIGTERM.
 POLL_SECONDS = 0.05  # How often every process's status is read.
 
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   elif args.devices_per_process < 1:
     problem = f"--devices_per_process must be >= 1, got {args.devices_per_process}."
   if problem:
-    return usage_error(problem)
+    cli.fail(problem)
   codes = launch(command, args.processes, args.devices_per_process, args.port,
                  timeout=args.timeout)
   print(f"[launch_local] exit statuses: {codes}", file=sys.stderr)
@@ -219,12 +221,6 @@ def failure_line(index: int, pid: int, returncode: int, resume: str | None = Non
 def after_dashes(rest: Sequence[str]) -> list[str]:
   """An ``argparse.REMAINDER`` without the ``--`` that separates it from the launcher's flags."""
   return list(rest[1:] if rest[:1] == ["--"] else rest)
-
-
-def usage_error(problem: str) -> int:
-  """Prints ``fairgen: error: <problem>`` as one line; returns the exit status 2."""
-  print(f"fairgen: error: {problem}", file=sys.stderr)
-  return 2
 
 
 def job_status(codes: Sequence[int]) -> int:

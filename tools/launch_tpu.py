@@ -33,9 +33,11 @@ import tarfile
 import tempfile
 from typing import Callable, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import launch_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
-import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fairgen import cli
+
+# tools/, beside this script (found by path: the tests load this file by path, too).
+launch_cluster = cli.import_beside(__file__, "launch_cluster")
+launch_local = cli.import_beside(__file__, "launch_local")
 
 REMOTE_DIR = "~/fairgen"
 REMOTE_ARCHIVE = "~/fairgen-code.tar.gz"
@@ -204,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   problem = check_args(args)
   if problem:
-    return launch_local.usage_error(problem)
+    cli.fail(problem)
   archive = os.path.join(tempfile.gettempdir(), f"fairgen-code-{args.name}.tar.gz")
   if args.dry_run:
     dry_run(args, archive)

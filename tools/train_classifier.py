@@ -21,24 +21,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
-import sys
 import time
 
-# Allow `python tools/train_classifier.py` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fairgen import data  # pylint: disable=g-import-not-at-top
-from fairgen import privacy  # pylint: disable=g-import-not-at-top
-from fairgen.config import ConfigError  # pylint: disable=g-import-not-at-top
-from fairgen import storage  # pylint: disable=g-import-not-at-top
-from fairgen.classifiers import backbones  # pylint: disable=g-import-not-at-top
-from fairgen.classifiers import fit  # pylint: disable=g-import-not-at-top
-
-
-def fail(message: str) -> None:
-  """Bad input: one line on stderr, exit status 2."""
-  print(f"fairgen: error: {message}", file=sys.stderr)
-  sys.exit(2)
+from fairgen import cli
+from fairgen import data
+from fairgen import privacy
+from fairgen.config import ConfigError
+from fairgen import storage
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +81,7 @@ def privacy_section(args: argparse.Namespace) -> dict | None:
   if not given:
     return None
   if "target_epsilon" not in given and "noise_multiplier" not in given:
-    fail("DP-SGD needs --dp_target_epsilon or --dp_noise_multiplier.")
+    cli.fail("DP-SGD needs --dp_target_epsilon or --dp_noise_multiplier.")
   return given
 
 
@@ -100,7 +91,7 @@ def parse_options(items: list[str]) -> dict:
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key:
-      fail(f"--option needs KEY=VALUE, got {item!r}.")
+      cli.fail(f"--option needs KEY=VALUE, got {item!r}.")
     try:
       options[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -116,16 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
   try:
     out = storage.normalize(out)  # A local directory or gs://BUCKET/DIR.
   except storage.StorageError as e:
-    fail(f"--out={e}")
+    cli.fail(f"--out={e}")
   # Fail before training, not after, when the result could not be saved.
   if storage.listdir(out) and not args.overwrite:
-    fail(f"{out} is not empty; pass --overwrite to replace it.")
+    cli.fail(f"{out} is not empty; pass --overwrite to replace it.")
   dp = privacy_section(args)
   if dp is not None:
     try:  # The checks that need no data, before anything loads.
       privacy.check_section(dp, args.batch_size, prefix="--dp_")
     except ConfigError as e:
-      fail(str(e))
+      cli.fail(str(e))
   train = data.load(data_config, "train")
   test = data.load(data_config, "test")
   if args.num_classes is None and args.label == "attr":
@@ -139,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
         augment=args.augment, log_every=args.log_every, arch=args.arch, privacy=dp)
   except ConfigError as e:
-    fail(str(e))
+    cli.fail(str(e))
   seconds = time.perf_counter() - start
   backbones.save_classifier(out, params, info, overwrite=args.overwrite)
   print(f"Held-out accuracy on {args.dataset} test: {info['test_accuracy']:.4f}")

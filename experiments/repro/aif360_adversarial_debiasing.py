@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from fairgen import config as config_lib  # noqa: E402
-from fairgen import train  # noqa: E402
+from fairgen import config as config_lib
+from fairgen import train
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "adult_debias.py")

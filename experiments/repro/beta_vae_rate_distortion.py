@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import choi_common  # noqa: E402
-import numpy as np  # noqa: E402
+from fairgen import cli
+from fairgen import config as config_lib
+from fairgen import storage
 
-from fairgen import config as config_lib  # noqa: E402
-from fairgen import storage  # noqa: E402
+choi_common = cli.import_beside(__file__, "choi_common")  # experiments/repro/
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "beta_vae_mnist.py")
@@ -81,7 +79,7 @@ def main() -> None:
     try:
       config = config_lib.load_config_file(CONFIG, arg)
     except config_lib.ConfigError as e:
-      sys.exit(f"fairgen: error: --betas: {e}")
+      cli.fail(f"--betas: {e}")
     name = f"beta_{beta}"
     results[float(beta)] = choi_common.run_or_load(os.path.join(args.out, "runs", name),
                                                    config, METRICS, label=name)

@@ -35,22 +35,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fairgen import cli
+from fairgen import config as config_lib
+from fairgen import data
+from fairgen import fairness
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
+from fairgen.data import bias as bias_lib
 
-import choi_common  # noqa: E402
-
-from fairgen import config as config_lib  # noqa: E402
-from fairgen import data  # noqa: E402
-from fairgen import fairness  # noqa: E402
-from fairgen.classifiers import backbones  # noqa: E402
-from fairgen.classifiers import fit  # noqa: E402
-from fairgen.data import bias as bias_lib  # noqa: E402
+choi_common = cli.import_beside(__file__, "choi_common")  # experiments/repro/
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "fair_celeba.py")
@@ -173,7 +170,7 @@ def main() -> None:
   for name, given, valid in (("methods", methods, fairness.METHODS), ("biases", biases, BIASES)):
     unknown = [m for m in given if m not in valid]
     if unknown:
-      choi_common.usage_error(f"unknown {name} {unknown}; valid: {', '.join(valid)}.")
+      cli.fail(f"unknown {name} {unknown}; valid: {', '.join(valid)}.")
   start = time.time()
   os.makedirs(args.out, exist_ok=True)
   classifiers = train_classifiers(args.out, biases, args.tfds_data_dir, args.quick)

@@ -40,23 +40,20 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fairgen import cli
+from fairgen import config as config_lib
+from fairgen import data
+from fairgen import fairness
+from fairgen.classifiers import backbones
+from fairgen.classifiers import fit
+from fairgen.evaluation import modes
+from fairgen.fairness import importance
 
-import choi_common  # noqa: E402
-
-from fairgen import config as config_lib  # noqa: E402
-from fairgen import data  # noqa: E402
-from fairgen import fairness  # noqa: E402
-from fairgen.classifiers import backbones  # noqa: E402
-from fairgen.classifiers import fit  # noqa: E402
-from fairgen.evaluation import modes  # noqa: E402
-from fairgen.fairness import importance  # noqa: E402
+choi_common = cli.import_beside(__file__, "choi_common")  # experiments/repro/
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "fair_mnist.py")
@@ -192,13 +189,12 @@ def parse_runs(models: str, methods: tuple[str, ...]) -> list[tuple[str, str]]:
   for entry in models.split(","):
     model, _, only = entry.partition(":")
     if model not in MODELS:
-      choi_common.usage_error(f"unknown model {model!r} in --models={models}; valid: "
-                              f"{', '.join(MODELS)}.")
+      cli.fail(f"unknown model {model!r} in --models={models}; valid: {', '.join(MODELS)}.")
     chosen = only.split("+") if only else methods
     refused = [m for m in chosen if only and m not in MODELS[model]]
     if refused:
-      choi_common.usage_error(f"--models={models}: {model} does not support {refused}; it "
-                              f"supports {', '.join(MODELS[model])}.")
+      cli.fail(f"--models={models}: {model} does not support {refused}; it supports "
+               f"{', '.join(MODELS[model])}.")
     runs += [(model, m) for m in MODELS[model] if m in chosen]
   return runs
 
@@ -222,7 +218,7 @@ def main() -> None:
   methods = tuple(args.methods.split(","))
   unknown = [m for m in methods if m not in fairness.METHODS]
   if unknown:
-    choi_common.usage_error(f"unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
+    cli.fail(f"unknown methods {unknown}; valid: {', '.join(fairness.METHODS)}.")
   runs = parse_runs(args.models, methods)
   start = time.time()
   os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,7 @@
 """What the Choi et al. 2020 reproductions share: resumable runs, table cells, result files.
 
-``choi2020_mnist.py`` and ``choi2020_celeba.py`` import it from their own directory.
+``choi2020_mnist.py``, ``choi2020_celeba.py`` and the other scripts beside it load it with
+``fairgen.cli.import_beside``.
 """
 
 from __future__ import annotations
@@ -10,19 +11,12 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairgen import train  # The scripts put the repository on sys.path first.
+from fairgen import train
 from fairgen.evaluation import modes
-
-
-def usage_error(message: str) -> NoReturn:
-  """Bad arguments: one ``fairgen: error:`` line on stderr and exit status 2, as fairgen's own
-  command line does."""
-  print(f"fairgen: error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def run_or_load(workdir: str, config: Any, metrics: Sequence[str],

@@ -24,20 +24,17 @@ nothing).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fairgen import cli
+from fairgen import privacy
 
-import json  # noqa: E402
-import math  # noqa: E402
-
-import choi2020_mnist  # noqa: E402
-import choi_common  # noqa: E402
-
-from fairgen import privacy  # noqa: E402
+# experiments/repro/, beside this script.
+choi2020_mnist = cli.import_beside(__file__, "choi2020_mnist")
+choi_common = cli.import_beside(__file__, "choi_common")
 
 METHODS = ("baseline", "importance")
 METRICS = ("fd_l2", "group_share_1", "fid", "fid_group_0", "fid_group_1", "epsilon")
@@ -97,7 +94,7 @@ def main() -> None:
   except ValueError:
     epsilons = []
   if not epsilons or not all(e > 0 for e in epsilons):
-    sys.exit(f"fairgen: error: --eps must be positive numbers or inf, got {args.eps!r}.")
+    cli.fail(f"--eps must be positive numbers or inf, got {args.eps!r}.")
   seeds = 1 if args.quick else args.seeds
   epsilons = epsilons[:1] if args.quick else epsilons
   start = time.time()

@@ -293,19 +293,13 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
     if label_key != "label":
       raise ValueError(f"Pass num_classes for label_key={label_key!r}.")
     num_classes = train_source.spec.num_classes
-  spec = getattr(train_source, "spec", None)
   probe = train_source.get(np.arange(1))
   image_shape = tuple(int(s) for s in probe["image"].shape[1:])
   batch_size = min(batch_size, len(train_source))
   if max_shift is None:
     max_shift = 2 if min(image_shape[:2]) >= 16 else 1
   max_shift = max_shift if augment else 0
-  if arch == "resnet":
-    feature_dim = 8 * int(width)
-  arch = {"kind": arch, "num_classes": int(num_classes), "width": int(width),
-          "feature_dim": int(feature_dim), "dropout": float(dropout)}
-  if arch["kind"] == "resnet":
-    arch["blocks"] = [int(b) for b in blocks]
+  arch = _architecture(arch, int(num_classes), width, feature_dim, dropout, blocks)
   model = backbones.classifier_model(arch)
   optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
   init_rng, base = jax.random.split(jax.random.key(seed))
@@ -325,28 +319,48 @@ def train_classifier(train_source: Any, test_source: Any, *, label_key: str = "l
   state, _ = fit(model, optimizer, state, base, batches, steps, max_shift=max_shift,
                  log_every=log_every, privacy=dp)
   params = jax.device_get(state["params"])
-  train_seconds = time.perf_counter() - start_time
+  info = _record(train_source, test_source, label_key, int(num_classes), image_shape, arch,
+                 steps, time.perf_counter() - start_time,
+                 {"batch_size": batch_size, "lr": lr, "seed": seed, "augment": bool(augment),
+                  "max_shift": max_shift, "optimizer": "adam, cosine decay"})
+  if dp is not None:
+    info["privacy"] = {**dp.mechanism(), "epsilon": dp.epsilon(steps)}
+  info["test_accuracy"] = evaluate_accuracy(backbones.classifier_backbone(params, info),
+                                            test_source, label_key)
+  return params, info
 
-  info = {
+
+def _architecture(kind: str, num_classes: int, width: int, feature_dim: int, dropout: float,
+                  blocks: tuple[int, ...]) -> dict[str, Any]:
+  """The classifier's architecture record (``backbones.classifier_model`` builds it); a
+  ResNet's features are 8 x ``width``, so ``feature_dim`` does not apply to it."""
+  if kind == "resnet":
+    feature_dim = 8 * int(width)
+  arch = {"kind": kind, "num_classes": num_classes, "width": int(width),
+          "feature_dim": int(feature_dim), "dropout": float(dropout)}
+  if kind == "resnet":
+    arch["blocks"] = [int(b) for b in blocks]
+  return arch
+
+
+def _record(train_source: Any, test_source: Any, label_key: str, num_classes: int,
+            image_shape: tuple[int, ...], arch: dict[str, Any], steps: int, seconds: float,
+            hyperparameters: dict[str, Any]) -> dict[str, Any]:
+  """The JSON-ready record of a trained classifier (``test_accuracy`` still None)."""
+  spec = getattr(train_source, "spec", None)
+  return {
       "format_version": backbones.FORMAT_VERSION,
       "dataset": spec.name if spec is not None else None,
       "label_key": label_key,
-      "num_classes": int(num_classes),
+      "num_classes": num_classes,
       "image_shape": list(image_shape),
       "test_accuracy": None,
       "num_train": len(train_source),
       "num_test": len(test_source),
       "train_steps": int(steps),
-      "train_seconds": round(train_seconds, 2),
-      "hyperparameters": {"batch_size": batch_size, "lr": lr, "seed": seed,
-                          "augment": bool(augment), "max_shift": max_shift,
-                          "optimizer": "adam, cosine decay"},
+      "train_seconds": round(seconds, 2),
+      "hyperparameters": hyperparameters,
       "architecture": arch,
   }
-  if dp is not None:
-    info["privacy"] = {**privacy_lib.mechanism(dp), "epsilon": privacy_lib.epsilon(dp, steps)}
-  info["test_accuracy"] = evaluate_accuracy(backbones.classifier_backbone(params, info),
-                                            test_source, label_key)
-  return params, info
 
 

@@ -19,6 +19,7 @@ import functools
 import numpy as np
 
 from fairgen.data import base
+from fairgen.data import registry
 from fairgen.data import tabular
 from fairgen.data import uci
 
@@ -68,6 +69,7 @@ def _arrays(adult_dir: str | None) -> tuple[tabular.TabularSpec, dict[str, np.nd
   return spec, arrays
 
 
+@registry.register("adult_aif360")
 def adult_aif360(split: str, adult_dir: str | None = None,
                  split_seed: int = 0) -> tabular.TabularSource:
   """AIF360's preprocessed Adult (sex protected): 'train' (70%), 'test' (30%) or 'all'."""

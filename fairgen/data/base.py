@@ -69,17 +69,29 @@ def validate_arrays(name: str, arrays: Mapping[str, np.ndarray], spec: DataSpec)
 
 
 class ArraySource:
-  """A split held in host memory as NumPy arrays (the offline datasets)."""
+  """A split held in host memory as NumPy arrays, one row per example.
 
-  def __init__(self, spec: DataSpec, arrays: Mapping[str, np.ndarray]):
-    validate_arrays(spec.name, arrays, spec)
+  Image splits (the offline datasets) hold ``image`` and ``label``; tabular splits are the
+  subclass ``fairgen.data.tabular.TabularSource``, which checks its own layout
+  (``check_arrays``). Every split has a ``label`` array, whose length is the split's. The
+  loaders' ``arrays`` may be read-only (cached and shared); ``get`` returns copies.
+  """
+
+  def __init__(self, spec: Any, arrays: Mapping[str, np.ndarray]):
+    self.check_arrays(spec, arrays)
     self.spec = spec
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
 
+  @staticmethod
+  def check_arrays(spec: Any, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raises DataError for arrays that do not fit ``spec`` (here: an image split's)."""
+    validate_arrays(spec.name, arrays, spec)
+
   def __len__(self) -> int:
-    return len(self.arrays["image"])
+    return len(self.arrays["label"])
 
   def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns the examples at ``indices`` (copies) as a dict of stacked arrays."""
     return {k: v[indices] for k, v in self.arrays.items()}
 
 

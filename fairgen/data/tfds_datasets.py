@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from fairgen.data import base
+from fairgen.data import registry
 
 OFFLINE_ALTERNATIVES = "mnist_5k, digits"
 
@@ -65,9 +66,12 @@ def _simple(tfds_name: str, spec: base.DataSpec):
   return load
 
 
-mnist = _simple("mnist", base.DataSpec("mnist", (28, 28, 1), 10))
-fashion_mnist = _simple("fashion_mnist", base.DataSpec("fashion_mnist", (28, 28, 1), 10))
-cifar10 = _simple("cifar10", base.DataSpec("cifar10", (32, 32, 3), 10))
+mnist = registry.register("mnist")(
+    _simple("mnist", base.DataSpec("mnist", (28, 28, 1), 10)))
+fashion_mnist = registry.register("fashion_mnist")(
+    _simple("fashion_mnist", base.DataSpec("fashion_mnist", (28, 28, 1), 10)))
+cifar10 = registry.register("cifar10")(
+    _simple("cifar10", base.DataSpec("cifar10", (32, 32, 3), 10)))
 
 
 # CelebA's 40 binary attributes, in TFDS's order (``features['attributes']``).
@@ -118,6 +122,12 @@ def check_celeb_a_label(label_attribute: str) -> str:
   return names[0]
 
 
+def check_celeb_a_options(label_attribute: str = "Male", **_: object) -> None:
+  """Checks ``celeb_a``'s options (its label attribute); raises DataError."""
+  check_celeb_a_label(label_attribute)
+
+
+@registry.register("celeb_a", check=check_celeb_a_options)
 def celeb_a(split: str, tfds_data_dir: str | None = None, image_size: int = 64,
             label_attribute: str = "Male") -> base.MappedSource:
   """CelebA, centre-cropped to 140x140 and resized; the label is a binary attribute."""

@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fairgen.data import base
+from fairgen.data import registry
 from fairgen.data.tabular import (TabularSource, TabularSpec, build_layout, encode_rows,
                                   intersectional_groups)
 
@@ -225,6 +226,7 @@ def _adult_arrays(adult_dir: str | None, sensitive: str, drop_missing: bool,
   return spec, parts
 
 
+@registry.register("adult")
 def adult(split: str, adult_dir: str | None = None, sensitive: str = "sex",
           drop_missing: bool = True, include_sensitive: bool = False,
           audit_groups: Sequence[str] = ()) -> TabularSource:
@@ -333,6 +335,7 @@ def _german_arrays(german_dir: str | None, include_sensitive: bool
   return spec, parts
 
 
+@registry.register("german")
 def german(split: str, german_dir: str | None = None,
            include_sensitive: bool = False) -> TabularSource:
   """UCI Statlog German credit: predict good credit, with age >= 25 as privileged group.

@@ -3,6 +3,7 @@
 Modules: ``context`` (what one evaluation shares: samples, real data, backbones),
 ``image`` (FID, KID, IS, PRDC, likelihood), ``groups`` (fairness discrepancy and per-group
 quality of generated samples), ``tabular`` (fair classifiers, representations and row
-generators), ``runner`` (``EVALUATORS``, the ``eval`` section's checks, ``Evaluator``, the
+generators), ``audit`` (membership, memorisation), each registering its evaluators in
+``registry`` (``EVALUATORS``), ``runner`` (the ``eval`` section's checks, ``Evaluator``, the
 JSON report) and ``modes`` (``--mode=evaluate`` and ``--mode=sample``).
 """

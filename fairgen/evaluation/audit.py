@@ -22,6 +22,7 @@ import numpy as np
 
 from fairgen import data
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
+from fairgen.evaluation.registry import EVALUATORS, Entry
 from fairgen.metrics import privacy_audit
 
 
@@ -74,3 +75,7 @@ def memorisation(ctx: EvalContext) -> Scalars:
   yield "nn_dist_samples", float(np.median(sample_d))
   yield "nn_dist_heldout", float(np.median(heldout_d))
   yield "nn_dist_ratio", float(np.median(sample_d) / max(np.median(heldout_d), 1e-12))
+
+
+EVALUATORS.register("membership")(Entry(membership))
+EVALUATORS.register("memorisation")(Entry(memorisation))

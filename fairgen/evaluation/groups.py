@@ -37,6 +37,7 @@ from fairgen import fairness
 from fairgen import sampling
 from fairgen.classifiers import backbones
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
+from fairgen.evaluation.registry import EVALUATORS, Entry
 from fairgen.metrics import cleam as cleam_lib
 from fairgen.metrics import fairness_discrepancy as fd_lib
 from fairgen.metrics import quality
@@ -173,3 +174,10 @@ def describe(config: Any, classifier: backbones.Backbone) -> dict[str, Any]:
   """Provenance of the fairness numbers: the attribute classifier and the target."""
   return {"attribute_classifier": classifier.describe(),
           "target": fairness.target_distribution(config, classifier.num_classes).tolist()}
+
+
+EVALUATORS.register("fairness_discrepancy")(Entry(fairness_discrepancy,
+                                                  needs_attribute_classifier=True))
+EVALUATORS.register("group_quality")(Entry(group_quality, needs_backbone=True,
+                                           needs_attribute_classifier=True))
+EVALUATORS.register("cleam")(Entry(cleam, needs_attribute_classifier=True))

@@ -17,6 +17,7 @@ from fairgen import parallel
 from fairgen import sampling
 from fairgen.classifiers import fit
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
+from fairgen.evaluation.registry import EVALUATORS, Entry
 from fairgen.metrics import likelihood
 from fairgen.metrics import quality
 from fairgen.models.vae import VAE
@@ -111,3 +112,11 @@ def tstr_images(ctx: EvalContext) -> Scalars:
                                  steps=int(ctx.cfg.get("tstr_steps", 1000)), seed=ctx.cfg.seed)
   yield "tstr_accuracy", info["test_accuracy"]
   yield "tstr_pseudo_labelled", pseudo
+
+
+EVALUATORS.register("fid")(Entry(fid, needs_backbone=True))
+EVALUATORS.register("kid")(Entry(kid, needs_backbone=True))
+EVALUATORS.register("is")(Entry(inception_score, needs_backbone=True))
+EVALUATORS.register("prdc")(Entry(prdc, needs_backbone=True))
+EVALUATORS.register("likelihood")(Entry(vae_likelihood))
+EVALUATORS.register("tstr_images")(Entry(tstr_images, needs_backbone=True))

@@ -30,11 +30,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   experiment.validate(config)
   runner.validate(config.eval)
   workdir = storage.normalize(workdir)
-  checkpoint.check_config(workdir, config)
+  checkpoint.check_config(workdir, config, experiment.section_defaults)
   # The experiment is built from the held-out split's spec: evaluation reads neither the
   # training split (except as eval.generator='train_data') nor the penalty's classifier.
   real = RealData(config)
-  exp = experiment.setup(config, real.source.spec, for_training=False)
+  exp = experiment.build(config, real.source.spec, for_training=False)
   evaluator = runner.Evaluator(exp, out_dir=os.path.join(workdir, "eval"), real=real)
   if config.eval.generator == "train_data":
     state, step, which, name = None, 0, "none", "reference_train_data.json"
@@ -58,8 +58,8 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
   """Writes sample, interpolation and (conditional) per-class grids as PNG and .npz."""
   experiment.validate(config)
   workdir = storage.normalize(workdir)
-  checkpoint.check_config(workdir, config)
-  exp = experiment.setup(config, data.load_eval(config.data).spec, for_training=False)
+  checkpoint.check_config(workdir, config, experiment.section_defaults)
+  exp = experiment.build(config, data.load_eval(config.data).spec, for_training=False)
   cfg = config.sample
   state, step = experiment.restore_checkpoint(exp, workdir, str(cfg.checkpoint))
   out_dir = os.path.join(workdir, "sample", f"step_{step:06d}")

@@ -1,8 +1,8 @@
-"""The evaluator registry, the ``eval`` config section's checks, and the evaluation runner.
+"""The ``eval`` config section's checks and the evaluation runner.
 
-``EVALUATORS`` maps a name (listed in ``config.eval.metrics``) to an ``Entry``: the function
-``(ctx: EvalContext) -> iterable of (name, value)`` and what it needs loaded (the feature
-backbone, the attribute classifier), so nothing switches on evaluator names. The same
+``EVALUATORS`` (``fairgen.evaluation.registry``) maps a name listed in ``config.eval.metrics``
+to an ``Entry``: the function and what it needs loaded, so nothing switches on evaluator
+names; the evaluator modules imported below register theirs. The same
 ``Evaluator`` runs periodically during training (``eval.every_steps``) and in
 ``--mode=evaluate`` (``fairgen.evaluation.modes``); both write
 ``WORKDIR/eval/step_NNNNNN.json`` (numbers and provenance).
@@ -13,58 +13,31 @@ backbone, the attribute classifier), so nothing switches on evaluator names. The
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
 
 from fairgen import experiment
-from fairgen import privacy
 from fairgen import storage
 from fairgen.classifiers import backbones
 from fairgen.classifiers import inception
 from fairgen.config import require
-from fairgen.evaluation import audit
+# The package's evaluator modules, each registering its evaluators.
+from fairgen.evaluation import audit  # noqa: F401
 from fairgen.evaluation import groups
-from fairgen.evaluation import image
-from fairgen.evaluation import tabular
-from fairgen.evaluation.context import EvalContext, RealData, Scalars
-from fairgen.registry import Registry
+from fairgen.evaluation import image  # noqa: F401
+from fairgen.evaluation import tabular  # noqa: F401
+from fairgen.evaluation.context import EvalContext, RealData
+from fairgen.evaluation.registry import EVALUATORS, Entry  # noqa: F401 (re-exported)
 
 GENERATORS = ("model", "train_data")
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """A registered evaluator and what it needs loaded before it runs."""
-
-  fn: Callable[[EvalContext], Scalars]
-  needs_backbone: bool = False
-  needs_attribute_classifier: bool = False
-
-
-EVALUATORS: Registry[Entry] = Registry("evaluator")
-EVALUATORS.register("fid")(Entry(image.fid, needs_backbone=True))
-EVALUATORS.register("kid")(Entry(image.kid, needs_backbone=True))
-EVALUATORS.register("is")(Entry(image.inception_score, needs_backbone=True))
-EVALUATORS.register("prdc")(Entry(image.prdc, needs_backbone=True))
-EVALUATORS.register("likelihood")(Entry(image.vae_likelihood))
-EVALUATORS.register("classification_fairness")(Entry(tabular.classification_fairness))
-EVALUATORS.register("vfae_probe")(Entry(tabular.vfae_probe))
-EVALUATORS.register("tstr")(Entry(tabular.tstr))
-EVALUATORS.register("fairness_discrepancy")(Entry(groups.fairness_discrepancy,
-                                                  needs_attribute_classifier=True))
-EVALUATORS.register("group_quality")(Entry(groups.group_quality, needs_backbone=True,
-                                           needs_attribute_classifier=True))
-EVALUATORS.register("tstr_images")(Entry(image.tstr_images, needs_backbone=True))
-EVALUATORS.register("membership")(Entry(audit.membership))
-EVALUATORS.register("memorisation")(Entry(audit.memorisation))
-EVALUATORS.register("cleam")(Entry(groups.cleam, needs_attribute_classifier=True))
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -116,7 +89,6 @@ class Evaluator:
 
   def __init__(self, exp: experiment.Experiment, out_dir: str | None = None,
                real: RealData | None = None):
-    validate(exp.config.eval)
     self.exp = exp
     self.out_dir = out_dir
     self.cfg = exp.config.eval
@@ -144,8 +116,7 @@ class Evaluator:
       logging.info("Evaluator %s took %.1f s.", name, time.perf_counter() - start)
     if self.exp.privacy is not None and self.cfg.generator == "model":
       # The privacy the evaluated weights were trained with: epsilon of ``step`` steps.
-      results["epsilon"] = privacy.epsilon(self.exp.privacy, step)
-      results["delta"] = self.exp.privacy.delta
+      results.update(self.exp.privacy.spent(step))
     return results
 
   def provenance(self) -> dict[str, Any]:
@@ -165,7 +136,7 @@ class Evaluator:
     if self.needs_groups:
       out.update(groups.describe(self.exp.config, self.real.attribute_classifier))
     if self.exp.privacy is not None and self.cfg.generator == "model":
-      out["privacy"] = privacy.mechanism(self.exp.privacy)
+      out["privacy"] = self.exp.privacy.mechanism()
     return out
 
 

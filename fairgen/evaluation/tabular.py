@@ -33,6 +33,7 @@ from fairgen import data
 from fairgen import experiment
 from fairgen import parallel
 from fairgen.evaluation.context import EvalContext, EvalError, Scalars
+from fairgen.evaluation.registry import EVALUATORS, Entry
 from fairgen.data import tabular
 from fairgen.metrics import fairness
 from fairgen.models import tabgan as tabgan_models
@@ -267,3 +268,8 @@ def classification_fairness(ctx: EvalContext) -> Scalars:
                                             np.concatenate(columns["attr"])).items()
   if columns["groups"]:
     yield from group_report("", y_true, y_pred, np.concatenate(columns["groups"]), source.spec)
+
+
+EVALUATORS.register("classification_fairness")(Entry(classification_fairness))
+EVALUATORS.register("vfae_probe")(Entry(vfae_probe))
+EVALUATORS.register("tstr")(Entry(tstr))

@@ -22,20 +22,32 @@ penalty       ``L_G + lambda * L_F``: ``L_F`` is KL or L2 between the batch-mean
               attribute classifier) and the target.
 ============  =================================================================  ===========
 
-Which objectives support a method is their registry entries' ``fair_methods``
-(``fairgen/objectives/__init__.py``); ``validate`` refuses the others.
+Each method is one module that registers a ``registry.Method``: its own ``fair`` keys and
+checks, the objective capabilities it needs (``conditional``, ``generator_penalty``: an
+objective's registry entry declares its ``capabilities``; ``validate`` refuses a method the
+objective cannot run), and its hooks (``prepare`` the data, a generator ``penalty``, what
+DP-SGD must know). A new method is one new module that registers itself; the package lists
+its own methods below.
 
-Modules: ``methods`` (the ``fair`` config section, targets, resampling, the data-side
-dispatch ``prepare``), ``importance`` and ``density_ratio`` (importance weights), ``penalty``
-(the generator penalty, a pure function called inside the jitted step).
+Modules: ``registry`` (``Method``, ``METHODS``), ``methods`` (the ``fair`` config section,
+targets, the calls into the chosen method), one module per method (``baseline``,
+``importance`` with ``density_ratio``, ``resample``, ``conditional``, ``penalty``).
 """
 
-from fairgen.fairness.methods import (METHODS, attribute_classifier, fair_section, label_probs,
-                                      make_smoke, method, prepare, private_prior,
-                                      resample_probs, target_distribution, validate,
-                                      weight_bound)
-from fairgen.fairness.penalty import Penalty, attribute_penalty, generator_penalty
+# The one list of the package's methods, in the order they are listed; each registers itself.
+from fairgen.fairness import baseline  # noqa: F401
+from fairgen.fairness import importance  # noqa: F401
+from fairgen.fairness import resample  # noqa: F401
+from fairgen.fairness import conditional  # noqa: F401
+from fairgen.fairness import penalty  # noqa: F401
+from fairgen.fairness.methods import (attribute_classifier, fair_section, generator_penalty,
+                                      label_probs, make_smoke, method, prepare, private_prior,
+                                      target_distribution, validate, weight_bound)
+from fairgen.fairness.penalty import Penalty, attribute_penalty
+from fairgen.fairness.registry import CAPABILITIES, METHODS, Method
+from fairgen.fairness.resample import resample_probs
 
-__all__ = ["METHODS", "Penalty", "attribute_classifier", "attribute_penalty", "fair_section",
-           "generator_penalty", "label_probs", "make_smoke", "method", "prepare", "private_prior",
-           "resample_probs", "target_distribution", "validate", "weight_bound"]
+__all__ = ["CAPABILITIES", "METHODS", "Method", "Penalty", "attribute_classifier",
+           "attribute_penalty", "fair_section", "generator_penalty", "label_probs", "make_smoke",
+           "method", "prepare", "private_prior", "resample_probs", "target_distribution",
+           "validate", "weight_bound"]

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import flax.linen as nn
 import jax
 import numpy as np
+import ml_collections
 import optax
 
 from fairgen import parallel
@@ -37,6 +38,26 @@ from fairgen import privacy as privacy_lib
 from fairgen.classifiers import fit
 
 REF, BIAS = 1, 0  # Class indices: the classifier's logit 1 is "reference".
+
+
+def ratio_privacy(config: ml_collections.ConfigDict, num_examples: int
+                  ) -> privacy_lib.DpSettings | None:
+  """The DP-SGD settings of importance weighting's density-ratio classifier: None unless the
+  config has a privacy section. Its clip is
+  ``privacy.clip_norm``, its noise ``fair.ratio.noise_multiplier``, its Poisson batches
+  ``fair.ratio.batch_size`` examples on average (padded by ``privacy.padded_batch_size``)
+  from all ``num_examples``."""
+  if "privacy" not in config:
+    return None
+  p = {**privacy_lib.DEFAULTS, **config.privacy.to_dict()}  # A section may give some keys.
+  ratio = config.fair.ratio
+  expected = int(ratio.batch_size)
+  section = {"clip_norm": p["clip_norm"], "noise_multiplier": ratio.noise_multiplier,
+             "expected_batch_size": expected, "delta": p["delta"],
+             "accountant": p["accountant"]}
+  return privacy_lib.resolve_section(section, num_examples,
+                                     privacy_lib.padded_batch_size(expected),
+                                     int(ratio.steps), prefix="fair.ratio.")
 
 
 class _IndexStream:

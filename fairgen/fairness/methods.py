@@ -1,10 +1,13 @@
-"""The ``fair`` config section, target distributions, resampling and the data-side dispatch.
+"""The ``fair`` config section, target distributions, and the calls into the chosen method.
 
-See ``fairgen/fairness/__init__.py`` for the methods.
+The methods themselves are one file each (``baseline``, ``importance``, ``resample``,
+``conditional``, ``penalty``), registered in ``fairgen.fairness.registry.METHODS``; this
+module calls the configured method's hooks and never names one.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import ml_collections
@@ -13,37 +16,26 @@ import numpy as np
 from fairgen import data
 from fairgen.classifiers import backbones
 from fairgen.config import ConfigError, require
-from fairgen.fairness import importance
-
-METHODS = ("baseline", "importance", "resample", "conditional", "penalty")
-DIVERGENCES = ("kl", "l2")
-
+from fairgen.fairness import registry
+from fairgen.fairness.registry import METHODS
 
 def fair_section(method: str = "baseline") -> ml_collections.ConfigDict:
-  """The ``fair`` config section with its defaults."""
-  return ml_collections.ConfigDict(dict(
+  """The ``fair`` config section: the common keys and every registered method's own."""
+  section = dict(
       method=method,
       # Target group distribution; None: uniform over the dataset's groups.
       target=ml_collections.config_dict.placeholder(tuple),
       # The frozen attribute classifier of the penalty and the fairness evaluators
       # (default: $FAIRGEN_CACHE/classifier_<data cache tag>_attr).
       classifier_dir=ml_collections.config_dict.placeholder(str),
-      # importance: w**alpha; clip > 0 clips w to [1/clip, clip] (0: no clipping).
-      alpha=1.0,
-      clip=0.0,
-      # importance: the density-ratio classifier (fairgen/fairness/density_ratio.py).
-      # With a privacy section it trains by DP-SGD (privacy.clip_norm, this noise
-      # multiplier, Poisson batches of batch_size on average) and its epsilon is part of
-      # the run's.
-      ratio=dict(steps=1000, batch_size=64, lr=1e-3, width=16, feature_dim=64, dropout=0.25,
-                 augment_shift=2, seed=0, noise_multiplier=3.0),
-      # penalty: L_G + weight * divergence(mean predicted groups, target).
-      penalty=dict(weight=1.0, divergence="kl"),
       # Evaluation: bootstrap resamples of the fairness discrepancy, and generated samples
       # per group for per-group FID/precision/recall.
       bootstrap=200,
       group_samples=500,
-  ))
+  )
+  for name in METHODS:
+    section.update(copy.deepcopy(dict(METHODS.get(name).defaults)))
+  return ml_collections.ConfigDict(section)
 
 
 def make_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -55,54 +47,34 @@ def make_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def validate(config: ml_collections.ConfigDict, objective: Any) -> None:
+def validate(config: ml_collections.ConfigDict, capabilities: tuple[str, ...],
+             objective_name: str) -> None:
   """Raises ConfigError for an impossible ``fair`` section.
 
   Args:
-    config: the experiment config (its ``fair``, ``model`` and ``data`` sections).
-    objective: the objective's registry entry; its ``fair_methods`` are the methods it
-      supports.
+    config: the experiment config (its ``fair``, ``model``, ``data`` and ``privacy``
+      sections).
+    capabilities: what the objective declares (``registry.CAPABILITIES``); a method that
+      needs more is refused.
+    objective_name: for the error message.
   """
   fair = config.fair
   require(fair.method in METHODS,
           f"Unknown fair.method={fair.method!r}; valid methods: {', '.join(METHODS)}.")
-  require(fair.alpha >= 0, f"fair.alpha must be >= 0, got {fair.alpha}.")
-  require(fair.clip == 0 or fair.clip >= 1, "fair.clip must be 0 (off) or >= 1.")
-  require(fair.penalty.divergence in DIVERGENCES,
-          f"fair.penalty.divergence must be one of {DIVERGENCES}, got "
-          f"{fair.penalty.divergence!r}.")
-  require(fair.penalty.weight >= 0, f"fair.penalty.weight must be >= 0, got "
-          f"{fair.penalty.weight}.")
   require(fair.bootstrap >= 0, f"fair.bootstrap must be >= 0, got {fair.bootstrap}.")
   require(fair.group_samples >= 1, f"fair.group_samples must be >= 1, got "
           f"{fair.group_samples}.")
-  ratio = fair.ratio
-  for key in ("steps", "width", "feature_dim"):
-    require(ratio[key] >= 1, f"fair.ratio.{key} must be >= 1, got {ratio[key]}.")
-  require(ratio.batch_size >= 2 and ratio.batch_size % 2 == 0,
-          f"fair.ratio.batch_size must be even and >= 2, got {ratio.batch_size}.")
-  require(ratio.lr > 0, f"fair.ratio.lr must be > 0, got {ratio.lr}.")
-  require(0 <= ratio.dropout < 1, f"fair.ratio.dropout must be in [0, 1), got {ratio.dropout}.")
-  require(ratio.noise_multiplier >= 0,
-          f"fair.ratio.noise_multiplier must be >= 0, got {ratio.noise_multiplier}.")
-  require(ratio.augment_shift >= 0,
-          f"fair.ratio.augment_shift must be >= 0, got {ratio.augment_shift}.")
+  for name in METHODS:
+    METHODS.get(name).check_section(fair)
   if fair.target is not None:
     t = np.asarray(fair.target, np.float64)
     require(t.ndim == 1 and np.all(t >= 0) and np.isclose(t.sum(), 1.0),
             f"fair.target must be a probability per group, got {fair.target}.")
-  method = fair.method
-  require(method in objective.fair_methods,
-          f"fair.method={method!r} is not supported by objective.name="
-          f"{config.objective.name!r}; it supports: {', '.join(objective.fair_methods)}.")
-  conditioned = bool(config.model.get("conditional")) and (
-      config.model.get("condition_key") == "attr")
-  if method == "conditional":
-    require(conditioned, "fair.method='conditional' needs model.conditional=True and "
-            "model.condition_key='attr'.")
-  if method == "importance":
-    require(config.data.options.get("subset") == "union",
-            "fair.method='importance' needs both sets: data.options.subset='union'.")
+  names = registry.supported(capabilities)
+  require(fair.method in names,
+          f"fair.method={fair.method!r} is not supported by objective.name="
+          f"{objective_name!r}; it supports: {', '.join(names)}.")
+  METHODS.get(fair.method).check(config)
 
 
 def method(config: ml_collections.ConfigDict) -> str:
@@ -110,22 +82,30 @@ def method(config: ml_collections.ConfigDict) -> str:
   return config.fair.method if "fair" in config else "baseline"
 
 
+def _chosen(config: ml_collections.ConfigDict) -> registry.Method:
+  """The registered ``Method`` of the config."""
+  return METHODS.get(method(config))
+
+
 def weight_bound(config: ml_collections.ConfigDict) -> float:
-  """The largest importance weight a batch can carry: ``fair.clip`` for the importance
-  method (weights are clipped to [1/clip, clip]; 0 means unbounded: inf), 1 otherwise."""
-  if method(config) != "importance":
-    return 1.0
-  return float(config.fair.clip) if config.fair.clip else float("inf")
+  """The largest importance weight a batch can carry (the method's ``weight_bound``; 1 for
+  a method without per-example weights)."""
+  hook = _chosen(config).weight_bound
+  return 1.0 if hook is None else hook(config)
 
 
 def private_prior(config: ml_collections.ConfigDict, num_examples: int
                   ) -> tuple[tuple[float, float, int, int], ...]:
-  """What a DP run spends on its data before its first step: the DP density-ratio classifier
-  of importance weighting (``fairgen.privacy.DpSettings.prior``), or nothing."""
-  ratio = importance.ratio_privacy(config, num_examples)
-  if ratio is None:
-    return ()
-  return ((ratio.noise_multiplier, ratio.sampling_rate, ratio.num_steps, ratio.batch_size),)
+  """What a DP run spends on its data before its first step (the method's
+  ``private_prior``, e.g. importance weighting's DP density-ratio classifier), or nothing."""
+  hook = _chosen(config).private_prior
+  return () if hook is None else hook(config, num_examples)
+
+
+def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
+  """The method's extra generator loss term (a ``GeneratorPenalty``), or None."""
+  hook = _chosen(config).penalty
+  return None if hook is None else hook(config, spec)
 
 
 def target_distribution(config: ml_collections.ConfigDict, num_groups: int) -> np.ndarray:
@@ -152,49 +132,22 @@ def attribute_classifier(config: ml_collections.ConfigDict) -> backbones.Backbon
   return backbones.load_backbone_or_explain("classifier", path, command)
 
 
-# --- Data-side mitigations: importance weights and resampling. ----------------------------
-
-
-def resample_probs(groups: np.ndarray, target: np.ndarray) -> np.ndarray:
-  """Per-example sampling probabilities ``target[g] / count[g]``: group ``g`` at rate target[g].
-
-  Raises:
-    DataError: if a group with target mass has no examples.
-  """
-  counts = np.bincount(groups, minlength=len(target))
-  missing = [g for g in range(len(target)) if target[g] > 0 and counts[g] == 0]
-  if missing:
-    raise data.DataError(f"Cannot resample: groups {missing} have no examples in the "
-                         f"training split (group counts {counts.tolist()}).")
-  per_group = np.where(counts > 0, target / np.maximum(counts, 1), 0.0)
-  probs = per_group[groups]
-  return probs / probs.sum()
-
-
 def prepare(config: ml_collections.ConfigDict, source: data.Source, workdir: str,
             global_batch: int) -> tuple[data.Source, data.WeightedSampler | None]:
-  """Applies the data-side mitigation: ``(source with 'weight', None)`` or a sampler.
+  """Applies the method's data-side change (its ``prepare`` hook).
 
   Args:
     config: the experiment config.
     source: the training split.
-    workdir: the run directory (importance weights are cached in it).
-    global_batch: examples per step, for the sampler.
+    workdir: the run directory (e.g. importance weights are cached in it).
+    global_batch: examples per step, for a sampler.
 
   Returns:
     The (possibly weighted) source and the sampler to draw batches with (None: the
     default permutation sampler).
   """
-  name = method(config)
-  if name == "importance":
-    weights = importance.cached_weights(config, source, workdir)
-    return data.SubsetSource(source, columns={"weight": weights}), None
-  if name == "resample":
-    groups = data.read_column(source, "attr").astype(np.int32)
-    target = target_distribution(config, source.spec.num_groups)
-    return source, data.WeightedSampler(resample_probs(groups, target), global_batch,
-                                        config.seed)
-  return source, None
+  hook = _chosen(config).prepare
+  return (source, None) if hook is None else hook(config, source, workdir, global_batch)
 
 
 def label_probs(config: ml_collections.ConfigDict, num_classes: int

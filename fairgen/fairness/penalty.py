@@ -17,11 +17,12 @@ import numpy as np
 
 from fairgen import data
 from fairgen.classifiers import backbones
-from fairgen.config import ConfigError
+from fairgen.config import ConfigError, require
 from fairgen.fairness import methods
+from fairgen.fairness.registry import METHODS, Method
 from fairgen.objectives.adversarial import GeneratorPenalty
 
-DIVERGENCES = methods.DIVERGENCES
+DIVERGENCES = ("kl", "l2")
 _EPS = 1e-8
 
 # images -> (weight * L_F, metrics).
@@ -56,14 +57,12 @@ def attribute_penalty(probs_fn: Callable[[jax.Array], jax.Array], target: np.nda
 
 
 def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
-                      ) -> GeneratorPenalty | None:
-  """The penalty of ``fair.method='penalty'`` with the frozen attribute classifier, else None.
+                      ) -> GeneratorPenalty:
+  """The penalty of ``fair.method='penalty'`` with the frozen attribute classifier.
 
   The classifier's parameters are the penalty's ``constants``: the training step receives
   them as jit arguments (not as constants compiled into it), and no gradient reaches them.
   """
-  if methods.method(config) != "penalty":
-    return None
   classifier = methods.attribute_classifier(config)
   if tuple(classifier.image_shape) != tuple(spec.image_shape):
     raise ConfigError(f"The attribute classifier at {classifier.path} takes images of shape "
@@ -84,3 +83,19 @@ def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec
     return attribute_penalty(probs_fn, target, divergence, weight)(images)
 
   return GeneratorPenalty(fn, constants=jax.device_get(classifier.variables))
+
+
+def check_section(fair: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an impossible ``fair.penalty`` section."""
+  require(fair.penalty.divergence in DIVERGENCES,
+          f"fair.penalty.divergence must be one of {DIVERGENCES}, got "
+          f"{fair.penalty.divergence!r}.")
+  require(fair.penalty.weight >= 0, f"fair.penalty.weight must be >= 0, got "
+          f"{fair.penalty.weight}.")
+
+
+METHODS.register("penalty")(Method(
+    summary="L_G + weight * divergence(mean predicted groups of the fakes, target)",
+    # L_G + weight * divergence(mean predicted groups, target).
+    defaults={"penalty": dict(weight=1.0, divergence="kl")},
+    needs=("generator_penalty",), check_section=check_section, penalty=generator_penalty))

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from fairgen.config import ConfigError
+from fairgen.data.base import DataSpec
 from fairgen.models import fast_conv
+from fairgen.models.registry import MODELS, GanModules, num_conditions
 
 # Keras defaults, as in the seeds' model.
 _LEAKY_SLOPE = 0.3
@@ -128,3 +130,21 @@ class Discriminator(nn.Module):
       embed = nn.Embed(self.num_classes, features.shape[-1], name="label_projection")(labels)
       logit = logit + jnp.sum(embed.astype(features.dtype) * features, axis=-1)
     return logit.astype(jnp.float32)
+
+
+@MODELS.register("dcgan")
+def build_dcgan(spec: DataSpec, latent_dim: int = 100, width: float = 1.0,
+                conditional: bool = False, dropout: float = 0.3,
+                fast_conv: bool = True, condition_key: str = "label",
+                dtype: str = "float32") -> GanModules:
+  """The seeds' DCGAN; ``conditional`` conditions both nets on ``batch[condition_key]``.
+
+  ``condition_key='label'`` conditions on the dataset's classes, ``'attr'`` on its
+  sensitive-attribute groups (``spec.num_groups``; the 'conditional' fairness method).
+  """
+  num_classes = num_conditions(spec, conditional, condition_key)
+  return GanModules(
+      generator=Generator(spec.image_shape, latent_dim, width, num_classes, fast_conv,
+                          dtype=jnp.dtype(dtype)),
+      discriminator=Discriminator(width, num_classes, dropout, dtype=jnp.dtype(dtype)),
+      latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)

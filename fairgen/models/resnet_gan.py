@@ -37,7 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fairgen.config import ConfigError
+from fairgen.config import ConfigError, require
+from fairgen.data.base import DataSpec
+from fairgen.models.registry import MODELS, GanModules, num_conditions
 
 # Per resolution: G blocks' output channel multipliers (from a 4x4 input of multiplier
 # g_in), D blocks' output multipliers and downsampling flags. BigGAN-PyTorch's G_arch/D_arch.
@@ -273,3 +275,28 @@ class Discriminator(nn.Module):
                        name="projection")(labels)
       logit = logit + jnp.sum(embed.astype(h.dtype) * h, axis=-1)
     return logit.astype(jnp.float32)
+
+
+@MODELS.register("resnet_gan")
+def build_resnet_gan(spec: DataSpec, latent_dim: int = 128, g_ch: int = 64, d_ch: int = 64,
+                     attention: int = 0, conditional: bool = False,
+                     condition_key: str = "label", weight_init: str = "ortho",
+                     dtype: str = "float32") -> GanModules:
+  """The SNGAN/BigGAN ResNet pair for 32x32 or 64x64 images.
+
+  ``g_ch``/``d_ch``: base channels (SNGAN at 32x32: 64 and 32; BigGAN at 64x64: 64 and
+  64); ``attention``: the side at which a self-attention block runs in G and D (0: none);
+  ``conditional``: conditional batch norm in G and a projection D on
+  ``batch[condition_key]``; ``weight_init``: 'ortho' (BigGAN), 'N02' (Choi et al.) or
+  'xavier' (SNGAN).
+  """
+  num_classes = num_conditions(spec, conditional, condition_key)
+  check_shape(tuple(spec.image_shape), attention)
+  require(weight_init in INITS, f"model.weight_init must be one of "
+          f"{', '.join(INITS)}, got {weight_init!r}.")
+  dt = jnp.dtype(dtype)
+  return GanModules(
+      generator=Generator(tuple(spec.image_shape), latent_dim, g_ch, num_classes,
+                          attention, weight_init, dt),
+      discriminator=Discriminator(d_ch, num_classes, attention, weight_init, dt),
+      latent_dim=latent_dim, num_classes=num_classes, condition_key=condition_key)

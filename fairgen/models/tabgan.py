@@ -32,6 +32,7 @@ from jax.scipy import special
 
 from fairgen.config import ConfigError
 from fairgen.data import tabular
+from fairgen.models.registry import MODELS
 
 
 def row_dim(spec: tabular.TabularSpec) -> int:
@@ -161,6 +162,7 @@ class TabGanModules:
   num_groups: int = 2
 
 
+@MODELS.register("tabgan")
 def build_tabgan(spec: tabular.TabularSpec, latent_dim: int = 128,
                  hidden: Sequence[int] = (256, 256),
                  critic_hidden: Sequence[int] = (256, 256), temperature: float = 0.2,

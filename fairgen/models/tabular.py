@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fairgen.models.registry import MODELS
+
 
 class MLP(nn.Module):
   """ReLU MLP with dropout; ``outputs`` float32 units at the end (no activation).
@@ -73,3 +75,12 @@ class DebiasModules:
 
   predictor: Predictor
   adversary: Adversary
+
+
+@MODELS.register("fair_mlp")
+def build_fair_mlp(spec: Any, hidden: tuple[int, ...] = (200,), dropout: float = 0.2,
+                   equalized_odds: bool = True, dtype: str = "float32") -> DebiasModules:
+  """A predictor MLP over encoded rows and the Zhang et al. 2018 adversary."""
+  del spec  # Dense layers infer the input width.
+  return DebiasModules(Predictor(tuple(hidden), dropout, jnp.dtype(dtype)),
+                       Adversary(equalized_odds, jnp.dtype(dtype)))

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairgen.config import ConfigError
+from fairgen.config import ConfigError, require
+from fairgen.data.base import DataSpec
+from fairgen.models.registry import MODELS, num_conditions
 
 POSITIONAL = ("learned", "sinusoidal")
 # A layer's cache: keys and values, each [B, D, heads, head_dim].
@@ -343,3 +345,29 @@ def sample(model: PixelTransformer, params: Any, u: jax.Array,
   indices = jnp.arange(model.length, dtype=jnp.int32)
   _, (tokens, logits) = jax.lax.scan(step, init, (indices, u.T))
   return tokens.T, jnp.swapaxes(logits, 0, 1)
+
+
+@MODELS.register("pixel_transformer")
+def build_pixel_transformer(spec: DataSpec, levels: int = 2, num_layers: int = 4,
+                            num_heads: int = 4, embed_dim: int = 128, mlp_dim: int = 512,
+                            dropout: float = 0.1, positional: str = "learned",
+                            window: int = 0, conditional: bool = False,
+                            condition_key: str = "label", dtype: str = "float32"
+                            ) -> PixelTransformer:
+  """A GPT-style transformer over the image's pixels quantised to ``levels`` values (2:
+  binarised, ``pixel > 0``), in raster order; ``window`` > 0: local attention in blocks of
+  that many pixels; ``conditional``: ``p(x | y)`` on ``batch[condition_key]`` (the label's
+  embedding is the start token)."""
+  num_classes = num_conditions(spec, conditional, condition_key)
+  for key, value, low in (("levels", levels, 2), ("num_layers", num_layers, 1),
+                          ("num_heads", num_heads, 1), ("window", window, 0)):
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"model.{key} must be an integer >= {low}, got {value!r}.")
+  require(levels <= 256, f"model.levels must be <= 256, got {levels}.")
+  require(embed_dim % num_heads == 0, f"model.embed_dim={embed_dim} must be divisible by "
+          f"model.num_heads={num_heads}.")
+  require(positional in POSITIONAL, f"model.positional must be one of "
+          f"{', '.join(POSITIONAL)}, got {positional!r}.")
+  return PixelTransformer(
+      tuple(spec.image_shape), levels, num_layers, num_heads, embed_dim, mlp_dim, dropout,
+      positional, window, num_classes, condition_key, jnp.dtype(dtype))

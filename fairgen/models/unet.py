@@ -32,6 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fairgen.config import ConfigError, require
+from fairgen.data.base import DataSpec
+from fairgen.models.registry import MODELS, num_conditions
+
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """Sinusoidal embeddings ``[sin(t w_k), cos(t w_k)]`` of integer timesteps, ``[B, dim]``.
@@ -191,3 +195,32 @@ def check_shape(image_shape: tuple[int, int, int], ch_mult: Sequence[int],
     raise ValueError(f"model.attn_resolutions {missing} are not sides the U-Net runs at "
                      f"({', '.join(map(str, sides))}).")
   return sides
+
+
+@MODELS.register("unet")
+def build_unet(spec: DataSpec, ch: int = 64, ch_mult: tuple[int, ...] = (1, 2, 2),
+               num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (14, 7),
+               dropout: float = 0.1, conditional: bool = False, condition_key: str = "label",
+               dtype: str = "float32") -> UNet:
+  """The DDPM U-Net: ``ch`` base channels times ``ch_mult`` per resolution,
+  ``num_res_blocks`` residual blocks each, self-attention at the sides in
+  ``attn_resolutions``; ``conditional``: on ``batch[condition_key]`` with classifier-free
+  guidance. Ho et al.'s CIFAR-10 net: ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+  attn_resolutions=(16,)."""
+  num_classes = num_conditions(spec, conditional, condition_key)
+  require(isinstance(ch, int) and ch >= 1, f"model.ch must be a positive integer, got {ch!r}.")
+  mults = tuple(ch_mult) if isinstance(ch_mult, (tuple, list)) else (ch_mult,)
+  require(len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults),
+          f"model.ch_mult must be positive integers, got {ch_mult!r}.")
+  require(isinstance(num_res_blocks, int) and num_res_blocks >= 1,
+          f"model.num_res_blocks must be a positive integer, got {num_res_blocks!r}.")
+  attn = tuple(attn_resolutions) if isinstance(attn_resolutions, (tuple, list)) else (
+      attn_resolutions,)
+  try:
+    check_shape(tuple(spec.image_shape), mults, attn)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return UNet(out_channels=spec.image_shape[-1], ch=ch, ch_mult=mults,
+              num_res_blocks=num_res_blocks, attn_resolutions=attn, dropout=dropout,
+              num_classes=num_classes, condition_key=condition_key,
+              dtype=jnp.dtype(dtype))

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import optax
 
 from fairgen.config import ConfigError
+from fairgen.data.base import DataSpec
 from fairgen.models import fast_conv
+from fairgen.models.registry import MODELS, num_conditions
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 ARCHITECTURES = ("mlp", "conv")
@@ -166,3 +168,14 @@ class VAE(nn.Module):
     return {"log_likelihood": self.log_likelihood(x, params),
             "kl": gaussian_kl(mean, logvar)}
 
+
+@MODELS.register("vae")
+def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
+              hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli",
+              conditional: bool = False, condition_key: str = "label",
+              dtype: str = "float32") -> VAE:
+  """A VAE over the dataset's images; ``conditional``: a conditional VAE on
+  ``batch[condition_key]`` (classes, or groups for ``fair.method='conditional'``)."""
+  num_classes = num_conditions(spec, conditional, condition_key)
+  return VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood,
+             dtype=jnp.dtype(dtype), num_classes=num_classes, condition_key=condition_key)

@@ -34,6 +34,7 @@ import optax
 
 from fairgen.config import ConfigError
 from fairgen.data import tabular
+from fairgen.models.registry import MODELS
 from fairgen.models.tabular import MLP
 from fairgen.models.vae import gaussian_kl
 
@@ -168,6 +169,7 @@ class VFAE(nn.Module):
             "logit": logit}
 
 
+@MODELS.register("vfae")
 def build_vfae(spec: tabular.TabularSpec, latent_dim: int = 32,
                hidden: Sequence[int] = (100,), hierarchical: bool = False,
                z2_dim: int = 16, dtype: str = "float32") -> VFAE:

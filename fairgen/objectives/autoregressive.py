@@ -28,6 +28,7 @@ from fairgen.models.transformer import PixelTransformer
 from fairgen.models import transformer
 from fairgen.objectives import base
 from fairgen.objectives import losses
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 DEFAULTS = {
     "temperature": 1.0,  # Sampling temperature (0: the most likely level at every pixel).
@@ -138,3 +139,7 @@ def build(model: PixelTransformer, spec: Any, objective: Mapping[str, Any],
       condition_key=model.condition_key,
       member_score=functools.partial(member_score, model=model),
       nll=functools.partial(nll, model=model))
+
+
+OBJECTIVES.register("autoregressive")(Entry(build, DEFAULTS, check,
+                                            capabilities=("conditional",)))

@@ -15,7 +15,7 @@ importance weights (``batch['weight']``) enter as one multiplication.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,34 @@ from fairgen.config import ConfigError, require
 State = dict[str, Any]
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
+ExampleLoss = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
+
+
+class PrivateGradient(Protocol):
+  """How privacy enters a step: the one call every private objective makes.
+
+  The composition root hands a private objective one (``fairgen.privacy.DpGradient``, bound
+  to the run's mechanism); the objective passes its per-example loss and never sees the
+  mechanism's parameters.
+  """
+
+  def __call__(self, loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array,
+               mask: jax.Array, scale: jax.Array | None = None,
+               canary: jax.Array | None = None) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """``(gradient, per-example aux, stats)``: per-example gradients clipped, summed over the
+    sampled rows (``mask``), weighted by ``scale``, noised, and divided by the expected
+    batch size."""
+
+  def clipped(self, loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array
+              ) -> tuple[Any, Any]:
+    """``(mean of the clipped per-example gradients, aux)`` of rows that hold no data."""
+
+  def mean(self, values: jax.Array, mask: jax.Array) -> jax.Array:
+    """The mean of ``values`` over the sampled rows."""
+
+  def check_variables(self, variables: Mapping[str, Any], what: str) -> None:
+    """Raises ConfigError for a network whose batch statistics mix examples."""
 OPTIMIZER_NAMES = ("adam", "adamw")
 
 

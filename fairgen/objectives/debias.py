@@ -27,8 +27,7 @@ from fairgen.config import ConfigError, require
 from fairgen.models.tabular import DebiasModules
 from fairgen.objectives import base
 from fairgen.objectives import losses
-from fairgen.privacy import DpSettings
-from fairgen.privacy import dpsgd
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 
 DEFAULTS = {
@@ -63,7 +62,7 @@ def init(nets: DebiasModules, tx: optax.GradientTransformation,
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, nets: DebiasModules,
                tx: optax.GradientTransformation, adv_tx: optax.GradientTransformation,
-               debias: bool, alpha: float, privacy: DpSettings | None = None
+               debias: bool, alpha: float, privacy: base.PrivateGradient | None = None
                ) -> tuple[base.State, base.Metrics]:
   """One predictor update (projected when debiasing) and one adversary update; with
   ``privacy``, both from one DP-SGD gradient (see the module docstring)."""
@@ -115,7 +114,7 @@ def _update(state: base.State, grads: dict[str, Any], *, tx: optax.GradientTrans
 def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *,
                   nets: DebiasModules, tx: optax.GradientTransformation,
                   adv_tx: optax.GradientTransformation, debias: bool, alpha: float,
-                  privacy: DpSettings) -> tuple[base.State, base.Metrics]:
+                  privacy: base.PrivateGradient) -> tuple[base.State, base.Metrics]:
   """The DP-SGD update of ``train_step``: the three gradients of each example (two when not
   debiasing) clipped as one vector, noised once."""
   params = {"pred": state["pred"]["params"]}
@@ -138,15 +137,15 @@ def _private_step(state: base.State, batch: base.Batch, rng: jax.Array, *,
     return total, out
 
   mask = batch["mask"]
-  grads, out, stats = dpsgd.dp_gradient(
-      example_loss, params, (batch["features"], batch["label"], batch["attr"]), rng, privacy,
-      mask, batch.get("weight"), batch.get("canary"))
-  metrics = {"pred_loss": dpsgd.masked_mean(out["pred_loss"], mask),
+  grads, out, stats = privacy(example_loss, params,
+                              (batch["features"], batch["label"], batch["attr"]), rng, mask,
+                              batch.get("weight"), batch.get("canary"))
+  metrics = {"pred_loss": privacy.mean(out["pred_loss"], mask),
              "pred_grad_norm": base.global_norm(grads["pred"]),
-             "train_accuracy": dpsgd.masked_mean(out["correct"], mask),
+             "train_accuracy": privacy.mean(out["correct"], mask),
              "batch_examples": jnp.sum(mask), **stats}
   if debias:
-    metrics["adv_loss"] = dpsgd.masked_mean(out["adv_loss"], mask)
+    metrics["adv_loss"] = privacy.mean(out["adv_loss"], mask)
   return _update(state, grads, tx=tx, adv_tx=adv_tx, alpha=alpha), metrics
 
 
@@ -157,7 +156,8 @@ def predict(state: base.State, batch: base.Batch, *, nets: DebiasModules) -> jax
 
 
 def build(nets: DebiasModules, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any], privacy: DpSettings | None = None) -> base.Objective:
+          optim: Mapping[str, Any], privacy: base.PrivateGradient | None = None
+          ) -> base.Objective:
   """The adversarial-debiasing objective from the config's objective and optim sections
   (both networks by DP-SGD with ``privacy``)."""
   if not isinstance(nets, DebiasModules):
@@ -171,3 +171,6 @@ def build(nets: DebiasModules, spec: Any, objective: Mapping[str, Any],
                                    privacy=privacy),
       decode=None, latent_dim=0,
       predict=functools.partial(predict, nets=nets))
+
+
+OBJECTIVES.register("adversarial_debiasing")(Entry(build, DEFAULTS, check, private=True))

@@ -31,6 +31,7 @@ from fairgen.models.unet import UNet
 from fairgen.objectives import base
 from fairgen.objectives import diffusion_process as dp
 from fairgen.objectives import losses
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 SAMPLERS = ("ddim", "ancestral")
 DEFAULTS = {
@@ -268,3 +269,7 @@ def build(model: UNet, spec: Any, objective: Mapping[str, Any],
       nll=functools.partial(nll, model=model, schedule=schedule,
                             prediction=objective["prediction"]),
       trajectory=functools.partial(sampler, keep=8))
+
+
+OBJECTIVES.register("diffusion")(Entry(build, DEFAULTS, check,
+                                       capabilities=("conditional",)))

@@ -30,8 +30,7 @@ from fairgen.objectives import adversarial
 from fairgen.objectives import base
 from fairgen.objectives import diffaugment
 from fairgen.objectives import losses
-from fairgen.privacy import DpSettings
-from fairgen.privacy import dpsgd
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 DEFAULTS = {
     "loss": "nonsaturating",  # A name in losses.ADVERSARIAL_LOSSES.
@@ -201,7 +200,7 @@ def member_score(state: base.State, images: jax.Array, labels: jax.Array, *,
 
 def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any], penalty: adversarial.GeneratorPenalty | None = None,
-          privacy: DpSettings | None = None) -> base.Objective:
+          privacy: base.PrivateGradient | None = None) -> base.Objective:
   """The GAN objective from the objective (keys: ``DEFAULTS``) and optim sections.
 
   ``penalty``: an optional term of the generator's loss (the fairness penalty of
@@ -211,7 +210,7 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
   if not isinstance(nets, GanModules):
     raise ConfigError("The 'gan' objective needs an image GAN model (e.g. model.name='dcgan').")
   if privacy is not None:
-    dpsgd.check_no_batch_stats(jax.eval_shape(
+    privacy.check_variables(jax.eval_shape(
         lambda: nets.discriminator.init(jax.random.key(0),
                                         jnp.zeros((1,) + tuple(spec.image_shape)),
                                         jnp.zeros((1,), jnp.int32), train=False)),
@@ -243,3 +242,8 @@ def build(nets: GanModules, spec: Any, objective: Mapping[str, Any],
       condition_key=nets.condition_key,
       constants=None if penalty is None else penalty.constants,
       member_score=functools.partial(member_score, nets=nets))
+
+
+OBJECTIVES.register("gan")(Entry(build, DEFAULTS, check, OPTIMIZERS,
+                                 ("conditional", "generator_penalty"), private=True,
+                                 examples_per_step=lambda cfg: int(cfg["n_disc"])))

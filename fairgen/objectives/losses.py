@@ -4,7 +4,7 @@ The step functions in this package only wire data, models and optimizers; what t
 minimise lives here, as pure per-example functions:
 
 - the adversarial loss family (non-saturating, Wasserstein, hinge, least squares):
-  ``ADVERSARIAL_LOSSES`` maps a name to a pair of
+  ``ADVERSARIAL_LOSSES`` (a registry) maps a name to a pair of
   per-example functions ``d_loss(real_logits, fake_logits) -> (real_term, fake_term)`` and
   ``g_loss(fake_logits) -> term``. The discriminator's loss is split into a real and a
   fake term so that importance weights multiply the real term only (Choi et al. 2020);
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from fairgen.metrics import fairness
+from fairgen.registry import Registry
 
 _EPS = 1e-6
 
@@ -99,12 +100,14 @@ def g_least_squares(fake_out: jax.Array) -> jax.Array:
   return 0.5 * (fake_out - 1.0)**2
 
 
-ADVERSARIAL_LOSSES: dict[str, AdversarialLoss] = {
-    "nonsaturating": AdversarialLoss(d_nonsaturating, g_nonsaturating),
-    "wasserstein": AdversarialLoss(d_wasserstein, g_wasserstein),
-    "hinge": AdversarialLoss(d_hinge, g_hinge),
-    "ls": AdversarialLoss(d_least_squares, g_least_squares),
-}
+# A new loss family registers its pair here from its own module:
+# ``ADVERSARIAL_LOSSES.register("name")(AdversarialLoss(d_fn, g_fn))``; ``objective.loss``
+# then names it.
+ADVERSARIAL_LOSSES: Registry[AdversarialLoss] = Registry("adversarial loss")
+ADVERSARIAL_LOSSES.register("nonsaturating")(AdversarialLoss(d_nonsaturating, g_nonsaturating))
+ADVERSARIAL_LOSSES.register("wasserstein")(AdversarialLoss(d_wasserstein, g_wasserstein))
+ADVERSARIAL_LOSSES.register("hinge")(AdversarialLoss(d_hinge, g_hinge))
+ADVERSARIAL_LOSSES.register("ls")(AdversarialLoss(d_least_squares, g_least_squares))
 
 
 def adversarial_loss(name: str, label_smoothing: float = 0.0) -> AdversarialLoss:
@@ -117,7 +120,7 @@ def adversarial_loss(name: str, label_smoothing: float = 0.0) -> AdversarialLoss
     raise ValueError(f"Unknown adversarial loss {name!r}; valid: "
                      f"{', '.join(sorted(ADVERSARIAL_LOSSES))}.")
   if not label_smoothing:
-    return ADVERSARIAL_LOSSES[name]
+    return ADVERSARIAL_LOSSES.get(name)
   if name != "nonsaturating":
     raise ValueError(f"Label smoothing is defined for the non-saturating loss (a "
                      f"cross-entropy target), not for {name!r}.")

@@ -37,6 +37,7 @@ from fairgen.models.tabgan import TabGanModules, join_rows
 from fairgen.objectives import adversarial
 from fairgen.objectives import base
 from fairgen.objectives import losses
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 DEFAULTS = {
     "n_critic": 5,  # Critic updates per generator update.
@@ -140,3 +141,7 @@ def build(nets: TabGanModules, spec: Any, objective: Mapping[str, Any],
       decode=functools.partial(decode, nets=nets),
       latent_dim=nets.latent_dim,
       examples_per_step=settings.n_disc)
+
+
+OBJECTIVES.register("tabgan")(Entry(build, DEFAULTS, check, OPTIMIZERS,
+                                    examples_per_step=lambda cfg: int(cfg["n_critic"])))

@@ -17,8 +17,7 @@ from fairgen.config import ConfigError, require
 from fairgen.models.vae import VAE
 from fairgen.objectives import base
 from fairgen.objectives import losses
-from fairgen.privacy import DpSettings
-from fairgen.privacy import dpsgd
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 
 DEFAULTS = {
@@ -69,7 +68,7 @@ def per_example_loss(model: VAE, params: Any, x: jax.Array, rng: jax.Array,
 
 def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: VAE,
                tx: optax.GradientTransformation, beta: float, kl_warmup_steps: int = 0,
-               privacy: DpSettings | None = None) -> tuple[base.State, base.Metrics]:
+               privacy: base.PrivateGradient | None = None) -> tuple[base.State, base.Metrics]:
   """One update of the (beta-)ELBO, the KL weight annealed over ``kl_warmup_steps``; with
   ``privacy``, a DP-SGD update of the whole VAE (per-example clipped ELBO gradients,
   importance weights scaling the clipped gradients)."""
@@ -96,8 +95,8 @@ def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: V
 def _private_step(state: base.State, batch: base.Batch, labels: jax.Array | None,
                   rng: jax.Array, *, model: VAE,
                   tx: optax.GradientTransformation, beta: float | jax.Array,
-                  privacy: DpSettings) -> tuple[base.State, base.Metrics]:
-  """The DP-SGD update (``fairgen.privacy.dpsgd``) of ``train_step``."""
+                  privacy: base.PrivateGradient) -> tuple[base.State, base.Metrics]:
+  """The DP-SGD update of ``train_step``, through the run's ``privacy`` gradient."""
 
   def example_loss(params, example, key):
     image, label = example
@@ -106,14 +105,13 @@ def _private_step(state: base.State, batch: base.Batch, labels: jax.Array | None
     return terms["loss"][0], jax.tree.map(lambda t: t[0], terms)
 
   mask = batch["mask"]
-  grads, terms, stats = dpsgd.dp_gradient(
-      example_loss, state["params"], (batch["image"], labels), rng, privacy, mask,
-      batch.get("weight"), batch.get("canary"))
+  grads, terms, stats = privacy(example_loss, state["params"], (batch["image"], labels), rng,
+                                mask, batch.get("weight"), batch.get("canary"))
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  metrics = {"loss": dpsgd.masked_mean(terms["loss"], mask),
-             "recon": dpsgd.masked_mean(terms["recon"], mask),
-             "kl": dpsgd.masked_mean(terms["kl"], mask), "grad_norm": base.global_norm(grads),
+  metrics = {"loss": privacy.mean(terms["loss"], mask),
+             "recon": privacy.mean(terms["recon"], mask),
+             "kl": privacy.mean(terms["kl"], mask), "grad_norm": base.global_norm(grads),
              "batch_examples": jnp.sum(mask), **stats}
   return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
@@ -135,14 +133,15 @@ def member_score(state: base.State, images: jax.Array, labels: jax.Array, *, mod
 
 
 def build(model: VAE, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any], privacy: DpSettings | None = None) -> base.Objective:
+          optim: Mapping[str, Any], privacy: base.PrivateGradient | None = None
+          ) -> base.Objective:
   """The VAE objective from the config's objective and optim sections (DP-SGD of the whole
   VAE with ``privacy``)."""
   del spec  # The model carries the image shape.
   if not isinstance(model, VAE):
     raise ConfigError("The 'vae' objective needs a VAE model (model.name='vae').")
   if privacy is not None:
-    dpsgd.check_no_batch_stats(jax.eval_shape(
+    privacy.check_variables(jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0), "latent": jax.random.key(1)},
                            jnp.zeros((1,) + tuple(model.image_shape)),
                            _labels_or_none(model, 1))), "VAE")
@@ -159,3 +158,7 @@ def build(model: VAE, spec: Any, objective: Mapping[str, Any],
       condition_key=model.condition_key,
       member_score=functools.partial(member_score, model=model,
                                      beta=float(objective["beta"])))
+
+
+OBJECTIVES.register("vae")(Entry(build, DEFAULTS, check, capabilities=("conditional",),
+                                 private=True))

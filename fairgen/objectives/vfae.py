@@ -29,6 +29,7 @@ from fairgen.metrics import mmd
 from fairgen.models.vfae import VFAE
 from fairgen.objectives import base
 from fairgen.objectives import losses
+from fairgen.objectives.registry import OBJECTIVES, Entry
 
 DEFAULTS = {
     "beta": 1.0,  # Weight of the KL term(s).
@@ -136,3 +137,6 @@ def build(model: VFAE, spec: Any, objective: Mapping[str, Any],
       decode=None,  # A representation learner: no prior sampling of rows.
       latent_dim=model.latent_dim,
       predict=functools.partial(predict, model=model))
+
+
+OBJECTIVES.register("vfae")(Entry(build, DEFAULTS, check))

@@ -33,12 +33,15 @@ gradient hides it (Steinke, Nasr & Jagielski 2023's white-box canaries). Those c
 get the same noise and divisor as the rest, and come back as ``stats['canary_block']``
 ``[m]``.
 
-``dp_gradient`` is how every private objective calls this module: the mechanism from its
-``DpSettings``, the batch's mask, weights and canaries, the same call for every network.
+``DpGradient`` is how every private objective calls this module: the composition root
+(``fairgen.experiment``) hands the objective one, bound to the run's ``DpSettings``, and the
+objective calls it with its per-example loss, the batch's mask, weights and canaries: the
+same call for every network (``dp_gradient``). The objectives never import this package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -49,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from fairgen import parallel
 from fairgen.config import ConfigError
-from fairgen.privacy import DpSettings
+from fairgen.privacy.settings import DpSettings
 from fairgen.privacy import ghost as ghost_lib
 
 # (params, one example (a pytree of arrays without the batch axis), key) -> (loss, aux).
@@ -226,3 +229,45 @@ def dp_gradient(loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   """The mean of ``values`` over the rows where ``mask`` is 1 (0 if there are none)."""
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpGradient:
+  """The private gradient of a run's mechanism: what a private objective is handed.
+
+  Calling it is ``dp_gradient`` with the run's ``settings``. ``clipped`` is the same sum of
+  clipped per-example gradients without noise over rows that hold no data (the fake term of
+  DP-CGAN), ``mean`` the mean over a Poisson batch's sampled rows, and ``check_variables``
+  refuses a network whose batch statistics mix examples.
+  """
+
+  settings: DpSettings
+
+  def __call__(self, loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array,
+               mask: jax.Array, scale: jax.Array | None = None,
+               canary: jax.Array | None = None) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """``(gradient, aux, stats)``: ``dp_gradient`` with the run's settings."""
+    return dp_gradient(loss_fn, params, examples, key, self.settings, mask, scale, canary)
+
+  def clipped(self, loss_fn: ExampleLoss, params: Any, examples: Any, key: jax.Array
+              ) -> tuple[Any, Any]:
+    """``(mean of the clipped per-example gradients, aux)`` over every row, without noise:
+    for rows that see no data (a GAN's fakes), clipped to C so that they cannot outweigh
+    the clipped real rows."""
+    n = jax.tree.leaves(examples)[0].shape[0]
+    p = self.settings
+    gradient, aux, _ = private_gradient(
+        loss_fn, params, examples, key, clip_norm=p.clip_norm, noise_multiplier=0.0,
+        expected_batch_size=n, mask=jnp.ones((n,), jnp.float32),
+        microbatch_size=p.microbatch_size, mesh=p.mesh, ghost=p.ghost_clipping)
+    return gradient, aux
+
+  @staticmethod
+  def mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """``masked_mean``: the mean over the sampled rows (for metrics, not for release)."""
+    return masked_mean(values, mask)
+
+  @staticmethod
+  def check_variables(variables: Mapping[str, Any], what: str) -> None:
+    """``check_no_batch_stats``: raises ConfigError if ``variables`` hold batch stats."""
+    check_no_batch_stats(variables, what)
