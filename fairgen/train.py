@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+import types
 from typing import Any
 
 import jax
@@ -414,3 +416,36 @@ def _between_steps(run: _Run, done: int, state: Any, loader: data.Loader, stop: 
     run.summary["preempted"] = True
     logging.warning("Preempted: checkpoint of step %d committed; exiting.", done)
   return stop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str,
+          allow_new_experiment: bool = False) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming it), as ``python -m fairgen.main`` does.
+
+  Also reached as ``fairgen.train(config, workdir)`` (``_CallableModule``).
+
+  Returns:
+    The run's summary: start and final step, the last logged scalars and evaluation, and
+    whether a signal stopped it (``preempted``).
+
+  Raises:
+    config.ConfigError, data.DataError, checkpoint.WorkdirError: for bad input, with the
+      message the launcher prints after ``fairgen: error:``.
+  """
+  config_lib.validate_mesh(config.mesh)
+  return train_and_evaluate(config, storage.normalize(workdir), allow_new_experiment)
+
+
+class _CallableModule(types.ModuleType):
+  """This module, callable as ``train``: ``fairgen.train(config, workdir)``.
+
+  Importing ``fairgen.train`` binds the package's ``train`` attribute to this module, so
+  the Python API's ``fairgen.train`` is the module itself, answering calls.
+  """
+
+  def __call__(self, config: ml_collections.ConfigDict, workdir: str,
+               allow_new_experiment: bool = False) -> dict[str, Any]:
+    return train(config, workdir, allow_new_experiment)
+
+
+sys.modules[__name__].__class__ = _CallableModule

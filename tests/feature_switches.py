@@ -304,4 +304,15 @@ SWITCHES = [
            "a workdir whose config.json spells out defaults resumes",
            "fairgen/train.py", "defaults=experiment.section_defaults)", "defaults=None)",
            ("tests/test_experiment_defaults.py::test_training_resumes_a_workdir_whose_config_json_spells_out_every_default",)),
+    # --- The Python API. ---------------------------------------------------------------------
+    Switch("api_sample_key", "Python API", "Run.sample draws --mode=sample's images",
+           "fairgen/api.py", "key = jax.random.split(jax.random.key(seed), 3)[0]",
+           "key = jax.random.split(jax.random.key(seed), 3)[1]",
+           ("tests/test_api.py::test_sample_draws_the_images_of_mode_sample_bit_for_bit",)),
+    Switch("api_groups", "Python API", "Run.sample's groups reach a group-conditional model",
+           "fairgen/api.py", "    return values\n", "    return None\n",
+           ("tests/test_api.py::test_a_group_conditional_model_samples_the_groups_it_is_given",)),
+    Switch("api_evaluate_overrides", "Python API", "Run.evaluate's eval overrides",
+           "fairgen/api.py", "  config.eval.update(eval_overrides)\n", "",
+           ("tests/test_api.py::test_evaluate_returns_what_mode_evaluate_writes",)),
 ]

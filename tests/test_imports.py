@@ -25,7 +25,7 @@ FLOORS = [
     {"sampling"},
     {"evaluation"},
     {"train", "audit"},
-    {"main"},
+    {"main", "api"},
 ]
 # The launcher defers its imports so that bad flags fail before JAX starts.
 DEFERRED_IMPORTS_ALLOWED = {"fairgen.main"}

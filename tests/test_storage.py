@@ -5,6 +5,7 @@ google-cloud-storage, through ``STORAGE_EMULATOR_HOST``) and the checkpoint path
 TensorStore, through ``TENSORSTORE_GCS_HTTP_URL``, which ``fairgen.storage`` sets from it).
 """
 
+import io
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import pytest
 
 from conftest import (REPO, final_state, killed_process_cache_env, load_config, run_main,
                       subprocess_env)
+import fairgen
 from fairgen import checkpoint, data, robust, storage
 from fairgen.classifiers import backbones, fit
 from fairgen.fairness import importance
@@ -224,6 +226,14 @@ def test_gs_workdir_resumes_after_sigkill_bit_identically_then_evaluates_and_sam
   assert report["step"] == 10 and report["checkpoint"] == "latest" and "fid" in report["metrics"]
   assert report["provenance"]["backbone"]["path"] == backbone
   assert "sample/step_000010/grid.png" in _objects(workdir)
+  # The Python API reads the same bucket: its samples are --mode=sample's (to float32
+  # rounding: that process ran on its own device setup; tests/test_api.py checks bit for
+  # bit within one).
+  with np.load(io.BytesIO(storage.read_bytes(f"{workdir}/sample/step_000010/grid.npz"))) as f:
+    written = f["images"]
+  run = fairgen.load(workdir)
+  assert run.steps[-1] == 10
+  np.testing.assert_allclose(run.sample(len(written)), written, rtol=0, atol=1e-5)
 
 
 def test_bad_gs_workdirs_fail_in_one_line(gcs):
