@@ -315,4 +315,14 @@ SWITCHES = [
     Switch("api_evaluate_overrides", "Python API", "Run.evaluate's eval overrides",
            "fairgen/api.py", "  config.eval.update(eval_overrides)\n", "",
            ("tests/test_api.py::test_evaluate_returns_what_mode_evaluate_writes",)),
+    # --- Your own data. ---------------------------------------------------------------------
+    Switch("image_folder_cache_key", "Your own data", "a changed folder is decoded afresh",
+           "fairgen/data/image_folder.py",
+           'digest.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\\n".encode())',
+           'digest.update(f"{name}\\n".encode())',
+           ("tests/test_image_folder.py::test_the_decoded_cache_is_reused_and_a_changed_folder_is_decoded_afresh",)),
+    Switch("image_folder_intersections", "Your own data", "several attributes: intersectional groups",
+           "fairgen/data/image_folder.py", "code, count = code * k + values, count * k",
+           "code, count = values, k",
+           ("tests/test_image_folder.py::test_attributes_make_labels_and_intersectional_groups",)),
 ]

@@ -11,6 +11,7 @@ them all, so the registry is complete.
 
 from fairgen.data import adult_aif360
 from fairgen.data import bias
+from fairgen.data import image_folder
 from fairgen.data import offline
 from fairgen.data import tfds_datasets
 from fairgen.data import uci

@@ -19,7 +19,9 @@ like, so they name the cached classifiers trained on the dataset (``cache_tag``)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import os
 from typing import Any, Callable, Mapping, TypeVar
 
 from fairgen.config import ConfigError, require
@@ -181,5 +183,7 @@ def cache_tag(data_config: Mapping[str, Any]) -> str:
       # Digits run together (digits=01234); names are joined (attribute=Black_Hair+Male).
       value = ("+" if any(isinstance(v, str) for v in value) else "").join(
           str(v) for v in value)
+    if "/" in str(value) or os.sep in str(value):  # A path names no directory: its hash.
+      value = hashlib.sha256(str(value).encode()).hexdigest()[:12]
     parts.append(f"{key}={value}")
   return "-".join(parts)
