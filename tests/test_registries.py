@@ -100,7 +100,7 @@ def test_builtin_entries_live_beside_their_networks_and_loaders():
              if data.DATASETS.get(name).loader.__module__.startswith("fairgen.")}
   assert set(loaders.values()) == {
       "fairgen.data.offline", "fairgen.data.tfds_datasets", "fairgen.data.uci",
-      "fairgen.data.adult_aif360", "fairgen.data.bias"}
+      "fairgen.data.adult_aif360", "fairgen.data.bias", "fairgen.data.image_folder"}
   builds = {name: objectives.OBJECTIVES.get(name).build.__module__
             for name in objectives.OBJECTIVES.names()
             if objectives.OBJECTIVES.get(name).build.__module__.startswith("fairgen.")}
