@@ -95,7 +95,9 @@ def test_compare_interleaves_fresh_processes_and_reports_ratios_and_missing_peer
   assert len(ours) == len(theirs) == 2 and min(ours + theirs) > 0
   ratio = vae["ratios"]["fairgen/torch_eager"]
   for r, a, b in zip(ratio["per_round"], ours, theirs):
-    assert math.isclose(r, a / b, rel_tol=2e-3), (r, a, b)
+    # Ratios keep 3 significant digits: up to 0.5 in the third, i.e. 5e-3 of a value in
+    # [1, 2) (it was 2e-3, and 27.122 / 18.748 = 1.4467 -> 1.45 failed it).
+    assert math.isclose(r, a / b, rel_tol=5e-3), (r, a, b)
   assert ratio["min"] <= ratio["median"] <= ratio["max"]
   for side in ("fairgen", "torch_eager"):
     assert all(0 <= s <= 1 for s in vae["sides"][side]["others_cpu_share"])
