@@ -84,8 +84,7 @@ class Run:
   @functools.cached_property
   def experiment(self) -> experiment.Experiment:
     """The config built for generation (the held-out split's spec, no training extras)."""
-    experiment.validate(self.config)
-    return experiment.build(self.config, data.load_eval(self.config.data).spec,
+    return experiment.setup(self.config, data.load_eval(self.config.data).spec,
                             for_training=False)
 
   def state(self, step: int | None = None) -> tuple[Any, int]:
