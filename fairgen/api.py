@@ -1,6 +1,7 @@
 """fairgen from Python: train a config, load a trained workdir, sample and evaluate it.
 
     import fairgen
+    config = fairgen.load_config("experiments/vae_mnist.py")  # what --config= loads
     fairgen.train(config, "/tmp/fg/vae")          # what `python -m fairgen.main` does
     run = fairgen.load("/tmp/fg/vae")             # local disk or gs://
     run.steps                                     # the committed checkpoints, e.g. [150, 300]
@@ -24,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from fairgen import checkpoint
+from fairgen import config as config_lib
 from fairgen import data
 from fairgen import experiment
 from fairgen import sampling
@@ -33,6 +35,25 @@ from fairgen.evaluation import modes
 
 
 train = train_lib.train  # Also fairgen.train(config, workdir): the module answers calls.
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of an experiment file, as ``--config=SPEC`` gives it to the launcher.
+
+  Args:
+    spec: ``PATH`` or ``PATH:ARGS``, e.g. ``"experiments/vae_mnist.py:smoke"`` or
+      ``"experiments/fair_mnist.py:method=importance,smoke"``.
+
+  Returns:
+    The experiment's ``ConfigDict``. Change its keys as ``--config.a.b=value`` would
+    (``config.train.num_steps = 100``), then ``train(config, workdir)``.
+
+  Raises:
+    config.ConfigError: for a missing file, an unknown variant or a file that does not
+      return a config.
+  """
+  path, _, arg = spec.partition(":")
+  return config_lib.load_config_file(path, arg or None)
 
 
 def _tuples(value: Any) -> Any:

@@ -425,8 +425,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Also reached as ``fairgen.train(config, workdir)`` (``_CallableModule``).
 
   Returns:
-    The run's summary: start and final step, the last logged scalars and evaluation, and
-    whether a signal stopped it (``preempted``).
+    The run's summary, a dict with its start and final step, the last logged scalars and
+    evaluation, and whether a signal stopped it (``preempted``).
 
   Raises:
     config.ConfigError, data.DataError, checkpoint.WorkdirError: for bad input, with the

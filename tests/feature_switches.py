@@ -1,4 +1,4 @@
-"""One way to switch off each feature the README's feature table claims, and the test that
+"""One way to switch off each feature the README's feature table and the docs claim, and the test that
 must then fail (``tools/feature_switch.py`` applies each in a copy and runs it).
 
 Each entry replaces an exact text (found once in its file) where the product wires the
@@ -325,4 +325,21 @@ SWITCHES = [
            "fairgen/data/image_folder.py", "code, count = code * k + values, count * k",
            "code, count = values, k",
            ("tests/test_image_folder.py::test_attributes_make_labels_and_intersectional_groups",)),
+    Switch("image_decode_workers", "Your own data", "worker processes share the rows",
+           "fairgen/images.py", "for start in range(worker * CHUNK, len(paths), n * CHUNK):",
+           "for start in range(0, len(paths), n * CHUNK * 2):",
+           ("tests/test_image_folder.py::test_worker_processes_decode_exactly_what_one_process_decodes",)),
+    Switch("api_load_config", "Python API", "fairgen.load_config takes the variant",
+           "fairgen/api.py", "return config_lib.load_config_file(path, arg or None)",
+           "return config_lib.load_config_file(path, None)",
+           ("tests/test_api.py::test_load_config_is_what_the_launchers_config_flag_loads",)),
+    # --- Docs. -------------------------------------------------------------------------------
+    Switch("docs_markers", "Docs", "every runnable block says how it runs",
+           "tools/doc_commands.py", 'if kind in ("smoke", "ci") or kind.startswith("tested by tests/"):',
+           "if True:",
+           ("tests/test_docs.py::test_an_unmarked_or_unknown_block_is_refused",)),
+    Switch("docs_smoke_variant", "Docs", "the docs' commands run in their smoke form",
+           "tools/doc_commands.py", 'word = "--config=" + _smoke_config(word[len("--config="):])',
+           "pass",
+           ("tests/test_docs.py::test_smoke_forms_take_the_smoke_variant_and_a_temporary_root",)),
 ]

@@ -90,3 +90,16 @@ def test_a_group_conditional_model_samples_the_groups_it_is_given(tmp_path):
     run.sample(8, labels=[0] * 8)
   with pytest.raises(ValueError, match="one entry per sample"):
     run.sample(8, groups=[0, 1])
+
+
+def test_load_config_is_what_the_launchers_config_flag_loads():
+  from fairgen import config as config_lib
+  spec = os.path.join("experiments", "fair_mnist.py")
+  given = fairgen.load_config(f"{spec}:method=importance,smoke")
+  assert given.to_dict() == config_lib.load_config_file(spec, "method=importance,smoke").to_dict()
+  assert given.fair.method == "importance" and given.train.num_steps == 4
+  assert fairgen.load_config(spec).train.num_steps == 2000
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    fairgen.load_config("experiments/no_such_file.py")
+  with pytest.raises(config_lib.ConfigError, match="method"):
+    fairgen.load_config(f"{spec}:method=nonsense")

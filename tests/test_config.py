@@ -28,7 +28,9 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "beta_vae_mnist": [None, "smoke", "beta=0.25", "beta=4,smoke"],
             "ar_mnist": [None, "smoke", "sinusoidal", "full_attention", "conditional"],
             "fair_celeba": [None, "smoke", "method=importance,bias=multi",
-                            "method=conditional,bias=80_20", "method=penalty,smoke"]}
+                            "method=conditional,bias=80_20", "method=penalty,smoke"],
+            "image_folder": [None, "smoke", "method=resample", "method=conditional,smoke",
+                             "method=importance"]}
 
 
 def test_every_experiment_file_is_covered():
@@ -40,6 +42,8 @@ def test_every_experiment_file_is_covered():
                          [(n, v) for n, vs in VARIANTS.items() for v in vs])
 def test_variants_validate(name, variant):
   config = load_config(name, variant)
+  if name == "image_folder":  # The one key a user must give (checked before any file is read).
+    config.data.options.update(directory="/data/my_images", groups="young", reference="ref")
   train.validate(config)
   for section in config_lib.REQUIRED_SECTIONS:
     assert section in config

@@ -67,6 +67,12 @@ ALLOWED = {
         "objective.beta_start", "objective.beta_end", "objective.prediction",
         "objective.ema_decay", "train.batch_size", "eval.iwae_k")},
     ("sngan_cifar10.py", "model.g_ch"): _PAPER,
+    # --config.data.options.KEY=... overrides only a key the config has (ml_collections'
+    # config_flags), and data.options is not completed from the loader's defaults.
+    **{("image_folder.py", f"data.options.{key}"): "the docs' --config.data.options."
+       f"{key}=... (config_flags overrides only existing keys)" for key in (
+           "directory", "attributes", "label", "groups", "reference", "subset", "image_size",
+           "channels", "test_fraction", "split_seed")},
 }
 # Keys that name the family rather than set one of its values.
 NAMES = ("model.name", "objective.name", "fair.method")

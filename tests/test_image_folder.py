@@ -7,12 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fairgen import data, fairness, train
+from fairgen import data, fairness, images, train
 from fairgen.data import image_folder
 
 from conftest import assert_resume_is_exact, load_config, run_main
@@ -97,6 +99,26 @@ def test_the_decoded_cache_is_reused_and_a_changed_folder_is_decoded_afresh(tmp_
   fresh = load(tmp_path, "all")
   assert len(os.listdir(tmp_path / "cache")) == 2
   assert fresh.get(np.array([0]))["image"].max() == -1.0  # c00 is the first file.
+
+
+def test_worker_processes_decode_exactly_what_one_process_decodes(tmp_path):
+  """The cache's rows are ``images.decode`` of each file, whichever of several worker
+  processes wrote them (chunks dealt round-robin), and a worker imports no JAX."""
+  directory = make_folder(tmp_path)
+  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(directory) for f in files
+                 if f.endswith((".png", ".jpg")))
+  paths = paths * (images.CHUNK // len(paths) + 2)  # More than two chunks: both workers work.
+  out = str(tmp_path / "rows.npy")
+  np.lib.format.open_memmap(out, "w+", np.uint8, (len(paths), 12, 12, 3))
+  images.decode_into(out, paths, 12, 3, workers=2)
+  written = np.load(out)
+  for i in (0, len(paths) // 2, len(paths) - 1):
+    np.testing.assert_array_equal(written[i], images.decode(paths[i], 12, 3))
+  assert written.reshape(len(paths), -1).max(axis=1).min() > 0  # No row left unwritten.
+  probe = subprocess.run([sys.executable, "-c", "import sys, fairgen.images; "
+                          "print(sorted(m for m in ('jax', 'fairgen.data') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)
+  assert probe.stdout.strip() == "[]"
 
 
 def _bad(root, kind: str) -> dict:

@@ -18,7 +18,7 @@ from conftest import REPO
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
     {"config", "cli", "registry", "parallel", "storage", "checkpoint", "logs", "robust",
-     "peers"},
+     "peers", "images"},
     {"data", "metrics", "models", "classifiers", "privacy"},
     {"objectives", "fairness"},
     {"experiment"},
@@ -84,7 +84,7 @@ def _floor(module: str) -> int:
     if top in names:
       return i
   raise AssertionError(f"{module} is on no floor: add its package to FLOORS (and the "
-                       f"README's Layout).")
+                       f"the layout in docs/architecture.md).")
 
 
 GRAPH = {m: _imports(p) for m, p in MODULES.items()}
@@ -143,12 +143,11 @@ def test_the_checker_finds_a_cycle_and_a_local_import(tmp_path):
 
 
 def _layout_block() -> str:
-  text = open(os.path.join(REPO, "README.md")).read()
-  section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
-  return section.split("```", 2)[1]
+  text = open(os.path.join(REPO, "docs", "architecture.md")).read()
+  return text.split("```text\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_layout_matches_the_tree():
+def test_the_documented_layout_matches_the_tree():
   block = _layout_block()
   named = set(re.findall(r"^  ([a-z_]+(?:\.py|/))", block, flags=re.M))
   on_disk = {n + ("/" if os.path.isdir(os.path.join(PACKAGE, n)) else "")

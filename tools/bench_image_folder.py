@@ -6,8 +6,8 @@ tf.data and PyTorch's ``DataLoader``, on the same folder, in interleaved rounds.
 
 It writes ``--num`` CelebA-sized JPEGs (178x218, quality 90) into ``--folder`` (kept for
 later runs), then times, round after round and peer after peer:
-- ``fairgen_first``: ``image_folder.decoded`` into an empty cache (``--workers`` threads
-  decode, resize the shorter side to ``--size`` and centre-crop);
+- ``fairgen_first``: ``image_folder.decoded`` into an empty cache (``--workers`` worker
+  processes decode, resize the shorter side to ``--size`` and centre-crop);
 - ``fairgen_cached``: reading every image of the cached ``FolderSource`` in shuffled batches
   of 256, as float32 in [-1, 1] (what the loader hands the step);
 - ``torch``: ``torch.utils.data.DataLoader`` with ``--workers`` workers, batch 256, the
@@ -35,9 +35,10 @@ from PIL import Image
 
 try:
   from fairgen import cli
+  from fairgen import images
   from fairgen.data import image_folder
 except ImportError:  # --peer=tf runs under a Python that has TensorFlow but not fairgen.
-  cli = image_folder = None
+  cli = images = image_folder = None
 
 W, H = 178, 218  # CelebA's aligned images.
 BATCH = 256
@@ -87,7 +88,7 @@ class _TorchFolder:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> np.ndarray:
-    return image_folder._decode((self.paths[i], self.size, 3))  # pylint: disable=protected-access
+    return images.decode(self.paths[i], self.size, 3)
 
 
 def time_torch(folder: str, names: list[str], size: int, workers: int) -> float:

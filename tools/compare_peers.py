@@ -17,7 +17,7 @@ then their median over rounds: load that drifts between rounds hits both sides a
 A peer that cannot start (its framework is not installed in ``--torch_python`` or
 ``--tf_python``) is reported as unavailable with its error, and the rest still runs.
 
-Output: a Markdown table on stderr (paste it into the README with its date and machine), and
+Output: a Markdown table on stderr (paste it into docs/benchmarks.md with its date, machine and command), and
 one JSON object on stdout: {"date", "machine": {"cpu", "cores", "flags"}, "rounds", "models":
 {model: {"config", "sides": {side: {"median", and per round: "it_per_s", "others_cpu_share",
 "others_before_start" (the load the wait for quiet ended at), and for fairgen's sides
@@ -160,7 +160,7 @@ def machine() -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-  """The README's comparison table: per model, a row per side with its it/s over the rounds
+  """docs/benchmarks.md's comparison table: per model, a row per side with its it/s over the rounds
   and fairgen's per-round ratio to it."""
   lines = []
   for model, res in result["models"].items():

@@ -17,8 +17,8 @@ relative to the directory, as CelebA's attribute list names its images). Options
   3); ``test_fraction`` and ``split_seed``: a seeded stratified split by label, unless the
   attribute file has a ``split`` column ('train' or 'test').
 
-Images are decoded and resized once, by a pool of worker threads, into a ``uint8``
-``.npy`` file under ``$FAIRGEN_CACHE/image_folder/`` that is then memory-mapped: batches read
+Images are decoded and resized once, by worker processes (``fairgen/images.py``), into a
+``uint8`` ``.npy`` file under ``$FAIRGEN_CACHE/image_folder/`` that is then memory-mapped: batches read
 only their rows, so a folder need not fit in memory, and every later run (and every
 process of a job) skips decoding. ``.npy`` because it is one contiguous array that NumPy
 maps without a copy and random-reads at disk speed, with no dependency; the key is a hash of
@@ -28,7 +28,6 @@ folder is decoded afresh, never read stale.
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import hashlib
 import json
@@ -36,14 +35,13 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from fairgen import images
 from fairgen.data import base
 from fairgen.data import registry
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 SUBSETS = ("all", "union", "biased", "reference")
-CHUNK = 256  # Images a decoding thread takes at a time.
 
 
 def check_options(directory: str = "", image_size: int = 64, channels: int = 3,
@@ -130,31 +128,6 @@ def _codes(values: np.ndarray) -> tuple[np.ndarray, int]:
   return codes.astype(np.int32), len(uniques)
 
 
-def _decode(args: tuple[str, int, int]) -> np.ndarray:
-  """One image: shorter side resized to ``size``, centre-cropped square, ``channels``.
-
-  A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the shorter side
-  at least ``size`` (Pillow's ``draft``: far fewer pixels to decode), and the crop is
-  resampled straight from its box of the decoded image (one bicubic pass).
-  """
-  path, size, channels = args
-  mode = "L" if channels == 1 else "RGB"
-  try:
-    with Image.open(path) as image:
-      image.draft(mode, (size, size))
-      image.load()
-      image = image if image.mode == mode else image.convert(mode)
-  except Exception as e:  # PIL raises several types for truncated or foreign files.
-    raise base.DataError(f"cannot decode {path}: {type(e).__name__}: {e}") from None
-  w, h = image.size
-  scale = size / min(w, h)
-  left = (max(size, round(w * scale)) - size) // 2
-  top = (max(size, round(h * scale)) - size) // 2
-  box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-  array = np.asarray(image.resize((size, size), Image.BICUBIC, box=box), np.uint8)
-  return array.reshape(size, size, channels)
-
-
 def _cache_path(directory: str, files: list[str], size: int, channels: int,
                 cache_dir: str) -> str:
   """Where the decoded images of this folder and these options live (content-keyed)."""
@@ -170,34 +143,21 @@ def _cache_path(directory: str, files: list[str], size: int, channels: int,
 def decoded(directory: str, files: list[str], size: int, channels: int, cache_dir: str = "",
             workers: int = 0) -> np.ndarray:
   """All images decoded (``uint8 [N, size, size, channels]``), memory-mapped from the cache;
-  decoded by ``workers`` threads (0: one per CPU) on first use. Threads, not processes:
-  Pillow releases the GIL while it decodes and resizes, and forking a process that runs JAX
-  can deadlock."""
+  decoded on first use by ``workers`` processes (0: one per CPU; ``fairgen.images``)."""
   path = _cache_path(directory, files, size, channels, cache_dir)
   if not os.path.exists(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.{os.getpid()}.partial"
+    partial = f"{path}.{os.getpid()}.partial.npy"
     out = np.lib.format.open_memmap(partial, "w+", np.uint8, (len(files), size, size, channels))
-    paths = [os.path.join(directory, f) for f in files]
-    workers = workers or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      # Chunks of rows, each decoded straight into the file: no per-image future or copy.
-      chunks = [range(i, min(i + CHUNK, len(paths))) for i in range(0, len(paths), CHUNK)]
-      for done in pool.map(lambda rows: _decode_rows(out, paths, rows, size, channels),
-                           chunks):
-        del done
-    out.flush()
-    del out
+    del out  # The header and the rows' space are on disk; the workers fill the rows.
+    try:
+      images.decode_into(partial, [os.path.join(directory, f) for f in files], size, channels,
+                         workers or os.cpu_count() or 1)
+    except images.DecodeError as e:
+      os.remove(partial)
+      raise base.DataError(str(e)) from None
     os.replace(partial, path)  # Complete, or absent: a killed decode is never read.
   return np.load(path, mmap_mode="r")
-
-
-def _decode_rows(out: np.ndarray, paths: list[str], rows: range, size: int,
-                 channels: int) -> int:
-  """Decodes ``paths[rows]`` into ``out[rows]``; how many."""
-  for i in rows:
-    out[i] = _decode((paths[i], size, channels))
-  return len(rows)
 
 
 class FolderSource:
