@@ -1,4 +1,4 @@
-"""One way to switch off each feature the README's feature table and the docs claim, and the test that
+"""One way to switch off each feature the README and the docs claim, and the test that
 must then fail (``tools/feature_switch.py`` applies each in a copy and runs it).
 
 Each entry replaces an exact text (found once in its file) where the product wires the

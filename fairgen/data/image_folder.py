@@ -18,9 +18,9 @@ relative to the directory, as CelebA's attribute list names its images). Options
   attribute file has a ``split`` column ('train' or 'test').
 
 Images are decoded and resized once, by worker processes (``fairgen/images.py``), into a
-``uint8`` ``.npy`` file under ``$FAIRGEN_CACHE/image_folder/`` that is then memory-mapped: batches read
-only their rows, so a folder need not fit in memory, and every later run (and every
-process of a job) skips decoding. ``.npy`` because it is one contiguous array that NumPy
+``uint8`` ``.npy`` file under ``$FAIRGEN_CACHE/image_folder/`` that is then memory-mapped:
+batches read only their rows, so a folder need not fit in memory, and every later run (and
+every process of a job) skips decoding. ``.npy`` because it is one contiguous array that NumPy
 maps without a copy and random-reads at disk speed, with no dependency; the key is a hash of
 every image's path, size and modification time plus the decoding options, so a changed
 folder is decoded afresh, never read stale.
