@@ -52,8 +52,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     config.ConfigError: for a missing file, an unknown variant or a file that does not
       return a config.
   """
-  path, _, arg = spec.partition(":")
-  return config_lib.load_config_file(path, arg or None)
+  return config_lib.load_spec(spec)
 
 
 def _tuples(value: Any) -> Any:

@@ -447,6 +447,13 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   return config
 
 
+def load_spec(spec: str) -> ml_collections.ConfigDict:
+  """The config of ``PATH[:ARG]``, the launcher's ``--config=`` value (``load_config_file``
+  of ``PATH`` with ``ARG``, or with None when there is no ``:ARG``)."""
+  path, _, arg = spec.partition(":")
+  return load_config_file(path, arg or None)
+
+
 def one_line(error: BaseException) -> str:
   """``Type: first line of the message`` of an exception, for one-line error reports."""
   text = str(error).strip().splitlines()

@@ -330,8 +330,8 @@ SWITCHES = [
            "for start in range(0, len(paths), n * CHUNK * 2):",
            ("tests/test_image_folder.py::test_worker_processes_decode_exactly_what_one_process_decodes",)),
     Switch("api_load_config", "Python API", "fairgen.load_config takes the variant",
-           "fairgen/api.py", "return config_lib.load_config_file(path, arg or None)",
-           "return config_lib.load_config_file(path, None)",
+           "fairgen/config.py", "return load_config_file(path, arg or None)",
+           "return load_config_file(path, None)",
            ("tests/test_api.py::test_load_config_is_what_the_launchers_config_flag_loads",)),
     # --- Docs. -------------------------------------------------------------------------------
     Switch("docs_markers", "Docs", "every runnable block says how it runs",

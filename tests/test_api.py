@@ -15,6 +15,7 @@ import pytest
 
 import fairgen
 from fairgen import checkpoint
+from fairgen import config as config_lib
 from fairgen.evaluation import modes
 
 from conftest import load_config
@@ -93,7 +94,6 @@ def test_a_group_conditional_model_samples_the_groups_it_is_given(tmp_path):
 
 
 def test_load_config_is_what_the_launchers_config_flag_loads():
-  from fairgen import config as config_lib
   spec = os.path.join("experiments", "fair_mnist.py")
   given = fairgen.load_config(f"{spec}:method=importance,smoke")
   assert given.to_dict() == config_lib.load_config_file(spec, "method=importance,smoke").to_dict()

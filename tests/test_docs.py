@@ -9,7 +9,6 @@ page's own blocks run in order, so a page can train and then evaluate.
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -24,10 +23,8 @@ ALL_BLOCKS = [b for page in PAGES for b in doc_commands.blocks(page)]
 def test_docs_build_without_warnings(tmp_path):
   """Sphinx + MyST, offline, warnings as errors (broken links, unparsable docstrings)."""
   out = tmp_path / "html"
-  result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-       os.path.join(REPO, "docs"), str(out)],
-      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  result = subprocess.run(doc_commands.sphinx_build(str(out)), cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   pages = {p[:-3] for p in os.listdir(os.path.join(REPO, "docs")) if p.endswith(".md")}
   assert pages <= {p[:-5] for p in os.listdir(out) if p.endswith(".html")}
@@ -45,9 +42,8 @@ def test_a_broken_link_fails_the_build(tmp_path):
   (docs / "index.md").write_text("# Home\n\n[gone](other.md#no-such-heading)\n\n"
                                  "```{toctree}\nother\n```\n")
   (docs / "other.md").write_text("# Other\n")
-  result = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html", str(docs),
-       str(tmp_path / "html")], capture_output=True, text=True, timeout=120)
+  result = subprocess.run(doc_commands.sphinx_build(str(tmp_path / "html"), str(docs)),
+                          capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "no-such-heading" in result.stderr
 
 

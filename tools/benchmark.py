@@ -156,8 +156,7 @@ def load_config(spec: str, overrides: Sequence[str], batch_size: int = 0,
     The ``ml_collections.ConfigDict``.
   """
   from fairgen import config as config_lib  # pylint: disable=g-import-not-at-top
-  path, _, variant = spec.partition(":")
-  config = config_lib.load_config_file(path, variant or None)
+  config = config_lib.load_spec(spec)
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:

@@ -123,12 +123,10 @@ def smoke_form(command: str, root: str) -> str:
   """A documented command as a test runs it: ``/tmp/fg`` under ``root``, the smoke variant
   of its config, a resume's ``num_steps`` cut to ``SMOKE_STEPS``, the install dropped (the
   test runs in the installed checkout), a classifier's training cut to a few steps."""
-  command = re.sub(r"^pip install [^&]*&&\s*", "", command)
-  command = command.replace("/tmp/fg/", os.path.join(root, "fg") + "/")
+  command = under_root(re.sub(r"^pip install [^&]*&&\s*", "", command), root)
   words = []
   for word in shlex.split(command, comments=True):
-    if word.startswith("--config=") and word.endswith(".py") or word.startswith(
-        "--config=") and ".py:" in word:
+    if word.startswith("--config=") and ".py" in word:
       word = "--config=" + _smoke_config(word[len("--config="):])
     elif word.startswith("--config.train.num_steps="):
       word = f"--config.train.num_steps={SMOKE_STEPS}"
@@ -136,14 +134,19 @@ def smoke_form(command: str, root: str) -> str:
   if any(w.endswith("tools/train_classifier.py") for w in words):
     words += CLASSIFIER_SMOKE
   # A command's own XLA_FLAGS come first; the test environment's (compile options) follow.
-  words = [f'{w} ${{XLA_FLAGS:-}}"' .replace("XLA_FLAGS=", 'XLA_FLAGS="', 1)
+  words = [f'XLA_FLAGS="{w[len("XLA_FLAGS="):]} ${{XLA_FLAGS:-}}"'
            if w.startswith("XLA_FLAGS=") else w for w in words]
   return " ".join(shlex.quote(w) if not re.match(r"^\w+=", w) else w for w in words)
 
 
-def python_form(text: str, root: str) -> str:
-  """A documented Python block as a test runs it: ``/tmp/fg/`` under ``root``."""
+def under_root(text: str, root: str) -> str:
+  """A documented command or Python block with its ``/tmp/fg/`` paths under ``root``."""
   return text.replace("/tmp/fg/", os.path.join(root, "fg") + "/")
+
+
+def sphinx_build(out: str, docs: str = os.path.join(REPO, "docs")) -> list[str]:
+  """The command that builds the site in ``docs`` into ``out``: HTML, warnings as errors."""
+  return [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", docs, out]
 
 
 @dataclasses.dataclass
@@ -218,7 +221,7 @@ def _steps(path: str, root: str, done: set[str] | None) -> list[tuple[str, str, 
   steps, cells = [], []
   for block in [b for b in blocks(path) if b.marker == "smoke"] + [None]:
     if block is not None and block.language == "python":
-      cells.append((block.where, python_form(block.text, root)))
+      cells.append((block.where, under_root(block.text, root)))
       continue
     if cells:
       cell_file = os.path.join(root, f"cells_{len(os.listdir(root))}.json")
@@ -257,7 +260,7 @@ def run_smoke_blocks(path: str, root: str, env: dict[str, str],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
   outcomes = []
   try:
-    for i, (where, what, request) in enumerate(steps):
+    for where, what, request in steps:
       start, log = time.time(), os.path.join(root, f"step_{len(os.listdir(root))}.log")
       if "shell" in request:
         result = subprocess.run(["bash", "-c", request["shell"]], cwd=REPO, env=env,

@@ -16,11 +16,11 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 
 from fairgen import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+doc_commands = cli.import_beside(__file__, "doc_commands")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -43,9 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(html: str) -> None:
   """Builds the site with warnings as errors; a failed build is one error line."""
-  result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
-                           "html", os.path.join(REPO, "docs"), html],
-                          capture_output=True, text=True)
+  result = subprocess.run(doc_commands.sphinx_build(html), capture_output=True, text=True)
   if result.returncode:
     cli.fail(f"the docs do not build: {result.stderr.strip().splitlines()[-1]}")
 
