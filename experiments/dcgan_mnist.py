@@ -20,9 +20,7 @@ running statistics, XLA's default convolutions), ``:smoke`` (tiny, for tests), `
 
 from fairgen import config as config_lib
 from fairgen import experiment
-
-# XLA:CPU's convolutions on Eigen instead of YNNPACK (README "Benchmarks").
-EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+from fairgen.parallel import EIGEN_CONVOLUTIONS
 
 
 def get_config(arg=None):

@@ -241,8 +241,9 @@ class Checkpointer:
       first = str(e).strip().splitlines()[0]
       raise WorkdirError(
           f"The checkpoint {self.directory}/{step} does not fit the current model's state "
-          f"({first} ...). It was written by different model code; use a new --workdir or "
-          f"the code that wrote it.") from None
+          f"({first} ...). It was written by different model code or another optimizer "
+          f"layout (optim.flatten); use a new --workdir, or the code and config that wrote "
+          f"it.") from None
 
   def quarantine(self, step: int) -> str:
     """Moves an unreadable step to ``WORKDIR/checkpoints_damaged/`` (kept, not deleted)."""

@@ -372,8 +372,9 @@ def section_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config`` with every key of the families it names: the ``model`` builder's
   hyperparameters and the ``objective``'s keys, each at its family's default where the
-  experiment does not state it. (``data.options`` stay as stated: ``--config.data.name``
-  may switch to a dataset that takes other options.)
+  experiment does not state it, and each optimizer section's ``flatten`` (False).
+  (``data.options`` stay as stated: ``--config.data.name`` may switch to a dataset that
+  takes other options.)
 
   An experiment file states only what differs from those defaults and returns
   ``complete(c)`` from ``get_config``, so the config a run sees, writes to config.json and
@@ -387,4 +388,11 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, value in (defaults.get(name) or {}).items():
       if key not in section:
         section[key] = value
+  try:  # Each optimizer section's optional switch (validation reports a missing section).
+    sections = objectives.optimizer_sections(config.objective, config.optim)
+  except (AttributeError, KeyError):  # Also an unknown objective name.
+    sections = []
+  for _, section in sections:
+    if "flatten" not in section:
+      section["flatten"] = False
   return config

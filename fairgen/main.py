@@ -27,6 +27,12 @@ _ALLOW_NEW = flags.DEFINE_bool(
     "allow_new_experiment", False,
     "Resume a workdir even if its config.json has different data/model/objective sections "
     "(the old config is kept as config.<time>.json).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache, local or gs:// (a later run, resume or "
+    "evaluation of the same program loads it instead of compiling); default "
+    "$JAX_COMPILATION_CACHE_DIR if set, else $FAIRGEN_CACHE/xla (~/.cache/fairgen/xla); "
+    "'none': off. See fairgen/compile_cache.py for what its key covers.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "audit"],
                           "train (resumes), evaluate (eval.checkpoint: latest/best/step), "
                           "sample (writes grids and .npz under WORKDIR/sample/) or audit (a "
@@ -121,7 +127,13 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   # Heavy imports after flag checks, so bad flags fail fast.
   import jax
-  from fairgen import parallel, peers
+  from fairgen import compile_cache, parallel, peers
+
+  try:
+    cache = compile_cache.enable(_COMPILATION_CACHE.value)
+  except storage.StorageError as e:
+    fail(f"--compilation_cache={e}")
+  cache_counts = compile_cache.counter()
 
   watchdog = None
   if config.mesh.distributed or parallel.launched_locally():
@@ -145,6 +157,10 @@ def main(argv: list[str]) -> None:
   finally:
     if watchdog is not None:
       watchdog.stop(finished)
+    if cache is not None and finished:  # A failure's own line stays the last.
+      counts = cache_counts()
+      logging.info("Compilation cache %s: %d program(s) loaded, %d compiled.", cache,
+                   counts["hits"], counts["misses"])
 
 
 def run_mode(config: ml_collections.ConfigDict, workdir: str) -> None:

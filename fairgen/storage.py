@@ -58,6 +58,12 @@ def _configure_clients() -> None:
 _configure_clients()
 
 
+def cache_dir() -> str:
+  """``$FAIRGEN_CACHE``, or ``~/.cache/fairgen``: where fairgen keeps what it makes once per
+  machine (backbones, decoded image folders, compiled programs)."""
+  return os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen")
+
+
 def is_remote(path: str) -> bool:
   """Whether ``path`` is on object storage (gs://)."""
   return str(path).startswith(REMOTE_PREFIX)

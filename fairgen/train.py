@@ -87,10 +87,12 @@ def _add_metrics(total: dict[str, jax.Array], metrics: dict[str, jax.Array]
 class TrainStep:
   """The objective's guarded step, jitted once with explicit shardings and state donation.
 
-  Called as ``step(state, batch, rng)``; ``step.steps(state, batches, rng, total)`` runs
-  ``len(batches)`` consecutive steps in one program (``train.steps_per_dispatch``): a
-  ``lax.scan`` of the same guarded step, whose metrics it adds to ``total`` one step at a
-  time, in the order and with the float32 adds of the loop's own accumulation. The
+  Called as ``step(state, batch, rng)``; ``step.steps(state, stacked, rng, total)`` runs
+  one step per batch of ``stacked`` (consecutive steps' batches on a leading axis, moved to
+  the devices in one transfer by ``data.Loader``) in one program
+  (``train.steps_per_dispatch``): a ``lax.scan`` of the same guarded step (unrolled with
+  ``train.unroll_dispatch``), whose metrics it adds to ``total`` one step at a time, in the
+  order and with the float32 adds of the loop's own accumulation. The
   objective's ``constants`` (frozen arrays, e.g. the penalty classifier's parameters) are
   placed on the mesh once and passed to the jitted functions as arguments on every call, so
   they are inputs of the compiled step, not constants folded into it.
@@ -102,6 +104,7 @@ class TrainStep:
     repl = parallel.replicated(exp.mesh)
     data = parallel.data_sharding(exp.mesh)
     options = config_lib.xla_options(exp.config.train.get("xla_options", "")) or None
+    unroll = bool(exp.config.train.get("unroll_dispatch", False))
 
     def step(state, batch, rng, constants):
       fn = objective.train_step
@@ -109,23 +112,23 @@ class TrainStep:
         fn = functools.partial(fn, constants=constants)
       return robust.guard_step(fn)(state, batch, rng)
 
-    def steps(state, batches, rng, constants, total):
+    def steps(state, stacked, rng, constants, total):
       def body(carry, batch):
         state, total = carry
         state, metrics = step(state, batch, rng, constants)
         return (state, _add_metrics(total, metrics)), None
 
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
-      (state, total), _ = jax.lax.scan(body, (state, total), stacked)
+      (state, total), _ = jax.lax.scan(body, (state, total), stacked, unroll=unroll)
       return state, total
 
     self._jitted = jax.jit(
         step, in_shardings=(exp.state_shardings, data, repl, repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
+    stacked = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(None, *data.spec))
     self._jitted_steps = jax.jit(
-        steps, in_shardings=(exp.state_shardings, data, repl, repl, repl),
+        steps, in_shardings=(exp.state_shardings, stacked, repl, repl, repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
-    self.mesh = exp.mesh
+    self.mesh, self._data = exp.mesh, data
     self._zero_total: dict[str, jax.Array] | None = None  # Made at the first ``steps``.
     # The arrays passed as the jitted function's last argument (None without constants).
     self.constants = (None if objective.constants is None else
@@ -134,17 +137,20 @@ class TrainStep:
   def __call__(self, state: Any, batch: Any, rng: jax.Array) -> tuple[Any, dict[str, Any]]:
     return self._jitted(state, batch, rng, self.constants)
 
-  def steps(self, state: Any, batches: tuple[Any, ...], rng: jax.Array,
+  def steps(self, state: Any, stacked: Any, rng: jax.Array,
             total: dict[str, jax.Array] | None = None) -> tuple[Any, dict[str, jax.Array]]:
-    """``len(batches)`` steps in one dispatch; returns the state and ``total`` (zeros if
-    None) plus each step's metrics."""
+    """One step per batch of ``stacked`` (the batches of consecutive steps stacked on a
+    leading axis, as ``data.Loader`` transfers a dispatch's), in one program; returns the
+    state and ``total`` (zeros if None) plus each step's metrics."""
     if total is None:
       if self._zero_total is None:  # Not donated, so one set of zeros serves every call.
-        shapes = jax.eval_shape(self._jitted, state, batches[0], rng, self.constants)[1]
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype,
+                                                          sharding=self._data), stacked)
+        shapes = jax.eval_shape(self._jitted, state, one, rng, self.constants)[1]
         self._zero_total = parallel.replicate(
             jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), self.mesh)
       total = self._zero_total
-    return self._jitted_steps(state, tuple(batches), rng, self.constants, total)
+    return self._jitted_steps(state, stacked, rng, self.constants, total)
 
   def lower(self, state: Any, batch: Any, rng: jax.Array) -> Any:
     """The lowered step (for cost and memory analysis)."""
@@ -356,11 +362,13 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
   per_dispatch = config.train.get("steps_per_dispatch", 1)
   profile_steps = tuple(config.train.get("profile_steps") or ())
   # The loader keeps one whole dispatch of batches ready (at most a log window's).
+  stops = (num_steps,) + profile_steps
+  sizes = functools.partial(dispatch_size, k=per_dispatch, every=run.cadences(), stops=stops)
+  # Each dispatch's batches arrive stacked, in one transfer; a few dispatches are kept ready.
   loader = data.Loader(source, exp.global_batch, config.seed,
                        parallel.data_sharding(exp.mesh), start_step, num_steps,
-                       prefetch=max(config.data.prefetch,
-                                    min(per_dispatch, config.log.every_steps)),
-                       sampler=batch_sampler(exp, source, sampler))
+                       prefetch=config.data.prefetch, sampler=batch_sampler(exp, source, sampler),
+                       dispatch=sizes if per_dispatch > 1 else None)
   profiler = logs.Profiler(workdir, profile_steps)
   batches = iter(loader)
   try:
@@ -368,13 +376,12 @@ def loop(exp: experiment.Experiment, source: data.Source, state: Any, start_step
       for step, batch in batches:
         t0 = time.perf_counter()
         profiler.before(step)
-        size = dispatch_size(step, per_dispatch, run.cadences(), (num_steps,) + profile_steps)
+        size = sizes(step)
         if size == 1:
           state, metrics = train_step(state, batch, rng)
           run.acc.add(metrics)
         else:
-          group = (batch,) + tuple(next(batches)[1] for _ in range(size - 1))
-          state, run.acc.total = train_step.steps(state, group, rng, run.acc.total)
+          state, run.acc.total = train_step.steps(state, batch, rng, run.acc.total)
           metrics = run.acc.total
         done = step + size
         peers.note_step(done)

@@ -120,3 +120,20 @@ def test_the_image_folder_benchmark_times_fairgen_and_torch_on_one_folder(tmp_pa
   assert {l["peer"] for l in lines} == {"fairgen_first", "fairgen_cached", "torch"}
   assert all(l["images_per_s"] > 0 for l in lines)
   assert len(os.listdir(tmp_path / "jpegs")) == 40
+
+
+def test_the_inception_benchmark_times_fairgen_and_pytorch_fid(tmp_path):
+  """``bench_inception.py`` (``--compare inception``'s sides): fairgen's backbone, as it
+  loads on this machine, and pytorch-fid's network, each in its own process, on one batch."""
+  out = {}
+  for side in ("fairgen", "pytorch_fid"):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "bench_inception.py"), f"--side={side}",
+         "--batch=2", "--batches=1"],
+        cwd=str(tmp_path), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+  for side, result in out.items():
+    assert result["side"] == side and result["it_per_s"]["median"] > 0
+    assert 0 <= result["others_cpu_share"] <= 1
+  assert out["pytorch_fid"]["threads"] >= 1

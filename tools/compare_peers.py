@@ -9,6 +9,9 @@ round runs each side once, in a fresh process, one after the other:
                    convolutions (YNNPACK) instead of the config's Eigen option (DCGAN only);
   torch_eager, torch_compile   ``bench_torch.py`` in that mode;
   tf_graph, tf_xla, tf_eager   ``bench_tf.py`` in that mode.
+``inception`` (FID feature extraction; images/s): ``bench_inception.py`` on each side,
+  fairgen's ``inception_v3`` backbone (``fairgen``: Eigen convolutions, as it loads on a CPU;
+  ``fairgen_xla_defaults``: YNNPACK) against ``pytorch_fid`` (in ``--torch_python``).
 Before each side starts, the machine must be quiet (other processes under 5% of all cores
 over one second, waiting up to ``--quiet_timeout`` seconds); each side reports the foreign
 CPU load it ran under. Ratios are fairgen's iterations/s over a peer's within each round,
@@ -44,27 +47,37 @@ from fairgen import cli
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
 # fairgen's side of each model: the config and the overrides that match the peers' model.
+# ``inception``: no config: bench_inception.py times the backbone on random weights.
 MODELS = {
     "dcgan": ("experiments/dcgan_mnist.py:full", ["model.dropout=0.3"]),
     "vae": ("experiments/vae_mnist.py", []),
+    "inception": ("tools/bench_inception.py", []),
 }
 SIDES = ("fairgen", "fairgen_xla_defaults", "torch_eager", "torch_compile", "tf_graph", "tf_xla",
-         "tf_eager")
-DEFAULT_SIDES = "fairgen,fairgen_xla_defaults,torch_eager,tf_graph,tf_xla"
-# Iterations per round and side when --steps is 0 (a few seconds of work each).
-DEFAULT_STEPS = {"dcgan": 10, "vae": 200}
+         "tf_eager", "pytorch_fid")
+# The sides each model has (the others are skipped for it).
+MODEL_SIDES = {"dcgan": SIDES[:-1], "vae": SIDES[:1] + SIDES[2:-1],
+               "inception": ("fairgen", "fairgen_xla_defaults", "pytorch_fid")}
+DEFAULT_SIDES = "fairgen,fairgen_xla_defaults,torch_eager,tf_graph,tf_xla,pytorch_fid"
+# Iterations per round and side when --steps is 0 (a few seconds of work each; Inception:
+# batches of 50 images).
+DEFAULT_STEPS = {"dcgan": 10, "vae": 200, "inception": 4}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
   """The ``--compare`` mode's options, on ``benchmark.py``'s parser."""
   p.add_argument("--compare", default="",
-                 help="models to compare with the peers: dcgan, vae or dcgan,vae")
+                 help="models to compare with the peers: dcgan, vae, inception (comma-separated)")
   p.add_argument("--sides", default=DEFAULT_SIDES, help=f"--compare: any of {', '.join(SIDES)}")
   p.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds")
   p.add_argument("--torch_python", default=sys.executable,
                  help="--compare: the Python with torch installed")
   p.add_argument("--tf_python", default=sys.executable,
                  help="--compare: the Python with tensorflow installed (see bench_tf.py)")
+  p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                 help="--compare: another fairgen side, fairgen_NAME, with these config "
+                      "changes (repeatable), e.g. flat:optim.gen.flatten=True,"
+                      "optim.disc.flatten=True")
   p.add_argument("--quiet_timeout", type=float, default=60.0,
                  help="--compare: seconds to wait for a quiet machine before each side")
 
@@ -72,12 +85,18 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _side_argv(side: str, model: str, steps: int, repeats: int,
                args: argparse.Namespace) -> list[str]:
   """The command line that runs one side once."""
+  if model == "inception":
+    python = args.torch_python if side == "pytorch_fid" else sys.executable
+    name = "fairgen_ynnpack" if side == "fairgen_xla_defaults" else side
+    return [python, os.path.join(TOOLS, "bench_inception.py"), f"--side={name}",
+            f"--batches={steps}", "--repeats=1"]
   if side.startswith("fairgen"):
     config, overrides = MODELS[model]
     argv = [sys.executable, os.path.join(TOOLS, "benchmark.py"), f"--config={config}",
             f"--repeats={repeats}", f"--steps={steps}"]
-    for item in overrides + list(args.set) + (["train.xla_options="]
-                                               if side == "fairgen_xla_defaults" else []):
+    changes = variants(args).get(side, ["train.xla_options="]
+                                 if side == "fairgen_xla_defaults" else [])
+    for item in overrides + list(args.set) + changes:
       argv += ["--set", item]
     return argv
   framework, mode = side.split("_")
@@ -87,8 +106,22 @@ def _side_argv(side: str, model: str, steps: int, repeats: int,
           f"--iters={steps}", f"--modes={mode}"]
 
 
+def variants(args: argparse.Namespace) -> dict[str, list[str]]:
+  """``--variant NAME:KEY=VALUE,...`` as {"fairgen_NAME": ["KEY=VALUE", ...]}."""
+  out = {}
+  for text in args.variant:
+    name, sep, changes = text.partition(":")
+    items = [c.strip() for c in changes.split(",") if c.strip()]
+    if not sep or not name.isidentifier() or not items or any("=" not in c for c in items):
+      cli.fail(f"--variant wants NAME:KEY=VALUE[,KEY=VALUE], got {text!r}.")
+    out[f"fairgen_{name}"] = items
+  return out
+
+
 def _parse(side: str, out: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
   """(iterations/s, others' CPU share, extras) from one side's JSON."""
+  if "median" in out.get("it_per_s", {}):  # bench_inception.py: images/s.
+    return out["it_per_s"]["median"], out["others_cpu_share"], {}
   if side.startswith("fairgen"):
     extras = {"bare_steps_per_s": out["step"]["steps_per_s"]["median"],
               "loop_overhead_pct": out["loop"]["overhead_pct"],
@@ -123,7 +156,7 @@ def run_side(side: str, model: str, steps: int, repeats: int, args: argparse.Nam
 def summarize(model: str, rounds: Sequence[dict[str, dict[str, Any]]],
               unavailable: dict[str, str]) -> dict[str, Any]:
   """Per-side series and fairgen/peer ratios from per-round results {side: result}."""
-  sides = [s for s in SIDES if any(s in r for r in rounds)]
+  sides = list(dict.fromkeys(s for r in rounds for s in r))
   out: dict[str, Any] = {"config": MODELS[model][0], "sides": {}, "ratios": {},
                          "unavailable": unavailable}
   for side in sides:
@@ -192,7 +225,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                             "rounds": args.rounds, "models": {}}
   for model in models:
     steps = args.steps_given or DEFAULT_STEPS[model]
-    active = [s for s in sides if not (s == "fairgen_xla_defaults" and model != "dcgan")]
+    extra = [s for s in variants(args) if model != "inception"]
+    active = [s for s in sides if s in MODEL_SIDES[model]] + extra
     rounds: list[dict[str, dict[str, Any]]] = []
     unavailable: dict[str, str] = {}
     for r in range(args.rounds):

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fairgen import images
+from fairgen import storage
 from fairgen.data import base
 from fairgen.data import registry
 
@@ -135,8 +136,7 @@ def _cache_path(directory: str, files: list[str], size: int, channels: int,
   for name in files:
     st = os.stat(os.path.join(directory, name))
     digest.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-  root = cache_dir or os.path.join(
-      os.environ.get("FAIRGEN_CACHE") or os.path.join("~", ".cache", "fairgen"), "image_folder")
+  root = cache_dir or os.path.join(storage.cache_dir(), "image_folder")
   return os.path.join(os.path.expanduser(root), f"{digest.hexdigest()[:32]}.npy")
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -145,12 +145,18 @@ class Loader:
 
   ``batch`` is a dict of global ``jax.Array`` sharded by ``sharding`` (the data axis).
   ``wait_seconds`` accumulates the time the consumer spent blocked on input.
+
+  ``dispatch(step)``: how many consecutive steps, from ``step``, the consumer runs in one
+  program (``train.steps_per_dispatch``). Their batches are stacked on the host and
+  transferred as one array per key, ``[n, global_batch, ...]`` with the batch axis sharded,
+  yielded once as ``(step, stacked)``; a dispatch of one step yields a plain batch.
   """
 
   def __init__(self, source: base.Source, global_batch: int, seed: int,
                sharding: jax.sharding.Sharding, start_step: int, end_step: int,
                prefetch: int = 2,
-               sampler: IndexSampler | WeightedSampler | PoissonSampler | None = None):
+               sampler: IndexSampler | WeightedSampler | PoissonSampler | None = None,
+               dispatch: Callable[[int], int] | None = None):
     self.source = source
     self.sampler = sampler or IndexSampler(len(source), global_batch, seed)
     if self.sampler.global_batch != global_batch:
@@ -158,6 +164,8 @@ class Loader:
                        f"the loader needs {global_batch}.")
     self.sharding = sharding
     self.start_step, self.end_step = start_step, end_step
+    self.global_batch = global_batch
+    self.dispatch = dispatch
     self._slice = process_slice(global_batch, jax.process_index(), jax.process_count())
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     self._stop = threading.Event()
@@ -173,30 +181,53 @@ class Loader:
       batch["mask"] = self.sampler.mask(step)[self._slice]
     return batch
 
+  def device_batch(self, step: int, size: int = 1) -> dict[str, jax.Array]:
+    """The batch of ``step`` on the devices, or the ``size`` batches from ``step`` stacked
+    (see ``dispatch``)."""
+    if size == 1:
+      return {k: jax.make_array_from_process_local_data(self.sharding, v)
+              for k, v in self.host_batch(step).items()}
+    local = [self.host_batch(s) for s in range(step, step + size)]
+    stacked = jax.sharding.NamedSharding(self.sharding.mesh,
+                                         jax.sharding.PartitionSpec(None, *self.sharding.spec))
+    out = {}
+    for k in local[0]:
+      x = np.stack([b[k] for b in local])
+      out[k] = jax.make_array_from_process_local_data(
+          stacked, x, (size, self.global_batch, *x.shape[2:]))
+    return out
+
+  def _put(self, item: object) -> bool:
+    """Queues ``item`` unless the loader is stopped first; whether it did."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def _produce(self) -> None:
     try:
-      for step in range(self.start_step, self.end_step):
-        local = self.host_batch(step)
-        batch = {k: jax.make_array_from_process_local_data(self.sharding, v)
-                 for k, v in local.items()}
-        while not self._stop.is_set():
-          try:
-            self._queue.put((step, batch), timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if self._stop.is_set():
+      step = self.start_step
+      while step < self.end_step:
+        size = min(self.dispatch(step), self.end_step - step) if self.dispatch else 1
+        if not self._put((step, self.device_batch(step, size))):
           return
+        step += size
+      self._put(None)  # The end.
     except BaseException as e:  # Surface loader errors in the consumer thread.
-      self._queue.put(e)
+      self._put(e)
 
   def __iter__(self) -> Iterator[tuple[int, dict[str, jax.Array]]]:
-    for _ in range(self.start_step, self.end_step):
+    while True:
       start = time.perf_counter()
       item = self._queue.get()
       self.wait_seconds += time.perf_counter() - start
       if isinstance(item, BaseException):
         raise item
+      if item is None:
+        return
       yield item
 
   def close(self) -> None:

@@ -129,7 +129,9 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   staircase exponential learning-rate decay (AIF360's schedule), or linear_decay_steps for
   a linear decay to 0 over that many updates of this optimizer (SNGAN's schedule);
   warmup_steps for a linear warm-up from 0 (DDPM's 5,000), and clip_norm to clip the
-  gradient's global norm first (DDPM's 1.0).
+  gradient's global norm first (DDPM's 1.0). ``flatten=True`` updates all parameters as
+  one flat vector (``optax.flatten``: one fused update instead of one per array; the same
+  update to float32 rounding, with the optimizer state in that layout).
   """
   name = cfg.get("name", "adam")
   lr = cfg["lr"]
@@ -153,6 +155,8 @@ def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
                       f"{', '.join(OPTIMIZER_NAMES)}.")
   if cfg.get("clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), tx)
+  if cfg.get("flatten"):
+    tx = optax.flatten(tx)
   return tx
 
 
@@ -176,6 +180,8 @@ def check_optimizer(cfg: Mapping[str, Any], path: str) -> None:
   if cfg.get("decay_rate") is not None:
     require(0 < cfg["decay_rate"] <= 1,
             f"{path}.decay_rate must be in (0, 1], got {cfg['decay_rate']}.")
+  require(isinstance(cfg.get("flatten", False), bool),
+          f"{path}.flatten must be True or False, got {cfg.get('flatten')!r}.")
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
