@@ -12,6 +12,7 @@ not only when run as ``python tools/x.py``. Experiment configs load with
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -79,3 +80,21 @@ def import_beside(script: str, name: str) -> types.ModuleType:
   file path (``importlib``, as the tests do) does not: this finds it either way.
   """
   return load_module(os.path.join(os.path.dirname(os.path.abspath(script)), f"{name}.py"), name)
+
+
+class QuietLibraries(logging.Filter):
+  """A filter for the launcher's log: drops the INFO chatter of Orbax and TFDS (several
+  lines per checkpoint), and turns the traceback Orbax logs beside an error of its
+  background commit thread into the record's last clause. That error reaches the main
+  thread (``wait_until_finished`` raises it), or, when a peer of a multi-process job died
+  mid-commit, the job's own one-line explanation says what happened."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(f"/{name}/" in record.pathname
+                for name in ("orbax", "tensorflow_datasets", "fsspec", "gcsfs"))
+    if noisy and record.exc_info and record.exc_info[1] is not None:
+      error = record.exc_info[1]
+      lines = str(error).strip().splitlines()
+      record.msg = f"{record.getMessage()} ({type(error).__name__}: {lines[0] if lines else ''})"
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return record.levelno >= logging.WARNING or not noisy

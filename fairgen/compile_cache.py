@@ -5,10 +5,13 @@ initial state, the train step, the samplers, the backbones). With the cache on, 
 process writes each compiled executable to a directory and later processes load it instead
 of compiling (``docs/benchmarks.md``: time to the first step, cold and warm).
 
-Where: ``--compilation_cache=DIR`` (local or ``gs://``); by default
-``$JAX_COMPILATION_CACHE_DIR`` if it is set, else ``$FAIRGEN_CACHE/xla`` (``~/.cache/fairgen/xla``)
-on the host's own disk, which is where it belongs when the workdir is on gs:// too; ``none``
-turns it off. In a multi-process job JAX writes entries from process 0 only.
+Where: ``--compilation_cache=DIR``, a local directory; by default
+``$JAX_COMPILATION_CACHE_DIR`` if it is set, else ``$FAIRGEN_CACHE/xla``
+(``~/.cache/fairgen/xla``), on the host's own disk also when the workdir is on gs://
+(a gs:// cache is refused: against an unreachable bucket JAX retries for minutes and then
+compiles anyway); ``none`` turns it off. In a multi-process job JAX writes entries from
+process 0 only, so the other hosts compile their programs until they share process 0's
+disk.
 
 What the key covers (JAX's ``jax._src.cache_key``, a SHA-256 over):
   - the program itself (its StableHLO): every value a config bakes into it (learning rates,
@@ -60,12 +63,20 @@ def enable(directory: str | None = None) -> str | None:
     The cache directory, or None when it is off.
 
   Raises:
-    StorageError: a path fairgen cannot use (see ``storage.normalize``).
+    StorageError: a remote (gs://) path, or a directory that cannot be created.
   """
   if directory is not None and directory.strip().lower() == OFF:
     jax.config.update("jax_enable_compilation_cache", False)
     return None
-  path = storage.normalize(directory or default_dir())
+  path = directory or default_dir()
+  if storage.is_remote(path):  # Unreachable buckets cost minutes of retries per program.
+    raise storage.StorageError(
+        f"{path}: the compilation cache must be a local directory (each host keeps its own).")
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise storage.StorageError(f"{path}: cannot create it ({e.strerror}).") from None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

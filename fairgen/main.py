@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from fairgen import config as config_lib
+from fairgen import cli
 from fairgen.cli import fail  # The one bad-input line, exit status 2, of every fairgen CLI.
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -29,7 +30,7 @@ _ALLOW_NEW = flags.DEFINE_bool(
     "(the old config is kept as config.<time>.json).")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None,
-    "Directory of JAX's persistent compilation cache, local or gs:// (a later run, resume or "
+    "Local directory of JAX's persistent compilation cache (a later run, resume or "
     "evaluation of the same program loads it instead of compiling); default "
     "$JAX_COMPILATION_CACHE_DIR if set, else $FAIRGEN_CACHE/xla (~/.cache/fairgen/xla); "
     "'none': off. See fairgen/compile_cache.py for what its key covers.")
@@ -93,18 +94,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of Orbax and TFDS (several lines per checkpoint)."""
-
-  def filter(self, record) -> bool:
-    noisy = any(f"/{name}/" in record.pathname
-                for name in ("orbax", "tensorflow_datasets", "fsspec", "gcsfs"))
-    return record.levelno >= logging.logging.WARNING or not noisy
-
-
 def main(argv: list[str]) -> None:
   """Runs the mode named by ``--mode`` on the parsed flags."""
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(cli.QuietLibraries())
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:

@@ -358,17 +358,20 @@ def test_each_discriminator_step_gets_its_own_real_micro_batch(loss):
 
 
 def test_training_batches_are_split_over_the_data_axis(monkeypatch, workdir):
-  """On 8 devices each device holds 1/8 of the batch the loop trains on, in the step too."""
+  """On 8 devices each device holds 1/8 of the batch the loop trains on, in the step too;
+  with 2 steps per dispatch the loader's stacked ``[2, batch, ...]`` arrays are split on
+  the batch axis alike. (``test_train.py``'s 1-vs-8-device test covers one step per
+  dispatch.)"""
   config = load_config("vae_mnist", "smoke", **{
       "mesh.data": 8, "train.num_steps": 2, "train.checkpoint_every_steps": 2,
-      "log.every_steps": 2, "log.sample_every_steps": 1000})
+      "log.every_steps": 2, "log.sample_every_steps": 1000, "train.steps_per_dispatch": 2})
   loaded, inside = [], []
 
   class RecordingLoader(data.Loader):
 
     def __iter__(self):
       for step, batch in super().__iter__():
-        loaded.append((batch, self.host_batch(step)))
+        loaded.append((batch, [self.host_batch(step), self.host_batch(step + 1)]))
         yield step, batch
 
   monkeypatch.setattr(data, "Loader", RecordingLoader)
@@ -377,26 +380,27 @@ def test_training_batches_are_split_over_the_data_axis(monkeypatch, workdir):
   train.train_and_evaluate(config, workdir)
 
   mesh = parallel.make_mesh(8)
-  want = parallel.data_sharding(mesh)
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
   n, per = config.train.batch_size, config.train.batch_size // 8
-  assert len(loaded) == 2
-  for batch, host in loaded:
+  assert len(loaded) == 1  # Steps 0 and 1, stacked.
+  for batch, hosts in loaded:
     for key, array in batch.items():
-      assert array.shape[0] == n, key
+      assert array.shape[:2] == (2, n), key
       assert not array.sharding.is_fully_replicated, key
       assert array.sharding.is_equivalent_to(want, array.ndim), (key, array.sharding)
-      shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+      shards = sorted(array.addressable_shards, key=lambda s: s.index[1].start or 0)
       assert len({s.device for s in shards}) == 8, key
       for k, shard in enumerate(shards):
-        assert shard.data.shape == (per,) + array.shape[1:], (key, shard.data.shape)
-        np.testing.assert_array_equal(np.asarray(shard.data), host[key][k * per:(k + 1) * per])
+        assert shard.data.shape == (2, per) + array.shape[2:], (key, shard.data.shape)
+        np.testing.assert_array_equal(
+            np.asarray(shard.data), np.stack([h[key][k * per:(k + 1) * per] for h in hosts]))
   # The compiled step takes the batch with the same split (reported while it compiles).
   assert inside
-  image_shape = (n,) + tuple(loaded[0][0]["image"].shape[1:])
+  image_shape = (n,) + tuple(loaded[0][0]["image"].shape[2:])
   for sharding in inside:
     assert not sharding.is_fully_replicated
     assert sharding.shard_shape(image_shape) == (per,) + image_shape[1:]
-    assert sharding.is_equivalent_to(want, len(image_shape))
+    assert sharding.is_equivalent_to(parallel.data_sharding(mesh), len(image_shape))
 
 
 # --- 3. Exact resume. ----------------------------------------------------------------------

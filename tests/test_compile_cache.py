@@ -70,3 +70,18 @@ def test_what_changes_a_program_is_in_the_key(first, tmp_path, change, overrides
   counts, changed = _train(str(tmp_path / "changed"), cache, *overrides, env=env)
   assert counts["compiled"] >= 1 and (counts["loaded"] >= 1) == shared, (change, counts)
   assert changed != first_result, change
+
+
+@pytest.mark.parametrize("cache,fragment", [
+    ("gs://bucket/xla", "the compilation cache must be a local directory"),
+    ("/proc/no/such/dir", "cannot create it"),
+])
+def test_an_unusable_cache_directory_is_one_error_line(tmp_path, cache, fragment):
+  """Refused before anything compiles (against an unreachable bucket JAX would retry for
+  minutes per program, then compile anyway)."""
+  proc = run_main(CONFIG, f"--workdir={tmp_path / 'w'}", f"--compilation_cache={cache}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert lines[-1].startswith(f"fairgen: error: --compilation_cache={cache}: ") and \
+      fragment in lines[-1], lines[-1]
+  assert not (tmp_path / "w").exists()

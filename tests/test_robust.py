@@ -326,3 +326,24 @@ def test_a_replicated_save_writes_small_arrays_whole_and_splits_large_ones(tmp_p
   ckpt.close()
   for key in state:
     np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
+
+
+def test_the_launchers_log_keeps_orbax_errors_and_drops_their_tracebacks():
+  """``cli.QuietLibraries``: Orbax's error of a background commit (a peer died at its
+  barrier) stays one log line naming the error, without the traceback that would sit
+  beside the job's one-line explanation; Orbax's INFO chatter goes, other records stay."""
+  from fairgen import cli
+  quiet = cli.QuietLibraries()
+  orbax = "/site-packages/orbax/checkpoint/_src/checkpointers/async_checkpointer.py"
+  try:
+    raise TimeoutError("Timed out while waiting for async_write_complete barrier.\nmore")
+  except TimeoutError:
+    record = logging.LogRecord("absl", logging.ERROR, orbax, 1, "Failed %s", ("commit",),
+                               sys.exc_info())
+  assert quiet.filter(record) and record.exc_info is None
+  assert record.getMessage() == ("Failed commit (TimeoutError: Timed out while waiting for "
+                                 "async_write_complete barrier.)")
+  assert "Traceback" not in logging.Formatter().format(record)
+  chatter = logging.LogRecord("absl", logging.INFO, orbax, 1, "Saving", (), None)
+  ours = logging.LogRecord("absl", logging.INFO, "/work/fairgen/train.py", 1, "Step", (), None)
+  assert not quiet.filter(chatter) and quiet.filter(ours)
