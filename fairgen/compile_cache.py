@@ -10,8 +10,8 @@ Where: ``--compilation_cache=DIR``, a local directory; by default
 (``~/.cache/fairgen/xla``), on the host's own disk also when the workdir is on gs://
 (a gs:// cache is refused: against an unreachable bucket JAX retries for minutes and then
 compiles anyway); ``none`` turns it off. In a multi-process job JAX writes entries from
-process 0 only, so the other hosts compile their programs until they share process 0's
-disk.
+process 0 only: the other hosts load programs only from a directory they share with it
+(e.g. a mounted network disk), and otherwise compile their own every time.
 
 What the key covers (JAX's ``jax._src.cache_key``, a SHA-256 over):
   - the program itself (its StableHLO): every value a config bakes into it (learning rates,
@@ -24,9 +24,10 @@ What the key covers (JAX's ``jax._src.cache_key``, a SHA-256 over):
     change the executable);
   - the device kinds, the backend and its version (a jaxlib upgrade starts afresh).
 A config value that is not in any program (a directory, a logging interval) leaves the key
-alone, rightly: the program is the same. ``tests/test_compile_cache.py`` runs configs that
-differ in a learning rate, in ``train.xla_options`` and in the device count against one
-warm cache, and checks each run's result against the same run without a cache.
+alone, rightly: the program is the same. ``tests/test_compile_cache.py`` checks that a warm
+run (and one with the cache off) trains exactly as the cold one did, and that runs which
+differ in a learning rate, in ``train.xla_options`` or in the device count compile their
+own programs against the same warm cache instead of repeating the first run's losses.
 """
 
 from __future__ import annotations
