@@ -18,23 +18,29 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fairgen import config as config_lib
+
 DATA_AXIS = "data"
 # Set by tools/launch_local.py (with JAX's own JAX_COORDINATOR_ADDRESS) for each process.
 NUM_PROCESSES_ENV, PROCESS_ID_ENV = "FAIRGEN_NUM_PROCESSES", "FAIRGEN_PROCESS_ID"
 
 
-# XLA:CPU's convolutions on Eigen instead of YNNPACK (an XLA compile option): 1.4x the DCGAN's
-# steps/s and 2.2x the Inception-v3's images/s on the 2-core AMD EPYC (docs/benchmarks.md).
+# XLA:CPU's convolutions on Eigen instead of YNNPACK (an XLA compile option, in
+# train.xla_options' syntax): 1.4x the DCGAN's steps/s and 2.35x the Inception-v3's images/s
+# on the 2-core AMD EPYC (docs/benchmarks.md).
 EIGEN_CONVOLUTIONS = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
-def cpu_convolution_options() -> dict[str, str]:
+def cpu_convolution_options() -> dict[str, bool | int | float | str]:
   """``jax.jit``'s ``compiler_options`` that put convolutions on Eigen, on a CPU backend
   (``EIGEN_CONVOLUTIONS``); none on GPU and TPU, whose compilers do not read the option."""
-  if jax.default_backend() != "cpu":
-    return {}
-  name, _, value = EIGEN_CONVOLUTIONS.removeprefix("--").partition("=")
-  return {name: value}
+  return config_lib.xla_options(EIGEN_CONVOLUTIONS) if jax.default_backend() == "cpu" else {}
+
+
+def stacked_sharding(sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` of a batch, for the batches of several steps stacked on a new leading
+  axis (``train.steps_per_dispatch``): that axis whole, the batch axis split as before."""
+  return NamedSharding(sharding.mesh, P(None, *sharding.spec))
 
 
 class MeshError(ValueError):

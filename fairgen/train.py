@@ -124,9 +124,9 @@ class TrainStep:
     self._jitted = jax.jit(
         step, in_shardings=(exp.state_shardings, data, repl, repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
-    stacked = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(None, *data.spec))
     self._jitted_steps = jax.jit(
-        steps, in_shardings=(exp.state_shardings, stacked, repl, repl, repl),
+        steps, in_shardings=(exp.state_shardings, parallel.stacked_sharding(data), repl, repl,
+                             repl),
         out_shardings=(exp.state_shardings, repl), donate_argnums=0, compiler_options=options)
     self.mesh, self._data = exp.mesh, data
     self._zero_total: dict[str, jax.Array] | None = None  # Made at the first ``steps``.

@@ -18,8 +18,10 @@ the cold run (for ``resume``, after the run it resumes; for ``evaluate``, after 
 evaluation). Each round makes fresh directories under ``--root``.
 
 Output: a Markdown table on stderr (for docs/benchmarks.md, with the date, machine and this
-command) and one JSON object on stdout: {"date", "cpu", "rounds", "scenarios": {name:
-{"cold_s": [...], "warm_s": [...], "warm_over_cold": median ratio, "loaded", "compiled"}}}.
+command) and one JSON object on stdout: {"date", "machine" ({"cpu", "cores", "flags"}, as
+``benchmark.py --compare`` reports it), "rounds", "scenarios": {name:
+{"cold_s": [...], "warm_s": [...], "warm_over_cold": median ratio, "cold_compiled",
+"warm_loaded", "warm_compiled" (programs, the last round's)}}}.
 """
 
 from __future__ import annotations
@@ -153,11 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{warm['seconds']} s", file=sys.stderr, flush=True)
   summary = summarize(results)
   print(markdown(summary), file=sys.stderr, flush=True)
-  cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-              if line.startswith("model name")), "unknown") if os.path.exists(
-                  "/proc/cpuinfo") else "unknown"
-  print(json.dumps({"date": datetime.date.today().isoformat(), "cpu": cpu,
-                    "cores": os.cpu_count(), "rounds": args.rounds, "scenarios": summary}))
+  machine = cli.import_beside(__file__, "compare_peers").machine()
+  print(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine,
+                    "rounds": args.rounds, "scenarios": summary}))
 
 
 if __name__ == "__main__":

@@ -88,15 +88,9 @@ def _fairgen_apply(side: str) -> tuple[Callable[[np.ndarray], np.ndarray], Any]:
   from fairgen.classifiers import backbones, inception  # pylint: disable=g-import-not-at-top
   variables = jax.jit(inception.FIDInceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, inception.INPUT_SIZE, inception.INPUT_SIZE, 3)))
-  options = {} if side == "fairgen_ynnpack" else None  # None: the loader's own choice.
-  if options is None:
-    from fairgen import parallel  # pylint: disable=g-import-not-at-top
-    options = parallel.cpu_convolution_options()
-  backbone = backbones.Backbone(
-      "inception_v3", "", {}, backbones._inception_apply("bilinear", True),  # pylint: disable=protected-access
-      variables, image_shape=None, feature_dim=inception.FEATURE_DIM,
-      num_classes=inception.NUM_CLASSES, chunk_size=backbones.INCEPTION_CHUNK,
-      compiler_options=options)
+  # None: the loaded backbone's own options (Eigen convolutions on a CPU); {}: XLA's defaults.
+  options = {} if side == "fairgen_ynnpack" else None
+  backbone = backbones.inception_backbone(variables, compiler_options=options)
   return backbone.features, backbone
 
 

@@ -384,9 +384,9 @@ def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
   """Loads the FID Inception-v3 from the ``.npz`` that ``tools/convert_inception.py`` wrote.
 
   On a CPU the network's convolutions run on Eigen (``parallel.cpu_convolution_options``):
-  XLA:CPU's default, YNNPACK, ran it at 0.7x pytorch-fid's images/s, Eigen at 1.6x
-  (``tools/benchmark.py --compare inception``); the outputs agree with pytorch-fid's to 1e-4
-  either way.
+  with XLA:CPU's default, YNNPACK, it ran at 0.83x pytorch-fid's images/s, with Eigen at
+  1.91x (``tools/benchmark.py --compare inception``, docs/benchmarks.md); the outputs agree
+  with pytorch-fid's to 1e-4 either way.
 
   Args:
     path: the ``.npz`` file (local or gs://); read without pickle.
@@ -418,7 +418,23 @@ def load_inception(path: str, resize: str = "bilinear", quantize: bool = True,
           "provenance": {"weights_sha256": hashlib.sha256(raw).hexdigest(),
                          "resize": resize, "quantize": bool(quantize),
                          "input_size": inception.INPUT_SIZE}}
-  return Backbone("inception_v3", path, info, _inception_apply(resize, bool(quantize)),
+  return inception_backbone(variables, resize, quantize, path=path, info=info,
+                            chunk_size=chunk_size, devices=devices)
+
+
+def inception_backbone(variables: Any, resize: str = "bilinear", quantize: bool = True, *,
+                       path: str = "", info: Mapping[str, Any] | None = None,
+                       chunk_size: int = INCEPTION_CHUNK, devices: int = 1,
+                       compiler_options: Mapping[str, Any] | None = None) -> Backbone:
+  """The ``inception_v3`` backbone over ``variables`` (``inception_variables``' tree).
+
+  ``compiler_options``: the network's XLA compile options; None: Eigen convolutions on a CPU
+  (``parallel.cpu_convolution_options``), none elsewhere. The other arguments are
+  ``load_inception``'s, plus ``path`` and ``info`` for ``Backbone.describe``.
+  """
+  if compiler_options is None:
+    compiler_options = parallel.cpu_convolution_options()
+  return Backbone("inception_v3", path, info or {}, _inception_apply(resize, bool(quantize)),
                   variables, image_shape=None, feature_dim=inception.FEATURE_DIM,
                   num_classes=inception.NUM_CLASSES, chunk_size=chunk_size,
-                  devices=devices, compiler_options=parallel.cpu_convolution_options())
+                  devices=devices, compiler_options=compiler_options)

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
+from fairgen import parallel
 from fairgen.data import base
 
 
@@ -188,8 +189,7 @@ class Loader:
       return {k: jax.make_array_from_process_local_data(self.sharding, v)
               for k, v in self.host_batch(step).items()}
     local = [self.host_batch(s) for s in range(step, step + size)]
-    stacked = jax.sharding.NamedSharding(self.sharding.mesh,
-                                         jax.sharding.PartitionSpec(None, *self.sharding.spec))
+    stacked = parallel.stacked_sharding(self.sharding)
     out = {}
     for k in local[0]:
       x = np.stack([b[k] for b in local])
