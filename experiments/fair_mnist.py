@@ -12,7 +12,9 @@ without losing quality. Evaluation is against the balanced held-out digits.
 ``model``: dcgan (default) | vae (baseline, importance, resample, and conditional: a
 conditional VAE on the group, sampled with the target prior) | ddpm (the same four; its
 conditional is classifier-free guidance on the group, w = 1, the group drawn from the
-target prior; ``experiments/ddpm_mnist.py``'s U-Net and 50-step DDIM sampler).
+target prior; ``experiments/ddpm_mnist.py``'s U-Net and 50-step DDIM sampler) | edm | flow
+(the same four, as ddpm; ``edm_mnist.py``'s and ``flow_mnist.py``'s 35-evaluation Heun
+samplers).
 ``attribute``: digit_group (default) | color (two stroke colours, shape-independent).
 Flag ``smoke``: a tiny run for tests. The penalty and the fairness evaluators need the
 attribute classifier (``tools/train_classifier.py --dataset=biased_mnist --label=attr
@@ -24,7 +26,7 @@ from fairgen import config as config_lib
 from fairgen import experiment
 from fairgen import fairness
 
-CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae", "ddpm"),
+CHOICES = {"method": fairness.METHODS, "model": ("dcgan", "vae", "ddpm", "edm", "flow"),
            "attribute": ("digit_group", "color")}
 
 
@@ -51,6 +53,19 @@ def _ddpm(c, method):
     c.model.conditional = True
 
 
+def _edm_or_flow(name):
+  """edm_mnist.py's or flow_mnist.py's U-Net and 18-step Heun sampler (35 evaluations);
+  guidance w = 1 for the conditional method (classifier-free guidance on the group)."""
+  def section(c, method):
+    c.model = dict(name="unet", ch=16, num_res_blocks=1, attn_resolutions=(7,), dropout=0.0,
+                   condition_key="attr")
+    c.objective = dict(name=name, guidance=1.0)
+    c.optim = dict(name="adam", lr=1e-3, b1=0.9, b2=0.999)
+    if method == "conditional":
+      c.model.conditional = True
+  return section
+
+
 def _vae(c, method):
   """An MLP VAE with a Bernoulli likelihood; a conditional VAE on the group for the
   conditional method."""
@@ -61,11 +76,14 @@ def _vae(c, method):
     c.model.update(conditional=True, condition_key="attr")
 
 
-MODEL_SECTIONS = {"dcgan": _dcgan, "ddpm": _ddpm, "vae": _vae}
+MODEL_SECTIONS = {"dcgan": _dcgan, "ddpm": _ddpm, "vae": _vae, "edm": _edm_or_flow("edm"),
+                  "flow": _edm_or_flow("flow")}
 # The smoke variant's model sizes.
 SMOKE_SIZES = {"dcgan": dict(width=0.125, latent_dim=16),
                "ddpm": dict(ch=8, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.0),
-               "vae": dict(hidden=(32, 16), latent_dim=4)}
+               "vae": dict(hidden=(32, 16), latent_dim=4),
+               "edm": dict(ch=8, ch_mult=(1, 2), attn_resolutions=(14,)),
+               "flow": dict(ch=8, ch_mult=(1, 2), attn_resolutions=(14,))}
 
 
 def get_config(arg=None):
@@ -79,7 +97,8 @@ def get_config(arg=None):
   c.data.eval_options = dict(subset="balanced")
   MODEL_SECTIONS[args["model"]](c, method)
   c.train.num_steps = 2000
-  c.train.batch_size = 32 if args["model"] == "ddpm" else 64  # DDPM: ddpm_mnist.py's.
+  # The diffusion families: their own configs' batch of 32.
+  c.train.batch_size = 32 if args["model"] in ("ddpm", "edm", "flow") else 64
   c.train.checkpoint_every_steps = 1000
   c.log.every_steps = 100
   c.log.sample_every_steps = 1000
@@ -93,4 +112,6 @@ def get_config(arg=None):
     c.model.update(SMOKE_SIZES[args["model"]])
     if args["model"] == "ddpm":
       c.objective.update(timesteps=20, sample_steps=4)
+    elif args["model"] in ("edm", "flow"):
+      c.objective.sample_steps = 3
   return experiment.complete(c)

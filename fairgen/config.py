@@ -26,7 +26,15 @@ FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair", "privacy")
 # Keys of those sections that only affect evaluation, so evaluating with other values is
 # not "another experiment".
 EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",
-                  "fair.group_samples", "objective.standing_stats")
+                  "fair.group_samples", "objective.standing_stats",
+                  # The iterative samplers' settings and the ODE likelihood's: a trained
+                  # model may be sampled and evaluated with any of them.
+                  "objective.sampler", "objective.sample_steps", "objective.guidance",
+                  "objective.ddim_eta", "objective.clip_denoised", "objective.sigma_min",
+                  "objective.sigma_max", "objective.rho", "objective.s_churn",
+                  "objective.s_tmin", "objective.s_tmax", "objective.s_noise",
+                  "objective.sample_tol", "objective.temperature", "objective.top_k",
+                  "objective.likelihood_probes", "objective.likelihood_tol")
 # Keys added to the configs after workdirs were written without them, at the value those
 # workdirs ran with: left out of the fingerprint at that value, so that such a workdir still
 # resumes, and a run with another value is still another experiment. Only for a fingerprint

@@ -114,7 +114,8 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
   The fairness method's generator penalty (``fair.method='penalty'``) joins the generator's
   loss (only ``for_training``: evaluation and sampling never run the step, so they do not
   load its classifier); a group-conditional generator samples its groups from
-  ``fair.target``. ``dp``: the objective trains its data-seeing networks by DP-SGD, through
+  ``fair.target``, and so does a sampler guided toward groups (``fair.method='guidance'``,
+  whose classifier every mode loads). ``dp``: the objective trains its data-seeing networks by DP-SGD, through
   the one ``privacy.DpGradient`` it is handed.
   """
   modules = build_model(config, spec)
@@ -125,6 +126,9 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
       extras["penalty"] = penalty
   if dp is not None:
     extras["privacy"] = privacy.DpGradient(dp)
+  guidance = fairness.sampler_guidance(config, spec)  # Sampling needs it, training too.
+  if guidance is not None:
+    extras["group_guidance"] = guidance
   objective = objectives.build(config.objective, config.optim, modules, spec, **extras)
   probs = fairness.label_probs(config, objective.num_classes)
   return dataclasses.replace(objective, label_probs=probs) if probs else objective

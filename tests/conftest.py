@@ -252,7 +252,8 @@ def assert_resume_is_exact(config, tmp_path, stop: int, straight: str | None = N
 # (setup.cfg's --no-loadscope-reorder; xdist's default order is by number of tests, which
 # started a 100 s one-test file last and left one core idle for a minute at the end).
 # Longest first leaves the short files to even out the two workers' ends.
-SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_docs.py", "test_fair.py", "test_privacy_audit.py",
+SLOW_FILES = ("test_diffusion.py", "test_train.py", "test_docs.py", "test_fair.py",
+              "test_edm_flow.py", "test_privacy_audit.py",
               "test_privacy_wiring.py", "test_privacy.py", "test_host_failure.py",
               "test_multiprocess.py",
               "test_behaviour_loop.py", "test_behaviour_fair.py", "test_robust.py",

@@ -115,6 +115,12 @@ def test_an_unwritable_workdir_is_refused_before_training(code, tmp_path, monkey
     ("vae_mnist", "eval.kid_subset_size", 1, "eval.kid_subset_size must be >= 2"),
     ("ddpm_mnist", "objective.sample_steps", 50, "objective.sample_steps must be an integer"),
     ("ddpm_mnist", "optim.warmup_steps", -5, "optim.warmup_steps must be >= 0"),
+    ("edm_mnist", "objective.parameterization", "vpsde", "objective.parameterization must be"),
+    ("edm_mnist", "objective.sigma_min", 90.0, "objective.sigma_min and sigma_max must"),
+    ("edm_mnist", "objective.s_churn", -1.0, "objective.s_churn must be >= 0"),
+    ("flow_mnist", "objective.sampler", "rk4", "objective.sampler must be one of euler, heun"),
+    ("flow_mnist", "objective.noise_multiplicity", 0, "objective.noise_multiplicity must be a"),
+    ("fair_mnist", "fair.guidance.scale", -1.0, "fair.guidance.scale must be >= 0"),
 ])
 def test_impossible_values_name_their_key(name, key, value, fragment):
   config = load_config(name, "smoke")

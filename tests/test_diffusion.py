@@ -15,7 +15,7 @@ from scipy import stats
 
 from conftest import assert_resume_is_exact, load_config
 from fairgen import experiment, train
-from fairgen.objectives import diffusion
+from fairgen.objectives import denoising, diffusion
 from fairgen.objectives import diffusion_process as dp
 
 
@@ -182,7 +182,7 @@ def test_guidance_combines_the_conditional_and_unconditional_outputs():
   cond, uncond = f(y), f(jnp.full(3, 10))
   assert not np.allclose(cond, uncond, atol=1e-4) and not np.allclose(cond, f(y + 1), atol=1e-4)
   for w in (0.0, 2.5):
-    np.testing.assert_allclose(jax.jit(diffusion._guided, static_argnums=(0, 5))(
+    np.testing.assert_allclose(jax.jit(denoising.guided, static_argnums=(0, 5))(
         model, params, x, t, y, w),
                                (1 + w) * cond - w * uncond, rtol=1e-4, atol=1e-5)
 
@@ -192,9 +192,9 @@ def test_training_drops_labels_at_the_configured_rate(monkeypatch):
   seen = []
   original = diffusion.per_example_loss
 
-  def spy(model, params, schedule, prediction, x0, labels, rng, train=True):
+  def spy(model, params, x0, labels, rng, **kwargs):
     seen.append(labels)
-    return original(model, params, schedule, prediction, x0, labels, rng, train)
+    return original(model, params, x0, labels, rng, **kwargs)
 
   monkeypatch.setattr(diffusion, "per_example_loss", spy)
   config = load_config("ddpm_mnist", "smoke", **{"model.conditional": True,

@@ -134,10 +134,16 @@ def case(name):
     # The adversary has 5 parameters: 256 keys give 1,280 noise draws.
     return Case(config, table_batch, path, config.optim.b1,
                 keys=256 if name == "debias" else 1)
+  if name == "edm":  # DPDM: the denoiser's update, with noise multiplicity and guidance.
+    config = load_config("dp_diffusion_mnist", "smoke", **PRIVATE)
+    # A one-block DiT: the objective's wiring is the network's, and it compiles in seconds.
+    config.model = {"name": "dit", "patch": 7, "hidden": 32, "depth": 1, "heads": 2,
+                    "conditional": True}
+    return Case(config, image_batch, ("opt",), config.optim.b1)
   raise ValueError(name)
 
 
-CASES = ("vae", "gan", "weighted_gan", "debias", "debias_plain")
+CASES = ("vae", "gan", "weighted_gan", "debias", "debias_plain", "edm")
 
 
 class Built:

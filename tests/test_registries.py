@@ -95,7 +95,8 @@ def test_builtin_entries_live_beside_their_networks_and_loaders():
       "dcgan": "fairgen.models.dcgan", "resnet_gan": "fairgen.models.resnet_gan",
       "vae": "fairgen.models.vae", "unet": "fairgen.models.unet",
       "fair_mlp": "fairgen.models.tabular", "pixel_transformer": "fairgen.models.transformer",
-      "vfae": "fairgen.models.vfae", "tabgan": "fairgen.models.tabgan"}
+      "vfae": "fairgen.models.vfae", "tabgan": "fairgen.models.tabgan",
+      "dit": "fairgen.models.dit", "ddpmpp": "fairgen.models.ddpmpp"}
   loaders = {name: data.DATASETS.get(name).loader.__module__ for name in data.DATASETS.names()
              if data.DATASETS.get(name).loader.__module__.startswith("fairgen.")}
   assert set(loaders.values()) == {
@@ -107,7 +108,7 @@ def test_builtin_entries_live_beside_their_networks_and_loaders():
   assert builds == {name: f"fairgen.objectives.{module}" for name, module in (
       ("gan", "gan"), ("vae", "vae"), ("diffusion", "diffusion"), ("vfae", "vfae"),
       ("adversarial_debiasing", "debias"), ("autoregressive", "autoregressive"),
-      ("tabgan", "tabgan"))}
+      ("tabgan", "tabgan"), ("edm", "edm"), ("flow", "flow"))}
   hooks = {name: fairness.METHODS.get(name).prepare for name in ("importance", "resample")}
   assert {name: hook.__module__ for name, hook in hooks.items()} == {
       "importance": "fairgen.fairness.importance", "resample": "fairgen.fairness.resample"}

@@ -20,6 +20,8 @@ conditional   the generator is conditioned on the group (``model.conditional``, 
 penalty       ``L_G + lambda * L_F``: ``L_F`` is KL or L2 between the batch-mean   gan
               predicted group distribution of generated samples (a frozen
               attribute classifier) and the target.
+guidance      at sampling, each denoised estimate moves up the frozen attribute    edm
+              classifier's log-probability of the sample's target group.
 ============  =================================================================  ===========
 
 Each method is one module that registers a ``registry.Method``: its own ``fair`` keys and
@@ -31,7 +33,8 @@ its own methods below.
 
 Modules: ``registry`` (``Method``, ``METHODS``), ``methods`` (the ``fair`` config section,
 targets, the calls into the chosen method), one module per method (``baseline``,
-``importance`` with ``density_ratio``, ``resample``, ``conditional``, ``penalty``).
+``importance`` with ``density_ratio``, ``resample``, ``conditional``, ``penalty``,
+``guidance``).
 """
 
 # The one list of the package's methods, in the order they are listed; each registers itself.
@@ -40,14 +43,17 @@ from fairgen.fairness import importance  # noqa: F401
 from fairgen.fairness import resample  # noqa: F401
 from fairgen.fairness import conditional  # noqa: F401
 from fairgen.fairness import penalty  # noqa: F401
+from fairgen.fairness import guidance  # noqa: F401
 from fairgen.fairness.methods import (attribute_classifier, fair_section, generator_penalty,
                                       label_probs, make_smoke, method, prepare, private_prior,
-                                      target_distribution, validate, weight_bound)
+                                      sampler_guidance, target_distribution, validate,
+                                      weight_bound)
 from fairgen.fairness.penalty import Penalty, attribute_penalty
 from fairgen.fairness.registry import CAPABILITIES, METHODS, Method
 from fairgen.fairness.resample import resample_probs
 
 __all__ = ["CAPABILITIES", "METHODS", "Method", "Penalty", "attribute_classifier",
            "attribute_penalty", "fair_section", "generator_penalty", "label_probs", "make_smoke",
-           "method", "prepare", "private_prior", "resample_probs", "target_distribution",
+           "method", "prepare", "private_prior", "resample_probs", "sampler_guidance",
+           "target_distribution",
            "validate", "weight_bound"]

@@ -108,6 +108,13 @@ def generator_penalty(config: ml_collections.ConfigDict, spec: data.DataSpec) ->
   return None if hook is None else hook(config, spec)
 
 
+def sampler_guidance(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
+  """The method's guidance of a sampler toward the target groups (a ``GroupGuidance``), or
+  None."""
+  hook = _chosen(config).guidance
+  return None if hook is None else hook(config, spec)
+
+
 def target_distribution(config: ml_collections.ConfigDict, num_groups: int) -> np.ndarray:
   """``fair.target`` as a float64 [num_groups] array (uniform when unset)."""
   target = config.fair.target if "fair" in config else None
@@ -152,8 +159,10 @@ def prepare(config: ml_collections.ConfigDict, source: data.Source, workdir: str
 
 def label_probs(config: ml_collections.ConfigDict, num_classes: int
                 ) -> tuple[float, ...] | None:
-  """The prior of a group-conditional generator's labels: ``fair.target`` (None: uniform)."""
-  if config.model.get("condition_key") != "attr" or "fair" not in config:
+  """The prior of a group-conditional generator's labels, or of the groups a guided sampler
+  steers toward: ``fair.target`` (None: uniform)."""
+  if "fair" not in config or (config.model.get("condition_key") != "attr"
+                              and _chosen(config).guidance is None):
     return None
   if config.fair.target is None:
     return None

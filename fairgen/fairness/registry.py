@@ -15,7 +15,10 @@ Hooks, in the order a run meets them:
 - ``penalty(config, spec)``: an extra generator loss term (``GeneratorPenalty``), only for
   objectives with the ``generator_penalty`` capability;
 - ``prepare(config, source, workdir, global_batch)``: the training split and the sampler the
-  loop draws batches with (weights as a ``weight`` column, or a ``WeightedSampler``).
+  loop draws batches with (weights as a ``weight`` column, or a ``WeightedSampler``);
+- ``guidance(config, spec)``: a sampler's guidance toward the target groups
+  (``fairgen.objectives.denoising.GroupGuidance``), only for objectives with the
+  ``sampling_guidance`` capability.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from fairgen.registry import Registry
 
 # What an objective can declare (``fairgen.objectives.Entry.capabilities``) for methods that
 # need more than per-example weights and batches: a generator conditioned on groups, and an
-# extra generator loss term.
-CAPABILITIES = ("conditional", "generator_penalty")
+# extra generator loss term, and an iterative sampler that can be guided toward groups.
+CAPABILITIES = ("conditional", "generator_penalty", "sampling_guidance")
 
 Prepare = Callable[[ml_collections.ConfigDict, data.Source, str, int],
                    tuple[data.Source, Any]]
@@ -55,6 +58,7 @@ class Method:
     penalty: ``(config, spec) -> GeneratorPenalty``: the generator's extra loss term.
     weight_bound: ``config -> float``: the largest per-example weight of a batch.
     private_prior: ``(config, num_examples) -> ((sigma, rate, draws, batch), ...)``.
+    guidance: ``(config, spec) -> GroupGuidance``: the sampler's guidance toward groups.
   """
 
   summary: str
@@ -66,6 +70,7 @@ class Method:
   penalty: Callable[[ml_collections.ConfigDict, Any], Any] | None = None
   weight_bound: Callable[[ml_collections.ConfigDict], float] | None = None
   private_prior: Callable[[ml_collections.ConfigDict, int], tuple] | None = None
+  guidance: Callable[[ml_collections.ConfigDict, Any], Any] | None = None
 
 
 METHODS: Registry[Method] = Registry("fair.method")

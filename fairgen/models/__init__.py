@@ -15,6 +15,8 @@ registry is complete.
 """
 
 from fairgen.models import dcgan
+from fairgen.models import ddpmpp
+from fairgen.models import dit
 from fairgen.models import resnet_gan
 from fairgen.models import tabgan
 from fairgen.models import tabular

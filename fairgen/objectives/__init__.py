@@ -11,6 +11,8 @@ objective defined elsewhere registers itself the same way.
 from fairgen.objectives import autoregressive  # noqa: F401
 from fairgen.objectives import debias  # noqa: F401
 from fairgen.objectives import diffusion  # noqa: F401
+from fairgen.objectives import edm  # noqa: F401
+from fairgen.objectives import flow  # noqa: F401
 from fairgen.objectives import gan  # noqa: F401
 from fairgen.objectives import tabgan  # noqa: F401
 from fairgen.objectives import vae  # noqa: F401

@@ -24,13 +24,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fairgen.config import ConfigError, require
-from fairgen.models.unet import UNet
+from fairgen.config import require
 from fairgen.objectives import base
+from fairgen.objectives import denoising
 from fairgen.objectives import diffusion_process as dp
-from fairgen.objectives import losses
 from fairgen.objectives.registry import OBJECTIVES, Entry
 
 SAMPLERS = ("ddim", "ancestral")
@@ -75,19 +73,8 @@ def check(cfg: Mapping[str, Any]) -> None:
   require(cfg["ddim_eta"] >= 0, f"objective.ddim_eta must be >= 0, got {cfg['ddim_eta']}.")
 
 
-def init(model: UNet, image_shape: tuple[int, ...], tx: optax.GradientTransformation,
-         rng: jax.Array) -> base.State:
-  """The initial state: step, params, opt and the EMA of the params."""
-  x = jnp.zeros((1,) + tuple(image_shape))
-  zeros = jnp.zeros((1,), jnp.int32)
-  params = model.init({"params": rng}, x, zeros, zeros if model.num_classes else None
-                      )["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params),
-          "ema": params}
-
-
-def per_example_loss(model: UNet, params: Any, schedule: dp.Schedule, prediction: str,
-                     x0: jax.Array, labels: jax.Array | None, rng: jax.Array,
+def per_example_loss(model: Any, params: Any, x0: jax.Array, labels: jax.Array | None,
+                     rng: jax.Array, *, schedule: dp.Schedule, prediction: str,
                      train: bool = True) -> jax.Array:
   """Ho et al.'s ``L_simple`` per example: the mean squared error of the network's
   ``eps`` (``x0``, ``v``) at a uniform timestep, averaged over pixels (equal weight for
@@ -101,53 +88,7 @@ def per_example_loss(model: UNet, params: Any, schedule: dp.Schedule, prediction
   return jnp.mean(err, axis=tuple(range(1, x0.ndim)))
 
 
-def train_step(state: base.State, batch: base.Batch, rng: jax.Array, *, model: UNet,
-               tx: optax.GradientTransformation, schedule: dp.Schedule, prediction: str,
-               ema_decay: float, label_dropout: float
-               ) -> tuple[base.State, base.Metrics]:
-  """One update of the denoising loss (importance weights from ``batch['weight']``)."""
-  rng = jax.random.fold_in(rng, state["step"])
-  k_loss, k_label = jax.random.split(rng)
-  labels = None
-  if model.num_classes:  # Classifier-free guidance: some labels become "no label".
-    labels = batch[model.condition_key].astype(jnp.int32)
-    drop = jax.random.bernoulli(k_label, label_dropout, labels.shape)
-    labels = jnp.where(drop, model.num_classes, labels)
-
-  def loss_fn(params):
-    per_example = per_example_loss(model, params, schedule, prediction, batch["image"],
-                                   labels, k_loss)
-    return losses.weighted_mean(per_example, batch.get("weight"))
-
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  ema = base.ema_update(state["ema"], params, state["step"], ema_decay)
-  metrics = {"loss": loss, "grad_norm": base.global_norm(grads)}
-  return {"step": state["step"] + 1, "params": params, "opt": opt, "ema": ema}, metrics
-
-
-def _guided(model: UNet, params: Any, x: jax.Array, t: jax.Array, labels: jax.Array,
-            guidance: float) -> jax.Array:
-  """The network's output, guided: ``(1 + w) f(x, y) - w f(x, no label)``."""
-  if not model.num_classes:
-    return model.apply({"params": params}, x, t, None)
-  if not guidance:
-    return model.apply({"params": params}, x, t, labels)
-  both = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                     jnp.concatenate([labels, jnp.full_like(labels, model.num_classes)]))
-  cond, uncond = jnp.split(both, 2)
-  return (1.0 + guidance) * cond - guidance * uncond
-
-
-def _noise_keys(latents: jax.Array) -> jax.Array:
-  """One key per sample from the bits of its first two latent values."""
-  bits = jax.lax.bitcast_convert_type(latents[:, :2], jnp.uint32)
-  return jax.vmap(lambda b: jax.random.fold_in(jax.random.fold_in(jax.random.key(0), b[0]),
-                                               b[1]))(bits)
-
-
-def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: UNet,
+def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: Any,
            image_shape: tuple[int, ...], schedule: dp.Schedule, prediction: str,
            steps: int, eta: float, guidance: float, clip_denoised: bool,
            keep: int = 0) -> jax.Array:
@@ -161,33 +102,28 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: U
   ts = dp.sample_timesteps(schedule.num_timesteps, steps)
   ab = schedule.alpha_bar[ts]
   ab_prev = np.append(ab[1:], 1.0).astype(np.float32)
-  keys = _noise_keys(latents)
+  keys = denoising.noise_keys(latents)
   labels = labels.astype(jnp.int32)
 
   def body(x, inputs):
     i, t, a, a_prev = inputs
     t_vec = jnp.full((x.shape[0],), t, jnp.int32)
-    out = _guided(model, state["ema"], x, t_vec, labels, guidance)
+    out = denoising.guided(model, state["ema"], x, t_vec, labels, guidance)
     x0, eps = dp.predict_x0_eps(schedule, prediction, x, t_vec, out)
     if clip_denoised:  # And the noise direction consistent with the clipped x_0.
       x0 = jnp.clip(x0, -1.0, 1.0)
       eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1.0 - a)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(keys)
+    noise = denoising.step_noise(keys, i, x.shape[1:])
     x = dp.ddim_step(x0, eps, a_prev, a, eta, noise)
     return x, x
 
   inputs = (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(ab), jnp.asarray(ab_prev))
   x, path = jax.lax.scan(body, x, inputs)
-  if not keep:
-    return jnp.clip(x, -1.0, 1.0)
-  frames = np.unique(np.linspace(0, len(ts) - 1, keep + 1).round().astype(np.int32))
-  start = latents.reshape((1,) + x.shape)
-  path = jnp.concatenate([start, path[frames[:-1]], x[None]], axis=0)
-  return jnp.clip(jnp.moveaxis(path, 0, 1), -1.0, 1.0)
+  return denoising.finish(x, path, latents.reshape(x.shape), keep)
 
 
 def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int, *,
-        model: UNet, schedule: dp.Schedule, prediction: str
+        model: Any, schedule: dp.Schedule, prediction: str
         ) -> dict[str, jax.Array]:
   """The variational bound on ``-log p(x_0)`` per example in nats (Ho et al. eq. 5):
   ``prior`` (``L_T``), ``diffusion`` (``sum_{t=2}^{T} L_{t-1}``) and ``decoder`` (``L_0``,
@@ -242,11 +178,10 @@ def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int,
           "decoder": decoder}
 
 
-def build(model: UNet, spec: Any, objective: Mapping[str, Any],
+def build(model: Any, spec: Any, objective: Mapping[str, Any],
           optim: Mapping[str, Any]) -> base.Objective:
   """The DDPM objective from the config's objective and optim sections."""
-  if not isinstance(model, UNet):
-    raise ConfigError("The 'diffusion' objective needs a U-Net (model.name='unet').")
+  denoising.check_network(model, "diffusion")
   image_shape = tuple(spec.image_shape)
   schedule = dp.make_schedule(objective["schedule"], objective["timesteps"],
                               objective["beta_start"], objective["beta_end"])
@@ -257,10 +192,12 @@ def build(model: UNet, spec: Any, objective: Mapping[str, Any],
       prediction=objective["prediction"], steps=objective["sample_steps"], eta=eta,
       guidance=float(objective["guidance"]), clip_denoised=bool(objective["clip_denoised"]))
   return base.Objective(
-      init=functools.partial(init, model, image_shape, tx),
+      init=functools.partial(denoising.init, model, image_shape, tx),
       train_step=functools.partial(
-          train_step, model=model, tx=tx, schedule=schedule,
-          prediction=objective["prediction"], ema_decay=float(objective["ema_decay"]),
+          denoising.train_step, model=model, tx=tx,
+          image_loss=functools.partial(per_example_loss, model, schedule=schedule,
+                                       prediction=objective["prediction"]),
+          ema_decay=float(objective["ema_decay"]),
           label_dropout=float(objective["label_dropout"])),
       decode=sampler,
       latent_dim=int(np.prod(image_shape)),
