@@ -115,8 +115,8 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
   loss (only ``for_training``: evaluation and sampling never run the step, so they do not
   load its classifier); a group-conditional generator samples its groups from
   ``fair.target``, and so does a sampler guided toward groups (``fair.method='guidance'``,
-  whose classifier every mode loads). ``dp``: the objective trains its data-seeing networks by DP-SGD, through
-  the one ``privacy.DpGradient`` it is handed.
+  whose classifier every mode loads). ``dp``: the objective trains its data-seeing
+  networks by DP-SGD, through the one ``privacy.DpGradient`` it is handed.
   """
   modules = build_model(config, spec)
   extras = {}

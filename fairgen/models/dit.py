@@ -152,9 +152,10 @@ def build_dit(spec: DataSpec, size: str = "", patch: int = 2, hidden: int = 384,
               learn_sigma: bool = False, conditional: bool = False,
               condition_key: str = "label", dtype: str = "float32") -> DiT:
   """A DiT: ``size`` one of S, B, L, XL (the paper's widths, depths and heads; it overrides
-  ``hidden``, ``depth`` and ``heads``), or those three given (the defaults: DiT-S/2); ``patch`` must divide the
-  image's sides; ``conditional``: on ``batch[condition_key]`` with classifier-free
-  guidance; ``learn_sigma`` doubles the output channels (the paper's models; for counting)."""
+  ``hidden``, ``depth`` and ``heads``), or those three given (the defaults: DiT-S/2);
+  ``patch`` must divide the image's sides; ``conditional``: on ``batch[condition_key]``
+  with classifier-free guidance; ``learn_sigma`` doubles the output channels (the
+  paper's models; for counting)."""
   require(size in ("",) + tuple(SIZES), f"model.size must be one of {', '.join(SIZES)} "
           f"(or '' for hidden/depth/heads), got {size!r}.")
   if size:
