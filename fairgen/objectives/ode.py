@@ -56,7 +56,7 @@ def log_likelihood(drift: Drift, x: jax.Array, t0: float, t1: float,
 
   The divergence is Hutchinson's estimate with ``probes`` Rademacher vectors (drawn once
   from ``key`` and held fixed along the path, which keeps the ODE smooth): unbiased for
-  each path, exact for a linear drift.
+  each path, exact where the Jacobian is diagonal.
   """
   eps = divergence_probes(key, x.shape, probes)
   axes = tuple(range(1, x.ndim))
