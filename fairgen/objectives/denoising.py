@@ -58,6 +58,17 @@ def check_network(model: Any, family: str) -> None:
                       f"'unet', 'ddpmpp' or 'dit', got {type(model).__name__}.")
 
 
+# The keys EDM and flow matching share, beside their own (``check_common`` checks them).
+COMMON_DEFAULTS = {
+    "noise_multiplicity": 1,  # DP-SGD: noise draws averaged per example before clipping.
+    "ema_decay": 0.999,
+    "label_dropout": 0.1,  # Conditional models: P(label -> "no label") in training.
+    "guidance": 0.0,  # Classifier-free guidance weight w at sampling.
+    "likelihood_probes": 1,  # Hutchinson probes of the ODE likelihood (eval's bits/dim).
+    "likelihood_tol": 1e-5,  # Its solver's relative and absolute tolerance.
+}
+
+
 def check_common(cfg: Mapping[str, Any]) -> None:
   """Raises ConfigError for impossible values of the keys EDM and flow matching share."""
   n = cfg["sample_steps"]
@@ -193,6 +204,22 @@ def noise_keys(latents: jax.Array) -> jax.Array:
 def step_noise(keys: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sampler step ``i``'s standard normal noise, one draw per sample key."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), shape))(keys)
+
+
+def integrate(step: Callable[[jax.Array, Any, bool], jax.Array], x: jax.Array, inputs: Any,
+              heun: bool) -> tuple[jax.Array, jax.Array]:
+  """Runs a sampler's ``step(x, inputs_i, second_order)`` over the leading axis of
+  ``inputs`` in one ``lax.scan``: ``(final x, [steps, B, ...] states)``. With ``heun``
+  every step but the last is second order; the last (to sigma = 0 or t = 0) is Euler's, so
+  N steps cost 2N - 1 network evaluations (Karras et al.'s Algorithm 1)."""
+  n = len(jax.tree.leaves(inputs)[0])
+  split = n - 1 if heun else n
+  x, path = jax.lax.scan(lambda x, inp: (lambda y: (y, y))(step(x, inp, heun)), x,
+                         jax.tree.map(lambda a: a[:split], inputs))
+  if split < n:
+    x = step(x, jax.tree.map(lambda a: a[split], inputs), False)
+    path = jnp.concatenate([path, x[None]], axis=0)
+  return x, path
 
 
 def finish(x: jax.Array, path: jax.Array, start: jax.Array, keep: int) -> jax.Array:

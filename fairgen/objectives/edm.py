@@ -65,12 +65,7 @@ DEFAULTS = {
     "s_tmin": 0.0,
     "s_tmax": 1e9,  # EDM's infinity: every noise level.
     "s_noise": 1.0,
-    "noise_multiplicity": 1,  # DP-SGD: noise draws averaged per example before clipping.
-    "ema_decay": 0.999,
-    "label_dropout": 0.1,  # Conditional models: P(label -> "no label") in training.
-    "guidance": 0.0,  # Classifier-free guidance weight w at sampling.
-    "likelihood_probes": 1,  # Hutchinson probes of the ODE likelihood (eval's bits/dim).
-    "likelihood_tol": 1e-5,  # Its solver's relative and absolute tolerance.
+    **denoising.COMMON_DEFAULTS,
 }
 
 
@@ -227,12 +222,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   n = len(sigmas) - 1
   inputs = (jnp.arange(n), f32(sigmas[:-1]), f32(sigmas[1:]), f32(gammas))
-  split = n - 1 if heun else n  # Heun's last step, to sigma = 0, is Euler's.
-  x, path = jax.lax.scan(lambda x, inp: (lambda y: (y, y))(step(x, inp, heun)), x,
-                         jax.tree.map(lambda a: a[:split], inputs))
-  if split < n:
-    x = step(x, jax.tree.map(lambda a: a[split], inputs), False)
-    path = jnp.concatenate([path, x[None]], axis=0)
+  x, path = denoising.integrate(step, x, inputs, heun)
   start = latents.reshape(x.shape) * float(sigmas[0])
   return denoising.finish(x, path, start, keep)
 

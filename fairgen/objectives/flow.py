@@ -41,12 +41,7 @@ DEFAULTS = {
     "sampler": "heun",  # 'euler' (N evaluations), 'heun' (2N - 1) or 'adaptive'.
     "sample_steps": 18,  # N: 18 Heun steps are 35 network evaluations.
     "sample_tol": 1e-3,  # The adaptive sampler's relative and absolute tolerance.
-    "noise_multiplicity": 1,  # DP-SGD: noise draws averaged per example before clipping.
-    "ema_decay": 0.999,
-    "label_dropout": 0.1,  # Conditional models: P(label -> "no label") in training.
-    "guidance": 0.0,  # Classifier-free guidance weight w at sampling.
-    "likelihood_probes": 1,  # Hutchinson probes of the ODE likelihood (eval's bits/dim).
-    "likelihood_tol": 1e-5,  # Its solver's relative and absolute tolerance.
+    **denoising.COMMON_DEFAULTS,
 }
 
 
@@ -104,13 +99,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
     return x_next
 
   inputs = (jnp.asarray(ts[:-1], jnp.float32), jnp.asarray(ts[1:], jnp.float32))
-  heun = sampler == "heun"
-  split = steps - 1 if heun else steps
-  x, path = jax.lax.scan(lambda x, inp: (lambda y: (y, y))(step(x, inp, heun)), x1,
-                         jax.tree.map(lambda a: a[:split], inputs))
-  if split < steps:  # Heun's last step is Euler's, as EDM's sampler.
-    x = step(x, jax.tree.map(lambda a: a[split], inputs), False)
-    path = jnp.concatenate([path, x[None]], axis=0)
+  x, path = denoising.integrate(step, x1, inputs, sampler == "heun")
   return denoising.finish(x, path, x1, keep)
 
 
