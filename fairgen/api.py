@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Sequence
 
@@ -55,15 +54,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config_lib.load_spec(spec)
 
 
-def _tuples(value: Any) -> Any:
-  """JSON's lists back to the tuples the config held (configs hold no lists)."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
-
-
 def load(workdir: str) -> Run:
   """The trained run in ``workdir`` (its ``config.json`` and checkpoints), read-only.
 
@@ -72,13 +62,7 @@ def load(workdir: str) -> Run:
       by fairgen) or no committed checkpoint.
   """
   workdir = storage.normalize(workdir)
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
-  if not storage.exists(path):
-    raise checkpoint.WorkdirError(
-        f"{workdir} holds no {checkpoint.CONFIG_FILE}: it is not a fairgen workdir (train "
-        f"one with fairgen.train(config, workdir) or python -m fairgen.main).")
-  config = ml_collections.ConfigDict(_tuples(json.loads(storage.read_text(path))))
-  run = Run(workdir, config)
+  run = Run(workdir, checkpoint.read_config(workdir))
   if not run.steps:
     raise checkpoint.WorkdirError(
         f"{workdir} holds no committed checkpoint yet: train it first (its config.json is "

@@ -236,7 +236,7 @@ class Checkpointer:
       with _draining_event_loops():
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except ValueError as e:
-      if "do not match" not in str(e):
+      if "do not match" not in str(e) and "not compatible with the stored shape" not in str(e):
         raise  # Damaged files, not a different model: the caller may fall back.
       first = str(e).strip().splitlines()[0]
       raise WorkdirError(
@@ -377,6 +377,34 @@ def check_and_write_config(workdir: str, config: ml_collections.ConfigDict,
   if jax.process_index() == 0:
     storage.write_atomic(os.path.join(workdir, CONFIG_FILE),
                          config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a fairgen run wrote to ``WORKDIR/config.json`` (JSON's lists back to the
+  tuples the config held).
+
+  Raises:
+    WorkdirError: if there is none (not a fairgen workdir), or it is not valid JSON.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
+    raise WorkdirError(
+        f"{workdir} holds no {CONFIG_FILE}: it is not a fairgen workdir (train one with "
+        f"fairgen.train(config, workdir) or python -m fairgen.main).")
+  try:
+    saved = json.loads(storage.read_text(path))
+  except ValueError as e:
+    raise WorkdirError(f"{path} is not valid JSON ({e}).") from None
+  return ml_collections.ConfigDict(_tuples(saved))
+
+
+def _tuples(value: Any) -> Any:
+  """JSON's lists back to the tuples the config held (configs hold no lists)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
 
 
 def check_config(workdir: str, config: ml_collections.ConfigDict,

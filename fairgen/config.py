@@ -22,7 +22,7 @@ import ml_collections
 
 REQUIRED_SECTIONS = ("data", "model", "objective", "optim", "train", "mesh", "log")
 # A workdir may only be resumed with a config whose sections here are unchanged.
-FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair", "privacy")
+FINGERPRINT_SECTIONS = ("data", "model", "objective", "fair", "privacy", "latent")
 # Keys of those sections that only affect evaluation, so evaluating with other values is
 # not "another experiment".
 EVAL_ONLY_KEYS = ("data.eval_split", "data.eval_options", "fair.bootstrap",

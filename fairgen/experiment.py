@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from fairgen import checkpoint
@@ -29,10 +30,12 @@ from fairgen import data
 from fairgen import fairness
 from fairgen import models
 from fairgen import objectives
+from fairgen.objectives import latent
 from fairgen import parallel
 from fairgen import privacy
 from fairgen.privacy import ledger
 from fairgen import robust
+from fairgen import storage
 
 
 @dataclasses.dataclass
@@ -99,6 +102,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       config.objective.name)
   if "privacy" in config:
     privacy.validate(config, objectives.OBJECTIVES.get(config.objective.name).private)
+  if "latent" in config:
+    latent.validate(config)
 
 
 def build_model(config: ml_collections.ConfigDict, spec: data.DataSpec) -> Any:
@@ -116,8 +121,13 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
   load its classifier); a group-conditional generator samples its groups from
   ``fair.target``, and so does a sampler guided toward groups (``fair.method='guidance'``,
   whose classifier every mode loads). ``dp``: the objective trains its data-seeing
-  networks by DP-SGD, through the one ``privacy.DpGradient`` it is handed.
+  networks by DP-SGD, through the one ``privacy.DpGradient`` it is handed. With a
+  ``latent`` section, the network and objective are built for the first stage's latent
+  map and trained and sampled through its frozen autoencoder (``load_first_stage``).
   """
+  first = load_first_stage(config, spec) if "latent" in config else None
+  if first is not None:
+    spec = latent.latent_spec(spec, first.vae)
   modules = build_model(config, spec)
   extras = {}
   if for_training:
@@ -130,8 +140,46 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
   if guidance is not None:
     extras["group_guidance"] = guidance
   objective = objectives.build(config.objective, config.optim, modules, spec, **extras)
+  if first is not None:
+    settings = latent.section(config)
+    objective = latent.in_latent_space(objective, first, settings["scale"],
+                                       settings["posterior"])
   probs = fairness.label_probs(config, objective.num_classes)
   return dataclasses.replace(objective, label_probs=probs) if probs else objective
+
+
+def load_first_stage(config: ml_collections.ConfigDict, spec: data.DataSpec
+                     ) -> latent.FirstStage:
+  """The trained autoencoder that ``config.latent.workdir`` holds, restored read-only from
+  its newest checkpoint for images of ``spec``.
+
+  Raises:
+    ConfigError: if the workdir's run is not a VAE with a spatial latent, or its config
+      does not validate.
+    checkpoint.WorkdirError: if it is not a fairgen workdir, holds no checkpoint, or its
+      checkpoint does not fit that VAE over ``spec``'s images.
+  """
+  workdir = storage.normalize(latent.section(config)["workdir"])
+  where = f"latent.workdir={workdir}"
+  try:
+    saved = checkpoint.read_config(workdir)
+    latent.check_first_stage_config(saved, where)
+    validate(saved)
+    vae = build_model(saved, spec)
+    latent.check_first_stage(vae, where)
+    saved.mesh.fsdp = False  # Replicated parameters, whatever the first stage's layout.
+    state, step = restore_checkpoint(build(saved, spec, for_training=False), workdir)
+  except checkpoint.WorkdirError as e:
+    why = " ".join(str(e).split())
+    hint = (f" Was it trained on images of another shape than {spec.image_shape}?"
+            if "does not fit" in why else "")
+    raise checkpoint.WorkdirError(f"The first stage ({where}): {why}{hint}") from None
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"The first stage ({where}): {e}") from None
+  params = jax.tree.map(lambda a: np.asarray(a.addressable_shards[0].data), state["params"])
+  logging.info("Latent diffusion on the autoencoder of %s (step %d, latent %s).", workdir,
+               step, vae.spatial_latent)
+  return latent.FirstStage(vae, params, step, workdir)
 
 
 def resolve_privacy(config: ml_collections.ConfigDict, num_examples: int | None,
@@ -338,9 +386,10 @@ def section_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
   The shared sections' from ``fairgen.config.base_config``; ``data.options`` from the
   dataset loader's keyword defaults (``data.eval_options``: the resolved ``data.options``,
   which it overrides); ``model`` from the builder's, ``objective`` from its registry
-  entry's, ``fair`` from ``fairness.fair_section`` and ``privacy`` from
-  ``privacy.DEFAULTS`` (the last two only for a config with that section). A name fairgen
-  does not know (e.g. in an older workdir's config.json) contributes no defaults.
+  entry's, ``fair`` from ``fairness.fair_section``, ``privacy`` from ``privacy.DEFAULTS``
+  and ``latent`` from ``latent.DEFAULTS`` (the last three only for a config with that
+  section). A name fairgen does not know (e.g. in an older workdir's config.json)
+  contributes no defaults.
   ``fairgen.checkpoint.check_config`` compares workdir configs with these filled in, so a
   key at its default and an absent key are the same experiment.
 
@@ -370,13 +419,16 @@ def section_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
     out["fair"] = fairness.fair_section(given["fair"].get("method", "baseline")).to_dict()
   if given.get("privacy") is not None:
     out["privacy"] = dict(privacy.DEFAULTS)
+  if given.get("latent") is not None:
+    out["latent"] = dict(latent.DEFAULTS)
   return out
 
 
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config`` with every key of the families it names: the ``model`` builder's
-  hyperparameters and the ``objective``'s keys, each at its family's default where the
-  experiment does not state it, and each optimizer section's ``flatten`` (False).
+  hyperparameters, the ``objective``'s keys and a ``latent`` section's, each at its
+  family's default where the experiment does not state it, and each optimizer section's
+  ``flatten`` (False).
   (``data.options`` stay as stated: ``--config.data.name`` may switch to a dataset that
   takes other options.)
 
@@ -385,7 +437,7 @@ def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   takes ``--config.<section>.<key>=`` overrides for holds every key.
   """
   defaults = section_defaults(config)
-  for name in ("model", "objective"):
+  for name in ("model", "objective", "latent"):
     section = config.get(name)
     if section is None:
       continue

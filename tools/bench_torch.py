@@ -1,4 +1,4 @@
-"""PyTorch reference speeds for fairgen's DCGAN and MLP VAE steps, on CPU.
+"""PyTorch reference speeds for fairgen's DCGAN, MLP VAE and EDM steps, on CPU.
 
 The same two models as ``tools/benchmark.py`` times in fairgen, built in PyTorch:
 - the seeds' DCGAN (the TensorFlow DCGAN tutorial's MNIST model, width 1.0, latent 100,
@@ -6,7 +6,10 @@ The same two models as ``tools/benchmark.py`` times in fairgen, built in PyTorch
   (lr 2e-4, betas 0.5/0.999) on each, non-saturating BCE-with-logits losses, dropout 0.3
   in D, BatchNorm (momentum 0.01, eps 1e-3 as Keras' 0.99/1e-3) in G;
 - the MLP VAE 784-512-256-32 with a Bernoulli likelihood on binarized pixels (batch 128,
-  Adam lr 1e-3), one reparameterised sample per example.
+  Adam lr 1e-3), one reparameterised sample per example;
+- ``edm_unet`` and ``dit_s``: EDM's training step (``torch_diffusion.edm_step``) on
+  edm_mnist.py's U-Net and on DiT-S/2, 32x32x3 images (``--batch 64`` as the issue times
+  them; ``benchmark.py --compare`` passes it).
 
 Inputs are fixed random tensors (the data pipeline is not timed; fairgen's input wait is
 measured separately by ``tools/benchmark.py``). Modes:
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+import torch_diffusion  # tools/, beside this script
 from cpu_load import parse_peer_args, peer_parser, time_peer  # tools/, beside this script
 
 import torch
@@ -166,6 +170,27 @@ def make_vae_step(compiled: bool, channels_last: bool, adam: str,
   return step
 
 
+def network(name: str) -> nn.Module:
+  """``torch_diffusion``'s network ``name`` at 32x32x3, as ``compare_peers.MODELS`` builds
+  fairgen's: ``edm_unet`` (edm_mnist.py's U-Net, attention at 8x8) or ``dit_s`` (DiT-S/2)."""
+  if name == "dit_s":
+    return torch_diffusion.DiT(3, 32, patch=2, hidden=384, depth=12, heads=6)
+  return torch_diffusion.UNet(3, 32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+                              attn_resolutions=(8,))
+
+
+def make_edm_step(name: str) -> Callable[[bool, bool, str, int], Callable[[], float]]:
+  """``make_*_step`` for EDM's step on ``network(name)``."""
+  def make(compiled: bool, channels_last: bool, adam: str, batch: int) -> Callable[[], float]:
+    del channels_last, adam  # NCHW; fused Adam.
+    return torch_diffusion.edm_step(network(name), compiled, batch, 3, 32)
+  return make
+
+
+MAKERS = {"dcgan": make_dcgan_step, "vae": make_vae_step, "edm_unet": make_edm_step("edm_unet"),
+          "dit_s": make_edm_step("dit_s")}
+
+
 def main(argv=None) -> None:
   """Times the modes in interleaved rounds and prints the JSON summary."""
   p = peer_parser(__doc__.splitlines()[0], MODES, "eager,compile")
@@ -174,7 +199,7 @@ def main(argv=None) -> None:
                  help="also time channels-last variants (DCGAN)")
   args = parse_peer_args(p, argv, MODES)
   torch.manual_seed(0)
-  make = make_dcgan_step if args.model == "dcgan" else make_vae_step
+  make = MAKERS[args.model]
   steps = {}
   for mode in args.modes:
     variants = [False, True] if args.channels_last and args.model == "dcgan" else [False]

@@ -38,30 +38,46 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from typing import Any, Sequence
 
+import numpy as np
 from cpu_load import sig, wait_quiet  # tools/, beside this script
 
 from fairgen import cli
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
+# 32x32x3 images for the diffusion models' fairgen side ({folder}: written by run_compare).
+_FOLDER = ["data.name=image_folder",
+           "data.options={'directory': '{folder}', 'image_size': 32, 'channels': 3}"]
 # fairgen's side of each model: the config and the overrides that match the peers' model.
 # ``inception``: no config: bench_inception.py times the backbone on random weights.
 MODELS = {
     "dcgan": ("experiments/dcgan_mnist.py:full", ["model.dropout=0.3"]),
     "vae": ("experiments/vae_mnist.py", []),
     "inception": ("tools/bench_inception.py", []),
+    # EDM's training step (edm_mnist.py's objective) at batch 64 on 32x32x3 images (a folder
+    # of random ones, written for the run): edm_mnist.py's U-Net (attention at 8x8, where
+    # 28x28 digits have it at 7x7), and DiT-S/2.
+    "edm_unet": ("experiments/edm_mnist.py", ["train.batch_size=64", "model.attn_resolutions=(8,)",
+                                              *_FOLDER]),
+    "dit_s": ("experiments/dit_mnist.py", ["model.size='S'", "model.patch=2",
+                                           "train.batch_size=64", *_FOLDER]),
 }
 SIDES = ("fairgen", "fairgen_xla_defaults", "torch_eager", "torch_compile", "tf_graph", "tf_xla",
          "tf_eager", "pytorch_fid")
 # The sides each model has (the others are skipped for it).
 MODEL_SIDES = {"dcgan": SIDES[:-1], "vae": SIDES[:1] + SIDES[2:-1],
+               "edm_unet": ("fairgen", "torch_eager", "torch_compile"),
+               "dit_s": ("fairgen", "torch_eager", "torch_compile"),
                "inception": ("fairgen", "fairgen_xla_defaults", "pytorch_fid")}
 DEFAULT_SIDES = "fairgen,fairgen_xla_defaults,torch_eager,tf_graph,tf_xla,pytorch_fid"
 # Iterations per round and side when --steps is 0 (a few seconds of work each; Inception:
 # batches of 50 images).
-DEFAULT_STEPS = {"dcgan": 10, "vae": 200, "inception": 4}
+DEFAULT_STEPS = {"dcgan": 10, "vae": 200, "inception": 4, "edm_unet": 6, "dit_s": 2}
+# The peers' batch where it is not bench_torch.py's default 128.
+PEER_BATCH = {"edm_unet": 64, "dit_s": 64}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -97,13 +113,14 @@ def _side_argv(side: str, model: str, steps: int, repeats: int,
     changes = variants(args).get(side, ["train.xla_options="]
                                  if side == "fairgen_xla_defaults" else [])
     for item in overrides + list(args.set) + changes:
-      argv += ["--set", item]
+      argv += ["--set", item.replace("{folder}", getattr(args, "folder", ""))]
     return argv
   framework, mode = side.split("_")
   python, script = ((args.torch_python, "bench_torch.py") if framework == "torch"
                     else (args.tf_python, "bench_tf.py"))
+  batch = [f"--batch={PEER_BATCH[model]}"] if model in PEER_BATCH else []
   return [python, os.path.join(TOOLS, script), f"--model={model}", "--rounds=1",
-          f"--iters={steps}", f"--modes={mode}"]
+          f"--iters={steps}", f"--modes={mode}", *batch]
 
 
 def variants(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -212,6 +229,19 @@ def markdown(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def random_image_folder(root: str, num: int, size: int) -> str:
+  """``num`` random ``size`` x ``size`` RGB PNGs in ``root/images/a/``; returns
+  ``root/images`` (an ``image_folder`` dataset of one class)."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  folder = os.path.join(root, "images", "a")
+  os.makedirs(folder, exist_ok=True)
+  for i in range(num):
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
+  return os.path.dirname(folder)
+
+
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the interleaved comparison (see the module docstring)."""
   models = [m.strip() for m in args.compare.split(",") if m.strip()]
@@ -223,6 +253,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     cli.fail(f"--rounds must be >= 1, got {args.rounds}.")
   result: dict[str, Any] = {"date": datetime.date.today().isoformat(), "machine": machine(),
                             "rounds": args.rounds, "models": {}}
+  if any(any("{folder}" in o for o in MODELS[m][1]) for m in models):
+    args.folder = random_image_folder(tempfile.mkdtemp(prefix="fairgen_compare_"), 256, 32)
   for model in models:
     steps = args.steps_given or DEFAULT_STEPS[model]
     extra = [s for s in variants(args) if model != "inception"]

@@ -105,9 +105,10 @@ def peer_parser(description: str, modes: Sequence[str], default_modes: str
                 ) -> argparse.ArgumentParser:
   """The options ``bench_torch.py`` and ``bench_tf.py`` share (their own come on top)."""
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--model", choices=("dcgan", "vae"), required=True)
+  p.add_argument("--model", choices=("dcgan", "vae", "edm_unet", "dit_s"), required=True)
   p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--iters", type=int, default=0, help="per round (default: 5 DCGAN, 200 VAE)")
+  p.add_argument("--iters", type=int, default=0,
+                 help="per round (default: 5 DCGAN, 200 VAE, 6 EDM U-Net, 2 DiT-S)")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--warmup", type=int, default=3, help="untimed iterations per mode")
   p.add_argument("--modes", default=default_modes, help=f"comma-separated: {', '.join(modes)}")
@@ -125,7 +126,7 @@ def parse_peer_args(p: argparse.ArgumentParser, argv: Sequence[str] | None,
     p.error(f"--modes: unknown {unknown}; valid: {', '.join(modes)}")
   if args.rounds < 1 or args.iters < 0 or args.warmup < 0 or args.batch < 1:
     p.error("--rounds, --batch >= 1 and --iters, --warmup >= 0, please")
-  args.iters = args.iters or (5 if args.model == "dcgan" else 200)
+  args.iters = args.iters or {"dcgan": 5, "edm_unet": 6, "dit_s": 2}.get(args.model, 200)
   return args
 
 

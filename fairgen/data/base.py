@@ -24,13 +24,16 @@ class DataSpec:
   """What a model needs to know about a dataset: shapes, label and group cardinality.
 
   ``num_groups`` > 0 when examples carry a sensitive-attribute group id ``attr`` in
-  [0, num_groups) (the biased datasets of ``bias.py``); 0 otherwise.
+  [0, num_groups) (the biased datasets of ``bias.py``); 0 otherwise. ``bounded``: the
+  values lie in [-1, 1] (images), so samplers clip to it; False for an autoencoder's
+  latents (``fairgen.objectives.latent``), which are not clipped.
   """
 
   name: str
   image_shape: tuple[int, int, int]
   num_classes: int
   num_groups: int = 0
+  bounded: bool = True
 
 
 class Source(Protocol):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fairgen.config import ConfigError
+from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
 from fairgen.models import fast_conv
 from fairgen.models.registry import MODELS, num_conditions
@@ -31,12 +31,18 @@ ARCHITECTURES = ("mlp", "conv")
 
 
 class Encoder(nn.Module):
-  """Images -> (mean, log-variance) of the diagonal Gaussian posterior."""
+  """Images -> (mean, log-variance) of the diagonal Gaussian posterior, flat ``[B, D]``.
+
+  With ``latent_channels`` > 0 (conv only) the posterior is a feature map: a 3x3
+  convolution of the last conv features gives ``latent_channels`` means and log-variances
+  per position, flattened (``spatial_latent`` gives the map's shape).
+  """
 
   latent_dim: int
   arch: str = "mlp"
   hidden: Sequence[int] = (512, 256)
   dtype: Any = jnp.float32
+  latent_channels: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array | None = None
@@ -46,6 +52,10 @@ class Encoder(nn.Module):
     if self.arch == "conv":
       for feat in self.hidden:
         x = nn.relu(fast_conv.conv(feat, 4, 2, fast=False, dtype=self.dtype)(x))
+      if self.latent_channels:
+        stats = nn.Conv(2 * self.latent_channels, (3, 3), padding="SAME", dtype=self.dtype)(x)
+        mean, logvar = jnp.split(stats.astype(jnp.float32), 2, axis=-1)
+        return mean.reshape(x.shape[0], -1), logvar.reshape(x.shape[0], -1)
       x = join(x.reshape(x.shape[0], -1))
     else:
       x = join(x.reshape(x.shape[0], -1))
@@ -63,6 +73,7 @@ class Decoder(nn.Module):
   arch: str = "mlp"
   hidden: Sequence[int] = (256, 512)
   dtype: Any = jnp.float32
+  latent_channels: int = 0
 
   @nn.compact
   def __call__(self, z: jax.Array, cond: jax.Array | None = None) -> jax.Array:
@@ -75,8 +86,12 @@ class Decoder(nn.Module):
       if h % 2**n_up or w % 2**n_up:
         raise ConfigError(f"conv decoder needs sides divisible by {2**n_up}, got {h}x{w}.")
       sh, sw = h // 2**n_up, w // 2**n_up
-      x = nn.relu(nn.Dense(sh * sw * self.hidden[0], dtype=self.dtype)(z))
-      x = x.reshape(z.shape[0], sh, sw, self.hidden[0])
+      if self.latent_channels:  # A spatial latent: a 3x3 convolution of its map.
+        x = z.reshape(z.shape[0], sh, sw, self.latent_channels)
+        x = nn.relu(nn.Conv(self.hidden[0], (3, 3), padding="SAME", dtype=self.dtype)(x))
+      else:
+        x = nn.relu(nn.Dense(sh * sw * self.hidden[0], dtype=self.dtype)(z))
+        x = x.reshape(z.shape[0], sh, sw, self.hidden[0])
       for feat in self.hidden[1:]:
         x = nn.relu(fast_conv.conv_transpose(feat, 4, 2, fast=False, dtype=self.dtype)(x))
       x = fast_conv.conv_transpose(c, 4, 2, fast=False, dtype=self.dtype)(x)
@@ -105,6 +120,8 @@ class VAE(nn.Module):
     dtype: computation dtype.
     num_classes: > 0: a conditional VAE on labels in ``[0, num_classes)``.
     condition_key: the batch column its labels come from ('label' or 'attr').
+    latent_channels: > 0: a spatial latent (conv, unconditional): ``latent_dim`` is then
+      the flattened size of the ``spatial_latent`` map.
   """
 
   image_shape: tuple[int, int, int]
@@ -115,14 +132,27 @@ class VAE(nn.Module):
   dtype: Any = jnp.float32
   num_classes: int = 0
   condition_key: str = "label"
+  latent_channels: int = 0
+
+  @property
+  def spatial_latent(self) -> tuple[int, int, int] | None:
+    """The latent's map ``(H / 2^n, W / 2^n, latent_channels)`` for n conv layers, or None
+    for a flat latent. Latent diffusion (``fairgen.objectives.latent``) trains on it."""
+    if not self.latent_channels:
+      return None
+    h, w, _ = self.image_shape
+    n = len(self.hidden)
+    return (h // 2**n, w // 2**n, self.latent_channels)
 
   def setup(self):
     if self.likelihood not in LIKELIHOODS:
       raise ConfigError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}.")
     if self.arch not in ARCHITECTURES:
       raise ConfigError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
-    self.encoder = Encoder(self.latent_dim, self.arch, tuple(self.hidden), self.dtype)
-    self.decoder = Decoder(self.image_shape, self.arch, tuple(reversed(self.hidden)), self.dtype)
+    self.encoder = Encoder(self.latent_dim, self.arch, tuple(self.hidden), self.dtype,
+                           self.latent_channels)
+    self.decoder = Decoder(self.image_shape, self.arch, tuple(reversed(self.hidden)), self.dtype,
+                           self.latent_channels)
     if self.likelihood == "gaussian":
       self.log_scale = self.param("log_scale", nn.initializers.zeros, (self.image_shape[-1],))
 
@@ -173,9 +203,24 @@ class VAE(nn.Module):
 def build_vae(spec: DataSpec, latent_dim: int = 32, arch: str = "mlp",
               hidden: tuple[int, ...] = (512, 256), likelihood: str = "bernoulli",
               conditional: bool = False, condition_key: str = "label",
-              dtype: str = "float32") -> VAE:
+              dtype: str = "float32", latent_channels: int = 0) -> VAE:
   """A VAE over the dataset's images; ``conditional``: a conditional VAE on
-  ``batch[condition_key]`` (classes, or groups for ``fair.method='conditional'``)."""
+  ``batch[condition_key]`` (classes, or groups for ``fair.method='conditional'``).
+  ``latent_channels`` > 0: a spatial latent of that many channels at the last conv
+  layer's resolution (an unconditional conv VAE; ``latent_dim`` is then its size), the
+  first stage of latent diffusion (``experiments/ldm_mnist.py``)."""
   num_classes = num_conditions(spec, conditional, condition_key)
+  require(isinstance(latent_channels, int) and latent_channels >= 0,
+          f"model.latent_channels must be an integer >= 0, got {latent_channels!r}.")
+  if latent_channels:
+    require(arch == "conv" and not conditional, "model.latent_channels > 0 (a spatial "
+            f"latent) needs an unconditional conv VAE, got arch={arch!r}, "
+            f"conditional={conditional}.")
+    h, w, _ = spec.image_shape
+    n = len(hidden)
+    require(h % 2**n == 0 and w % 2**n == 0, f"A spatial latent needs image sides divisible "
+            f"by 2^{n} (one halving per conv layer), got {h}x{w}.")
+    latent_dim = (h // 2**n) * (w // 2**n) * latent_channels
   return VAE(spec.image_shape, latent_dim, arch, tuple(hidden), likelihood,
-             dtype=jnp.dtype(dtype), num_classes=num_classes, condition_key=condition_key)
+             dtype=jnp.dtype(dtype), num_classes=num_classes, condition_key=condition_key,
+             latent_channels=latent_channels)

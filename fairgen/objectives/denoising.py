@@ -222,12 +222,14 @@ def integrate(step: Callable[[jax.Array, Any, bool], jax.Array], x: jax.Array, i
   return x, path
 
 
-def finish(x: jax.Array, path: jax.Array, start: jax.Array, keep: int) -> jax.Array:
-  """A sampler's result: the final images ``x`` clipped to [-1, 1], or with ``keep`` > 0 the
-  trajectory ``[B, keep + 1, ...]``: ``start``, the states ``path`` (``[steps, B, ...]``)
-  after ``keep - 1`` evenly spaced steps, and ``x``."""
+def finish(x: jax.Array, path: jax.Array, start: jax.Array, keep: int,
+           clip: bool = True) -> jax.Array:
+  """A sampler's result: the final images ``x`` (clipped to [-1, 1] with ``clip``; latents
+  are not), or with ``keep`` > 0 the trajectory ``[B, keep + 1, ...]``: ``start``, the
+  states ``path`` (``[steps, B, ...]``) after ``keep - 1`` evenly spaced steps, and ``x``."""
+  bound = (lambda a: jnp.clip(a, -1.0, 1.0)) if clip else (lambda a: a)
   if not keep:
-    return jnp.clip(x, -1.0, 1.0)
+    return bound(x)
   frames = np.unique(np.linspace(0, path.shape[0] - 1, keep + 1).round().astype(np.int32))
   path = jnp.concatenate([start[None], path[frames[:-1]], x[None]], axis=0)
-  return jnp.clip(jnp.moveaxis(path, 0, 1), -1.0, 1.0)
+  return bound(jnp.moveaxis(path, 0, 1))

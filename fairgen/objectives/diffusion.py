@@ -44,7 +44,7 @@ DEFAULTS = {
     "sampler": "ddim",  # 'ddim' (deterministic at ddim_eta=0) or 'ancestral'.
     "sample_steps": 100,  # Network evaluations per sample (<= timesteps).
     "ddim_eta": 0.0,
-    "clip_denoised": True,  # Clip the predicted x_0 to [-1, 1] while sampling.
+    "clip_denoised": True,  # Clip the predicted x_0 to [-1, 1] while sampling (not latents).
 }
 
 
@@ -91,10 +91,11 @@ def per_example_loss(model: Any, params: Any, x0: jax.Array, labels: jax.Array |
 def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: Any,
            image_shape: tuple[int, ...], schedule: dp.Schedule, prediction: str,
            steps: int, eta: float, guidance: float, clip_denoised: bool,
-           keep: int = 0) -> jax.Array:
+           keep: int = 0, clip: bool = True) -> jax.Array:
   """Samples from ``x_T = latents`` by DDIM with ``eta`` over ``steps`` timesteps.
 
-  Returns images in [-1, 1], ``[B, H, W, C]``; with ``keep`` > 0, the trajectory instead:
+  Returns images in [-1, 1] (``clip``; latents unclipped), ``[B, H, W, C]``; with ``keep``
+  > 0, the trajectory instead:
   ``[B, keep + 1, H, W, C]``, ``x_t`` at ``keep`` evenly spaced sampler steps and the
   final image.
   """
@@ -119,7 +120,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
 
   inputs = (jnp.arange(len(ts)), jnp.asarray(ts), jnp.asarray(ab), jnp.asarray(ab_prev))
   x, path = jax.lax.scan(body, x, inputs)
-  return denoising.finish(x, path, latents.reshape(x.shape), keep)
+  return denoising.finish(x, path, latents.reshape(x.shape), keep, clip)
 
 
 def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int, *,
@@ -190,7 +191,8 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
   sampler = functools.partial(
       sample, model=model, image_shape=image_shape, schedule=schedule,
       prediction=objective["prediction"], steps=objective["sample_steps"], eta=eta,
-      guidance=float(objective["guidance"]), clip_denoised=bool(objective["clip_denoised"]))
+      guidance=float(objective["guidance"]), clip=spec.bounded,
+      clip_denoised=bool(objective["clip_denoised"]) and spec.bounded)
   return base.Objective(
       init=functools.partial(denoising.init, model, image_shape, tx),
       train_step=functools.partial(

@@ -190,9 +190,10 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
            image_shape: tuple[int, ...], precond: Precond, sigmas: np.ndarray,
            gammas: np.ndarray, heun: bool, s_noise: float, guidance: float,
            group_guidance: denoising.GroupGuidance | None = None,
-           keep: int = 0) -> jax.Array:
+           keep: int = 0, clip: bool = True) -> jax.Array:
   """Algorithms 1 and 2 from ``x_0 = sigma_0 * latents`` over the noise levels ``sigmas``
-  (ending in 0; ``gammas``: each step's churn). Images in [-1, 1], ``[B, H, W, C]``; with
+  (ending in 0; ``gammas``: each step's churn). Images in [-1, 1] (``clip``; latents
+  unclipped), ``[B, H, W, C]``; with
   ``keep`` > 0 the trajectory ``[B, keep + 1, H, W, C]`` (see ``diffusion.sample``).
   With ``group_guidance``, ``labels`` are the samples' target groups, and every denoised
   estimate moves up the classifier's log-probability of its group (``guided_denoise``)."""
@@ -224,7 +225,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
   inputs = (jnp.arange(n), f32(sigmas[:-1]), f32(sigmas[1:]), f32(gammas))
   x, path = denoising.integrate(step, x, inputs, heun)
   start = latents.reshape(x.shape) * float(sigmas[0])
-  return denoising.finish(x, path, start, keep)
+  return denoising.finish(x, path, start, keep, clip)
 
 
 def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int, *,
@@ -289,7 +290,8 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
       sample, model=model, image_shape=image_shape, precond=precond, sigmas=sigmas,
       gammas=churn(sigmas, objective["s_churn"], objective["s_tmin"], objective["s_tmax"]),
       heun=objective["sampler"] == "heun", s_noise=float(objective["s_noise"]),
-      guidance=float(objective["guidance"]), group_guidance=group_guidance)
+      guidance=float(objective["guidance"]), group_guidance=group_guidance,
+      clip=spec.bounded)
   return base.Objective(
       init=functools.partial(denoising.init, model, image_shape, tx),
       train_step=denoising.step_function(

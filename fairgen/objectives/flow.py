@@ -79,15 +79,17 @@ def _velocity(model: Any, params: Any, labels: jax.Array | None, guidance: float
 
 def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: Any,
            image_shape: tuple[int, ...], sampler: str, steps: int, tol: float,
-           guidance: float, time_scale: float, keep: int = 0) -> jax.Array:
-  """Integrates the flow from ``x_1 = latents`` to t = 0. Images in [-1, 1]; with ``keep``
-  > 0 (fixed-step samplers) the trajectory ``[B, keep + 1, ...]``."""
+           guidance: float, time_scale: float, keep: int = 0, clip: bool = True
+           ) -> jax.Array:
+  """Integrates the flow from ``x_1 = latents`` to t = 0. Images in [-1, 1] (``clip``;
+  latents unclipped); with ``keep`` > 0 (fixed-step samplers) the trajectory
+  ``[B, keep + 1, ...]``."""
   x1 = latents.reshape((latents.shape[0],) + tuple(image_shape))
   labels = labels.astype(jnp.int32) if model.num_classes else None
   v = _velocity(model, state["ema"], labels, guidance, time_scale)
   if sampler == "adaptive":
     x, _ = ode.solve(v, x1, 1.0, 0.0, rtol=tol, atol=tol)
-    return denoising.finish(x, x[None], x1, keep)
+    return denoising.finish(x, x[None], x1, keep, clip)
   ts = np.linspace(1.0, 0.0, steps + 1)
 
   def step(x, inputs, second_order):
@@ -100,7 +102,7 @@ def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: A
 
   inputs = (jnp.asarray(ts[:-1], jnp.float32), jnp.asarray(ts[1:], jnp.float32))
   x, path = denoising.integrate(step, x1, inputs, sampler == "heun")
-  return denoising.finish(x, path, x1, keep)
+  return denoising.finish(x, path, x1, keep, clip)
 
 
 def nll(state: base.State, batch: base.Batch, keys: jax.Array, num_samples: int, *,
@@ -138,7 +140,7 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
   sampler = functools.partial(
       sample, model=model, image_shape=image_shape, sampler=objective["sampler"],
       steps=int(objective["sample_steps"]), tol=float(objective["sample_tol"]),
-      guidance=float(objective["guidance"]), time_scale=scale)
+      guidance=float(objective["guidance"]), time_scale=scale, clip=spec.bounded)
   return base.Objective(
       init=functools.partial(denoising.init, model, image_shape, tx),
       train_step=denoising.step_function(

@@ -14,10 +14,10 @@ act on each example separately, so one batched JVP gives every example's own tra
 
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Callable
+from typing import Any, Callable
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -25,10 +25,18 @@ import jax.numpy as jnp
 Drift = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _diffrax() -> Any:
+  """diffrax, imported on first use: it takes about a second to import, which every
+  fairgen process would pay otherwise, and only the adaptive sampler and the likelihood
+  need it."""
+  return importlib.import_module("diffrax")
+
+
 def solve(drift: Drift, x: jax.Array, t0: float, t1: float, *, rtol: float, atol: float,
           max_steps: int = 4096) -> tuple[jax.Array, jax.Array]:
   """``x(t1)`` of ``dx/dt = drift(x, t)`` from ``x(t0) = x`` by adaptive Tsit5, and the
   number of drift evaluations it took."""
+  diffrax = _diffrax()
   term = diffrax.ODETerm(lambda t, y, args: drift(y, t))
   sol = diffrax.diffeqsolve(
       term, diffrax.Tsit5(), t0, t1, (t1 - t0) / 16, x,
@@ -37,7 +45,7 @@ def solve(drift: Drift, x: jax.Array, t0: float, t1: float, *, rtol: float, atol
   return sol.ys[-1], _evaluations(sol)
 
 
-def _evaluations(sol: diffrax.Solution) -> jax.Array:
+def _evaluations(sol: Any) -> jax.Array:
   """Tsit5 evaluates the drift 6 times per attempted step (first-same-as-last saves one)."""
   return 6 * sol.stats["num_steps"] + 1
 
@@ -69,6 +77,7 @@ def log_likelihood(drift: Drift, x: jax.Array, t0: float, t1: float,
     div = jnp.mean(jnp.sum(products * eps, axis=tuple(a + 1 for a in axes)), axis=0)
     return values[0], div
 
+  diffrax = _diffrax()
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(augmented), diffrax.Tsit5(), t0, t1, (t1 - t0) / 16,
       (x, jnp.zeros(x.shape[0], jnp.float32)),
