@@ -9,6 +9,9 @@ round runs each side once, in a fresh process, one after the other:
                    convolutions (YNNPACK) instead of the config's Eigen option (DCGAN only);
   torch_eager, torch_compile   ``bench_torch.py`` in that mode;
   tf_graph, tf_xla, tf_eager   ``bench_tf.py`` in that mode.
+``edm_unet``, ``dit_s``: EDM's training step at batch 64 on 32x32x3 (edm_mnist.py's U-Net
+  and DiT-S/2), fairgen's loop on a folder of random images written for the run against
+  ``bench_torch.py`` (``tools/torch_diffusion.py``'s same networks), eager and compiled.
 ``inception`` (FID feature extraction; images/s): ``bench_inception.py`` on each side,
   fairgen's ``inception_v3`` backbone (``fairgen``: Eigen convolutions, as it loads on a CPU;
   ``fairgen_xla_defaults``: YNNPACK) against ``pytorch_fid`` (in ``--torch_python``).

@@ -127,7 +127,8 @@ class DiTBlock(nn.Module):
     self.heads = heads
     self.mod = nn.Linear(hidden, 6 * hidden)
     self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-    self.fc1, self.fc2 = nn.Linear(hidden, int(hidden * mlp_ratio)), nn.Linear(int(hidden * mlp_ratio), hidden)
+    width = int(hidden * mlp_ratio)
+    self.fc1, self.fc2 = nn.Linear(hidden, width), nn.Linear(width, hidden)
 
   def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.mod(F.silu(c))[:, None].chunk(6, -1)

@@ -2,7 +2,8 @@
 objective (DDPM, EDM or flow matching) trained on a frozen autoencoder's latents.
 
 The first stage is fairgen's convolutional VAE with a spatial latent
-(``model.latent_channels``; ``experiments/ldm_mnist.py:autoencoder``), trained on its own.
+(``model.latent_channels``; ``experiments/ldm_mnist.py:stage=autoencoder``), trained on its
+own.
 The second stage's ``latent`` section names its workdir; the composition root
 (``fairgen.experiment.load_first_stage``) restores and checks it, builds the denoising
 network for the latent map's shape (``latent_spec``) and wraps the objective with
@@ -70,7 +71,7 @@ def validate(config: Mapping[str, Any]) -> None:
   cfg = section(config)
   require(isinstance(cfg["workdir"], str) and cfg["workdir"].strip(),
           "latent.workdir must name the first stage's workdir: train it with "
-          "--config=experiments/ldm_mnist.py:autoencoder --workdir=DIR, then pass "
+          "--config=experiments/ldm_mnist.py:stage=autoencoder --workdir=DIR, then pass "
           "--config.latent.workdir=DIR.")
   scale = cfg["scale"]
   require(isinstance(scale, (int, float)) and not isinstance(scale, bool)
@@ -162,7 +163,7 @@ def check_first_stage_config(saved: Mapping[str, Any], where: str) -> None:
   if model != "vae" or (saved.get("objective") or {}).get("name") != "vae":
     raise ConfigError(f"{where} holds a run of model {model!r}, not a VAE: latent "
                       f"diffusion's first stage is a conv VAE with a spatial latent "
-                      f"(experiments/ldm_mnist.py:autoencoder).")
+                      f"(experiments/ldm_mnist.py:stage=autoencoder).")
 
 
 def check_first_stage(vae: Any, where: str) -> None:
@@ -170,8 +171,9 @@ def check_first_stage(vae: Any, where: str) -> None:
   if not isinstance(vae, VAE):
     raise ConfigError(f"{where} holds a {type(vae).__name__}, not a VAE: latent diffusion's "
                       f"first stage is a conv VAE with a spatial latent "
-                      f"(experiments/ldm_mnist.py:autoencoder).")
+                      f"(experiments/ldm_mnist.py:stage=autoencoder).")
   if vae.spatial_latent is None:
     raise ConfigError(f"{where} holds a VAE with a flat latent (model.latent_channels=0); "
                       f"latent diffusion needs a spatial one: train a conv VAE with "
-                      f"model.latent_channels > 0 (experiments/ldm_mnist.py:autoencoder).")
+                      f"model.latent_channels > 0 "
+                      f"(experiments/ldm_mnist.py:stage=autoencoder).")
