@@ -13,8 +13,9 @@ without losing quality. Evaluation is against the balanced held-out digits.
 conditional VAE on the group, sampled with the target prior) | ddpm (the same four; its
 conditional is classifier-free guidance on the group, w = 1, the group drawn from the
 target prior; ``experiments/ddpm_mnist.py``'s U-Net and 50-step DDIM sampler) | edm | flow
-(the same four, as ddpm; ``edm_mnist.py``'s and ``flow_mnist.py``'s 35-evaluation Heun
-samplers).
+(the same four, as ddpm, and guidance: the unconditional model's sampler steered toward
+the target groups by the attribute classifier; ``edm_mnist.py``'s and ``flow_mnist.py``'s
+35-evaluation Heun samplers).
 ``attribute``: digit_group (default) | color (two stroke colours, shape-independent).
 Flag ``smoke``: a tiny run for tests. The penalty and the fairness evaluators need the
 attribute classifier (``tools/train_classifier.py --dataset=biased_mnist --label=attr

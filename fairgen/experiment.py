@@ -126,7 +126,10 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
   map and trained and sampled through its frozen autoencoder (``load_first_stage``).
   """
   first = load_first_stage(config, spec) if "latent" in config else None
+  guidance = fairness.sampler_guidance(config, spec)  # Sampling needs it, training too.
   if first is not None:
+    if guidance is not None:
+      guidance = latent.through_decoder(guidance, first, latent.section(config)["scale"])
     spec = latent.latent_spec(spec, first.vae)
   modules = build_model(config, spec)
   extras = {}
@@ -136,7 +139,6 @@ def build_objective(config: ml_collections.ConfigDict, spec: data.DataSpec,
       extras["penalty"] = penalty
   if dp is not None:
     extras["privacy"] = privacy.DpGradient(dp)
-  guidance = fairness.sampler_guidance(config, spec)  # Sampling needs it, training too.
   if guidance is not None:
     extras["group_guidance"] = guidance
   objective = objectives.build(config.objective, config.optim, modules, spec, **extras)

@@ -487,3 +487,26 @@ def test_the_edm_cifar10_network_has_the_papers_55_73m_parameters_and_trains(tmp
     summary = train.train_and_evaluate(config, workdir)
   assert summary["final_step"] == config.train.num_steps and np.isfinite(
       summary["scalars"]["loss"])
+
+
+@pytest.mark.parametrize("name,key,value,fragment", [
+    ("unet", "ch_mult", (1, 0), "model.ch_mult must be positive integers, got (1, 0)."),
+    ("unet", "attn_resolutions", (7, "a"), "model.attn_resolutions must be positive integers"),
+    ("unet", "attn_resolutions", (5,), "model.attn_resolutions [5] are not sides the U-Net"),
+    ("ddpmpp", "ch_mult", (), "model.ch_mult must be positive integers, got ()."),
+    ("ddpmpp", "attn_resolutions", (15,),
+     "model.attn_resolutions [15] are not sides DDPM++ runs at (28, 14)."),
+])
+def test_impossible_unet_and_ddpmpp_shapes_are_refused_in_one_line(name, key, value, fragment):
+  """The two convolutional denoisers share their checks of ``ch_mult`` and
+  ``attn_resolutions``; an attention side the network never reaches is refused, not
+  silently left without attention."""
+  from fairgen import data
+  from fairgen.config import ConfigError
+  import ml_collections
+  spec = data.load(load_config("edm_mnist", "smoke").data, "test").spec
+  model = dict(name=name, ch=8, ch_mult=(1, 2), attn_resolutions=(14,))
+  model[key] = value
+  with pytest.raises(ConfigError) as info:
+    models.build(ml_collections.ConfigDict(model), spec)
+  assert fragment in str(info.value) and "\n" not in str(info.value)

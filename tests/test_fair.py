@@ -405,7 +405,17 @@ def test_choi_repro_models_flag_chooses_each_models_methods(capsys):
   assert script.parse_runs("ddpm:importance+baseline", methods) == [
       ("ddpm", "baseline"), ("ddpm", "importance")]
   assert script.parse_runs("dcgan:resample,ddpm", ("penalty",)) == [("dcgan", "resample")]
-  for bad in ("ddpm:penalty", "gan", "dcgan:nope"):
+  # Each model's methods come from its objective's capabilities: the documented default
+  # (every method) gives the DCGAN no guidance, DDPM neither, EDM and flow no penalty.
+  every = tuple(fair.METHODS)
+  assert [m for _, m in script.parse_runs("dcgan", every)] == [
+      "baseline", "importance", "resample", "conditional", "penalty"]
+  assert [m for _, m in script.parse_runs("edm", every)] == [
+      "baseline", "importance", "resample", "conditional", "guidance"]
+  assert [m for _, m in script.parse_runs("ddpm,flow", every)] == [
+      "baseline", "importance", "resample", "conditional",
+      "baseline", "importance", "resample", "conditional", "guidance"]
+  for bad in ("ddpm:penalty", "gan", "dcgan:nope", "dcgan:guidance", "ddpm:guidance"):
     with pytest.raises(SystemExit) as exit_info:
       script.parse_runs(bad, methods)
     assert exit_info.value.code == 2, bad
@@ -461,33 +471,50 @@ def test_choi_repro_script_quick_and_resumable(tmp_path):
   assert (runs / "ddpm_importance_ref0.25_seed0" / "density_ratio" / "weights.npy").exists()
   assert not (runs / "baseline_ref0.25_seed0" / "density_ratio").exists()
   # A second invocation reuses the finished runs instead of training them again; a metric
-  # missing from a finished run's result (added to the script later) is evaluated again.
+  # missing from a finished run's result (added to the script later) is evaluated again,
+  # and so is a run trained to the end whose result was never saved (stopped during its
+  # final evaluation), without training it again.
   result_file = runs / "baseline_ref0.25_seed0" / "repro_result.json"
   with open(result_file) as f:
     finished = json.load(f)
   with open(result_file, "w") as f:
     json.dump({k: v for k, v in finished.items() if not k.startswith("cleam")}, f)
+  unsaved = runs / "penalty_ref0.25_seed0"
+  with open(unsaved / "repro_result.json") as f:
+    unsaved_result = json.load(f)
+  os.remove(unsaved / "repro_result.json")
+  logged_lines = (unsaved / "metrics.jsonl").read_text()
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "seed 0: fd_l2" not in again.stdout
+  printed = [line for line in again.stdout.splitlines() if "seed 0: fd_l2" in line]
+  assert len(printed) == 1 and printed[0].startswith("penalty "), again.stdout
+  assert (unsaved / "metrics.jsonl").read_text() == logged_lines  # Not trained again.
+  with open(unsaved / "repro_result.json") as f:
+    evaluated = json.load(f)
+  assert {k: v for k, v in evaluated.items() if k != "seconds"} == pytest.approx(
+      {k: v for k, v in unsaved_result.items() if k != "seconds"}, nan_ok=True)
   with open(tmp_path / "results.csv") as f:
-    assert f.read().splitlines() == rows
+    again_rows = f.read().splitlines()
+  assert [r for r in again_rows if not r.startswith("penalty,")] == [
+      r for r in rows if not r.startswith("penalty,")]
   with open(result_file) as f:
     assert json.load(f) == pytest.approx(finished, nan_ok=True)
 
 
-def test_guidance_steers_an_edm_sampler_toward_each_samples_target_group(classifiers):
-  """fair.method='guidance' on EDM: the sampler draws each sample's group from fair.target
-  and follows the attribute classifier toward it. With the untrained smoke U-Net (D
-  shrinks x: its samples are one blur, all of one predicted group) the classifier puts
-  every guided sample in its assigned group; unguided (scale 0), half of them. (A one-block
-  DiT, also zero at initialisation, stands in for the U-Net: the guided sampler's gradient
-  through the U-Net compiles for minutes on a CPU.)"""
+@pytest.mark.parametrize("model", ["edm", "flow"])
+def test_guidance_steers_a_sampler_toward_each_samples_target_group(classifiers, model):
+  """fair.method='guidance' on EDM and flow matching: the sampler draws each sample's group
+  from fair.target and follows the attribute classifier toward it. With an untrained
+  network (EDM's D shrinks x, flow's v is 0: unguided samples are one blur, or the noise,
+  of one predicted group) the classifier puts every guided sample in its assigned group;
+  unguided (scale 0), half of them. (A one-block DiT, zero at initialisation like the U-Net,
+  stands in for it: the guided sampler's gradient through the U-Net compiles for minutes on
+  a CPU.)"""
   from fairgen.fairness import guidance
   labels = jnp.arange(16) % 2
   matched = {}
   for scale in (0.0, 20.0):
-    config = load_config("fair_mnist", "method=guidance,model=edm,attribute=color,smoke", **{
+    config = load_config("fair_mnist", f"method=guidance,model={model},attribute=color,smoke", **{
         "fair.classifier_dir": classifiers["attr"], "eval.backbone_dir": classifiers["label"],
         "fair.guidance.scale": scale, "objective.sample_steps": 10,
         "fair.target": (0.5, 0.5)})

@@ -1,7 +1,7 @@
 r"""Reproduces Choi et al. 2020's comparison of fair-generation methods on biased MNIST.
 
 python experiments/repro/choi2020_mnist.py --out=/tmp/fg/choi [--seeds=3] [--quick]
-  [--models=dcgan,ddpm]
+  [--models=dcgan,ddpm,edm,flow]
 
 Setting ("Fair Generative Modeling via Weak Supervision", ICML 2020, on fairgen's offline
 MNIST): digits 0-4 are group 0, digits 5-9 group 1. The biased set has 1,400 digits at
@@ -16,8 +16,11 @@ sets, through fairgen's own loop:
   penalty      L_G + lambda * KL(mean predicted groups || uniform), the frozen classifier.
 
 ``--models=dcgan,ddpm`` adds DDPM rows (``fair_mnist.py:model=ddpm``: the small U-Net,
-sampled by 50-step DDIM) for the methods DDPM supports (all but the penalty; its
-conditional is classifier-free guidance on the group). They are named ``ddpm <method>``.
+sampled by 50-step DDIM) for the methods DDPM supports (all but the penalty and guidance;
+its conditional is classifier-free guidance on the group). They are named ``ddpm <method>``.
+``edm`` and ``flow`` add rows of ``fair_mnist.py:model=edm|flow`` (the same U-Net, Heun at
+35 evaluations), which also run ``guidance`` (the sampler steered toward each sample's
+target group by the attribute classifier; it trains as the baseline does).
 ``--models=dcgan,ddpm:baseline+importance`` runs DDPM for those two methods only.
 
 Each run is evaluated on the balanced held-out digits: FD-L2/FD-KL (the attribute
@@ -48,6 +51,7 @@ from fairgen import cli
 from fairgen import config as config_lib
 from fairgen import data
 from fairgen import fairness
+from fairgen import objectives
 from fairgen.classifiers import backbones
 from fairgen.classifiers import fit
 from fairgen.evaluation import modes
@@ -61,9 +65,12 @@ REF_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 METRICS = ("fd_l2", "cleam_fd_l2", "fd_kl", "fid", "fid_group_0", "fid_group_1",
            "group_share_1", "cleam_share_1")
 COPY_FD_L2 = math.sqrt(2) * 0.4  # A generator that copies the 90/10 split: 0.566.
-# The methods each generator supports (fair_mnist.py's model=).
-MODELS = {"dcgan": fairness.METHODS,
-          "ddpm": tuple(m for m in fairness.METHODS if m != "penalty")}
+# fair_mnist.py's model= and its objective; a model runs the methods whose needs its
+# objective's capabilities meet (the DCGAN: all but guidance; DDPM: all but the penalty and
+# guidance; EDM and flow matching: all but the penalty).
+OBJECTIVE_OF = {"dcgan": "gan", "ddpm": "diffusion", "edm": "edm", "flow": "flow"}
+MODELS = {model: tuple(fairness.registry.supported(objectives.OBJECTIVES.get(name).capabilities))
+          for model, name in OBJECTIVE_OF.items()}
 CHOI_REDUCTION = 0.346  # Choi et al.: importance weighting reduces bias by up to 34.6%.
 
 
@@ -208,7 +215,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None,
                       help="train.num_steps of every run (default: the config's)")
   parser.add_argument("--models", default="dcgan",
-                      help="dcgan and/or ddpm (DDPM rows: every method but the penalty); "
+                      help="dcgan, ddpm, edm and/or flow (each runs the methods of --methods "
+                      "its objective supports); "
                       "MODEL:M1+M2 runs that model for M1 and M2 instead of --methods")
   parser.add_argument("--quick", action="store_true",
                       help="tiny settings, 1 seed, ref_fraction 0.25 (tests)")

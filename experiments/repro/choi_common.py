@@ -26,7 +26,8 @@ def run_or_load(workdir: str, config: Any, metrics: Sequence[str],
 
   The result (``metrics`` from the final evaluation, the run's seconds, and what ``extra
   (config, workdir)`` adds) is saved as ``workdir/repro_result.json`` last, so a run whose
-  workdir holds it is not repeated, and an interrupted one resumes from its checkpoint.
+  workdir holds it is not repeated, and an interrupted one resumes from its checkpoint
+  (one trained to the end but stopped before its result was saved is evaluated again).
   A finished run lacking some of ``metrics`` (added to the script since) has its final
   checkpoint evaluated again for them, without retraining.
   A preempted run (SIGTERM/SIGINT) exits the script with the command to resume.
@@ -46,7 +47,10 @@ def run_or_load(workdir: str, config: Any, metrics: Sequence[str],
   summary = train.train_and_evaluate(config, workdir)
   if summary["preempted"]:  # The run saved its state; stop here.
     sys.exit(f"Interrupted during {workdir}; run the same command again to resume.")
-  result = {k: float(summary["eval"].get(k, float("nan"))) for k in metrics}
+  # No evaluation in the summary: the workdir was already trained to the end (a run stopped
+  # during its final evaluation), so evaluate its final checkpoint now.
+  evaluation = summary.get("eval") or modes.evaluate(config, workdir)["metrics"]
+  result = {k: float(evaluation.get(k, float("nan"))) for k in metrics}
   result["seconds"] = time.perf_counter() - start
   if extra is not None:
     result.update(extra(config, workdir))

@@ -1,4 +1,5 @@
-"""``fair.method='guidance'``: steer an EDM sampler toward the target groups at sampling time.
+"""``fair.method='guidance'``: steer an EDM or flow-matching sampler toward the target groups
+at sampling time.
 
 Only an iterative sampler can do this. Each sample is assigned a group drawn from
 ``fair.target`` (uniform when unset), and every denoised estimate is moved up the frozen
@@ -9,9 +10,11 @@ attribute classifier's log-probability of that group, evaluated on the estimate 
 
 ``sigma^2 grad_x log p`` is the change of the score ``grad log p(x | g) - grad log p(x)``
 that Bayes' rule asks for, scaled by ``fair.guidance.scale``; the gradient goes through the
-denoiser, whose Jacobian shrinks it at high noise. The model trains as the baseline does
-(unconditionally, on the biased data); only sampling changes, so a trained baseline
-checkpoint can be sampled fairly without retraining. The classifier never trains here.
+denoiser, whose Jacobian shrinks it at high noise. Flow matching's sampler applies the same
+change to its velocity (``fairgen.objectives.flow.toward_groups``). The model trains as the
+baseline does (unconditionally, on the biased data); only sampling changes, so a trained
+baseline checkpoint can be sampled fairly without retraining. The classifier never trains
+here.
 """
 
 from __future__ import annotations

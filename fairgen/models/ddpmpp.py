@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
-from fairgen.models.registry import MODELS, num_conditions
+from fairgen.models.registry import MODELS, num_conditions, positive_ints
 
 _SKIP_SCALE = math.sqrt(0.5)
 
@@ -162,9 +162,7 @@ def build_ddpmpp(spec: DataSpec, ch: int = 128, ch_mult: tuple[int, ...] = (2, 2
   network. The image's sides must halve ``len(ch_mult) - 1`` times."""
   require(isinstance(ch, int) and ch >= 4 and ch % 4 == 0,
           f"model.ch must be a positive multiple of 4, got {ch!r}.")
-  mults = tuple(ch_mult) if isinstance(ch_mult, (tuple, list)) else (ch_mult,)
-  require(len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults),
-          f"model.ch_mult must be positive integers, got {ch_mult!r}.")
+  mults = positive_ints(ch_mult, "model.ch_mult")
   require(isinstance(num_blocks, int) and num_blocks >= 1,
           f"model.num_blocks must be a positive integer, got {num_blocks!r}.")
   side = spec.image_shape[0]
@@ -172,8 +170,11 @@ def build_ddpmpp(spec: DataSpec, ch: int = 128, ch_mult: tuple[int, ...] = (2, 2
     raise ConfigError(f"DDPM++ halves the image's sides {len(mults) - 1} times: it needs "
                       f"square images with sides divisible by {2 ** (len(mults) - 1)}, got "
                       f"{spec.image_shape[0]}x{spec.image_shape[1]}.")
-  attn = tuple(attn_resolutions) if isinstance(attn_resolutions, (tuple, list)) else (
-      attn_resolutions,)
+  attn = positive_ints(attn_resolutions, "model.attn_resolutions", allow_empty=True)
+  sides = [side // 2 ** level for level in range(len(mults))]
+  missing = sorted(set(attn) - set(sides))
+  require(not missing, f"model.attn_resolutions {missing} are not sides DDPM++ runs at "
+          f"({', '.join(map(str, sides))}).")
   return DDPMpp(out_channels=spec.image_shape[-1], ch=ch, ch_mult=mults,
                 num_blocks=num_blocks, attn_resolutions=attn, dropout=dropout,
                 num_classes=num_conditions(spec, conditional, condition_key),

@@ -46,6 +46,20 @@ class GanModules:
   condition_key: str = "label"
 
 
+def positive_ints(value: Any, key: str, allow_empty: bool = False) -> tuple[int, ...]:
+  """``value`` (a positive integer or a sequence of them: a config's ``ch_mult`` or
+  ``attn_resolutions``) as a tuple.
+
+  Raises:
+    ConfigError: naming ``key``, unless every entry is a positive integer and, without
+      ``allow_empty``, there is at least one.
+  """
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  require((values or allow_empty) and all(isinstance(v, int) and v >= 1 for v in values),
+          f"{key} must be positive integers, got {value!r}.")
+  return values
+
+
 def num_conditions(spec: DataSpec, conditional: bool, condition_key: str) -> int:
   """The number of labels a model conditions on (0: unconditional), checked against the data.
 

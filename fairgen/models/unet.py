@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from fairgen.config import ConfigError, require
 from fairgen.data.base import DataSpec
-from fairgen.models.registry import MODELS, num_conditions
+from fairgen.models.registry import MODELS, num_conditions, positive_ints
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -209,13 +209,10 @@ def build_unet(spec: DataSpec, ch: int = 64, ch_mult: tuple[int, ...] = (1, 2, 2
   attn_resolutions=(16,)."""
   num_classes = num_conditions(spec, conditional, condition_key)
   require(isinstance(ch, int) and ch >= 1, f"model.ch must be a positive integer, got {ch!r}.")
-  mults = tuple(ch_mult) if isinstance(ch_mult, (tuple, list)) else (ch_mult,)
-  require(len(mults) >= 1 and all(isinstance(m, int) and m >= 1 for m in mults),
-          f"model.ch_mult must be positive integers, got {ch_mult!r}.")
+  mults = positive_ints(ch_mult, "model.ch_mult")
   require(isinstance(num_res_blocks, int) and num_res_blocks >= 1,
           f"model.num_res_blocks must be a positive integer, got {num_res_blocks!r}.")
-  attn = tuple(attn_resolutions) if isinstance(attn_resolutions, (tuple, list)) else (
-      attn_resolutions,)
+  attn = positive_ints(attn_resolutions, "model.attn_resolutions", allow_empty=True)
   try:
     check_shape(tuple(spec.image_shape), mults, attn)
   except ValueError as e:

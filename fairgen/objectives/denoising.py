@@ -51,6 +51,20 @@ class GroupGuidance:
   scale: float
 
 
+def group_log_prob_grad(estimate: Callable[[jax.Array], tuple[jax.Array, Any]],
+                        x: jax.Array, groups: jax.Array, guide: GroupGuidance
+                        ) -> tuple[jax.Array, Any]:
+  """``grad_x sum_i log p(g_i | d_i(x))`` and ``aux``, where ``estimate(x) = (d, aux)`` gives
+  the denoised estimate ``d`` (the gradient goes through it) and what else the sampler
+  needs from the same network evaluation (``fair.method='guidance'``)."""
+  def objective(x):
+    d, aux = estimate(x)
+    logp = guide.log_prob(guide.variables, d)
+    return jnp.sum(jnp.take_along_axis(logp, groups[:, None], axis=1)), aux
+
+  return jax.grad(objective, has_aux=True)(x)
+
+
 def check_network(model: Any, family: str) -> None:
   """Raises ConfigError unless ``model`` is a denoising network (U-Net, DDPM++ or DiT)."""
   if not isinstance(model, NETWORKS):

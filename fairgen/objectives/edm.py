@@ -132,12 +132,7 @@ def guided_denoise(denoiser: Callable[[jax.Array], jax.Array], x: jax.Array,
   """``D(x) + scale sigma^2 grad_x log p(g | D(x))``: the denoised estimate moved up the
   frozen classifier's log-probability of each sample's group ``g`` (``fairgen/fairness/
   guidance.py``), the gradient taken through the denoiser."""
-  def objective(x):
-    d = denoiser(x)
-    logp = guide.log_prob(guide.variables, d)
-    return jnp.sum(jnp.take_along_axis(logp, groups[:, None], axis=1)), d
-
-  grad, d = jax.grad(objective, has_aux=True)(x)
+  grad, d = denoising.group_log_prob_grad(lambda x: (denoiser(x),) * 2, x, groups, guide)
   return d + guide.scale * sigma**2 * grad
 
 

@@ -14,6 +14,14 @@ EMA parameters: ``euler`` (``N`` network evaluations on ``N`` uniform steps), ``
 ``adaptive`` (diffrax's Tsit5 with tolerance ``sample_tol``; ``fairgen.objectives.ode``).
 ``nll`` is the exact log-likelihood of the same ODE from the dequantized data at t = 0 to
 the ``N(0, I)`` prior at t = 1 (Hutchinson's trace), for bits/dim.
+
+Guidance toward groups (``fair.method='guidance'``, ``fairgen/fairness/guidance.py``) is
+EDM's, carried over: ``x_t = (1 - t) y`` with EDM's ``y = x_0 + sigma e`` at
+``sigma = t / (1 - t)``, so EDM's ``D' = D + scale sigma^2 grad_y log p(g | D)`` on the
+denoised estimate ``D = x_t - t v`` is the velocity ``v' = v - scale sigma grad_{x_t} log p(g
+| D)``. ``sigma`` is capped at ``GUIDANCE_SIGMA_MAX`` (EDM's ``sigma_max``), which it
+reaches at t = 80/81: at t = 1 it is infinite, and the denoised estimate is the data's mean
+whatever ``x_t``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from fairgen.objectives import ode
 from fairgen.objectives.registry import OBJECTIVES, Entry
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+GUIDANCE_SIGMA_MAX = 80.0  # Group guidance's noise level at t near 1 (EDM's sigma_max).
 SAMPLERS = ("euler", "heun", "adaptive")
 DEFAULTS = {
     "time_sampling": "uniform",  # Training t: 'uniform' or 'logit_normal'.
@@ -77,16 +86,37 @@ def _velocity(model: Any, params: Any, labels: jax.Array | None, guidance: float
                                        labels, guidance)
 
 
+def toward_groups(v: ode.Drift, groups: jax.Array, guide: denoising.GroupGuidance
+                  ) -> ode.Drift:
+  """The velocity ``v`` guided toward each sample's group: ``v - scale sigma grad_x log p(g |
+  x - t v)`` with ``sigma = t / (1 - t)``, capped at ``GUIDANCE_SIGMA_MAX`` (the module's
+  docstring derives it from EDM's guided denoiser)."""
+  def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+    def estimate(x):
+      velocity = v(x, t)
+      return x - t * velocity, velocity
+
+    grad, velocity = denoising.group_log_prob_grad(estimate, x, groups, guide)
+    sigma = jnp.minimum(t / jnp.maximum(1.0 - t, 1e-6), GUIDANCE_SIGMA_MAX)
+    return velocity - guide.scale * sigma * grad
+  return guided
+
+
 def sample(state: base.State, latents: jax.Array, labels: jax.Array, *, model: Any,
            image_shape: tuple[int, ...], sampler: str, steps: int, tol: float,
-           guidance: float, time_scale: float, keep: int = 0, clip: bool = True
-           ) -> jax.Array:
+           guidance: float, time_scale: float,
+           group_guidance: denoising.GroupGuidance | None = None, keep: int = 0,
+           clip: bool = True) -> jax.Array:
   """Integrates the flow from ``x_1 = latents`` to t = 0. Images in [-1, 1] (``clip``;
   latents unclipped); with ``keep`` > 0 (fixed-step samplers) the trajectory
-  ``[B, keep + 1, ...]``."""
+  ``[B, keep + 1, ...]``. With ``group_guidance``, ``labels`` are the samples' target
+  groups, and the velocity follows the classifier toward them (``toward_groups``)."""
   x1 = latents.reshape((latents.shape[0],) + tuple(image_shape))
-  labels = labels.astype(jnp.int32) if model.num_classes else None
-  v = _velocity(model, state["ema"], labels, guidance, time_scale)
+  labels = labels.astype(jnp.int32) if model.num_classes or group_guidance else None
+  v = _velocity(model, state["ema"], None if group_guidance else labels, guidance,
+                time_scale)
+  if group_guidance is not None:
+    v = toward_groups(v, labels, group_guidance)
   if sampler == "adaptive":
     x, _ = ode.solve(v, x1, 1.0, 0.0, rtol=tol, atol=tol)
     return denoising.finish(x, x[None], x1, keep, clip)
@@ -129,10 +159,11 @@ def check(cfg: Mapping[str, Any]) -> None:
 
 
 def build(model: Any, spec: Any, objective: Mapping[str, Any],
-          optim: Mapping[str, Any], privacy: base.PrivateGradient | None = None
-          ) -> base.Objective:
+          optim: Mapping[str, Any], privacy: base.PrivateGradient | None = None,
+          group_guidance: denoising.GroupGuidance | None = None) -> base.Objective:
   """The flow-matching objective from the config's objective and optim sections (DP-SGD
-  of the velocity network with ``privacy``)."""
+  of the velocity network with ``privacy``; the sampler guided toward groups with
+  ``group_guidance``, whose groups are then the labels ``generate`` draws)."""
   denoising.check_network(model, "flow")
   image_shape = tuple(spec.image_shape)
   tx = base.make_optimizer(optim)
@@ -140,7 +171,8 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
   sampler = functools.partial(
       sample, model=model, image_shape=image_shape, sampler=objective["sampler"],
       steps=int(objective["sample_steps"]), tol=float(objective["sample_tol"]),
-      guidance=float(objective["guidance"]), time_scale=scale, clip=spec.bounded)
+      guidance=float(objective["guidance"]), time_scale=scale,
+      group_guidance=group_guidance, clip=spec.bounded)
   return base.Objective(
       init=functools.partial(denoising.init, model, image_shape, tx),
       train_step=denoising.step_function(
@@ -151,8 +183,8 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
           objective, privacy, image_shape),
       decode=sampler,
       latent_dim=int(np.prod(image_shape)),
-      num_classes=model.num_classes,
-      condition_key=model.condition_key,
+      num_classes=group_guidance.num_groups if group_guidance else model.num_classes,
+      condition_key="attr" if group_guidance else model.condition_key,
       nll=functools.partial(nll, model=model, time_scale=scale,
                             probes=int(objective["likelihood_probes"]),
                             tol=float(objective["likelihood_tol"])),
@@ -160,5 +192,6 @@ def build(model: Any, spec: Any, objective: Mapping[str, Any],
                   else functools.partial(sampler, keep=8)))
 
 
-OBJECTIVES.register("flow")(Entry(build, DEFAULTS, check, capabilities=("conditional",),
-                                      private=True))
+OBJECTIVES.register("flow")(Entry(build, DEFAULTS, check,
+                                  capabilities=("conditional", "sampling_guidance"),
+                                  private=True))
